@@ -1,0 +1,55 @@
+"""Shared command-line handling for the thin `jobs/` entry points: a config file, a few named
+flags that map to config keys, and free `section.key=value` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from cellfm.config import Config, ConfigError, load_config
+
+# Flag -> dotted config key, for the settings people change most from the command line.
+COMMON_FLAGS = {
+    "--storage-path": "train.storage_path",
+    "--run-name": "train.run_name",
+    "--num-workers": "train.num_workers",
+    "--address": "ray.address",
+}
+
+
+def parser(description: str, flags: Sequence[str] = tuple(COMMON_FLAGS)) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description,
+                                epilog="Any config key can be overridden as section.key=value, e.g. optim.epochs=3")
+    p.add_argument("--config", default=None, help="YAML experiment config (defaults: cellfm.config)")
+    for flag in flags:
+        p.add_argument(flag, default=None, help=f"sets {COMMON_FLAGS[flag]}")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    for flag, key in COMMON_FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return load_config(args.config, overrides)
+
+
+def run_main(main) -> None:
+    """Run a job's main; configuration and input errors end with one clear line and exit code 2."""
+    from cellfm.data.manifest import ManifestError
+    from cellfm.data.plate import PlateError
+    from cellfm.train.checkpoint import CheckpointError
+
+    try:
+        main()
+    except (ConfigError, ManifestError, PlateError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    """`cellfm` console script: points at the jobs."""
+    print("cellfm jobs: python jobs/pretrain.py | jobs/evaluate.py | jobs/demo.py  (each takes --help)")

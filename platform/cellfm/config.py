@@ -1,0 +1,296 @@
+"""One typed config for every stage: loaded from YAML, overridden with dotted `key=value`
+arguments, validated, and saved beside every run.
+
+Unknown keys, wrong types and out-of-range values raise `ConfigError` naming the dotted key
+and the file it came from, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is malformed; the message names the dotted key at fault."""
+
+
+@dataclass
+class DataConfig:
+    # Where the demo screen is generated when `train_manifest` does not exist yet (jobs/demo.py).
+    screen_dir: str = "demo_output/screen"
+    synthetic_layout: str = "demo"
+    synthetic_seed: int = 0
+    train_manifest: str = "demo_output/screen/train.parquet"
+    # Per-channel percentile clipping to [0, 1] (the only normalization of the walking skeleton).
+    normalization: str = "percentile"
+    clip_low: float = 1.0
+    clip_high: float = 99.0
+    channel_permutation: bool = True
+    # Fractional CPUs per read task: on a 2-core machine whole CPUs for reads starve training (STACK_NOTES).
+    read_cpus: float = 0.5
+    read_batch_size: int = 8
+    shuffle_buffer: int = 64
+    storage_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cellrep"
+    size: str = "tiny"  # tiny | small | base | large (see cellfm.models.registry.SIZES)
+    patch_size: int = 8
+    img_size: int = 64
+    mixer_depth: int = 2
+    channel_encoder_dim: int = 64
+    channel_encoder_stride: int = 2
+    pooling_ratio: int = 1
+    num_register_tokens: int = 0
+    drop_path_rate: float = 0.0
+    # DINOv2 uses 1e-5 at scale; small models trained briefly need a larger value (or none) so the
+    # CLS token depends on the input from the first step (else DINO collapses to uniform).
+    layerscale_init: typing.Optional[float] = 0.1
+
+
+@dataclass
+class SSLConfig:
+    head_out_dim: int = 4096
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 5
+    center_momentum: float = 0.9
+    centering: str = "centering"  # centering | sinkhorn_knopp
+    kl_uniform_weight: float = 0.1
+    ema_momentum_start: float = 0.992
+    ema_momentum_end: float = 1.0
+    freeze_last_layer_epochs: int = 1
+    global_crop_size: int = 64
+    local_crop_size: int = 32
+    n_local_crops: int = 4
+    global_crop_scale: list = field(default_factory=lambda: [0.32, 1.0])
+    local_crop_scale: list = field(default_factory=lambda: [0.05, 0.32])
+    intensity_jitter: float = 0.2
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 10
+    batch_size_per_worker: int = 32
+    # DINOv2 rule: lr = base_lr * sqrt(global_batch / 1024).
+    base_lr: float = 4e-3
+    min_lr: float = 1e-6
+    warmup_epochs: int = 1
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0
+
+
+@dataclass
+class TrainConfig:
+    engine: str = "ddp"
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    torch_threads: int = 1
+    storage_path: str = "demo_output/runs"
+    run_name: str = "cellrep-demo"
+    num_to_keep: int = 2
+    max_failures: int = 0
+    seed: int = 0
+    log_every_steps: int = 10
+
+
+@dataclass
+class EvalConfig:
+    # Named held-out manifests: each is embedded and scored separately.
+    manifests: dict = field(
+        default_factory=lambda: {
+            "seen": "demo_output/screen/heldout.parquet",
+            "unseen": "demo_output/screen/unseen.parquet",
+        }
+    )
+    labels: list = field(default_factory=lambda: ["perturbation_id", "moa"])
+    # Well features normalized per plate against its negative controls (none | negcon).
+    well_normalization: str = "negcon"
+    test_fraction: float = 0.5
+    split_seed: int = 0
+    batch_size: int = 32
+    embed_actors: int = 1
+    random_init_seed: int = 0
+    output_dir: str = "demo_output/report"
+
+
+@dataclass
+class RayConfig:
+    # None: connect to RAY_ADDRESS if set (e.g. under `ray job submit`), else start an embedded local Ray.
+    address: typing.Optional[str] = None
+    # Logical CPUs of the embedded Ray; more than the physical cores so data tasks are never starved.
+    num_cpus: int = 4
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "<dict>") -> "Config":
+        cfg = _build(cls, raw, prefix="", source=source)
+        validate(cfg, source)
+        return cfg
+
+
+_CHOICES = {
+    "data.normalization": {"percentile"},
+    "model.name": {"cellrep"},
+    "model.size": {"tiny", "small", "base", "large"},
+    "ssl.centering": {"centering", "sinkhorn_knopp"},
+    "train.engine": {"ddp"},
+    "eval.well_normalization": {"none", "negcon"},
+}
+
+_POSITIVE = (
+    "model.patch_size", "model.img_size", "model.pooling_ratio", "model.channel_encoder_dim",
+    "model.channel_encoder_stride",
+    "ssl.head_out_dim", "ssl.global_crop_size", "ssl.local_crop_size",
+    "optim.epochs", "optim.batch_size_per_worker", "optim.base_lr",
+    "train.num_workers", "train.cpus_per_worker", "train.torch_threads", "train.num_to_keep",
+    "data.read_cpus", "data.read_batch_size", "eval.batch_size", "eval.embed_actors",
+)
+
+
+def validate(cfg: Config, source: str = "<config>") -> None:
+    """Checks that go beyond types: allowed choices, positive sizes, consistent crop geometry."""
+    for key, allowed in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{source}: {key}={value!r} is not one of {sorted(allowed)}")
+    for key in _POSITIVE:
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"{source}: {key} must be > 0, got {_get(cfg, key)!r}")
+    for key in ("model.mixer_depth", "ssl.n_local_crops", "train.max_failures", "model.num_register_tokens"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{source}: {key} must be >= 0, got {_get(cfg, key)!r}")
+    if not 0 <= cfg.data.clip_low < cfg.data.clip_high <= 100:
+        raise ConfigError(
+            f"{source}: need 0 <= data.clip_low < data.clip_high <= 100, got {cfg.data.clip_low}, {cfg.data.clip_high}"
+        )
+    for key in ("ssl.global_crop_size", "ssl.local_crop_size", "model.img_size"):
+        if _get(cfg, key) % cfg.model.patch_size:
+            raise ConfigError(f"{source}: {key}={_get(cfg, key)} is not a multiple of model.patch_size={cfg.model.patch_size}")
+    for key in ("ssl.global_crop_scale", "ssl.local_crop_scale"):
+        lo_hi = _get(cfg, key)
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+            raise ConfigError(f"{source}: {key} must be [low, high] with 0 < low <= high <= 1, got {lo_hi!r}")
+    if not 0 < cfg.eval.test_fraction < 1:
+        raise ConfigError(f"{source}: eval.test_fraction must be in (0, 1), got {cfg.eval.test_fraction}")
+    if not cfg.eval.manifests:
+        raise ConfigError(f"{source}: eval.manifests is empty; name at least one held-out manifest")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file <- dotted `key=value` overrides (values parsed as YAML scalars/lists)."""
+    raw: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        if not Path(path).is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as fh:
+            try:
+                loaded = yaml.safe_load(fh)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        _set_nested(raw, key.strip().split("."), yaml.safe_load(value) if value != "" else "", item)
+    src = source if not overrides else f"{source} + overrides"
+    return Config.from_dict(raw, source=src)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".yaml", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+    os.replace(tmp, path)
+    return path
+
+
+def _set_nested(raw: dict, keys: list[str], value: Any, item: str) -> None:
+    node = raw
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for k in dotted.split("."):
+        node = getattr(node, k)
+    return node
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {where} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"valid keys under {where}: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name in names & set(raw):
+        kwargs[name] = _coerce(hints[name], raw[name], prefix + name, source)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".", source)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = {int: int, float: float, str: str, bool: bool, list: list, dict: dict}[hint]
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(f"{source}: {key} must be {expected.__name__}, got {value!r} ({type(value).__name__})")
+    return value

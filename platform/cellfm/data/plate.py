@@ -1,0 +1,317 @@
+"""OME-Zarr 0.5 high-content-screening plates on Zarr v3.
+
+Layout: ``plate.zarr/{row}/{col}/{field}/0`` with axes ``c, y, x``; the stain of each channel is
+``omero.channels[].label``. Each field array is ONE shard holding all channels (one object per
+field: cheap listing, ~2 ranged GETs per read on S3) made of one-channel-plane inner chunks (reading
+a channel subset decodes only those planes). Inner chunks are blosc-zstd compressed and carry a
+CRC32C checksum, so corruption surfaces as an error instead of silently wrong pixels. A field is
+written by exactly one call (``write_field``): concurrent partial writes to one shard lose data.
+
+Nothing is cached between calls: every call re-reads metadata, so a rewritten plate is seen as is.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.storage
+from zarr.abc.store import Store
+from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.group import GroupMetadata
+
+OME_VERSION = "0.5"
+_IMAGE_ARRAY_PATH = "0"
+_SPATIAL_UNIT = "micrometer"
+# Conventional display colours for Cell Painting stains; other stains cycle through _PALETTE.
+_STAIN_COLORS = {"DNA": "0000FF", "ER": "00FF00", "RNA": "FFFF00", "AGP": "FF0000", "Mito": "FF00FF"}
+_PALETTE = ("00FFFF", "FF8000", "8000FF", "80FF00", "FF0080", "FFFFFF")
+_SUPPORTED_DTYPES = ("uint8", "uint16", "float32")
+
+
+class PlateError(ValueError):
+    """A plate cannot be created, written or read; the message names plate, well and field."""
+
+
+def _where(uri: str, row: str | None = None, col: str | None = None, field: int | None = None) -> str:
+    """Human-readable location used in every error message."""
+    text = f"plate {uri!r}"
+    if row is not None and col is not None:
+        text += f", well {row}{col}"
+    if field is not None:
+        text += f", field {field}"
+    return text
+
+
+def open_store(uri: str, mode: str = "r", storage_options: dict | None = None) -> Store:
+    """A Zarr store for a local path (or ``file://`` URL) or a remote fsspec URL such as ``s3://``.
+
+    ``mode`` is ``"r"`` (read-only) or ``"w"`` (writable). Remote URLs go through
+    ``FsspecStore`` so ``storage_options`` (endpoint, credentials) reach the filesystem.
+    """
+    if mode not in ("r", "w"):
+        raise ValueError(f"mode must be 'r' or 'w', got {mode!r}")
+    read_only = mode == "r"
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if "://" in uri:
+        return zarr.storage.FsspecStore.from_url(uri, storage_options=storage_options or {}, read_only=read_only)
+    return zarr.storage.LocalStore(uri, read_only=read_only)
+
+
+def _field_path(row: str, col: str, field: int) -> str:
+    return f"{row}/{col}/{field}"
+
+
+def _channel_colors(channel_names: list[str]) -> list[str]:
+    others = iter(_PALETTE * (len(channel_names) // len(_PALETTE) + 1))
+    return [_STAIN_COLORS.get(name) or next(others) for name in channel_names]
+
+
+def _display_window(dtype: np.dtype) -> dict[str, float]:
+    if np.issubdtype(dtype, np.integer):
+        top = float(np.iinfo(dtype).max)
+        return {"min": 0.0, "max": top, "start": 0.0, "end": top}
+    return {"min": 0.0, "max": 1.0, "start": 0.0, "end": 1.0}
+
+
+def _image_attributes(name: str, channel_names: list[str], dtype: np.dtype, pixel_size_um: float) -> dict[str, Any]:
+    window = _display_window(dtype)
+    return {
+        "ome": {
+            "version": OME_VERSION,
+            "multiscales": [{
+                "name": name,
+                "axes": [
+                    {"name": "c", "type": "channel"},
+                    {"name": "y", "type": "space", "unit": _SPATIAL_UNIT},
+                    {"name": "x", "type": "space", "unit": _SPATIAL_UNIT},
+                ],
+                "datasets": [{
+                    "path": _IMAGE_ARRAY_PATH,
+                    "coordinateTransformations": [{"type": "scale", "scale": [1.0, pixel_size_um, pixel_size_um]}],
+                }],
+            }],
+            "omero": {
+                "channels": [
+                    {"label": label, "color": color, "window": dict(window), "active": True}
+                    for label, color in zip(channel_names, _channel_colors(channel_names))
+                ],
+                "rdefs": {"model": "color"},
+            },
+        }
+    }
+
+
+def _validate_plate_request(uri: str, wells: list[tuple[str, str]], n_fields: int, channel_names: list[str],
+                            field_shape: tuple[int, int], dtype: str) -> None:
+    if not wells:
+        raise PlateError(f"{_where(uri)}: no wells given")
+    for row, col in wells:
+        if not (row.isalnum() and col.isalnum() and row.isascii() and col.isascii()):
+            raise PlateError(f"{_where(uri, row, col)}: row and column names must be ASCII letters/digits")
+    duplicates = sorted(f"{r}{c}" for (r, c), n in Counter(wells).items() if n > 1)
+    if duplicates:
+        raise PlateError(f"{_where(uri)}: duplicate wells {duplicates}")
+    if n_fields < 1:
+        raise PlateError(f"{_where(uri)}: n_fields must be >= 1, got {n_fields}")
+    if not channel_names or any(not name for name in channel_names) or len(set(channel_names)) != len(channel_names):
+        raise PlateError(f"{_where(uri)}: channel names must be non-empty and unique, got {channel_names}")
+    if len(field_shape) != 2 or min(field_shape) < 1:
+        raise PlateError(f"{_where(uri)}: field_shape must be (H, W) with positive sizes, got {field_shape}")
+    if str(np.dtype(dtype)) not in _SUPPORTED_DTYPES:
+        raise PlateError(f"{_where(uri)}: dtype {dtype!r} not supported, use one of {_SUPPORTED_DTYPES}")
+
+
+def _plate_order(name: str) -> tuple[int, str]:
+    """Sort key putting row/column names in plate order: "Z" before "AA", "9" before "10"."""
+    return len(name), name
+
+
+def create_plate(uri: str, name: str, wells: list[tuple[str, str]], n_fields: int,
+                 channel_names: list[str], field_shape: tuple[int, int], dtype: str = "uint16",
+                 pixel_size_um: float = 0.65, storage_options: dict | None = None) -> None:
+    """Create an empty plate (replacing anything at ``uri``): metadata for plate, wells and fields,
+    and one empty sharded ``(C, H, W)`` array per field, ready for ``write_field``.
+
+    Rows and columns list the names used by ``wells`` in plate order (``rowIndex``/``columnIndex``
+    index into them); every well holds ``n_fields`` fields named ``0..n_fields-1``.
+    """
+    wells = [(str(r), str(c)) for r, c in wells]
+    _validate_plate_request(uri, wells, n_fields, channel_names, field_shape, dtype)
+    np_dtype = np.dtype(dtype)
+    rows = sorted({r for r, _ in wells}, key=_plate_order)
+    cols = sorted({c for _, c in wells}, key=_plate_order)
+    plate_attrs = {
+        "ome": {
+            "version": OME_VERSION,
+            "plate": {
+                # 0.5 moved the version up to "ome", but its text still says the plate MUST carry one.
+                "version": OME_VERSION,
+                "name": name,
+                "rows": [{"name": r} for r in rows],
+                "columns": [{"name": c} for c in cols],
+                "wells": [{"path": f"{r}/{c}", "rowIndex": rows.index(r), "columnIndex": cols.index(c)}
+                          for r, c in wells],
+                "field_count": n_fields,
+            },
+        }
+    }
+    well_attrs = {"ome": {"version": OME_VERSION, "well": {"images": [{"path": str(f)} for f in range(n_fields)]}}}
+    height, width = (int(s) for s in field_shape)
+    n_channels = len(channel_names)
+    try:
+        # Every field array has the same metadata; build it once (in memory) and reuse it.
+        array_metadata = zarr.create_array(
+            zarr.storage.MemoryStore(), shape=(n_channels, height, width), dtype=np_dtype,
+            chunks=(1, height, width), shards=(n_channels, height, width),
+            compressors=[BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"), Crc32cCodec()],
+            fill_value=0, dimension_names=["c", "y", "x"],
+        ).metadata
+        nodes: dict[str, Any] = {"": GroupMetadata(attributes=plate_attrs)}
+        nodes |= {row: GroupMetadata() for row in rows}
+        for row, col in wells:
+            nodes[f"{row}/{col}"] = GroupMetadata(attributes=well_attrs)
+            for field in range(n_fields):
+                path = _field_path(row, col, field)
+                nodes[path] = GroupMetadata(attributes=_image_attributes(
+                    f"{name} {row}{col} field {field}", channel_names, np_dtype, pixel_size_um))
+                nodes[f"{path}/{_IMAGE_ARRAY_PATH}"] = array_metadata
+        store = open_store(uri, "w", storage_options)
+        zarr.create_group(store, zarr_format=3, overwrite=True)  # clear whatever was at uri
+        # Writes all metadata documents concurrently: one round of requests instead of one per node.
+        for _ in zarr.create_hierarchy(store=store, nodes=nodes, overwrite=True):
+            pass
+    except Exception as exc:
+        raise PlateError(f"{_where(uri)}: cannot create plate: {type(exc).__name__}: {exc}") from exc
+
+
+def _open_field(uri: str, row: str, col: str, field: int, mode: str, storage_options: dict | None):
+    """Open a field's image group and its full-resolution array; PlateError if either is absent."""
+    try:
+        store = open_store(uri, mode, storage_options)
+        group = zarr.open_group(store, path=_field_path(row, col, field), mode="r" if mode == "r" else "r+",
+                                zarr_format=3)
+        ome = group.attrs.asdict().get("ome", {})
+        multiscale = ome["multiscales"][0]
+        array = group[multiscale["datasets"][0]["path"]]
+    except Exception as exc:
+        raise PlateError(f"{_where(uri, row, col, field)}: cannot open field image: "
+                         f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(array, zarr.Array):
+        raise PlateError(f"{_where(uri, row, col, field)}: image path is not an array")
+    axes = [axis["name"] for axis in multiscale["axes"]]
+    labels = [ch.get("label", f"C{i}") for i, ch in enumerate(ome.get("omero", {}).get("channels", []))]
+    return array, axes, labels
+
+
+def write_field(uri: str, row: str, col: str, field: int, image: np.ndarray, storage_options=None) -> None:
+    """Write one whole field (all channels) in a single call, i.e. one writer for its shard."""
+    array, _, labels = _open_field(uri, row, col, field, "w", storage_options)
+    image = np.asarray(image)
+    if image.shape != array.shape or image.dtype != array.dtype:
+        raise PlateError(
+            f"{_where(uri, row, col, field)}: expected image of shape {tuple(array.shape)} and dtype {array.dtype} "
+            f"(channels {labels}), got shape {image.shape} and dtype {image.dtype}"
+        )
+    try:
+        # Store every channel plane, even all-zero ones: a stored field is then complete, and a
+        # field that reads as all fill value must be missing (see read_field).
+        array.with_config({"write_empty_chunks": True})[...] = image
+    except Exception as exc:
+        raise PlateError(f"{_where(uri, row, col, field)}: write failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _cyx_selection(uri: str, row: str, col: str, field: int, axes: list[str], shape: tuple[int, ...],
+                   channel_index: list[int]) -> tuple[tuple, list[str]]:
+    """Basic selection covering ``channel_index`` in an array with axes ``c,y,x`` or ``t,c,z,y,x``
+    (t/z singleton, dropped), plus the axis names of the selected block in order.
+
+    The channel axis is read as one contiguous slice: zarr's orthogonal selection with an index
+    list decodes chunks one by one and is several times slower than a slice of the same shard.
+    """
+    selection, kept_axes = [], []
+    for name, size in zip(axes, shape):
+        if name == "c":
+            selection.append(slice(min(channel_index), max(channel_index) + 1))
+            kept_axes.append(name)
+        elif name in ("y", "x"):
+            selection.append(slice(None))
+            kept_axes.append(name)
+        elif size == 1:
+            selection.append(0)
+        else:
+            raise PlateError(f"{_where(uri, row, col, field)}: axis {name!r} has size {size}; "
+                             f"only singleton axes besides c, y, x are supported (axes {axes}, shape {shape})")
+    if sorted(kept_axes) != ["c", "x", "y"]:
+        raise PlateError(f"{_where(uri, row, col, field)}: unsupported axes {axes}; need c, y and x")
+    return tuple(selection), kept_axes
+
+
+def read_field(uri: str, row: str, col: str, field: int, channels: list[str] | None = None,
+               storage_options=None) -> tuple[np.ndarray, list[str]]:
+    """Read a field as ``(C, H, W)`` in its stored dtype, with channel names in returned order.
+
+    ``channels`` selects and orders channels by name; only planes between the first and last
+    selected channel are decoded.
+    """
+    array, axes, labels = _open_field(uri, row, col, field, "r", storage_options)
+    n_channels = array.shape[axes.index("c")] if "c" in axes else 0
+    if len(labels) != n_channels:
+        raise PlateError(f"{_where(uri, row, col, field)}: omero lists {len(labels)} channel labels {labels} "
+                         f"but the array has {n_channels} channels (axes {axes}, shape {tuple(array.shape)})")
+    if channels is None:
+        channels = labels
+    missing = [name for name in channels if name not in labels]
+    if missing or not channels:
+        raise PlateError(f"{_where(uri, row, col, field)}: channel(s) {missing or channels} not in plate; "
+                         f"available channels: {labels}")
+    channel_index = [labels.index(name) for name in channels]
+    selection, kept_axes = _cyx_selection(uri, row, col, field, axes, tuple(array.shape), channel_index)
+    try:
+        block = array[selection]
+        # With one shard per field a stored field is complete, while a missing shard reads as fill
+        # value without error; the listing that tells them apart is only paid for all-fill reads.
+        if not np.any(block != array.fill_value) and array.nchunks_initialized == 0:
+            raise PlateError(f"{_where(uri, row, col, field)}: field has no stored data (missing shard)")
+    except PlateError:
+        raise
+    except Exception as exc:
+        raise PlateError(f"{_where(uri, row, col, field)}: cannot read field data "
+                         f"(corrupt or unreadable chunk): {type(exc).__name__}: {exc}") from exc
+    block = np.transpose(block, [kept_axes.index(a) for a in ("c", "y", "x")])
+    first = min(channel_index)
+    return np.ascontiguousarray(block[[i - first for i in channel_index]]), list(channels)
+
+
+def _plate_metadata(uri: str, storage_options: dict | None) -> dict[str, Any]:
+    try:
+        root = zarr.open_group(open_store(uri, "r", storage_options), mode="r", zarr_format=3)
+        return root.attrs.asdict()["ome"]["plate"]
+    except Exception as exc:
+        raise PlateError(f"{_where(uri)}: cannot open plate metadata: {type(exc).__name__}: {exc}") from exc
+
+
+def plate_wells(uri: str, storage_options=None) -> tuple[list[str], int | None]:
+    """Well paths (``"B/03"``) listed in the plate metadata and the plate's field count (optional
+    in OME-Zarr, so possibly None)."""
+    plate = _plate_metadata(uri, storage_options)
+    field_count = plate.get("field_count")
+    return [well["path"] for well in plate["wells"]], None if field_count is None else int(field_count)
+
+
+def plate_channel_names(uri: str, storage_options=None) -> list[str]:
+    """Channel names of a plate, read from the first field of its first well."""
+    plate = _plate_metadata(uri, storage_options)
+    if not plate.get("wells"):
+        raise PlateError(f"{_where(uri)}: plate metadata lists no wells")
+    row, col = plate["wells"][0]["path"].split("/")
+    try:
+        well = zarr.open_group(open_store(uri, "r", storage_options), path=f"{row}/{col}", mode="r", zarr_format=3)
+        first_field = int(well.attrs.asdict()["ome"]["well"]["images"][0]["path"])
+    except Exception as exc:
+        raise PlateError(f"{_where(uri, row, col)}: cannot open well metadata: {type(exc).__name__}: {exc}") from exc
+    _, _, labels = _open_field(uri, row, col, first_field, "r", storage_options)
+    return labels

@@ -1,0 +1,82 @@
+"""Field embeddings by Ray Data batch inference: fields stream through the same read+normalize
+step as training (no channel permutation) into an actor pool holding the encoders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from cellfm.config import DataConfig, ModelConfig
+
+# Manifest columns carried from each field to its embedding row.
+METADATA_COLUMNS = ["plate", "well", "field", "perturbation_id", "moa", "is_control"]
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Where an encoder's weights come from: a checkpoint directory, or a seeded random init of
+    `model` (the baseline every trained encoder must beat)."""
+
+    name: str
+    checkpoint_dir: str | None = None
+    model: dict | None = None
+    seed: int = 0
+
+    def build(self) -> tuple[torch.nn.Module, int]:
+        from cellfm.models.registry import build_backbone
+        from cellfm.train.checkpoint import load_inference_backbone
+
+        if self.checkpoint_dir is not None:
+            backbone, cfg = load_inference_backbone(self.checkpoint_dir)
+            return backbone, cfg.model.img_size
+        model_cfg = ModelConfig(**self.model)
+        torch.manual_seed(self.seed)
+        return build_backbone(model_cfg).eval(), model_cfg.img_size
+
+
+def field_embedding(backbone: torch.nn.Module, images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """(N, C, H, W) in [0, 1] -> (N, 2D): CLS token concatenated with the mean patch token (the
+    DINOv2 linear-probe feature), on the whole field resized to the training resolution."""
+    if images.shape[-1] != image_size or images.shape[-2] != image_size:
+        images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+    out = backbone(images)
+    return torch.cat([out["cls"], out["patch"].mean(dim=1)], dim=-1)
+
+
+class FieldEmbedder:
+    """Actor-pool UDF: loads every encoder once per actor, adds an `embedding_<name>` column each."""
+
+    def __init__(self, encoders: list[EncoderSpec], torch_threads: int = 1):
+        torch.set_num_threads(torch_threads)
+        self.encoders = {spec.name: spec.build() for spec in encoders}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = torch.from_numpy(batch.pop("image")).float()
+        with torch.inference_mode():
+            for name, (backbone, size) in self.encoders.items():
+                batch[f"embedding_{name}"] = field_embedding(backbone, images, size).numpy()
+        batch.pop("channel_names")
+        return batch
+
+
+def embed_manifest(manifest: pd.DataFrame, data_cfg: DataConfig, encoders: list[EncoderSpec],
+                   batch_size: int = 32, actors: int = 1) -> pd.DataFrame:
+    """One row per field: METADATA_COLUMNS + an `embedding_<name>` array column per encoder."""
+    import ray.data
+
+    from cellfm.data.pipeline import build_field_dataset
+
+    ds = build_field_dataset(manifest, data_cfg, training=False, keep_columns=METADATA_COLUMNS)
+    ds = ds.map_batches(
+        FieldEmbedder,
+        fn_constructor_kwargs={"encoders": encoders},
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=1,
+        batch_format="numpy",
+    )
+    return ds.to_pandas()

@@ -1,0 +1,44 @@
+"""Shared fixtures: one Ray instance and one tiny synthetic screen per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE_CONFIG = REPO / "configs" / "smoke.yaml"
+
+# Faster Train V2 control loop for short test runs (STACK_NOTES); inherited by Ray workers.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        # Logical CPUs beyond the 2 cores so Ray Data never starves beside 2 training workers.
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_screen(tmp_path_factory) -> dict[str, Path]:
+    from cellfm.data.synthetic import generate_screen
+
+    return generate_screen(tmp_path_factory.mktemp("screen"), layout="tiny", seed=0)
+
+
+@pytest.fixture
+def smoke_overrides(tiny_screen, tmp_path) -> list[str]:
+    """Overrides pointing the smoke config at the session's tiny screen and a fresh run folder."""
+    return [
+        f"data.train_manifest={tiny_screen['train']}",
+        f"eval.manifests={{seen: {tiny_screen['heldout']}, unseen: {tiny_screen['unseen']}}}",
+        f"train.storage_path={tmp_path / 'runs'}",
+        f"eval.output_dir={tmp_path / 'report'}",
+    ]

@@ -1,0 +1,69 @@
+import pytest
+import yaml
+
+from cellfm.config import Config, ConfigError, load_config, save_config
+from tests.conftest import SMOKE_CONFIG, REPO
+
+
+def test_defaults_yaml_and_overrides_layer_in_order(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  epochs: 3\nmodel:\n  pooling_ratio: 2\n")
+    cfg = load_config(path, ["optim.epochs=5", "ssl.global_crop_scale=[0.4, 1.0]", "ray.address=auto"])
+    assert cfg.optim.epochs == 5  # override beats file
+    assert cfg.model.pooling_ratio == 2  # file beats default
+    assert cfg.model.patch_size == Config().model.patch_size  # default kept
+    assert cfg.ssl.global_crop_scale == [0.4, 1.0]
+    assert cfg.ray.address == "auto"
+    assert isinstance(cfg.optim.base_lr, float)
+
+
+def test_int_accepted_for_float_but_not_string_for_int(tmp_path):
+    assert load_config(None, ["optim.base_lr=1"]).optim.base_lr == 1.0
+    with pytest.raises(ConfigError, match=r"optim\.epochs must be int"):
+        load_config(None, ["optim.epochs=three"])
+    with pytest.raises(ConfigError, match=r"train\.use_gpu must be bool"):
+        load_config(None, ["train.use_gpu=3"])
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("model:\n  nmae: cellrep\n", r"unknown config key\(s\) model\.nmae"),
+        ("modle:\n  name: cellrep\n", r"unknown config key\(s\) modle"),
+        ("model: 3\n", r"model must be a mapping"),
+        ("- a\n- b\n", r"top level must be a mapping"),
+        ("model:\n  name: vit_huge\n", r"model\.name='vit_huge' is not one of"),
+        ("model:\n  patch_size: 7\n", r"not a multiple of model\.patch_size=7"),
+        ("data:\n  clip_low: 99\n  clip_high: 1\n", r"clip_low < data\.clip_high"),
+        ("optim:\n  epochs: 0\n", r"optim\.epochs must be > 0"),
+        ("model: [unclosed\n", r"not valid YAML"),
+    ],
+)
+def test_malformed_config_names_the_key_and_file(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(path)
+    assert "bad.yaml" in str(info.value)
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(None, ["optim.epochs"])
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config(None, ["optim.epoch=3"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(SMOKE_CONFIG, ["optim.epochs=2"])
+    path = save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert load_config(path) == cfg
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp files left
+    assert yaml.safe_load(path.read_text())["optim"]["epochs"] == 2
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_shipped_config_loads(name):
+    load_config(REPO / "configs" / name)

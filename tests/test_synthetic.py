@@ -1,0 +1,221 @@
+"""Synthetic screens: layout, determinism, idempotence, and that phenotypes live in morphology
+(learnable) rather than in per-channel mean intensity (not trivially given away)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.ndimage as ndi
+import zarr
+from ome_zarr_models.v05.hcs import HCS
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from cellfm.data.manifest import MANIFEST_COLUMNS, check_manifest_against_plates, read_manifest
+from cellfm.data.normalize import percentile_clip
+from cellfm.data.plate import read_field
+from cellfm.data.synthetic import (
+    CP5_CHANNELS,
+    LAYOUTS,
+    PERTURBATIONS,
+    UNSEEN4_CHANNELS,
+    BatchEffect,
+    ScreenLayout,
+    generate_screen,
+    render_field,
+)
+
+TINY = LAYOUTS["tiny"]
+BY_ID = {p.perturbation_id: p for p in PERTURBATIONS}
+# Realistic noise, no gain/offset nuisance: for measuring morphology.
+CLEAN = BatchEffect(photons_per_count=1.0, read_noise=5.0)
+
+
+@pytest.fixture(scope="module")
+def screen(tmp_path_factory) -> dict[str, Path]:
+    return generate_screen(tmp_path_factory.mktemp("screen"), "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def manifests(screen) -> dict[str, pd.DataFrame]:
+    return {split: read_manifest(path) for split, path in screen.items()}
+
+
+def test_manifests_describe_every_field(screen, manifests):
+    assert {k: p.name for k, p in screen.items()} == {
+        "train": "train.parquet", "heldout": "heldout.parquet", "unseen": "unseen.parquet"}
+    wells_per_plate = TINY.controls_per_plate + (len(PERTURBATIONS) - 1) * TINY.replicates_per_plate
+    for split, channels in (("train", CP5_CHANNELS), ("heldout", CP5_CHANNELS), ("unseen", UNSEEN4_CHANNELS)):
+        df = manifests[split]
+        assert list(df.columns) == list(MANIFEST_COLUMNS)
+        assert len(df) == wells_per_plate * TINY.fields_per_well
+        assert df["plate"].unique().tolist() == [f"SYN-{split.upper()}-01"]
+        assert (df["source"] == "synthetic").all()
+        assert all(names == channels for names in df["channel_names"])
+        assert all(groups == ["context"] * len(channels) for groups in df["channel_groups"])
+        assert (df["height"] == TINY.field_size).all() and (df["dtype"] == "uint16").all()
+        assert Path(df["store_uri"].iloc[0]).is_absolute()
+        check_manifest_against_plates(df)
+    controls = manifests["train"][manifests["train"]["is_control"]]
+    assert set(controls["perturbation_id"]) == {"DMSO"} and set(controls["moa"]) == {"control"}
+    assert (controls["dose"] == 0.0).all()
+    compounds = manifests["train"][~manifests["train"]["is_control"]]
+    assert compounds["perturbation_id"].nunique() == 12 and compounds["moa"].nunique() == 5
+    assert (compounds["dose"] > 0).all()
+    # Compound identity determines MoA and dose.
+    assert (compounds.groupby("perturbation_id")[["moa", "dose"]].nunique() == 1).all().all()
+
+
+def test_every_plate_holds_every_compound_and_controls_at_shuffled_positions(manifests):
+    wells = pd.concat(manifests.values()).drop_duplicates(["plate", "well"])
+    counts = wells.groupby(["plate", "perturbation_id"]).size().unstack()
+    assert counts.shape == (3, len(PERTURBATIONS))
+    assert (counts["DMSO"] == TINY.controls_per_plate).all()
+    assert (counts.drop(columns="DMSO") == TINY.replicates_per_plate).all().all()
+    layouts = [tuple(g.sort_values("well")["perturbation_id"]) for _, g in wells.groupby("plate")]
+    assert len(set(layouts)) == 3  # well positions are randomized per plate
+
+
+def test_fields_have_declared_shape_dtype_and_channels(manifests):
+    for split in ("train", "unseen"):
+        row = manifests[split].iloc[5]
+        image, names = read_field(row.store_uri, row.row, row.col, row.field)
+        assert names == list(row.channel_names)
+        assert image.shape == (len(names), TINY.field_size, TINY.field_size) and image.dtype == np.uint16
+        assert image.min() > 0 and image.max() < 65535  # background offset, no saturation
+
+
+def test_plates_validate_as_ome_zarr(screen, manifests):
+    uri = manifests["unseen"]["store_uri"].iloc[0]
+    hcs = HCS.from_zarr(zarr.open_group(uri, mode="r"))
+    assert hcs.n_wells == manifests["unseen"]["well"].nunique()
+
+
+def test_render_field_is_deterministic_and_channel_consistent():
+    phenotype = BY_ID["CMP-04"].phenotype
+    a = render_field(np.random.default_rng(7), CP5_CHANNELS, phenotype, 96, CLEAN)
+    b = render_field(np.random.default_rng(7), CP5_CHANNELS, phenotype, 96, CLEAN)
+    c = render_field(np.random.default_rng(8), CP5_CHANNELS, phenotype, 96, CLEAN)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    # The 4-stain configuration renders the same biology, only a subset in another order.
+    unseen = render_field(np.random.default_rng(7), UNSEEN4_CHANNELS, phenotype, 96, CLEAN)
+    np.testing.assert_array_equal(unseen, a[[CP5_CHANNELS.index(ch) for ch in UNSEEN4_CHANNELS]])
+    with pytest.raises(ValueError, match="Tubulin"):
+        render_field(np.random.default_rng(7), ["DNA", "Tubulin"], phenotype, 96, CLEAN)
+
+
+def test_generation_is_idempotent_deterministic_and_recovers_from_crashes(screen, manifests):
+    """Different seeds differing is covered per field (test_render_field_is_deterministic...)."""
+    root = screen["train"].parent
+    started = time.perf_counter()
+    assert generate_screen(root, "tiny", seed=0) == screen  # complete: returned as is
+    assert time.perf_counter() - started < 1.0
+
+    manifest_bytes = {split: path.read_bytes() for split, path in screen.items()}
+    row = manifests["heldout"].iloc[7]
+    field_before = read_field(row.store_uri, row.row, row.col, row.field)[0]
+    # A run that died before writing all manifests is regenerated from scratch, to the same bytes.
+    screen["unseen"].unlink()
+    train_mtime = screen["train"].stat().st_mtime_ns
+    assert generate_screen(root, "tiny", seed=0) == screen
+    assert screen["train"].stat().st_mtime_ns != train_mtime  # really regenerated
+    assert {split: path.read_bytes() for split, path in screen.items()} == manifest_bytes
+    np.testing.assert_array_equal(read_field(row.store_uri, row.row, row.col, row.field)[0], field_before)
+
+
+def _morphology(perturbation_id: str, n_fields: int = 16) -> dict[str, float]:
+    """Simple per-field measurements averaged over fields rendered without plate nuisances."""
+    values: dict[str, list[float]] = {k: [] for k in ("nucleus_area", "nuclei", "mito_objects_per_nucleus",
+                                                    "nucleoli_per_nucleus", "nucleolus_area", "actin_over_nuclei")}
+    for i in range(n_fields):
+        image = render_field(np.random.default_rng([11, i]), CP5_CHANNELS, BY_ID[perturbation_id].phenotype, 128, CLEAN)
+        dna, _, rna, agp, _ = percentile_clip(image, 1.0, 99.5)
+        nuclei = dna > 0.2
+        labels, _ = ndi.label(nuclei)
+        areas = np.bincount(labels.ravel())[1:]
+        areas = areas[areas >= 20]
+        n_nuclei = max(len(areas), 1)
+        mito = image[4].astype(np.float32) - np.percentile(image[4], 20)  # background-subtracted
+        _, n_mito = ndi.label(mito > 0.5 * np.percentile(mito, 95))  # fragments are separate objects
+        nucleoli, n_nucleoli = ndi.label((rna > 0.5) & nuclei)
+        values["nucleus_area"].append(areas.mean())
+        values["nuclei"].append(len(areas))
+        values["mito_objects_per_nucleus"].append(n_mito / n_nuclei)
+        values["nucleoli_per_nucleus"].append(n_nucleoli / n_nuclei)
+        values["nucleolus_area"].append(np.bincount(nucleoli.ravel())[1:].mean() if n_nucleoli else 0.0)
+        values["actin_over_nuclei"].append(agp[nuclei].mean() / agp.mean())  # stress fibres cross the nucleus
+    return {k: float(np.mean(v)) for k, v in values.items()}
+
+
+def test_moas_change_the_intended_morphology():
+    control = _morphology("DMSO")
+    arrest = _morphology("CMP-01")
+    assert arrest["nucleus_area"] > 1.4 * control["nucleus_area"]  # nuclear enlargement
+    assert arrest["nuclei"] < 0.85 * control["nuclei"]  # lower cell density
+    assert _morphology("CMP-04")["mito_objects_per_nucleus"] > 1.15 * control["mito_objects_per_nucleus"]
+    nucleolar_stress = _morphology("CMP-11")  # fewer, larger nucleoli
+    assert nucleolar_stress["nucleoli_per_nucleus"] < 0.85 * control["nucleoli_per_nucleus"]
+    assert nucleolar_stress["nucleolus_area"] > 1.3 * control["nucleolus_area"]
+    assert _morphology("CMP-09")["actin_over_nuclei"] > 1.15 * control["actin_over_nuclei"]
+
+
+def test_per_cell_stain_amounts_do_not_depend_on_phenotype():
+    """Rearranging a stain keeps its amount: without density changes, channel means barely move."""
+    def channel_means(pid: str) -> np.ndarray:
+        fields = [render_field(np.random.default_rng([5, i]), CP5_CHANNELS, BY_ID[pid].phenotype, 128, BatchEffect())
+                  for i in range(6)]
+        return np.mean([f.reshape(5, -1).mean(axis=1) for f in fields], axis=0)
+
+    control = channel_means("DMSO")
+    for pid in ("CMP-05", "CMP-06", "CMP-09", "CMP-12"):  # mito, ER, actin, nucleolar MoAs
+        np.testing.assert_allclose(channel_means(pid), control, rtol=0.08)
+
+
+def _well_features(df: pd.DataFrame, morphology: bool) -> pd.DataFrame:
+    rows = []
+    for r in df.itertuples():
+        image, _ = read_field(r.store_uri, r.row, r.col, r.field, channels=CP5_CHANNELS)
+        features = dict(enumerate(np.log(image.reshape(len(CP5_CHANNELS), -1).mean(axis=1))))
+        if morphology:
+            norm = percentile_clip(image, 1.0, 99.5)
+            fine = np.abs(norm - ndi.gaussian_filter(norm, (0, 2, 2))).mean(axis=(1, 2))
+            detail = fine / (norm.mean(axis=(1, 2)) + 1e-6)
+            features = dict(enumerate([*norm.std(axis=(1, 2)), *detail, *(norm > 0.3).mean(axis=(1, 2))]))
+        rows.append({"plate": r.plate, "well": r.well, "moa": r.moa, **features})
+    return pd.DataFrame(rows).groupby(["plate", "well", "moa"]).mean().reset_index()
+
+
+def _moa_accuracy(a: pd.DataFrame, b: pd.DataFrame) -> float:
+    """MoA accuracy of a logistic regression trained on one plate and scored on the other, both ways."""
+    columns = [c for c in a.columns if c not in ("plate", "well", "moa")]
+    scores = []
+    for train, test in ((a, b), (b, a)):
+        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+        model.fit(train[columns], train["moa"])
+        scores.append((model.predict(test[columns]) == test["moa"]).mean())
+    return float(np.mean(scores))
+
+
+def test_channel_means_separate_moas_poorly_while_morphology_separates_them(tmp_path):
+    """Per-well channel means stay near chance at predicting MoA across plates, while simple
+    morphology statistics (contrast, fine detail, bright area) of the same wells do far better.
+
+    Uses a 2-plate screen of 128 px fields (40 wells per plate): the tiny layout's 64 px fields
+    hold ~3 cells, too few for stable well statistics.
+    """
+    layout = ScreenLayout(n_train_plates=1, n_heldout_plates=1, n_unseen_plates=0, replicates_per_plate=3,
+                          controls_per_plate=4, fields_per_well=2, field_size=128)
+    paths = generate_screen(tmp_path, layout, seed=0)
+    train, heldout = read_manifest(paths["train"]), read_manifest(paths["heldout"])
+    assert read_manifest(paths["unseen"]).empty
+    chance = heldout.drop_duplicates("well")["moa"].value_counts(normalize=True).max()
+    means = _moa_accuracy(_well_features(train, False), _well_features(heldout, False))
+    morphology = _moa_accuracy(_well_features(train, True), _well_features(heldout, True))
+    assert means < chance + 0.15, f"channel means give MoA accuracy {means:.2f} (majority class {chance:.2f})"
+    assert morphology > means + 0.3, f"morphology {morphology:.2f} vs channel means {means:.2f}"
