@@ -42,3 +42,31 @@ def smoke_overrides(tiny_screen, tmp_path) -> list[str]:
         f"train.storage_path={tmp_path / 'runs'}",
         f"eval.output_dir={tmp_path / 'report'}",
     ]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's standalone server) on 127.0.0.1 with one bucket.
+
+    Yields ``{"endpoint_url", "bucket", "storage_options"}``; clients talk HTTP to it exactly as to
+    AWS S3 (no mocked client). Dummy credentials are passed explicitly, never taken from the host.
+    """
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    key, secret = "cellfm-test-key", "cellfm-test-secret-0123456789"
+    bucket = "cellfm-test"
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret,
+                 region_name="us-east-1").create_bucket(Bucket=bucket)
+    options = {"endpoint_url": endpoint, "key": key, "secret": secret,
+               "client_kwargs": {"region_name": "us-east-1"}}
+    yield {"endpoint_url": endpoint, "bucket": bucket, "storage_options": options}
+    server.stop()

@@ -19,6 +19,9 @@ def test_defaults_yaml_and_overrides_layer_in_order(tmp_path):
 
 def test_int_accepted_for_float_but_not_string_for_int(tmp_path):
     assert load_config(None, ["optim.base_lr=1"]).optim.base_lr == 1.0
+    assert load_config(None, ["optim.base_lr=1e-4"]).optim.base_lr == 1e-4  # YAML 1.1 reads this as a string
+    with pytest.raises(ConfigError, match=r"optim\.base_lr must be float"):
+        load_config(None, ["optim.base_lr=fast"])
     with pytest.raises(ConfigError, match=r"optim\.epochs must be int"):
         load_config(None, ["optim.epochs=three"])
     with pytest.raises(ConfigError, match=r"train\.use_gpu must be bool"):

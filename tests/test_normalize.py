@@ -1,11 +1,12 @@
-"""Per-channel percentile clipping: exact percentiles, float32 [0, 1] output, safe on bad channels."""
+"""Per-channel normalizations (percentile clipping, CLAHE, self-standardization): exact where
+there is a reference, [0, 1] / z-scored output, safe on constant, all-zero and NaN channels."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from cellfm.data.normalize import percentile_clip
+from cellfm.data.normalize import NORMALIZATIONS, clahe, normalize_field, percentile_clip, standardize
 
 
 def test_known_percentiles_map_linearly_and_clip():
@@ -73,3 +74,125 @@ def test_output_range_and_input_untouched():
 def test_bad_arguments_raise(shape, low, high):
     with pytest.raises(ValueError):
         percentile_clip(np.zeros(shape, np.uint16), low, high)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
+def test_percentile_clip_float16_output_matches_float32(dtype):
+    image = np.random.default_rng(2).gamma(2.0, 30.0, (3, 40, 50)).astype(dtype)
+    half = percentile_clip(image, 0.1, 99.9, dtype=np.float16)
+    assert half.dtype == np.float16
+    np.testing.assert_allclose(half.astype(np.float32), percentile_clip(image, 0.1, 99.9), atol=1e-3)
+
+
+# ---------------------------------------------------------------- CLAHE
+
+
+def _low_contrast(seed=0, shape=(2, 96, 128)):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[1], : shape[2]]
+    ramp = 1000 + 3 * xx + 2 * yy  # a gentle gradient...
+    return np.stack([ramp + rng.integers(0, 20, shape[1:]) for _ in range(shape[0])]).astype(np.uint16)
+
+
+def test_clahe_output_range_dtype_and_shape():
+    image = _low_contrast()
+    out = clahe(image)
+    assert out.shape == image.shape and out.dtype == np.float32
+    assert np.isfinite(out).all() and 0.0 <= out.min() and out.max() <= 1.0
+    assert clahe(image, dtype=np.float16).dtype == np.float16
+
+
+def test_clahe_equalizes_locally():
+    # A bright half and a dark half, each with faint texture: after CLAHE both halves use the range.
+    rng = np.random.default_rng(1)
+    texture = rng.integers(0, 300, (1, 64, 128))
+    image = (texture + np.where(np.arange(128) < 64, 100, 3000)[None, None, :]).astype(np.uint16)
+    out = clahe(image, clip_limit=0.05, tiles=4)[0]
+    percentile = percentile_clip(image)[0]
+    for half in (slice(8, 56), slice(72, 120)):  # away from the boundary's interpolation band
+        assert out[:, half].std() > 3 * percentile[:, half].std()
+        assert out[:, half].max() - out[:, half].min() > 0.5
+
+
+def test_clahe_one_tile_is_a_monotone_mapping():
+    image = _low_contrast(3)
+    out = clahe(image, tiles=1, clip_limit=1.0)
+    for c in range(image.shape[0]):
+        order = np.argsort(image[c].ravel(), kind="stable")
+        assert np.all(np.diff(out[c].ravel()[order]) >= -1e-6)
+
+
+def test_clahe_tile_grid_has_no_seams():
+    # A smooth ramp stays smooth: bilinear interpolation between tile mappings leaves no jumps.
+    image = np.broadcast_to(np.linspace(0, 4000, 256).astype(np.uint16), (1, 256, 256)).copy()
+    out = clahe(image, tiles=8, clip_limit=0.02)[0]
+    assert np.abs(np.diff(out, axis=1)).max() < 0.05
+
+
+@pytest.mark.parametrize("value", [0, 1234])
+def test_clahe_constant_channel_becomes_zeros(value):
+    image = np.stack([np.full((16, 16), value, np.uint16), _low_contrast(shape=(1, 16, 16))[0]])
+    out = clahe(image)
+    assert np.all(out[0] == 0.0) and np.isfinite(out).all() and out[1].max() > 0.5
+
+
+def test_clahe_nan_pixels_and_all_nan_channel():
+    channel = _low_contrast(shape=(1, 32, 32))[0].astype(np.float32)
+    channel[3, :7] = np.nan
+    channel[5, 5] = np.inf
+    out = clahe(np.stack([channel, np.full((32, 32), np.nan, np.float32)]))
+    assert np.isfinite(out).all()
+    assert np.all(out[0, 3, :7] == 0.0) and out[0, 5, 5] == 0.0
+    assert np.all(out[1] == 0.0)
+    assert out[0].max() > 0.5
+
+
+@pytest.mark.parametrize("kwargs", [dict(clip_limit=0.0), dict(clip_limit=2.0), dict(tiles=0), dict(nbins=1),
+                                    dict(low=50.0, high=10.0)])
+def test_clahe_bad_arguments_raise(kwargs):
+    with pytest.raises(ValueError):
+        clahe(np.zeros((1, 8, 8), np.uint16), **kwargs)
+
+
+# ---------------------------------------------------------------- self-standardization
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "float32", "int32"])
+def test_standardize_zero_mean_unit_variance(dtype):
+    image = np.random.default_rng(4).gamma(2.0, 50.0, (3, 30, 40)).astype(dtype)
+    out = standardize(image)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out.reshape(3, -1).mean(axis=1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(out.reshape(3, -1).std(axis=1), 1.0, atol=1e-4)
+    expected = (image - image.reshape(3, -1).mean(1)[:, None, None]) / image.reshape(3, -1).std(1)[:, None, None]
+    np.testing.assert_allclose(out, expected, atol=1e-4)
+
+
+def test_standardize_constant_nan_and_spikes_are_safe():
+    spike = np.zeros((64, 64), np.float32)
+    spike[0, 0] = 1e6  # one hot pixel: z ~ 64, well within float16
+    with_nan = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
+    with_nan[:2] = np.nan
+    with_nan[5, 5] = -np.inf
+    image = np.stack([np.zeros((64, 64), np.float32), np.full((64, 64), 7.0, np.float32), with_nan, spike,
+                      np.full((64, 64), np.nan, np.float32)])
+    out = standardize(image, dtype=np.float16)
+    assert np.isfinite(out).all()
+    assert np.all(out[[0, 1, 4]] == 0)
+    finite = np.isfinite(with_nan)
+    assert np.all(out[2][~finite] == 0)
+    values = out[2][finite].astype(np.float64)
+    assert abs(values.mean()) < 1e-2 and abs(values.std() - 1) < 1e-2
+    assert out[3, 0, 0] > 50
+
+
+def test_normalize_field_dispatches_every_method():
+    image = _low_contrast()
+    assert set(NORMALIZATIONS) == {"percentile", "clahe", "standardize"}
+    np.testing.assert_array_equal(normalize_field(image, "percentile", clip_low=0.1, clip_high=99.9),
+                                  percentile_clip(image, 0.1, 99.9))
+    np.testing.assert_array_equal(normalize_field(image, "clahe", clahe_clip_limit=0.02, clahe_tiles=4),
+                                  clahe(image, clip_limit=0.02, tiles=4))
+    np.testing.assert_array_equal(normalize_field(image, "standardize"), standardize(image))
+    with pytest.raises(ValueError, match="unknown normalization"):
+        normalize_field(image, "zscore")

@@ -55,3 +55,155 @@ def test_manifest_channel_missing_from_plate_is_named(tiny_screen, tmp_path):
     with pytest.raises(PlateError, match="Phalloidin") as info:
         load_manifests([bad])
     assert manifest.at[3, "well"] in str(info.value)
+
+
+# ---------------------------------------------------------------- mixed channel counts, field sizes, bad fields
+
+import dataclasses  # noqa: E402
+import shutil  # noqa: E402
+
+import torch  # noqa: E402
+
+from cellfm.data.manifest import write_manifest  # noqa: E402
+from cellfm.data.pipeline import BadFieldError, FieldBatch, build_field_pipeline, iter_training_batches  # noqa: E402
+from cellfm.data.plate import create_plate, write_field  # noqa: E402
+
+_FAST = dict(progress_interval_s=0.0, read_batch_size=4, shuffle_buffer=8)
+
+
+def _one_channel_manifest(tiny_screen, tmp_path, size=80) -> str:
+    """A 1-channel brightfield-like plate of 80 x 80 fields (the tiny screen's are 64 x 64)."""
+    uri = str(tmp_path / "BF-01.zarr")
+    wells = [("A", "01"), ("A", "02")]
+    create_plate(uri, "BF-01", wells, 2, ["Brightfield"], (size, size))
+    rng = np.random.default_rng(0)
+    template = pd.read_parquet(tiny_screen["unseen"]).iloc[:1]
+    rows = []
+    for row, col in wells:
+        for field in range(2):
+            write_field(uri, row, col, field, rng.integers(100, 4000, (1, size, size)).astype(np.uint16))
+            rows.append(template.assign(plate="BF-01", well=f"{row}{col}", row=row, col=col, field=field,
+                                        store_uri=uri, channel_names=[["Brightfield"]], channel_groups=[["context"]],
+                                        height=size, width=size, source="BF"))
+    path = tmp_path / "bf.parquet"
+    write_manifest(pd.concat(rows, ignore_index=True), path)
+    return str(path)
+
+
+@pytest.mark.integration
+def test_mixed_channel_counts_reach_the_trainer_padded_with_mask(ray_session, tiny_screen, tmp_path):
+    bf = _one_channel_manifest(tiny_screen, tmp_path)
+    manifest = load_manifests([tiny_screen["train"], tiny_screen["unseen"], bf])
+    manifest = manifest.groupby("plate", sort=False).head(8).reset_index(drop=True)
+    with pytest.raises(ValueError, match="data.field_size"):  # 64 x 64 and 80 x 80 fields, no size given
+        build_field_pipeline(manifest, DataConfig(**_FAST), training=True)
+    cfg = DataConfig(field_size=64, **_FAST)
+    pipeline = build_field_pipeline(manifest, cfg, training=True, seed=0)
+    assert pipeline.channels == 5 and pipeline.field_shape == (64, 64)
+    channel_sets = {frozenset(names) for names in manifest["channel_names"]}
+    counts = []
+    for batch in iter_training_batches(pipeline.dataset.iterator(), cfg, batch_size=4, device="cpu"):
+        assert isinstance(batch, FieldBatch)
+        assert batch.images.shape == (4, 5, 64, 64) and batch.images.dtype == torch.float32
+        masks = batch.channel_mask  # None when no sample of the batch is padded
+        if masks is None:
+            masks = torch.ones(4, 5, dtype=torch.bool)
+        assert masks.dtype == torch.bool and masks.shape == (4, 5)
+        for image, names, mask in zip(batch.images, batch.channel_names, masks):
+            assert len(names) == 5
+            assert [n != "" for n in names] == mask.tolist()  # padding: name "" exactly where mask is False
+            assert frozenset(n for n in names if n) in channel_sets
+            assert torch.all(image[~mask] == 0) and image[mask].amax(dim=(-2, -1)).gt(0).all()
+            assert mask[: int(mask.sum())].all()  # real channels first, padding last
+            counts.append(int(mask.sum()))
+    assert sorted(set(counts)) == [1, 4, 5]
+    assert len(counts) == len(manifest)
+
+
+@pytest.mark.integration
+def test_field_size_crop_reads_the_centre(ray_session, tiny_screen):
+    manifest = load_manifests([tiny_screen["heldout"]]).iloc[:4]
+    cfg = DataConfig(field_size=32, **_FAST)
+    rows = _rows(build_field_dataset(manifest, cfg, training=False, keep_columns=["plate", "well", "field"]))
+    for r in rows:
+        m = manifest[(manifest.well == r["well"]) & (manifest.field == r["field"])].iloc[0]
+        raw, _ = read_field(m.store_uri, m.row, m.col, int(m.field), channels=list(m.channel_names), region=(16, 48, 16, 48))
+        assert r["image"].shape == (5, 32, 32) and r["channel_mask"].all()
+        np.testing.assert_allclose(r["image"].astype(np.float32), percentile_clip(raw), atol=1e-3)
+
+
+@pytest.mark.parametrize("normalization", ["clahe", "standardize", "none"])
+def test_each_normalization_streams(ray_session, tiny_screen, normalization):
+    manifest = load_manifests([tiny_screen["heldout"]]).iloc[:4]
+    rows = _rows(build_field_dataset(manifest, DataConfig(normalization=normalization, **_FAST), training=False))
+    assert len(rows) == 4
+    image = rows[0]["image"]
+    assert image.dtype == (np.uint16 if normalization == "none" else np.float16)
+    assert np.isfinite(image.astype(np.float32)).all()
+    if normalization == "clahe":
+        assert 0 <= image.min() and image.max() <= 1
+    if normalization == "standardize":
+        assert abs(float(image.astype(np.float32).mean())) < 0.05
+
+
+@pytest.fixture
+def corrupt_manifest(tiny_screen, tmp_path):
+    """Eight fields of a copy of the held-out plate, one of whose shards has overwritten bytes."""
+    manifest = load_manifests([tiny_screen["heldout"]]).iloc[:8].copy()
+    source = manifest["store_uri"].iloc[0]
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(source, copy)
+    manifest["store_uri"] = str(copy)
+    bad = manifest.iloc[5]
+    shard = copy / bad["row"] / bad["col"] / str(bad["field"]) / "0" / "c" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[:64] = b"\xff" * 64
+    shard.write_bytes(bytes(data))
+    return manifest, bad
+
+
+@pytest.mark.integration
+def test_corrupt_chunk_is_skipped_and_counted_in_skip_mode(ray_session, corrupt_manifest):
+    manifest, bad = corrupt_manifest
+    cfg = DataConfig(bad_field_policy="skip", max_bad_fraction=0.2, **_FAST)
+    pipeline = build_field_pipeline(manifest, cfg, training=False, keep_columns=["plate", "well", "field"])
+    rows = _rows(pipeline.dataset)
+    assert len(rows) == len(manifest) - 1
+    assert (bad["well"], bad["field"]) not in {(r["well"], r["field"]) for r in rows}
+    summary = pipeline.monitor.check()  # within max_bad_fraction: no error
+    assert summary["fields"] == len(manifest) - 1
+    [record] = summary["bad_fields"]
+    assert (record["plate"], record["well"], record["field"]) == (bad["plate"], bad["well"], int(bad["field"]))
+    assert f"well {bad['row']}{bad['col']}, field {bad['field']}" in record["error"]
+    # The same bad field over a 2nd pass (epoch) is counted once.
+    _rows(pipeline.dataset)
+    assert len(pipeline.monitor.summary()["bad_fields"]) == 1
+    # More bad fields than allowed: the stream itself fails, naming the field.
+    strict = dataclasses.replace(cfg, max_bad_fraction=0.0)
+    with pytest.raises(Exception, match="max_bad_fraction") as info:
+        _rows(build_field_dataset(manifest, strict, training=True))
+    assert f"field {bad['field']}" in str(info.value)
+
+
+@pytest.mark.integration
+def test_corrupt_chunk_is_named_in_fail_mode(ray_session, corrupt_manifest):
+    manifest, bad = corrupt_manifest
+    with pytest.raises(Exception, match="corrupt or unreadable chunk") as info:
+        _rows(build_field_dataset(manifest, DataConfig(bad_field_policy="fail", **_FAST), training=False))
+    text = str(info.value)
+    assert bad["plate"] in text or "copy.zarr" in text
+    assert f"well {bad['row']}{bad['col']}, field {bad['field']}" in text
+    assert "BadFieldError" in text and "bad_field_policy" in text
+
+
+def test_uint8_transfer_halves_bytes_and_decodes_to_unit_range(ray_session, tiny_screen):
+    manifest = load_manifests([tiny_screen["train"]]).iloc[:8]
+    cfg = DataConfig(transfer_dtype="uint8", channel_permutation=False, **_FAST)
+    ds = build_field_dataset(manifest, cfg, training=True)
+    batches = list(iter_training_batches(ds.iterator(), cfg, batch_size=4, device="cpu"))
+    assert len(batches) == 2 and batches[0].channel_mask is None  # nothing padded: no mask
+    images = torch.cat([b.images for b in batches])
+    assert images.dtype == torch.float32 and 0 <= images.min() and images.max() <= 1
+    assert torch.allclose(images * 255, (images * 255).round(), atol=1e-3)
+    with pytest.raises(ValueError, match="uint8"):
+        build_field_dataset(manifest, dataclasses.replace(cfg, normalization="standardize"), training=True)

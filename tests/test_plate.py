@@ -252,3 +252,53 @@ def test_open_store_handles_local_paths_and_remote_urls(tmp_path):
     remote = open_store("s3://bucket/plates/p.zarr", "r", {"anon": True, "endpoint_url": "http://127.0.0.1:9"})
     assert isinstance(remote, zarr.storage.FsspecStore) and remote.read_only
     assert remote.path == "bucket/plates/p.zarr"
+
+
+def test_large_fields_are_tiled_and_crops_decode_only_their_tiles(tmp_path):
+    """Fields larger than tile_size get tile x tile inner chunks inside the one shard; a crop
+    decodes only the tiles it covers: with the last tile corrupted, crops elsewhere still read."""
+    from cellfm.data.plate import PlateError
+
+    uri = str(tmp_path / "T.zarr")
+    create_plate(uri, "T", [("A", "01")], 1, ["DNA"], (256, 256), tile_size=128)
+    image = np.random.default_rng(0).integers(0, 60000, (1, 256, 256)).astype(np.uint16)
+    write_field(uri, "A", "01", 0, image)
+    array = zarr.open_array(str(Path(uri) / "A" / "01" / "0" / "0"), mode="r")
+    assert array.chunks == (1, 128, 128) and array.shards == (1, 256, 256)
+    crop, _ = read_field(uri, "A", "01", 0, region=(3, 100, 130, 250))
+    np.testing.assert_array_equal(crop, image[:, 3:100, 130:250])
+
+    shard = _shard(uri, "A", "01", 0)
+    data = bytearray(shard.read_bytes())
+    index = np.frombuffer(bytes(data[-(4 * 16 + 4):-4]), dtype="<u8").reshape(4, 2)  # (offset, nbytes), C order
+    offset, nbytes = (int(v) for v in index[3])  # tile (1, 1): y >= 128, x >= 128
+    data[offset:offset + nbytes] = bytes(b ^ 0xFF for b in data[offset:offset + nbytes])
+    shard.write_bytes(bytes(data))
+    crop, _ = read_field(uri, "A", "01", 0, region=(0, 128, 0, 256))  # tiles (0, 0) and (0, 1) only
+    np.testing.assert_array_equal(crop, image[:, :128])
+    with pytest.raises(PlateError, match="well A01, field 0: cannot read field data"):
+        read_field(uri, "A", "01", 0, region=(120, 140, 120, 140))
+
+
+@pytest.mark.parametrize("region", [(0, 0, 0, 5), (0, 25, 0, 5), (-1, 3, 0, 5), (0, 3, 0)])
+def test_bad_region_names_field_and_bounds(plate, region):
+    from cellfm.data.plate import PlateError
+
+    uri, _ = plate
+    with pytest.raises(PlateError, match=r"well B03, field 0: region"):
+        read_field(uri, "B", "03", 0, region=region)
+
+
+def test_zarrs_codec_pipeline_reads_identically_when_installed(plate):
+    pytest.importorskip("zarrs")
+    from cellfm.data.plate import use_zarrs
+
+    uri, images = plate
+    try:
+        assert use_zarrs(True)
+        assert zarr.config.get("codec_pipeline.path") == "zarrs.ZarrsCodecPipeline"
+        image, _ = read_field(uri, "C", "11", 1, channels=["Mito", "ER"], region=(2, 20, 5, 37))
+        np.testing.assert_array_equal(image, images["C", "11", 1][[4, 1], 2:20, 5:37])
+    finally:
+        use_zarrs(False)
+    assert zarr.config.get("codec_pipeline.path") == "zarr.core.codec_pipeline.BatchedCodecPipeline"

@@ -219,3 +219,105 @@ def test_channel_means_separate_moas_poorly_while_morphology_separates_them(tmp_
     morphology = _moa_accuracy(_well_features(train, True), _well_features(heldout, True))
     assert means < chance + 0.15, f"channel means give MoA accuracy {means:.2f} (majority class {chance:.2f})"
     assert morphology > means + 0.3, f"morphology {morphology:.2f} vs channel means {means:.2f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The synthetic family (cp5, novel4, hpa4, brightfield1)
+
+import hashlib  # noqa: E402
+
+from cellfm.data.synthetic import (  # noqa: E402
+    FAMILY_CONFIGS,
+    HELDOUT_COMPOUNDS,
+    HELDOUT_PROTEINS,
+    LOCALIZATIONS,
+    PROTEINS,
+    generate_family_screen,
+    render_family_field,
+)
+
+# sha256 over "sha256sum" lines of every file under plates/ of the tiny seed-0 screen, as written
+# before the family existed: the demo's data must not change.
+TINY_PLATES_DIGEST = "b6655499c7b05cd425181fc966211dac564027196cff728194d54cb0a91a64a9"
+
+
+def test_demo_and_tiny_screens_are_unchanged_by_the_family(screen):
+    plates = screen["train"].parent / "plates"
+    lines = "".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  ./{p.relative_to(plates.parent)}\n"
+                    for p in sorted(plates.rglob("*"), key=lambda q: str(q.relative_to(plates.parent))) if p.is_file())
+    assert hashlib.sha256(lines.encode()).hexdigest() == TINY_PLATES_DIGEST
+
+
+SMALL = ScreenLayout(n_train_plates=1, n_heldout_plates=1, n_unseen_plates=0, replicates_per_plate=1,
+                     controls_per_plate=2, fields_per_well=1, field_size=64)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> dict[str, dict[str, pd.DataFrame]]:
+    root = tmp_path_factory.mktemp("family")
+    return {name: {split: read_manifest(path) for split, path in generate_family_screen(root / name, name, SMALL, 0).items()}
+            for name in ("novel4", "hpa4", "brightfield1")}
+
+
+def test_family_manifests_channels_groups_and_labels(family):
+    novel = family["novel4"]["train"]
+    assert novel["channel_names"].iloc[0] == ["Golgi", "Mito", "DNA", "Tubulin"]
+    assert not set(novel["channel_names"].iloc[0]) - set(CP5_CHANNELS) == set()  # some stains cp5 never shows
+    assert novel["moa"].nunique() == 6 and set(novel.loc[novel["compound_split"] == "heldout", "perturbation_id"]) == set(HELDOUT_COMPOUNDS)
+    hpa = family["hpa4"]["heldout"]
+    assert hpa["channel_names"].iloc[0] == ["Microtubules", "Protein", "Nucleus", "ER"]
+    assert hpa["channel_groups"].iloc[0] == ["context", "concept", "context", "context"]
+    assert (hpa["localization"] == hpa["moa"]).all() and set(hpa["localization"]) == set(LOCALIZATIONS)
+    assert set(hpa.loc[hpa["compound_split"] == "heldout", "perturbation_id"]) == set(HELDOUT_PROTEINS)
+    assert hpa.drop_duplicates("well").shape[0] == len(PROTEINS) * SMALL.replicates_per_plate
+    bf = family["brightfield1"]["train"]
+    assert bf["channel_names"].iloc[0] == ["Brightfield"]
+    for config in family.values():
+        for df in config.values():
+            check_manifest_against_plates(df)
+            row = df.iloc[min(3, len(df) - 1)]
+            image, names = read_field(row.store_uri, row.row, row.col, row.field)
+            assert names == list(row.channel_names) and image.shape == (len(names), 64, 64)
+            assert image.min() > 0 and image.max() < 65535
+    hcs = HCS.from_zarr(zarr.open_group(family["hpa4"]["train"]["store_uri"].iloc[0], mode="r"))
+    assert hcs.n_wells == len(PROTEINS) * SMALL.replicates_per_plate
+
+
+def test_family_render_errors_and_determinism():
+    ph = BY_ID["CMP-06"].phenotype
+    a = render_family_field(np.random.default_rng(3), ["Tubulin", "Golgi"], ph, 64, CLEAN)
+    b = render_family_field(np.random.default_rng(3), ["Golgi", "Tubulin"], ph, 64, CLEAN)
+    assert a.dtype == np.uint16 and a.shape == (2, 64, 64) and not np.array_equal(a[0], a[1])
+    with pytest.raises(ValueError, match="Actin"):
+        render_family_field(np.random.default_rng(3), ["Actin"], ph, 64, CLEAN)
+    with pytest.raises(ValueError, match="Protein channel needs a protein"):
+        render_family_field(np.random.default_rng(3), ["Protein"], ph, 64, CLEAN)
+    with pytest.raises(ValueError, match="unknown family config"):
+        generate_family_screen("/nonexistent", "rgb3")
+    assert set(FAMILY_CONFIGS) == {"cp5", "novel4", "hpa4", "brightfield1"}
+    del b
+
+
+def _spread(pid: str, channel: str, n: int = 6) -> float:
+    """Fraction of pixels above 20% of the field's 99.9th percentile (compact vs dispersed signal)."""
+    values = []
+    for i in range(n):
+        image = render_family_field(np.random.default_rng([21, i]), [channel], BY_ID[pid].phenotype, 128, CLEAN)
+        norm = percentile_clip(image, 1.0, 99.9)[0]
+        values.append((norm > 0.2).mean())
+    return float(np.mean(values))
+
+
+def test_novel_stains_carry_the_phenotypes():
+    assert _spread("CMP-06", "Golgi") > 1.5 * _spread("DMSO", "Golgi")  # ER stress disperses the Golgi
+
+
+@pytest.mark.parametrize("localization", ["nucleus", "cytosol", "nucleoli", "mitochondria"])
+def test_protein_channel_follows_its_localization(localization):
+    protein = next(p for p in PROTEINS if p.localization == localization)
+    image = render_family_field(np.random.default_rng(4), ["Protein", "Nucleus"], BY_ID["DMSO"].phenotype, 128,
+                                CLEAN, protein)
+    protein_img, nucleus_img = percentile_clip(image, 1.0, 99.5)
+    inside = nucleus_img > 0.3
+    ratio = protein_img[inside].mean() / protein_img[~inside].mean()
+    assert (ratio > 3.0) if localization in ("nucleus", "nucleoli") else (ratio < 1.0), ratio

@@ -14,8 +14,12 @@ COMMON_FLAGS = {
     "--storage-path": "train.storage_path",
     "--run-name": "train.run_name",
     "--num-workers": "train.num_workers",
+    "--cpus-per-worker": "train.cpus_per_worker",
+    "--gpus-per-worker": "train.gpus_per_worker",
     "--address": "ray.address",
 }
+# On/off flags: present -> the key is set to true.
+SWITCHES = {"--use-gpu": "train.use_gpu"}
 
 
 def parser(description: str, flags: Sequence[str] = tuple(COMMON_FLAGS)) -> argparse.ArgumentParser:
@@ -24,6 +28,8 @@ def parser(description: str, flags: Sequence[str] = tuple(COMMON_FLAGS)) -> argp
     p.add_argument("--config", default=None, help="YAML experiment config (defaults: cellfm.config)")
     for flag in flags:
         p.add_argument(flag, default=None, help=f"sets {COMMON_FLAGS[flag]}")
+    for flag, key in SWITCHES.items():
+        p.add_argument(flag, action="store_true", help=f"sets {key}=true")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return p
 
@@ -34,6 +40,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
         if value is not None:
             overrides.append(f"{key}={value}")
+    for flag, key in SWITCHES.items():
+        if getattr(args, flag.lstrip("-").replace("-", "_"), False):
+            overrides.append(f"{key}=true")
     return load_config(args.config, overrides)
 
 

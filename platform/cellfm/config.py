@@ -30,11 +30,36 @@ class DataConfig:
     synthetic_layout: str = "demo"
     synthetic_seed: int = 0
     train_manifest: str = "demo_output/screen/train.parquet"
-    # Per-channel percentile clipping to [0, 1] (the only normalization of the walking skeleton).
+    # Per image and channel (cellfm.data.normalize): percentile = clip to [clip_low, clip_high]
+    # percentiles -> [0, 1]; clahe = that + adaptive histogram equalization; standardize = z-score;
+    # none = raw stored intensities (for models with their own input normalization).
     normalization: str = "percentile"
     clip_low: float = 1.0
     clip_high: float = 99.0
+    clahe_clip_limit: float = 0.01  # fraction of a tile's pixels per histogram bin (skimage convention)
+    clahe_tiles: int = 8  # tiles per image side
     channel_permutation: bool = True
+    # Mixed channel counts: every field is zero-padded to this many channels with a channel mask
+    # (0 = the largest channel count among the manifests' fields).
+    pad_channels_to: int = 0
+    # Field edge in pixels delivered to the trainer (0 = as stored; all fields must then share one
+    # size). crop = centre crop (reads only the tiles it covers; smaller fields are resized up),
+    # resize = the whole field resized.
+    field_size: int = 0
+    field_resize: str = "crop"
+    # What crosses Ray's object store: float16, or uint8 (256 levels of [0, 1]; half the bytes;
+    # training streams with percentile/clahe only).
+    transfer_dtype: str = "float16"
+    # Unreadable/corrupt fields: fail = stop with an error naming plate/well/field; skip = drop,
+    # count and report them, failing once more than max_bad_fraction of the fields are bad.
+    bad_field_policy: str = "fail"
+    max_bad_fraction: float = 0.01
+    use_zarrs: bool = False  # Rust codec pipeline (optional extra cellfm[zarrs]) in the read tasks
+    # Bounded memory: Ray Data object-store budget for this dataset (0 = Ray's default fraction) and
+    # the most read tasks in flight (0 = as many as CPUs allow).
+    object_store_limit_mb: int = 0
+    read_concurrency: int = 0
+    progress_interval_s: float = 30.0  # a "[cellfm] data: ... fields/s" line this often (0 = off)
     # Fractional CPUs per read task: on a 2-core machine whole CPUs for reads starve training (STACK_NOTES).
     read_cpus: float = 0.5
     read_batch_size: int = 8
@@ -44,7 +69,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "cellrep"
+    name: str = "cellrep"  # cellrep | c3r | vit_rgb | channelvit | single_channel
     size: str = "tiny"  # tiny | small | base | large (see cellfm.models.registry.SIZES)
     patch_size: int = 8
     img_size: int = 64
@@ -57,10 +82,35 @@ class ModelConfig:
     # DINOv2 uses 1e-5 at scale; small models trained briefly need a larger value (or none) so the
     # CLS token depends on the input from the first step (else DINO collapses to uniform).
     layerscale_init: typing.Optional[float] = 0.1
+    # In-model per-channel preprocessing (CellRep): none | percentile | adaptive_hist.
+    input_norm: str = "none"
+    # C3R: depth of the per-group branch encoders f_c (the joint encoder gets depth - n_pre // 2 blocks).
+    n_pre: int = 2
+    # C3R: channel name -> "context" | "concept". Overrides the manifest's channel_groups, e.g. at
+    # inference for stains never seen in training.
+    channel_groups: dict = field(default_factory=dict)
+    # ChannelViT: the channel names that get a learned embedding (empty: the training manifest's).
+    channel_vocabulary: list = field(default_factory=list)
 
 
 @dataclass
 class SSLConfig:
+    # dino: DINO CLS loss only (CellRep); ibot: DINO + masked-patch iBOT loss (C3R, baselines).
+    objective: str = "dino"
+    ibot_loss_weight: float = 1.0
+    # A separate iBOT patch head (DINOv2's recipes) or the DINO head shared (C3R's code).
+    ibot_separate_head: bool = True
+    mask_ratio_min_max: list = field(default_factory=lambda: [0.1, 0.5])
+    mask_sample_probability: float = 0.5
+    koleo_weight: float = 0.0
+    # Masked Context Distillation (C3R): the student keeps k context channels, k drawn per sample
+    # from this set (empty: {1..C1}); the teacher sees all; concept channels are never dropped.
+    mcd: bool = False
+    mcd_keep_counts: list = field(default_factory=list)
+    # Weakly supervised SupCon on a manifest label column (e.g. an antibody id); 0 disables it.
+    supcon_weight: float = 0.0
+    supcon_temperature: float = 0.1
+    supcon_label: str = ""
     head_out_dim: int = 4096
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
@@ -94,11 +144,20 @@ class OptimConfig:
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     clip_grad: float = 3.0
+    # DINOv2 parameter groups: lr of trunk block i scaled by layerwise_decay**(depth - i); the
+    # patch/channel embedding's lr scaled by patch_embed_lr_mult.
+    layerwise_decay: float = 1.0
+    patch_embed_lr_mult: float = 1.0
+    # Micro-batches per optimizer step (global batch = batch_size_per_worker * workers * this).
+    accumulate_steps: int = 1
 
 
 @dataclass
 class TrainConfig:
     engine: str = "ddp"
+    # bf16 autocast on GPU (fp32 on CPU regardless).
+    mixed_precision: str = "bf16"  # bf16 | fp32
+    gpus_per_worker: float = 1.0
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -160,11 +219,17 @@ class Config:
 
 
 _CHOICES = {
-    "data.normalization": {"percentile"},
-    "model.name": {"cellrep"},
+    "data.normalization": {"percentile", "clahe", "standardize", "none"},
+    "data.field_resize": {"crop", "resize"},
+    "data.transfer_dtype": {"float16", "uint8"},
+    "data.bad_field_policy": {"fail", "skip"},
+    "model.name": {"cellrep", "c3r", "vit_rgb", "channelvit", "single_channel"},
+    "ssl.objective": {"dino", "ibot"},
+    "model.input_norm": {"none", "percentile", "adaptive_hist"},
     "model.size": {"tiny", "small", "base", "large"},
     "ssl.centering": {"centering", "sinkhorn_knopp"},
     "train.engine": {"ddp"},
+    "train.mixed_precision": {"bf16", "fp32"},
     "eval.well_normalization": {"none", "negcon"},
 }
 
@@ -172,9 +237,11 @@ _POSITIVE = (
     "model.patch_size", "model.img_size", "model.pooling_ratio", "model.channel_encoder_dim",
     "model.channel_encoder_stride",
     "ssl.head_out_dim", "ssl.global_crop_size", "ssl.local_crop_size",
-    "optim.epochs", "optim.batch_size_per_worker", "optim.base_lr",
+    "optim.epochs", "optim.batch_size_per_worker", "optim.base_lr", "optim.accumulate_steps",
+    "optim.layerwise_decay", "optim.patch_embed_lr_mult", "train.gpus_per_worker",
     "train.num_workers", "train.cpus_per_worker", "train.torch_threads", "train.num_to_keep",
-    "data.read_cpus", "data.read_batch_size", "eval.batch_size", "eval.embed_actors",
+    "data.read_cpus", "data.read_batch_size", "data.clahe_clip_limit", "data.clahe_tiles",
+    "eval.batch_size", "eval.embed_actors",
 )
 
 
@@ -290,6 +357,12 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
         hint = next(a for a in args if a is not type(None))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads `1e-5` (no dot) as a string; accept any float literal.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     expected = {int: int, float: float, str: str, bool: bool, list: list, dict: dict}[hint]
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ConfigError(f"{source}: {key} must be {expected.__name__}, got {value!r} ({type(value).__name__})")

@@ -3,6 +3,15 @@
 Columns (``MANIFEST_COLUMNS``, in this order; extra columns are kept after them):
 ``channel_names``/``channel_groups`` are ``list<string>`` (group "context" or "concept", per C3R),
 ``field``/``height``/``width`` int64, ``is_control`` bool, ``dose`` float64, the rest strings.
+
+Optional columns with a fixed type when present (``OPTIONAL_COLUMNS``), written after the required
+ones: ``original_uris`` (``list<string>``: the source files a field was ingested from),
+``localization`` (HPA-style subcellular class of the concept channel), ``compound_split``
+(``train``/``heldout`` compounds for MoA evaluation), ``target``, ``site`` (the source's own
+site/field id). Any other extra column is kept with an inferred type.
+
+Manifests may live on object stores: ``read_manifest``/``write_manifest`` take ``s3://`` (any
+fsspec URL) with ``storage_options``.
 """
 
 from __future__ import annotations
@@ -22,6 +31,13 @@ MANIFEST_COLUMNS: tuple[str, ...] = ("source", "plate", "well", "row", "col", "f
     "channel_names", "channel_groups", "height", "width", "dtype",
     "perturbation_id", "moa", "is_control", "dose", "cell_line", "batch")
 
+OPTIONAL_COLUMNS: dict[str, pa.DataType] = {
+    "original_uris": pa.list_(pa.string()),
+    "localization": pa.string(),
+    "compound_split": pa.string(),
+    "target": pa.string(),
+    "site": pa.string(),
+}
 CHANNEL_GROUPS = ("context", "concept")
 _LIST_COLUMNS = ("channel_names", "channel_groups")
 _INT_COLUMNS = ("field", "height", "width")
@@ -49,7 +65,9 @@ def _validate(df: pd.DataFrame, where: str) -> pd.DataFrame:
     if missing:
         raise ManifestError(f"{where}: missing column(s) {missing}; a manifest needs {list(MANIFEST_COLUMNS)}")
     df = df.reset_index(drop=True).copy()
-    for col in _LIST_COLUMNS:
+    list_columns = [*_LIST_COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in df.columns
+                                      and OPTIONAL_COLUMNS[c] == pa.list_(pa.string()))]
+    for col in list_columns:
         df[col] = pd.Series([list(v) if isinstance(v, (list, tuple, np.ndarray)) else v for v in df[col]],
                             index=df.index, dtype=object)
         bad = [i for i, v in enumerate(df[col]) if not isinstance(v, list) or not all(isinstance(s, str) for s in v)]
@@ -83,19 +101,44 @@ def _validate(df: pd.DataFrame, where: str) -> pd.DataFrame:
     return df[list(MANIFEST_COLUMNS) + extra]
 
 
-def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
+def _is_remote(path: str | Path) -> bool:
+    return isinstance(path, str) and "://" in path and not path.startswith("file://")
+
+
+def write_manifest(df: pd.DataFrame, path: str | Path, storage_options: dict | None = None) -> Path | str:
     """Validate and write a manifest atomically (temp file in the same directory, then ``os.replace``),
-    so readers never see a half-written file and a crash leaves the previous version intact."""
-    path = Path(path)
-    df = _validate(df, f"manifest {str(path)!r}")
+    so readers never see a half-written file and a crash leaves the previous version intact.
+
+    Remote URLs (``s3://...``) are written with one PUT of the whole file, which object stores
+    make visible atomically; ``storage_options`` reach the fsspec filesystem.
+    """
+    where = f"manifest {str(path)!r}"
+    df = _validate(df, where)
     columns = {}
     for name in df.columns:
         try:
-            arrow_type = _SCHEMA.field(name).type if name in MANIFEST_COLUMNS else None  # extras: inferred
+            arrow_type = (_SCHEMA.field(name).type if name in MANIFEST_COLUMNS
+                          else OPTIONAL_COLUMNS.get(name))  # other extras: inferred
             columns[name] = pa.array(df[name].tolist(), type=arrow_type)
         except (pa.ArrowException, TypeError, ValueError) as exc:
             raise ManifestError(f"manifest {str(path)!r}: column {name!r} cannot be stored: {exc}") from exc
     table = pa.table(columns)
+    if _is_remote(path):
+        import io
+
+        import fsspec
+
+        from cellfm.data.plate import redact
+
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        try:
+            with fsspec.open(path, "wb", **(storage_options or {})) as out:
+                out.write(buffer.getvalue())
+        except Exception as exc:
+            raise ManifestError(f"{where}: cannot write: {redact(f'{type(exc).__name__}: {exc}', storage_options)}") from exc
+        return path
+    path = Path(str(path).removeprefix("file://"))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -108,9 +151,29 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
-def read_manifest(path: str | Path) -> pd.DataFrame:
-    """Read and validate a manifest; list columns come back as Python lists of str."""
-    path = Path(path)
+def read_manifest(path: str | Path, storage_options: dict | None = None) -> pd.DataFrame:
+    """Read and validate a manifest (local path or fsspec URL); list columns come back as lists of str."""
+    if _is_remote(path):
+        import io
+
+        import fsspec
+
+        from cellfm.data.plate import redact
+
+        try:
+            with fsspec.open(path, "rb", **(storage_options or {})) as src:
+                data = src.read()
+        except FileNotFoundError as exc:
+            raise ManifestError(f"manifest not found: {path}") from exc
+        except Exception as exc:
+            raise ManifestError(f"manifest {path!r}: cannot read: "
+                                f"{redact(f'{type(exc).__name__}: {exc}', storage_options)}") from exc
+        try:
+            df = pq.read_table(io.BytesIO(data)).to_pandas()
+        except Exception as exc:
+            raise ManifestError(f"manifest {path!r} is not a readable Parquet file: {exc}") from exc
+        return _validate(df, f"manifest {path!r}")
+    path = Path(str(path).removeprefix("file://"))
     if not path.is_file():
         raise ManifestError(f"manifest not found: {path}")
     try:
@@ -139,3 +202,51 @@ def check_manifest_against_plates(df: pd.DataFrame, storage_options=None) -> Non
             missing = [name for name in row.channel_names if name not in available]
             if missing:
                 raise PlateError(f"{where}: channel(s) {missing} not in plate; available channels: {available}")
+
+
+def manifest_problems(df: pd.DataFrame, storage_options=None, where: str = "manifest") -> list[str]:
+    """Every inconsistency between a manifest and its plates (not just the first), as messages
+    naming plate/well/field: unreadable plates, wells or fields the plate lacks, channels the
+    plate lacks, and height/width/dtype differing from the stored field arrays.
+    """
+    import zarr
+
+    from cellfm.data.plate import open_store
+
+    problems: list[str] = []
+    for store_uri, rows in df.groupby("store_uri", sort=False):
+        try:
+            available = plate_channel_names(store_uri, storage_options)
+            well_paths, field_count = plate_wells(store_uri, storage_options)
+        except PlateError as exc:
+            problems.append(f"{where}: {exc} (referenced by {len(rows)} manifest row(s))")
+            continue
+        wells = set(well_paths)
+        for row in rows.itertuples(index=False):
+            at = f"plate {store_uri!r} ({row.plate}), well {row.well}, field {row.field}"
+            if f"{row.row}/{row.col}" not in wells:
+                problems.append(f"{at}: well not in the plate (plate lists {len(wells)} wells)")
+                continue
+            if row.field < 0 or (field_count is not None and row.field >= field_count):
+                problems.append(f"{at}: field index outside the plate's {field_count} fields")
+                continue
+            missing = [name for name in row.channel_names if name not in available]
+            if missing:
+                problems.append(f"{at}: channel(s) {missing} not in plate; available channels: {available}")
+            try:
+                group = zarr.open_group(open_store(store_uri, "r", storage_options),
+                                        path=f"{row.row}/{row.col}/{row.field}", mode="r", zarr_format=3)
+                ome = group.attrs.asdict()["ome"]
+                array = group[ome["multiscales"][0]["datasets"][0]["path"]]
+                axes = [a["name"] for a in ome["multiscales"][0]["axes"]]
+                height, width = array.shape[axes.index("y")], array.shape[axes.index("x")]
+                if (height, width) != (row.height, row.width):
+                    problems.append(f"{at}: manifest says {row.height} x {row.width} pixels, "
+                                    f"plate stores {height} x {width}")
+                if str(array.dtype) != row.dtype:
+                    problems.append(f"{at}: manifest says dtype {row.dtype}, plate stores {array.dtype}")
+            except Exception as exc:  # noqa: BLE001 - reported, not raised
+                from cellfm.data.plate import redact
+
+                problems.append(f"{at}: cannot open field array: {redact(f'{type(exc).__name__}: {exc}', storage_options)}")
+    return problems

@@ -1,40 +1,72 @@
 """Ray Data pipeline: manifest rows -> field reads -> per-channel normalization -> (training) random
-channel permutation -> batches of equal-shape fields with their channel names.
+channel permutation -> fields padded to one channel count with a channel mask -> batches.
 
-Read and normalize are fused in one task so only the normalized float16 field crosses Ray's
-object store (the raw uint16 read never does), and nothing is materialized: the dataset streams.
+- Read locality: a read task reads whole fields (one Zarr shard each, all channels) for a block of
+  consecutive manifest rows (same plate), optionally through the Rust ``zarrs`` codec pipeline; a
+  ``data.field_size`` centre crop reads only the tiles it covers.
+- Read and normalize are fused in one task, so only the normalized float16 (or uint8) field crosses
+  Ray's object store (the raw read never does), and nothing is materialized: the dataset streams
+  under a bounded object-store budget and a bounded number of read tasks, whatever the number of plates.
+- Mixed channel counts (e.g. 5-, 4- and 1-channel plates in one run): every field is zero-padded to
+  ``data.pad_channels_to`` channels; ``channel_mask`` (True = real channel) and ``channel_names``
+  (``""`` for padding) travel with it. Different field sizes: ``data.field_size`` crop or resize.
+- Bad fields: ``data.bad_field_policy`` ``fail`` raises ``BadFieldError`` naming plate/well/field;
+  ``skip`` drops the field, counts it in a ``PipelineMonitor`` actor (which also logs progress:
+  fields/s and MB/s) and fails once more than ``data.max_bad_fraction`` of the fields are bad.
 """
 
 from __future__ import annotations
 
+import posixpath
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 
 from cellfm.config import DataConfig
 from cellfm.data.manifest import check_manifest_against_plates, read_manifest
-from cellfm.data.normalize import percentile_clip
-from cellfm.data.plate import read_field
+from cellfm.data.normalize import normalize_field
+from cellfm.data.plate import PlateError, read_field
 
 # Manifest columns a read task needs; the rest travel as metadata only when asked for.
-_READ_COLUMNS = ["plate", "well", "row", "col", "field", "store_uri", "channel_names"]
+_READ_COLUMNS = ["plate", "well", "row", "col", "field", "store_uri", "channel_names", "height", "width"]
 CHANNEL_SEPARATOR = ","
+PAD_CHANNEL_NAME = ""
+_MB = 1024 * 1024
+
+
+class BadFieldError(PlateError):
+    """A field could not be read (policy ``fail``), or too many fields were bad (policy ``skip``)."""
+
+
+def _log(message: str) -> None:
+    # Not print/logging: one plain line to stdout, forwarded to the driver by Ray (log_to_driver).
+    sys.stdout.write(f"[cellfm] {message}\n")
+    sys.stdout.flush()
 
 
 def load_manifests(paths: Sequence[str], check_plates: bool = True, storage_options: dict | None = None) -> pd.DataFrame:
-    """Read and concatenate manifests; optionally verify every named channel exists in its plate.
+    """Read and concatenate manifests (local or ``s3://``); optionally verify every named channel
+    exists in its plate.
 
     Checking at the edge (the driver) turns a mislabelled plate into one clear error before any
     worker starts, instead of a failure deep inside a streaming read.
     """
     frames = []
     for path in paths:
-        df = read_manifest(path)
-        # Relative local store URIs are relative to the manifest's folder, so a screen can be moved.
-        base = Path(path).resolve().parent
-        df["store_uri"] = [u if "://" in u or Path(u).is_absolute() else str(base / u) for u in df["store_uri"]]
+        path = str(path)
+        df = read_manifest(path, storage_options=storage_options)
+        # Relative store URIs are relative to the manifest's folder, so a screen can be moved.
+        if "://" in path and not path.startswith("file://"):
+            base = posixpath.dirname(path)
+            df["store_uri"] = [u if "://" in u or u.startswith("/") else f"{base}/{u}" for u in df["store_uri"]]
+        else:
+            local = Path(path.removeprefix("file://")).resolve().parent
+            df["store_uri"] = [u if "://" in u or Path(u).is_absolute() else str(local / u) for u in df["store_uri"]]
         frames.append(df)
     df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     if check_plates:
@@ -42,46 +74,348 @@ def load_manifests(paths: Sequence[str], check_plates: bool = True, storage_opti
     return df
 
 
+# ---------------------------------------------------------------------------------------- monitor
+
+
+class PipelineMonitor:
+    """Ray actor (0 CPUs) shared by every read task of one dataset: counts fields and bytes, records
+    bad fields by (plate, well, field) (a retried task is not counted twice), logs progress every
+    ``interval_s`` seconds and a summary at the end of every pass over the dataset."""
+
+    def __init__(self, total_fields: int, max_bad: int, interval_s: float, name: str = "fields"):
+        self.total = total_fields
+        self.max_bad = max_bad
+        self.interval_s = interval_s
+        self.name = name
+        self.fields = 0
+        self.bytes = 0
+        self.bad: dict[tuple[str, str, int], str] = {}
+        self.bad_events = 0
+        self.t0 = self.t_last = time.monotonic()
+        self.fields_last = self.bytes_last = 0
+        self.passes = 0
+
+    def record(self, n_fields: int, n_bytes: int, bad: list[dict] | None = None) -> int:
+        """Count one task's output; returns the number of distinct bad fields so far."""
+        self.fields += n_fields
+        self.bytes += n_bytes
+        for item in bad or []:
+            key = (item["plate"], item["well"], int(item["field"]))
+            self.bad_events += 1
+            if key not in self.bad:
+                self.bad[key] = item["error"]
+                _log(f"data: skipped bad field {len(self.bad)}/{self.max_bad} allowed: {item['error']}")
+        now = time.monotonic()
+        if self.interval_s > 0 and now - self.t_last >= self.interval_s:
+            dt = now - self.t_last
+            _log(f"data ({self.name}): {self.fields} fields read, {(self.fields - self.fields_last) / dt:.1f} fields/s, "
+                 f"{(self.bytes - self.bytes_last) / dt / _MB:.1f} MB/s over the last {dt:.0f} s; "
+                 f"{len(self.bad)} bad field(s) skipped")
+            self.t_last, self.fields_last, self.bytes_last = now, self.fields, self.bytes
+        seen = self.fields + self.bad_events
+        if self.total and seen // self.total > self.passes:
+            self.passes = seen // self.total
+            _log(self._summary_line())
+        return len(self.bad)
+
+    def _summary_line(self) -> str:
+        elapsed = max(time.monotonic() - self.t0, 1e-9)
+        text = (f"data ({self.name}): pass {self.passes} done, {self.fields} fields in {elapsed:.0f} s "
+                f"({self.fields / elapsed:.1f} fields/s, {self.bytes / elapsed / _MB:.1f} MB/s), "
+                f"{len(self.bad)} bad field(s) skipped of {self.total}")
+        if self.bad:
+            text += ": " + "; ".join(f"{p} {w} field {f}" for p, w, f in list(self.bad)[:20])
+        return text
+
+    def summary(self) -> dict[str, Any]:
+        elapsed = max(time.monotonic() - self.t0, 1e-9)
+        return {
+            "fields": self.fields, "bytes": self.bytes, "seconds": elapsed,
+            "fields_per_s": self.fields / elapsed, "mb_per_s": self.bytes / elapsed / _MB,
+            "total_fields": self.total, "max_bad_fields": self.max_bad,
+            "bad_fields": [{"plate": p, "well": w, "field": f, "error": e} for (p, w, f), e in self.bad.items()],
+        }
+
+
+class DataMonitor:
+    """Driver-side handle on a dataset's ``PipelineMonitor`` actor (Ray actor handles pickle, so the
+    same handle may be passed to Ray Train workers)."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def summary(self) -> dict[str, Any]:
+        """Fields and bytes read, rates, and the bad fields skipped (plate, well, field, error)."""
+        import ray
+
+        return ray.get(self.actor.summary.remote())
+
+    def check(self) -> dict[str, Any]:
+        """The summary, after raising ``BadFieldError`` if more fields were bad than allowed."""
+        summary = self.summary()
+        bad = summary["bad_fields"]
+        if len(bad) > summary["max_bad_fields"]:
+            raise BadFieldError(_too_many_bad_message(len(bad), summary["total_fields"], summary["max_bad_fields"], bad))
+        return summary
+
+
+def _too_many_bad_message(n_bad: int, total: int, max_bad: int, bad: list[dict]) -> str:
+    shown = "; ".join(b["error"] for b in bad[:5])
+    return (f"{n_bad} of {total} fields are unreadable, more than data.max_bad_fraction allows ({max_bad}): "
+            f"{shown}{' ...' if len(bad) > 5 else ''}")
+
+
+# ---------------------------------------------------------------------------------------- loader
+
+_ZARRS_SET: bool | None = None
+
+
+def _ensure_codec_pipeline(use_zarrs: bool) -> None:
+    """Select zarr's codec pipeline once per worker process (zarr's config is process-global)."""
+    global _ZARRS_SET
+    if _ZARRS_SET is use_zarrs:
+        return
+    from cellfm.data.plate import use_zarrs as select
+
+    active = select(use_zarrs)
+    if use_zarrs and not active:
+        _log("data.use_zarrs=true but zarrs is not installed (pip install 'cellfm[zarrs]'); using zarr's pipeline")
+    _ZARRS_SET = use_zarrs
+
+
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(C, H, W) float -> (C, height, width), bilinear with antialiasing when shrinking."""
+    import torch
+    import torch.nn.functional as F
+
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+    out = F.interpolate(tensor, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return out[0].numpy()
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What every output row looks like: padded channel count, field size, transfer dtype."""
+
+    channels: int
+    height: int
+    width: int
+    dtype: str  # float16 | uint8 | a raw stored dtype (normalization "none")
+
+
 class FieldLoader:
     """Ray Data batch UDF: reads each field of a batch of manifest rows and normalizes it.
 
-    Output batch: `image` (N, C, H, W) float16 in [0, 1], `channel_names` (N,) comma-joined strings
-    in the order of the image's channels (after permutation, when enabled), plus `keep_columns`.
+    Output batch: ``image`` (N, C, H, W) in ``layout.dtype`` (float16 [0, 1] by default; padded
+    channels zero), ``channel_mask`` (N, C) bool, ``channel_names`` (N,) comma-joined names in the
+    image's channel order (after permutation, when enabled; ``""`` for padding), plus ``keep_columns``.
     """
 
-    def __init__(self, cfg: DataConfig, permute_channels: bool, keep_columns: Sequence[str] = ()):
+    def __init__(self, cfg: DataConfig, permute_channels: bool, keep_columns: Sequence[str] = (),
+                 layout: _Layout | None = None, monitor=None, max_bad: int = 0, total: int = 0):
         self.cfg = cfg
         self.permute_channels = permute_channels
         self.keep_columns = list(keep_columns)
+        self.layout = layout
+        self.monitor = monitor
+        self.max_bad = max_bad
+        self.total = total
+
+    def _read(self, row: dict) -> tuple[np.ndarray, list[str]]:
+        cfg, layout = self.cfg, self.layout
+        where = (str(row["store_uri"]), str(row["row"]), str(row["col"]), int(row["field"]))
+        height, width = int(row["height"]), int(row["width"])
+        region = None
+        crop = cfg.field_size and cfg.field_resize == "crop" and height >= layout.height and width >= layout.width
+        if crop and (height, width) != (layout.height, layout.width):
+            y0, x0 = (height - layout.height) // 2, (width - layout.width) // 2
+            region = (y0, y0 + layout.height, x0, x0 + layout.width)
+        image, channels = read_field(*where, channels=list(row["channel_names"]),
+                                     storage_options=cfg.storage_options or None, region=region)
+        if cfg.normalization == "none":
+            image = image.astype(layout.dtype, copy=False)
+        else:
+            out_dtype = np.float32 if layout.dtype == "uint8" else np.float16
+            image = normalize_field(image, cfg.normalization, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                                    clahe_clip_limit=cfg.clahe_clip_limit, clahe_tiles=cfg.clahe_tiles, dtype=out_dtype)
+        if image.shape[1:] != (layout.height, layout.width):
+            if cfg.field_resize == "crop":  # smaller than field_size: scale the short side up, centre crop
+                scale = max(layout.height / image.shape[1], layout.width / image.shape[2])
+                h, w = max(layout.height, round(image.shape[1] * scale)), max(layout.width, round(image.shape[2] * scale))
+                image = _resize(image, h, w)
+                y0, x0 = (h - layout.height) // 2, (w - layout.width) // 2
+                image = image[:, y0:y0 + layout.height, x0:x0 + layout.width]
+            else:
+                image = _resize(image, layout.height, layout.width)
+        if layout.dtype == "uint8":
+            image = np.floor(np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        elif image.dtype != np.dtype(layout.dtype):
+            image = image.astype(layout.dtype)
+        return image, channels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        _ensure_codec_pipeline(self.cfg.use_zarrs)
         # Fresh entropy per call: the loader is pickled into every task, so a generator created in
         # __init__ would replay the same permutations in every task and every epoch.
         rng = np.random.default_rng()
-        images, names = [], []
-        for i in range(len(batch["plate"])):
-            channels = list(batch["channel_names"][i])
-            image, channels = read_field(
-                str(batch["store_uri"][i]), str(batch["row"][i]), str(batch["col"][i]), int(batch["field"][i]),
-                channels=channels, storage_options=self.cfg.storage_options or None,
-            )
-            image = percentile_clip(image, self.cfg.clip_low, self.cfg.clip_high)
+        layout = self.layout
+        n = len(batch["plate"])
+        images = np.zeros((n, layout.channels, layout.height, layout.width), dtype=layout.dtype)
+        masks = np.zeros((n, layout.channels), dtype=bool)
+        names, kept, bad = [], [], []
+        for i in range(n):
+            row = {k: batch[k][i] for k in _READ_COLUMNS}
+            try:
+                image, channels = self._read(row)
+            except PlateError as exc:
+                if self.cfg.bad_field_policy == "fail":
+                    raise BadFieldError(f"{exc} [data.bad_field_policy=fail; set data.bad_field_policy=skip to skip "
+                                        f"and count bad fields]") from exc
+                bad.append({"plate": str(row["plate"]), "well": str(row["well"]), "field": int(row["field"]),
+                            "error": str(exc)})
+                continue
             if self.permute_channels:
                 order = rng.permutation(len(channels))
                 image = image[order]
                 channels = [channels[j] for j in order]
-            images.append(image.astype(np.float16))
-            names.append(CHANNEL_SEPARATOR.join(channels))
-        shapes = {im.shape for im in images}
-        if len(shapes) > 1:
-            raise ValueError(
-                f"fields of different shapes in one batch ({sorted(shapes)}), e.g. plate {batch['plate'][0]} "
-                f"well {batch['well'][0]}: use one channel configuration and field size per training manifest"
-            )
-        out = {"image": np.stack(images), "channel_names": np.asarray(names, dtype=object)}
+            k = len(kept)
+            images[k, : len(channels)] = image
+            masks[k, : len(channels)] = True
+            names.append(CHANNEL_SEPARATOR.join(channels + [PAD_CHANNEL_NAME] * (layout.channels - len(channels))))
+            kept.append(i)
+        images, masks = images[: len(kept)], masks[: len(kept)]
+        if self.monitor is not None:
+            ref = self.monitor.record.remote(len(kept), images.nbytes, bad)
+            if bad:  # only then wait for the count: the common case stays fire-and-forget
+                n_bad = ray_get(ref)
+                if n_bad > self.max_bad:
+                    raise BadFieldError(_too_many_bad_message(n_bad, self.total, self.max_bad, bad))
+        elif bad:  # the skip policy always has a monitor; defensive
+            raise BadFieldError(bad[0]["error"])
+        out = {"image": images, "channel_mask": masks, "channel_names": np.asarray(names, dtype=object)}
         for col in self.keep_columns:
-            out[col] = batch[col]
+            out[col] = np.asarray(batch[col])[kept]
         return out
+
+
+def ray_get(ref):
+    import ray
+
+    return ray.get(ref)
+
+
+# ---------------------------------------------------------------------------------------- dataset
+
+
+def _layout(manifest: pd.DataFrame, cfg: DataConfig) -> _Layout:
+    counts = manifest["channel_names"].map(len)
+    channels = cfg.pad_channels_to or int(counts.max())
+    if cfg.pad_channels_to < 0 or int(counts.max()) > channels:
+        row = manifest.loc[counts.idxmax()]
+        raise ValueError(f"data.pad_channels_to={cfg.pad_channels_to} is smaller than the {counts.max()} channels of "
+                         f"plate {row['plate']!r} well {row['well']} field {row['field']}")
+    if cfg.field_size < 0:
+        raise ValueError(f"data.field_size must be >= 0, got {cfg.field_size}")
+    if cfg.field_size:
+        height = width = int(cfg.field_size)
+    else:
+        sizes = manifest.groupby(["height", "width"]).size()
+        if len(sizes) > 1:
+            examples = ", ".join(
+                f"{h}x{w} (e.g. plate {manifest.loc[(manifest.height == h) & (manifest.width == w), 'plate'].iloc[0]!r})"
+                for h, w in sizes.index[:4])
+            raise ValueError(f"fields of different sizes in one dataset: {examples}; set data.field_size "
+                             f"(with data.field_resize crop|resize) to deliver one size")
+        height, width = (int(v) for v in sizes.index[0])
+    if cfg.normalization == "none":
+        dtypes = sorted(set(manifest["dtype"]))
+        if len(dtypes) > 1:
+            raise ValueError(f"data.normalization=none with fields of several dtypes {dtypes}; choose a normalization")
+        dtype = "float32" if cfg.field_size and cfg.field_resize == "resize" else dtypes[0]
+    elif cfg.transfer_dtype == "uint8":
+        if cfg.normalization == "standardize":
+            raise ValueError("data.transfer_dtype=uint8 holds [0, 1] values only; use float16 with normalization=standardize")
+        dtype = "uint8"
+    else:
+        dtype = "float16"
+    return _Layout(channels, height, width, dtype)
+
+
+@dataclass
+class FieldPipeline:
+    """A streaming field dataset and the monitor counting its fields (None when nothing is monitored)."""
+
+    dataset: Any
+    monitor: DataMonitor | None
+    channels: int
+    field_shape: tuple[int, int]
+
+
+def ingest_execution_options(cfg: DataConfig):
+    """Ray Data ExecutionOptions bounding this pipeline's object-store use, for
+    ``ray.train.DataConfig(execution_options=...)`` (Ray Train replaces a dataset's own execution
+    options with these, or with the driver's global DataContext's when none are given)."""
+    from ray.data import ExecutionOptions
+    from ray.data.context import DataContext
+
+    options = ExecutionOptions(resource_limits=DataContext.get_current().execution_options.resource_limits)
+    if cfg.object_store_limit_mb > 0:
+        options.resource_limits = options.resource_limits.copy(object_store_memory=cfg.object_store_limit_mb * _MB)
+    return options
+
+
+def build_field_pipeline(
+    manifest: pd.DataFrame,
+    cfg: DataConfig,
+    *,
+    training: bool,
+    keep_columns: Sequence[str] = (),
+    seed: int | None = None,
+    name: str = "fields",
+) -> FieldPipeline:
+    """A streaming Ray Dataset of normalized fields for the rows of ``manifest`` (one or several
+    manifests concatenated by ``load_manifests``: several plates, sources, channel counts).
+
+    training=True shuffles block order (seeded) and permutes channels per sample (if enabled in
+    config); evaluation keeps channel order and carries ``keep_columns`` along.
+    """
+    import ray
+    import ray.data
+
+    if not 0.0 <= cfg.max_bad_fraction <= 1.0:
+        raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {cfg.max_bad_fraction}")
+    if len(manifest) == 0:
+        raise ValueError("empty manifest: no fields to read")
+    eval_cfg = cfg
+    if not training and cfg.transfer_dtype == "uint8":
+        # Evaluation consumers (batch inference) expect float images: keep float16 there.
+        import dataclasses
+
+        eval_cfg = dataclasses.replace(cfg, transfer_dtype="float16")
+    layout = _layout(manifest, eval_cfg)
+    columns = list(dict.fromkeys(_READ_COLUMNS + list(keep_columns)))
+    table = manifest[columns].reset_index(drop=True)
+    max_bad = int(np.floor(cfg.max_bad_fraction * len(table))) if cfg.bad_field_policy == "skip" else 0
+    monitor = None
+    if cfg.bad_field_policy == "skip" or cfg.progress_interval_s > 0:
+        actor_cls = ray.remote(num_cpus=0, max_restarts=0)(PipelineMonitor)
+        monitor = DataMonitor(actor_cls.remote(len(table), max_bad, cfg.progress_interval_s, name))
+    # One block per few consecutive fields (same plate: read locality) so reads spread over tasks and
+    # memory stays bounded. (Split here: Ray 2.60's own `override_num_blocks` split breaks on pandas 3 frames.)
+    step = max(1, cfg.read_batch_size)
+    ds = ray.data.from_pandas([table.iloc[i : i + step] for i in range(0, len(table), step)])
+    if training:
+        ds = ds.randomize_block_order(seed=seed)
+    loader = FieldLoader(eval_cfg, permute_channels=training and cfg.channel_permutation, keep_columns=keep_columns,
+                         layout=layout, monitor=monitor.actor if monitor else None, max_bad=max_bad,
+                         total=len(table))
+    kwargs: dict[str, Any] = {}
+    if cfg.read_concurrency > 0:
+        kwargs["compute"] = ray.data.TaskPoolStrategy(size=cfg.read_concurrency)
+    ds = ds.map_batches(loader, batch_size=step, num_cpus=cfg.read_cpus, batch_format="numpy", **kwargs)
+    if cfg.object_store_limit_mb > 0:
+        ds.context.execution_options = ingest_execution_options(cfg)
+    return FieldPipeline(ds, monitor, layout.channels, (layout.height, layout.width))
 
 
 def build_field_dataset(
@@ -92,20 +426,47 @@ def build_field_dataset(
     keep_columns: Sequence[str] = (),
     seed: int | None = None,
 ):
-    """A streaming Ray Dataset of normalized fields for the rows of `manifest`.
+    """``build_field_pipeline(...).dataset`` (the monitor actor lives as long as the dataset: the
+    read tasks hold its handle, and it logs progress and a summary per pass by itself)."""
+    return build_field_pipeline(manifest, cfg, training=training, keep_columns=keep_columns, seed=seed).dataset
 
-    training=True shuffles block order (seeded) and permutes channels per sample (if enabled in
-    config); evaluation keeps channel order and carries `keep_columns` along.
-    """
-    import ray.data
 
-    columns = list(dict.fromkeys(_READ_COLUMNS + list(keep_columns)))
-    table = manifest[columns].reset_index(drop=True)
-    # One block per few fields so reads spread over tasks and memory stays bounded.
-    # (Split here: Ray 2.60's own `override_num_blocks` split breaks on pandas 3 frames.)
-    step = max(1, cfg.read_batch_size)
-    ds = ray.data.from_pandas([table.iloc[i : i + step] for i in range(0, len(table), step)])
-    if training:
-        ds = ds.randomize_block_order(seed=seed)
-    loader = FieldLoader(cfg, permute_channels=training and cfg.channel_permutation, keep_columns=keep_columns)
-    return ds.map_batches(loader, batch_size=cfg.read_batch_size, num_cpus=cfg.read_cpus, batch_format="numpy")
+# ---------------------------------------------------------------------------------------- consumer
+
+
+@dataclass
+class FieldBatch:
+    """What the trainer receives per step: images on the training device, each sample's channel
+    names in channel order ("" for padding), and which channels are real (None when no sample is padded)."""
+
+    images: "torch.Tensor"  # (B, C, H, W) float32
+    channel_names: list[list[str]]
+    channel_mask: "torch.Tensor | None" = None  # (B, C) bool, True = real channel
+
+
+def to_float_images(images: np.ndarray):
+    """A batch's ``image`` column as a float32 torch tensor ([0, 1] for uint8 transfers)."""
+    import torch
+
+    tensor = torch.from_numpy(np.ascontiguousarray(images))
+    if tensor.dtype == torch.uint8:
+        return tensor.to(torch.float32).mul_(1.0 / 255.0)
+    return tensor.to(torch.float32)
+
+
+def iter_training_batches(shard, cfg: DataConfig, batch_size: int, device) -> Iterator[FieldBatch]:
+    """One epoch of a Ray Train dataset shard as FieldBatches of exactly `batch_size` samples
+    (the remainder is dropped so every rank runs the same number of steps)."""
+    import torch
+
+    for data in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
+                                   local_shuffle_buffer_size=cfg.shuffle_buffer or None):
+        mask = data.get("channel_mask")
+        channel_mask = None
+        if mask is not None and not mask.all():
+            channel_mask = torch.from_numpy(np.ascontiguousarray(mask, dtype=bool)).to(device)
+        yield FieldBatch(
+            images=to_float_images(data["image"]).to(device),
+            channel_names=[names.split(CHANNEL_SEPARATOR) for names in data["channel_names"]],
+            channel_mask=channel_mask,
+        )

@@ -29,6 +29,7 @@ _SPATIAL_UNIT = "micrometer"
 _STAIN_COLORS = {"DNA": "0000FF", "ER": "00FF00", "RNA": "FFFF00", "AGP": "FF0000", "Mito": "FF00FF"}
 _PALETTE = ("00FFFF", "FF8000", "8000FF", "80FF00", "FF0080", "FFFFFF")
 _SUPPORTED_DTYPES = ("uint8", "uint16", "float32")
+DEFAULT_TILE_SIZE = 256  # inner chunk edge (px) for fields larger than this; smaller fields: one plane
 
 
 class PlateError(ValueError):
@@ -43,6 +44,54 @@ def _where(uri: str, row: str | None = None, col: str | None = None, field: int 
     if field is not None:
         text += f", field {field}"
     return text
+
+
+_SECRET_KEYS = ("secret", "token", "password", "key", "credential", "session")
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+
+
+def _secret_values(options: Any) -> list[str]:
+    """Values in ``options`` (nested dicts) stored under a credential-like key."""
+    found: list[str] = []
+    if isinstance(options, dict):
+        for name, value in options.items():
+            if isinstance(value, dict):
+                found += _secret_values(value)
+            elif isinstance(value, str) and value and any(k in str(name).lower() for k in _SECRET_KEYS):
+                found.append(value)
+    return found
+
+
+def redact(text: str, storage_options: dict | None = None) -> str:
+    """``text`` with every credential from ``storage_options`` and the AWS environment masked."""
+    import os
+
+    secrets = _secret_values(storage_options or {}) + [os.environ[k] for k in _SECRET_ENV if os.environ.get(k)]
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        if len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _exc_text(exc: BaseException, storage_options: dict | None) -> str:
+    return redact(f"{type(exc).__name__}: {exc}", storage_options)
+
+
+def use_zarrs(enable: bool = True) -> bool:
+    """Switch zarr's codec pipeline to the Rust ``zarrs`` pipeline (optional extra ``cellfm[zarrs]``).
+
+    Returns whether zarrs is now in use: False if it is not installed (the default pipeline stays).
+    In Ray workers set ``ZARR_CODEC_PIPELINE__PATH=zarrs.ZarrsCodecPipeline`` in the runtime env instead.
+    """
+    if not enable:
+        zarr.config.set({"codec_pipeline.path": "zarr.core.codec_pipeline.BatchedCodecPipeline"})
+        return False
+    try:
+        import zarrs  # noqa: F401
+    except ImportError:
+        return False
+    zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
+    return True
 
 
 def open_store(uri: str, mode: str = "r", storage_options: dict | None = None) -> Store:
@@ -106,7 +155,7 @@ def _image_attributes(name: str, channel_names: list[str], dtype: np.dtype, pixe
 
 
 def _validate_plate_request(uri: str, wells: list[tuple[str, str]], n_fields: int, channel_names: list[str],
-                            field_shape: tuple[int, int], dtype: str) -> None:
+                            field_shape: tuple[int, int], dtype: str, tile_size: int = 1) -> None:
     if not wells:
         raise PlateError(f"{_where(uri)}: no wells given")
     for row, col in wells:
@@ -123,6 +172,8 @@ def _validate_plate_request(uri: str, wells: list[tuple[str, str]], n_fields: in
         raise PlateError(f"{_where(uri)}: field_shape must be (H, W) with positive sizes, got {field_shape}")
     if str(np.dtype(dtype)) not in _SUPPORTED_DTYPES:
         raise PlateError(f"{_where(uri)}: dtype {dtype!r} not supported, use one of {_SUPPORTED_DTYPES}")
+    if tile_size < 1:
+        raise PlateError(f"{_where(uri)}: tile_size must be >= 1, got {tile_size}")
 
 
 def _plate_order(name: str) -> tuple[int, str]:
@@ -132,15 +183,19 @@ def _plate_order(name: str) -> tuple[int, str]:
 
 def create_plate(uri: str, name: str, wells: list[tuple[str, str]], n_fields: int,
                  channel_names: list[str], field_shape: tuple[int, int], dtype: str = "uint16",
-                 pixel_size_um: float = 0.65, storage_options: dict | None = None) -> None:
+                 pixel_size_um: float = 0.65, storage_options: dict | None = None,
+                 tile_size: int = DEFAULT_TILE_SIZE) -> None:
     """Create an empty plate (replacing anything at ``uri``): metadata for plate, wells and fields,
     and one empty sharded ``(C, H, W)`` array per field, ready for ``write_field``.
+
+    Inner chunks are one channel plane, cut into ``tile_size`` x ``tile_size`` tiles when the
+    field is larger, so a crop (``read_field(region=...)``) decodes only the tiles it covers.
 
     Rows and columns list the names used by ``wells`` in plate order (``rowIndex``/``columnIndex``
     index into them); every well holds ``n_fields`` fields named ``0..n_fields-1``.
     """
     wells = [(str(r), str(c)) for r, c in wells]
-    _validate_plate_request(uri, wells, n_fields, channel_names, field_shape, dtype)
+    _validate_plate_request(uri, wells, n_fields, channel_names, field_shape, dtype, tile_size)
     np_dtype = np.dtype(dtype)
     rows = sorted({r for r, _ in wells}, key=_plate_order)
     cols = sorted({c for _, c in wells}, key=_plate_order)
@@ -162,11 +217,13 @@ def create_plate(uri: str, name: str, wells: list[tuple[str, str]], n_fields: in
     well_attrs = {"ome": {"version": OME_VERSION, "well": {"images": [{"path": str(f)} for f in range(n_fields)]}}}
     height, width = (int(s) for s in field_shape)
     n_channels = len(channel_names)
+    # One shard spans the whole field (rounded up to whole tiles: a shard must hold whole chunks).
+    tile_h, tile_w = min(height, tile_size), min(width, tile_size)
     try:
         # Every field array has the same metadata; build it once (in memory) and reuse it.
         array_metadata = zarr.create_array(
             zarr.storage.MemoryStore(), shape=(n_channels, height, width), dtype=np_dtype,
-            chunks=(1, height, width), shards=(n_channels, height, width),
+            chunks=(1, tile_h, tile_w), shards=(n_channels, -(-height // tile_h) * tile_h, -(-width // tile_w) * tile_w),
             compressors=[BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"), Crc32cCodec()],
             fill_value=0, dimension_names=["c", "y", "x"],
         ).metadata
@@ -185,7 +242,7 @@ def create_plate(uri: str, name: str, wells: list[tuple[str, str]], n_fields: in
         for _ in zarr.create_hierarchy(store=store, nodes=nodes, overwrite=True):
             pass
     except Exception as exc:
-        raise PlateError(f"{_where(uri)}: cannot create plate: {type(exc).__name__}: {exc}") from exc
+        raise PlateError(f"{_where(uri)}: cannot create plate: {_exc_text(exc, storage_options)}") from exc
 
 
 def _open_field(uri: str, row: str, col: str, field: int, mode: str, storage_options: dict | None):
@@ -199,7 +256,7 @@ def _open_field(uri: str, row: str, col: str, field: int, mode: str, storage_opt
         array = group[multiscale["datasets"][0]["path"]]
     except Exception as exc:
         raise PlateError(f"{_where(uri, row, col, field)}: cannot open field image: "
-                         f"{type(exc).__name__}: {exc}") from exc
+                         f"{_exc_text(exc, storage_options)}") from exc
     if not isinstance(array, zarr.Array):
         raise PlateError(f"{_where(uri, row, col, field)}: image path is not an array")
     axes = [axis["name"] for axis in multiscale["axes"]]
@@ -221,11 +278,11 @@ def write_field(uri: str, row: str, col: str, field: int, image: np.ndarray, sto
         # field that reads as all fill value must be missing (see read_field).
         array.with_config({"write_empty_chunks": True})[...] = image
     except Exception as exc:
-        raise PlateError(f"{_where(uri, row, col, field)}: write failed: {type(exc).__name__}: {exc}") from exc
+        raise PlateError(f"{_where(uri, row, col, field)}: write failed: {_exc_text(exc, storage_options)}") from exc
 
 
 def _cyx_selection(uri: str, row: str, col: str, field: int, axes: list[str], shape: tuple[int, ...],
-                   channel_index: list[int]) -> tuple[tuple, list[str]]:
+                   channel_index: list[int], region: tuple[int, int, int, int] | None = None) -> tuple[tuple, list[str]]:
     """Basic selection covering ``channel_index`` in an array with axes ``c,y,x`` or ``t,c,z,y,x``
     (t/z singleton, dropped), plus the axis names of the selected block in order.
 
@@ -238,7 +295,11 @@ def _cyx_selection(uri: str, row: str, col: str, field: int, axes: list[str], sh
             selection.append(slice(min(channel_index), max(channel_index) + 1))
             kept_axes.append(name)
         elif name in ("y", "x"):
-            selection.append(slice(None))
+            if region is None:
+                selection.append(slice(None))
+            else:
+                start, stop = region[:2] if name == "y" else region[2:]
+                selection.append(slice(start, stop))
             kept_axes.append(name)
         elif size == 1:
             selection.append(0)
@@ -250,12 +311,27 @@ def _cyx_selection(uri: str, row: str, col: str, field: int, axes: list[str], sh
     return tuple(selection), kept_axes
 
 
+def _check_region(uri: str, row: str, col: str, field: int, region, axes: list[str], shape: tuple[int, ...]):
+    if region is None:
+        return None
+    try:
+        y0, y1, x0, x1 = (int(v) for v in region)
+    except (TypeError, ValueError) as exc:
+        raise PlateError(f"{_where(uri, row, col, field)}: region must be (y0, y1, x0, x1), got {region!r}") from exc
+    height, width = shape[axes.index("y")], shape[axes.index("x")]
+    if not (0 <= y0 < y1 <= height and 0 <= x0 < x1 <= width):
+        raise PlateError(f"{_where(uri, row, col, field)}: region (y0, y1, x0, x1) = {(y0, y1, x0, x1)} "
+                         f"is empty or outside the field of {height} x {width} pixels")
+    return y0, y1, x0, x1
+
+
 def read_field(uri: str, row: str, col: str, field: int, channels: list[str] | None = None,
-               storage_options=None) -> tuple[np.ndarray, list[str]]:
+               storage_options=None, region: tuple[int, int, int, int] | None = None) -> tuple[np.ndarray, list[str]]:
     """Read a field as ``(C, H, W)`` in its stored dtype, with channel names in returned order.
 
     ``channels`` selects and orders channels by name; only planes between the first and last
-    selected channel are decoded.
+    selected channel are decoded. ``region=(y0, y1, x0, x1)`` reads a crop: only the inner chunks
+    (tiles) it overlaps are fetched and decoded (ranged reads of the shard on object stores).
     """
     array, axes, labels = _open_field(uri, row, col, field, "r", storage_options)
     n_channels = array.shape[axes.index("c")] if "c" in axes else 0
@@ -269,7 +345,9 @@ def read_field(uri: str, row: str, col: str, field: int, channels: list[str] | N
         raise PlateError(f"{_where(uri, row, col, field)}: channel(s) {missing or channels} not in plate; "
                          f"available channels: {labels}")
     channel_index = [labels.index(name) for name in channels]
-    selection, kept_axes = _cyx_selection(uri, row, col, field, axes, tuple(array.shape), channel_index)
+    if "y" in axes and "x" in axes:
+        region = _check_region(uri, row, col, field, region, axes, tuple(array.shape))
+    selection, kept_axes = _cyx_selection(uri, row, col, field, axes, tuple(array.shape), channel_index, region)
     try:
         block = array[selection]
         # With one shard per field a stored field is complete, while a missing shard reads as fill
@@ -280,7 +358,7 @@ def read_field(uri: str, row: str, col: str, field: int, channels: list[str] | N
         raise
     except Exception as exc:
         raise PlateError(f"{_where(uri, row, col, field)}: cannot read field data "
-                         f"(corrupt or unreadable chunk): {type(exc).__name__}: {exc}") from exc
+                         f"(corrupt or unreadable chunk): {_exc_text(exc, storage_options)}") from exc
     block = np.transpose(block, [kept_axes.index(a) for a in ("c", "y", "x")])
     first = min(channel_index)
     return np.ascontiguousarray(block[[i - first for i in channel_index]]), list(channels)
@@ -291,7 +369,7 @@ def _plate_metadata(uri: str, storage_options: dict | None) -> dict[str, Any]:
         root = zarr.open_group(open_store(uri, "r", storage_options), mode="r", zarr_format=3)
         return root.attrs.asdict()["ome"]["plate"]
     except Exception as exc:
-        raise PlateError(f"{_where(uri)}: cannot open plate metadata: {type(exc).__name__}: {exc}") from exc
+        raise PlateError(f"{_where(uri)}: cannot open plate metadata: {_exc_text(exc, storage_options)}") from exc
 
 
 def plate_wells(uri: str, storage_options=None) -> tuple[list[str], int | None]:
@@ -312,6 +390,6 @@ def plate_channel_names(uri: str, storage_options=None) -> list[str]:
         well = zarr.open_group(open_store(uri, "r", storage_options), path=f"{row}/{col}", mode="r", zarr_format=3)
         first_field = int(well.attrs.asdict()["ome"]["well"]["images"][0]["path"])
     except Exception as exc:
-        raise PlateError(f"{_where(uri, row, col)}: cannot open well metadata: {type(exc).__name__}: {exc}") from exc
+        raise PlateError(f"{_where(uri, row, col)}: cannot open well metadata: {_exc_text(exc, storage_options)}") from exc
     _, _, labels = _open_field(uri, row, col, first_field, "r", storage_options)
     return labels

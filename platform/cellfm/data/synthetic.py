@@ -327,8 +327,12 @@ def _nucleoli_points(rng: np.random.Generator, cells: _Cells, size: int, which: 
     return points
 
 
-def _render_stains(rng: np.random.Generator, ph: Phenotype, size: int) -> np.ndarray:
-    """Noise-free signal of every stain in ``STAINS`` order, (len(STAINS), size, size) float32."""
+def _render_stains(rng: np.random.Generator, ph: Phenotype, size: int, context: dict | None = None) -> np.ndarray:
+    """Noise-free signal of every stain in ``STAINS`` order, (len(STAINS), size, size) float32.
+
+    ``context`` (a dict), if given, receives the field's geometry and compartment maps so further
+    stains can be drawn from the same cells (the synthetic family); the random stream is unchanged.
+    """
     cells = _sample_cells(rng, ph, size)
     chromatin, er_fine, er_coarse, er_sheets, mito_net, mito_gate, slow = _textures(rng, size)
     yy, xx = _pixel_grid(size)
@@ -409,6 +413,11 @@ def _render_stains(rng: np.random.Generator, ph: Phenotype, size: int) -> np.nda
     agp = _per_cell_mean(agp_pattern, owner, cell, _AGP_LEVEL * brightness["AGP"])
 
     by_stain = {"DNA": dna, "ER": er, "RNA": rna, "AGP": agp, "Mito": mito}
+    if context is not None:
+        context.update(cells=cells, owner=owner, cell=cell, nucleus=nucleus, nucleus_soft=nucleus_soft, cyto=cyto,
+                       dn=dn, d1=d1, beyond_nucleus=beyond_nucleus, nucleoli=nucleoli, nucleoli_rel=nucleoli_rel,
+                       chromatin=chromatin, slow=slow, rim=rim, membrane=membrane, er_pattern=er_pattern,
+                       mito_pattern=perinuclear * ((1.0 - 0.6 * frag) * tubes + 2.0 * puncta), **by_stain)
     return np.stack([by_stain[s] for s in STAINS]).astype(np.float32, copy=False)
 
 
@@ -575,15 +584,316 @@ def generate_screen(out_dir: str | Path, layout: str | ScreenLayout = "demo", se
     return manifests
 
 
+# ----------------------------------------------------------------------------------------------
+# The synthetic screen family: cp5, novel4, hpa4, brightfield1 (new stains from the same cells)
+
+# Stains beyond STAINS, rendered from the same cell geometry; aliases name the HPA channels.
+FAMILY_STAINS = (*STAINS, "Tubulin", "Golgi", "Lysosome", "Brightfield", "Protein")
+STAIN_ALIASES = {"Microtubules": "Tubulin", "Nucleus": "DNA"}
+LOCALIZATIONS = ("nucleus", "nucleoli", "cytosol", "mitochondria", "er", "plasma_membrane", "golgi", "vesicles")
+_TUBULIN_LEVEL, _GOLGI_LEVEL, _LYSO_LEVEL, _PROTEIN_LEVEL = 700.0, 150.0, 600.0, 250.0
+_BRIGHTFIELD_LEVEL = 3000.0
+# Compounds whose wells are held out of probe training for MoA evaluation (one per MoA).
+HELDOUT_COMPOUNDS = ("CMP-03", "CMP-05", "CMP-08", "CMP-10", "CMP-12")
+
+
+@dataclass(frozen=True)
+class FamilyConfig:
+    """A channel configuration of the synthetic family and what its label is."""
+
+    name: str
+    channels: tuple[str, ...]
+    groups: tuple[str, ...]   # per channel: "context" or "concept" (C3R groups)
+    label: str                # "moa" (compound screen) or "localization" (HPA-like protein screen)
+
+
+FAMILY_CONFIGS: dict[str, FamilyConfig] = {
+    "cp5": FamilyConfig("cp5", tuple(CP5_CHANNELS), ("context",) * 5, "moa"),
+    # Two Cell Painting stains in another order plus two stains cp5 never shows.
+    "novel4": FamilyConfig("novel4", ("Golgi", "Mito", "DNA", "Tubulin"), ("context",) * 4, "moa"),
+    # HPA order: microtubules, protein of interest (concept), nucleus, ER.
+    "hpa4": FamilyConfig("hpa4", ("Microtubules", "Protein", "Nucleus", "ER"),
+                         ("context", "concept", "context", "context"), "localization"),
+    "brightfield1": FamilyConfig("brightfield1", ("Brightfield",), ("context",), "moa"),
+}
+
+
+@dataclass(frozen=True)
+class Protein:
+    """An HPA-like stained protein: its id, localization class (the label) and a minor secondary
+    compartment that makes proteins of one class differ."""
+
+    protein_id: str
+    localization: str
+    secondary: str
+    secondary_fraction: float
+    level: float
+
+
+def _proteins() -> tuple[Protein, ...]:
+    rng = np.random.default_rng(20240601)
+    out = []
+    for ci, loc in enumerate(LOCALIZATIONS):
+        for k in range(3):
+            others = [c for c in LOCALIZATIONS if c != loc]
+            out.append(Protein(f"HPA-{loc.upper()[:4]}-{k + 1}", loc, others[int(rng.integers(len(others)))],
+                               float(rng.uniform(0.05, 0.2)), float(rng.lognormal(0.0, 0.4))))
+    return tuple(out)
+
+
+PROTEINS = _proteins()
+HELDOUT_PROTEINS = tuple(p.protein_id for p in PROTEINS if p.protein_id.endswith("-3"))
+
+
+def _canonical(channel: str) -> str:
+    return STAIN_ALIASES.get(channel, channel)
+
+
+def _puncta(rng: np.random.Generator, ctx: dict, size: int, per_cell: np.ndarray) -> np.ndarray:
+    """Point sources scattered in each cell's perinuclear cytoplasm, ``per_cell`` on average."""
+    cells = ctx["cells"]
+    counts = rng.poisson(np.maximum(per_cell, 0.0))
+    idx = np.repeat(np.arange(len(counts)), counts)
+    r = 1.0 + rng.gamma(2.0, 0.6, len(idx))                    # in nucleus radii from the centre
+    phi = rng.uniform(0, 2 * np.pi, len(idx))
+    y = np.rint(cells.ny[idx] + r * np.sin(phi) * cells.nb[idx]).astype(int)
+    x = np.rint(cells.nx[idx] + r * np.cos(phi) * cells.na[idx]).astype(int)
+    inside = (y >= 0) & (y < size) & (x >= 0) & (x < size)
+    points = np.zeros((size, size), np.float32)
+    np.add.at(points, (y[inside], x[inside]), 1.0)
+    return scipy.ndimage.gaussian_filter(points, 0.9) * ctx["cyto"]
+
+
+def _family_signals(rng: np.random.Generator, ctx: dict, size: int, protein: Protein | None) -> dict[str, np.ndarray]:
+    """Tubulin, Golgi, Lysosome, Brightfield (and Protein) signals from the field's geometry.
+
+    Morphology carries the phenotype as in the Cell Painting stains: microtubules follow cell
+    elongation and align with stress fibres, the Golgi ribbon disperses under ER stress, lysosomes
+    multiply with mitochondrial damage; brightfield shows cell/nucleus shape, density and texture.
+    """
+    cells, owner, cell, cyto = ctx["cells"], ctx["owner"], ctx["cell"], ctx["cyto"]
+    yy, xx = _pixel_grid(size)
+    brightness = rng.lognormal(0, 0.15, (4, len(cells.cy)))
+    # Centrosome next to the nucleus, towards the cell's long axis; the Golgi wraps around it.
+    side = np.where(rng.random(len(cells.cy)) < 0.5, 1.0, -1.0)
+    cy = cells.ny + side * 1.1 * cells.na * np.sin(cells.theta)
+    cx = cells.nx + side * 1.1 * cells.na * np.cos(cells.theta)
+    oy, ox = yy - cy[owner], xx - cx[owner]
+    dist = np.hypot(oy, ox)
+    phi = np.arctan2(oy, ox)
+    phase = rng.uniform(0, 2 * np.pi, len(cells.cy)).astype(np.float32)
+    radial = np.maximum(np.cos(14 * phi + phase[owner] + 2.0 * ctx["slow"]), 0.0) ** 6
+    angle = cells.fibre_angle[owner]
+    along = np.maximum(np.cos(2 * np.pi * ((yy - cells.cy[owner]) * np.cos(angle) - (xx - cells.cx[owner]) * np.sin(angle)) / 3.5), 0.0) ** 6
+    align = np.clip(cells.fibres[owner] * 1.6, 0.0, 1.0)
+    tubulin_pattern = cell * (0.25 + (1 - align) * radial * np.exp(-dist / 25.0) + align * along
+                              + 2.5 * np.exp(-(dist / 1.5) ** 2))
+    tubulin = _per_cell_mean(tubulin_pattern, owner, cell, _TUBULIN_LEVEL * brightness[0])
+
+    swell = cells.swelling[owner]
+    spread = 2.0 + 5.0 * np.minimum(swell, 1.2)
+    ribbon = np.exp(-(dist / spread) ** 2) * (0.6 + 0.4 * np.cos(3 * phi + phase[owner]))
+    golgi_pattern = cyto * ribbon * np.clip(1.0 + 0.8 * ctx["chromatin"] * np.minimum(swell, 1.0), 0.1, None)
+    golgi = _per_cell_mean(golgi_pattern, owner, cell, _GOLGI_LEVEL * brightness[1])
+
+    lyso_pattern = _puncta(rng, ctx, size, 5.0 + 14.0 * cells.fragmentation) + 0.05 * cyto
+    lysosome = _per_cell_mean(lyso_pattern, owner, cell, _LYSO_LEVEL * brightness[2])
+
+    # Label-free: optical thickness (dome-shaped cell, thicker nucleus, denser nucleoli) and bright
+    # halos at cell edges; organelles add faint texture. Not renormalized per cell: it is not a stain.
+    dome = np.sqrt(np.clip(1.0 - ctx["d1"] ** 2, 0.0, 1.0)) * cell
+    thickness = dome + 0.8 * ctx["nucleus_soft"] + 0.6 * ctx["nucleoli_rel"] + 0.05 * (ctx["er_pattern"] + ctx["mito_pattern"])
+    brightfield = _BRIGHTFIELD_LEVEL * (1.0 - 0.22 * thickness + 0.12 * np.maximum(ctx["rim"], ctx["membrane"]) * cell)
+
+    out = {"Tubulin": tubulin, "Golgi": golgi, "Lysosome": lysosome, "Brightfield": brightfield.astype(np.float32)}
+    if protein is not None:
+        compartments = {
+            "nucleus": ctx["nucleus_soft"] * np.clip(1.0 + 0.3 * ctx["chromatin"], 0.2, None) * (1.0 - 0.7 * ctx["nucleoli_rel"]),
+            "nucleoli": ctx["nucleoli"], "cytosol": cyto * np.exp(-ctx["beyond_nucleus"] / 4.0),
+            "mitochondria": ctx["mito_pattern"], "er": ctx["er_pattern"],
+            "plasma_membrane": np.maximum(ctx["rim"], ctx["membrane"]) * cell, "golgi": golgi_pattern,
+            "vesicles": lyso_pattern,
+        }
+        def unit(name):  # scale each compartment to unit mean over cells so mixing fractions mean something
+            pattern = compartments[name]
+            return pattern / (pattern[cell].mean() + 1e-9) if cell.any() else pattern
+        pattern = (1 - protein.secondary_fraction) * unit(protein.localization) + protein.secondary_fraction * unit(protein.secondary)
+        expression = protein.level * rng.lognormal(0.0, 0.5, len(cells.cy))  # cell-to-cell expression varies
+        out["Protein"] = _per_cell_mean(pattern.astype(np.float32), owner, cell, _PROTEIN_LEVEL * expression * brightness[3])
+    return out
+
+
+def _form_image(rng: np.random.Generator, signal: np.ndarray, names: list[str], effect: BatchEffect) -> np.ndarray:
+    """``_image_formation`` for any channel names (gain/offset looked up by name)."""
+    size = signal.shape[-1]
+    sigma = float(np.hypot(_PSF_SIGMA, effect.defocus_sigma))
+    image = scipy.ndimage.gaussian_filter(signal, sigma=(0, sigma, sigma))
+    yy, xx = _pixel_grid(size)
+    cy, cx = effect.vignetting_center
+    illumination = np.clip(1.0 - effect.vignetting * ((yy / size - cy) ** 2 + (xx / size - cx) ** 2) / 0.5, 0.2, None)
+    gain = np.array([effect.gain.get(s, 1.0) for s in names], np.float32)[:, None, None]
+    offset = np.array([effect.offset.get(s, 0.0) for s in names], np.float32)[:, None, None]
+    image = image * gain * illumination + offset * (0.5 + 0.5 * illumination)
+    variance = np.full_like(image, effect.read_noise ** 2)
+    if effect.photons_per_count > 0:
+        variance += image / effect.photons_per_count
+    image += np.sqrt(variance) * rng.standard_normal(image.shape, dtype=np.float32)
+    return np.clip(np.rint(image), 0, np.iinfo(np.uint16).max).astype(np.uint16)
+
+
+def render_family_field(rng: np.random.Generator, channel_names: list[str], phenotype: Phenotype, size: int,
+                        batch_effect: BatchEffect, protein: Protein | None = None) -> np.ndarray:
+    """A ``(C, size, size)`` uint16 field with any of ``FAMILY_STAINS`` (or their aliases
+    ``Microtubules``/``Nucleus``) rendered from one cell geometry. ``Protein`` needs ``protein``."""
+    canonical = [_canonical(c) for c in channel_names]
+    unknown = [c for c, k in zip(channel_names, canonical) if k not in FAMILY_STAINS]
+    if unknown or not channel_names:
+        raise ValueError(f"cannot render channel(s) {unknown or channel_names}; known stains: "
+                         f"{list(FAMILY_STAINS)} and aliases {sorted(STAIN_ALIASES)}")
+    if "Protein" in canonical and protein is None:
+        raise ValueError("the Protein channel needs a protein (localization) to render")
+    ctx: dict = {}
+    base = _render_stains(rng, phenotype, size, context=ctx)
+    signals = dict(zip(STAINS, base)) | _family_signals(rng, ctx, size, protein)
+    stack = np.stack([signals[k] for k in canonical]).astype(np.float32, copy=False)
+    return _form_image(rng, stack, channel_names, batch_effect)
+
+
+def _family_plate_conditions(rng: np.random.Generator, names: list[str]) -> _PlateConditions:
+    return _PlateConditions(
+        gain={s: float(v) for s, v in zip(names, rng.lognormal(0.0, 0.3, len(names)))},
+        offset={s: float(v) for s, v in zip(names, rng.uniform(80, 400, len(names)))},
+        vignetting=float(rng.uniform(0.15, 0.45)),
+        vignetting_center=(float(rng.uniform(0.4, 0.6)), float(rng.uniform(0.4, 0.6))),
+        photons_per_count=float(rng.uniform(0.5, 2.0)), read_noise=float(rng.uniform(4.0, 12.0)),
+        blur=float(rng.uniform(0.0, 0.8)), density_factor=float(rng.lognormal(0.0, 0.1)),
+    )
+
+
+def _family_field_effect(rng: np.random.Generator, plate: _PlateConditions, well_gain: dict[str, float],
+                         names: list[str]) -> BatchEffect:
+    field_gain = rng.lognormal(0.0, 0.05, len(names))
+    out_of_focus = float(rng.uniform(1.5, 3.0)) if rng.random() < 0.15 else 0.0
+    return BatchEffect(
+        gain={s: plate.gain[s] * well_gain[s] * float(g) for s, g in zip(names, field_gain)}, offset=plate.offset,
+        vignetting=plate.vignetting, vignetting_center=plate.vignetting_center,
+        defocus_sigma=float(np.hypot(plate.blur, out_of_focus)), photons_per_count=plate.photons_per_count,
+        read_noise=plate.read_noise,
+    )
+
+
+def _join_uri(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts]) if "://" in base else str(Path(base, *parts))
+
+
+def _write_family_plate(plate_uri: str, plate_name: str, batch: str, config: FamilyConfig, layout: ScreenLayout,
+                        seed: int, plate_index: int, storage_options: dict | None) -> list[dict]:
+    rng = np.random.default_rng([seed, 1000 + plate_index])
+    names = list(config.channels)
+    if config.label == "localization":
+        treatments: list = [p for p in PROTEINS for _ in range(layout.replicates_per_plate)]
+    else:
+        treatments = [CONTROL] * layout.controls_per_plate + [
+            p for p in PERTURBATIONS if not p.is_control for _ in range(layout.replicates_per_plate)]
+    rows, cols = _plate_format(len(treatments))
+    positions = rng.choice(len(rows) * len(cols), size=len(treatments), replace=False)
+    wells = [(rows[p // len(cols)], cols[p % len(cols)]) for p in positions]
+    size = layout.field_size
+    create_plate(plate_uri, plate_name, wells, layout.fields_per_well, names, (size, size), dtype="uint16",
+                 pixel_size_um=PIXEL_SIZE_UM, storage_options=storage_options)
+    plate = _family_plate_conditions(rng, names)
+    records = []
+    for well_index, ((row, col), treatment) in enumerate(zip(wells, treatments)):
+        well_rng = np.random.default_rng([seed, 1000 + plate_index, well_index])
+        well_gain = {s: float(v) for s, v in zip(names, well_rng.lognormal(0.0, 0.2, len(names)))}
+        protein = treatment if isinstance(treatment, Protein) else None
+        phenotype = CONTROL_PHENOTYPE if protein else treatment.phenotype
+        density = phenotype.density * plate.density_factor * float(well_rng.lognormal(0.0, 0.1))
+        phenotype = dataclasses.replace(phenotype, density=density)
+        if protein:
+            meta = {"perturbation_id": protein.protein_id, "moa": protein.localization, "is_control": False,
+                    "dose": 0.0, "localization": protein.localization,
+                    "compound_split": "heldout" if protein.protein_id in HELDOUT_PROTEINS else "train"}
+        else:
+            meta = {"perturbation_id": treatment.perturbation_id, "moa": treatment.moa,
+                    "is_control": treatment.is_control, "dose": treatment.dose, "localization": "",
+                    "compound_split": "heldout" if treatment.perturbation_id in HELDOUT_COMPOUNDS else "train"}
+        for f in range(layout.fields_per_well):
+            effect = _family_field_effect(well_rng, plate, well_gain, names)
+            image = render_family_field(well_rng, names, phenotype, size, effect, protein)
+            write_field(plate_uri, row, col, f, image, storage_options)
+            records.append({
+                "source": f"{SOURCE}-{config.name}", "plate": plate_name, "well": f"{row}{col}", "row": row, "col": col,
+                "field": f, "store_uri": plate_uri, "channel_names": names, "channel_groups": list(config.groups),
+                "height": size, "width": size, "dtype": "uint16", "cell_line": CELL_LINE, "batch": batch, **meta,
+            })
+    return sorted(records, key=lambda r: (r["row"], r["col"], r["field"]))
+
+
+def generate_family_screen(out_dir: str | Path, config: str = "hpa4", layout: str | ScreenLayout = "tiny",
+                           seed: int = 0, storage_options: dict | None = None) -> dict[str, str | Path]:
+    """Write one configuration of the synthetic family: ``train`` and ``heldout`` plates (replicate
+    plates imaged as separate batches) with manifests ``train.parquet``/``heldout.parquet``.
+
+    ``config``: ``cp5`` (the 5 Cell Painting stains), ``novel4`` (Golgi, Mito, DNA, Tubulin: two
+    stains cp5 never shows, another order), ``hpa4`` (Microtubules, Protein, Nucleus, ER; groups
+    context/concept/context/context; label = the protein's localization class in column
+    ``localization``, copied to ``moa`` so MoA tooling works unchanged), ``brightfield1`` (one
+    label-free channel). Every plate holds every compound (or protein); column ``compound_split``
+    marks the held-out compounds (``HELDOUT_COMPOUNDS``, one per MoA) / proteins (``HELDOUT_PROTEINS``,
+    one per class) for evaluation on treatments unseen by the probe. ``out_dir`` may be ``s3://``.
+    Complete screens (both manifests present) are returned as is.
+    """
+    from cellfm.data.manifest import OPTIONAL_COLUMNS, read_manifest
+
+    if config not in FAMILY_CONFIGS:
+        raise ValueError(f"unknown family config {config!r}; choose one of {sorted(FAMILY_CONFIGS)}")
+    cfg = FAMILY_CONFIGS[config]
+    if isinstance(layout, str):
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(LAYOUTS)} or pass a ScreenLayout")
+        layout = LAYOUTS[layout]
+    remote = "://" in str(out_dir)
+    out = str(out_dir) if remote else str(Path(out_dir).absolute())
+    manifests = {split: _join_uri(out, f"{split}.parquet") for split in ("train", "heldout")}
+    try:
+        for path in manifests.values():
+            read_manifest(path, storage_options)
+        return {k: (v if remote else Path(v)) for k, v in manifests.items()}
+    except Exception:  # noqa: BLE001 - incomplete: (re)generate
+        pass
+    records: dict[str, list[dict]] = {"train": [], "heldout": []}
+    plate_index = 0
+    for split, count in (("train", layout.n_train_plates), ("heldout", layout.n_heldout_plates)):
+        for k in range(count):
+            name = f"SYN-{config.upper()}-{split.upper()}-{k + 1:02d}"
+            started = time.perf_counter()
+            records[split] += _write_family_plate(_join_uri(out, "plates", f"{name}.zarr"), name,
+                                                  f"SYN-{config.upper()}-BATCH-{plate_index + 1:02d}", cfg, layout,
+                                                  seed, plate_index, storage_options)
+            plate_index += 1
+            log.info("plate %s written in %.1f s", name, time.perf_counter() - started)
+    columns = [*MANIFEST_COLUMNS, "localization", "compound_split"]
+    assert set(columns) - set(MANIFEST_COLUMNS) <= set(OPTIONAL_COLUMNS)
+    for split, path in manifests.items():
+        write_manifest(pd.DataFrame(records[split], columns=columns), path if remote else Path(path), storage_options)
+    return {k: (v if remote else Path(v)) for k, v in manifests.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write a synthetic multichannel microscopy screen.")
     parser.add_argument("out_dir", help="output directory (plates/ and train/heldout/unseen manifests)")
     parser.add_argument("--layout", default="demo", choices=sorted(LAYOUTS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", default=None, choices=sorted(FAMILY_CONFIGS),
+                        help="write one configuration of the synthetic family instead (train/heldout manifests)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
-    manifests = generate_screen(args.out_dir, layout=args.layout, seed=args.seed)
+    if args.family:
+        manifests = generate_family_screen(args.out_dir, config=args.family, layout=args.layout, seed=args.seed)
+    else:
+        manifests = generate_screen(args.out_dir, layout=args.layout, seed=args.seed)
     print(f"done in {time.perf_counter() - started:.1f} s")
     for split, path in manifests.items():
         print(f"{split}: {path}")

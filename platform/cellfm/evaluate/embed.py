@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from cellfm.config import DataConfig, ModelConfig
+from cellfm.data.pipeline import CHANNEL_SEPARATOR
 
 # Manifest columns carried from each field to its embedding row.
 METADATA_COLUMNS = ["plate", "well", "field", "perturbation_id", "moa", "is_control"]
@@ -38,12 +39,16 @@ class EncoderSpec:
         return build_backbone(model_cfg).eval(), model_cfg.img_size
 
 
-def field_embedding(backbone: torch.nn.Module, images: torch.Tensor, image_size: int) -> torch.Tensor:
+def field_embedding(backbone: torch.nn.Module, images: torch.Tensor, image_size: int,
+                    channel_names: list[list[str]] | None = None, channel_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(N, C, H, W) in [0, 1] -> (N, 2D): CLS token concatenated with the mean patch token (the
     DINOv2 linear-probe feature), on the whole field resized to the training resolution."""
     if images.shape[-1] != image_size or images.shape[-2] != image_size:
         images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
-    out = backbone(images)
+    # Padded channels (mixed channel counts) are masked out; without padding the mask is all True.
+    if channel_mask is not None and bool(channel_mask.all()):
+        channel_mask = None
+    out = backbone(images, channel_names=channel_names, channel_mask=channel_mask)
     return torch.cat([out["cls"], out["patch"].mean(dim=1)], dim=-1)
 
 
@@ -56,10 +61,12 @@ class FieldEmbedder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = torch.from_numpy(batch.pop("image")).float()
+        # Channel names drive C3R's grouping and ChannelViT's channel embeddings.
+        names = [n.split(CHANNEL_SEPARATOR) for n in batch.pop("channel_names")]
+        mask = torch.from_numpy(batch.pop("channel_mask")) if "channel_mask" in batch else None
         with torch.inference_mode():
             for name, (backbone, size) in self.encoders.items():
-                batch[f"embedding_{name}"] = field_embedding(backbone, images, size).numpy()
-        batch.pop("channel_names")
+                batch[f"embedding_{name}"] = field_embedding(backbone, images, size, names, mask).numpy()
         return batch
 
 
@@ -69,7 +76,6 @@ def embed_manifest(manifest: pd.DataFrame, data_cfg: DataConfig, encoders: list[
     import ray.data
 
     from cellfm.data.pipeline import build_field_dataset
-
     ds = build_field_dataset(manifest, data_cfg, training=False, keep_columns=METADATA_COLUMNS)
     ds = ds.map_batches(
         FieldEmbedder,

@@ -6,7 +6,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from cellfm.models.vit import Block, LayerNorm, init_weights_trunc_normal, interpolate_pos_embed
+from cellfm.models.input_norm import InputNorm
+from cellfm.models.vit import (
+    Block,
+    LayerNorm,
+    check_patch_mask,
+    drop_path_rates,
+    grid_of,
+    init_weights_trunc_normal,
+    interpolate_pos_embed,
+    normalize_channel_names,
+    zero_touch,
+)
 
 
 class CellRep(nn.Module):
@@ -32,7 +43,10 @@ class CellRep(nn.Module):
         drop_path_rate: float = 0.0,
         layerscale_init: float | None = 1e-5,
         qkv_bias: bool = True,
+        input_norm: str = "none",
     ):
+        """input_norm: optional in-model per-channel preprocessing, "none" | "percentile" (1-99th percentile
+        clip to [0, 1]) | "adaptive_hist" (min-max then CLAHE), see cellfm.models.input_norm."""
         super().__init__()
         if img_size % patch_size != 0:
             raise ValueError(f"img_size={img_size} is not divisible by patch_size={patch_size}")
@@ -43,6 +57,7 @@ class CellRep(nn.Module):
         self.pooling_ratio = pooling_ratio
         self.num_register_tokens = num_register_tokens
         self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.input_norm = InputNorm(input_norm)
 
         # Content-aware channel embedding: what a channel looks like, never which index it has.
         # Strided: the embedding is a global average of local texture responses, so a stride-2 map
@@ -69,25 +84,60 @@ class CellRep(nn.Module):
         self.register_tokens = (
             nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens > 0 else None
         )
-        drop_rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        drop_rates = drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=r, layerscale_init=layerscale_init)
             for r in drop_rates
         )
         self.norm = LayerNorm(embed_dim)
+        # iBOT: replaces a pooled token (before the trunk); the token's position embedding is added back.
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
 
         for p in (self.pos_embed, self.cls_token, self.cls_pos_embed, self.register_tokens):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
         self.apply(init_weights_trunc_normal)
 
-    def forward(self, x: Tensor, channel_mask: Tensor | None = None) -> dict[str, Tensor]:
+    def num_patch_tokens(self, img_size: int | tuple[int, int]) -> int:
+        """N of the output `patch` (and of patch_mask): pooling_ratio * L."""
+        h, w = grid_of(img_size, self.patch_size)
+        return self.pooling_ratio * h * w
+
+    def forward(
+        self,
+        x: Tensor,
+        channel_names=None,
+        channel_mask: Tensor | None = None,
+        patch_mask: Tensor | None = None,
+    ) -> dict[str, Tensor]:
         """x: (B, C, H, W) float, any C >= 1, any H, W divisible by patch_size (pos embed interpolated).
+        channel_names: accepted for the common interface and checked for shape only; CellRep never looks
+        at names (its channel embedding is content-aware).
+        patch_mask: optional (B, k*L) bool; True = that pooled token is replaced by mask_token (+ its
+        position embedding) before the ViT trunk (iBOT).
         channel_mask: optional (B, C) bool, True = real channel, False = padding (padded channels must have NO effect:
         excluded as attention keys in the mixer and from the channel pooling).
         Returns {"cls": (B, D) final-normed CLS, "patch": (B, k*L, D) final-normed patch tokens,
                  "registers": (B, R, D)}.
         Patch tokens are ordered slot-major: index g*L + i is pooled channel slot g at grid position i (row-major)."""
+        h = self.prepare_tokens(x, channel_names, channel_mask, patch_mask)
+        for blk in self.blocks:
+            h = blk(h)
+        h = self.norm(h)
+        R = self.num_register_tokens
+        cls = h[:, 0]
+        if patch_mask is None and torch.is_grad_enabled():
+            cls = cls + zero_touch([self.mask_token])  # keeps DDP (find_unused_parameters=False) happy
+        return {"cls": cls, "registers": h[:, 1 : 1 + R], "patch": h[:, 1 + R :]}
+
+    def prepare_tokens(
+        self,
+        x: Tensor,
+        channel_names=None,
+        channel_mask: Tensor | None = None,
+        patch_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Everything before the ViT trunk: (B, C, H, W) -> (B, 1 + R + k*L, D) = [CLS, registers, pooled tokens]."""
         if x.ndim != 4:
             raise ValueError(f"CellRep expects (B, C, H, W) input, got shape {tuple(x.shape)}")
         B, C, H, W = x.shape
@@ -104,6 +154,8 @@ class CellRep(nn.Module):
                 raise ValueError("channel_mask has a sample with no real channel")
             # Zero padding before any compute: NaN/inf garbage would leak through 0-weight attention (0 * NaN).
             x = x.masked_fill(~channel_mask[:, :, None, None], 0.0)
+        normalize_channel_names(channel_names, B, C, "CellRep")
+        x = self.input_norm(x)
 
         grid = (H // p, W // p)
         L = grid[0] * grid[1]
@@ -120,16 +172,15 @@ class CellRep(nn.Module):
 
         weights = self._pooling_weights(channel_mask, B, C, x.device).to(tokens.dtype)
         pooled = torch.einsum("bgc,bcld->bgld", weights, tokens.reshape(B, C, L, D)).reshape(B, -1, D)
+        if patch_mask is not None:
+            check_patch_mask(patch_mask, B, pooled.shape[1])
+            masked = (self.mask_token + pos).repeat(1, self.pooling_ratio, 1)  # (1, k*L, D)
+            pooled = torch.where(patch_mask.unsqueeze(-1), masked.to(pooled.dtype), pooled)
 
         prefix = [(self.cls_token + self.cls_pos_embed).expand(B, -1, -1)]
         if self.register_tokens is not None:
             prefix.append(self.register_tokens.expand(B, -1, -1))
-        h = torch.cat([*prefix, pooled], dim=1)
-        for blk in self.blocks:
-            h = blk(h)
-        h = self.norm(h)
-        R = self.num_register_tokens
-        return {"cls": h[:, 0], "registers": h[:, 1 : 1 + R], "patch": h[:, 1 + R :]}
+        return torch.cat([*prefix, pooled], dim=1)
 
     def _pooling_weights(self, channel_mask: Tensor | None, B: int, C: int, device: torch.device) -> Tensor:
         """(B, k, C) averaging weights: the n real channels of a sample (in order, padding skipped) are split

@@ -18,16 +18,22 @@ class DINOHead(nn.Module):
     `last_layer` is exposed so the trainer can zero its gradients during the first epoch (DINO's
     trick against early collapse)."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, nlayers: int = 3):
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, nlayers: int = 3,
+                 use_bn: bool = False):
         super().__init__()
         if nlayers < 1:
             raise ValueError(f"nlayers must be >= 1, got {nlayers}")
         if nlayers == 1:
             self.mlp = nn.Linear(in_dim, bottleneck_dim)
         else:
-            layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
+            # use_bn (DINO's option): batch statistics remove the component all images share, so the
+            # teacher's targets differ between images from the first step of a short run.
+            def hidden(i: int) -> list[nn.Module]:
+                return [nn.Linear(i, hidden_dim)] + ([nn.BatchNorm1d(hidden_dim)] if use_bn else []) + [nn.GELU()]
+
+            layers: list[nn.Module] = hidden(in_dim)
             for _ in range(nlayers - 2):
-                layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+                layers += hidden(hidden_dim)
             layers.append(nn.Linear(hidden_dim, bottleneck_dim))
             self.mlp = nn.Sequential(*layers)
         self.mlp.apply(init_weights_trunc_normal)

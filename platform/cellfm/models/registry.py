@@ -26,25 +26,54 @@ SIZES: dict[str, BackboneSize] = {
 }
 
 
+BACKBONES = ("cellrep", "c3r", "vit_rgb", "channelvit", "single_channel")
+
+
 def build_backbone(cfg: ModelConfig) -> nn.Module:
-    """Returns a backbone whose forward(x (B,C,H,W), channel_mask=None) gives a dict with
-    `cls` (B, D) and `patch` (B, N, D), and whose `embed_dim` attribute is D."""
+    """The backbone named by cfg.name at cfg.size. Every backbone has the common interface
+
+        forward(x (B,C,H,W), channel_names=None, channel_mask=None (B,C) bool, patch_mask=None (B,N) bool)
+          -> {"cls": (B,D), "patch": (B,N,D), "registers": (B,R,D)}
+
+    plus `embed_dim` (D) and `num_patch_tokens(img_size) -> N`. C3R and ChannelViT need channel_names."""
+    if cfg.size not in SIZES:
+        raise ValueError(f"model.size={cfg.size!r} is not one of {sorted(SIZES)}")
     size = SIZES[cfg.size]
+    common = dict(
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        embed_dim=size.embed_dim,
+        depth=size.depth,
+        num_heads=size.num_heads,
+        num_register_tokens=cfg.num_register_tokens,
+        drop_path_rate=cfg.drop_path_rate,
+        layerscale_init=cfg.layerscale_init,
+    )
     if cfg.name == "cellrep":
         from cellfm.models.cellrep import CellRep
 
         return CellRep(
-            img_size=cfg.img_size,
-            patch_size=cfg.patch_size,
-            embed_dim=size.embed_dim,
-            depth=size.depth,
-            num_heads=size.num_heads,
+            **common,
             mixer_depth=cfg.mixer_depth,
             channel_encoder_dim=cfg.channel_encoder_dim,
             channel_encoder_stride=cfg.channel_encoder_stride,
             pooling_ratio=cfg.pooling_ratio,
-            num_register_tokens=cfg.num_register_tokens,
-            drop_path_rate=cfg.drop_path_rate,
-            layerscale_init=cfg.layerscale_init,
+            input_norm=cfg.input_norm,
         )
-    raise ValueError(f"model.name={cfg.name!r} is not a registered backbone")
+    if cfg.name == "c3r":
+        from cellfm.models.c3r import C3R
+
+        return C3R(channel_groups=dict(cfg.channel_groups or {}), n_pre=cfg.n_pre, **common)
+    if cfg.name == "vit_rgb":
+        from cellfm.models.vit_rgb import RGBCompositeViT
+
+        return RGBCompositeViT(channel_vocabulary=list(cfg.channel_vocabulary or []), **common)
+    if cfg.name == "channelvit":
+        from cellfm.models.channelvit import ChannelViT
+
+        return ChannelViT(channel_vocabulary=list(cfg.channel_vocabulary or []), **common)
+    if cfg.name == "single_channel":
+        from cellfm.models.single_channel import SingleChannelViT
+
+        return SingleChannelViT(**common)
+    raise ValueError(f"model.name={cfg.name!r} is not a registered backbone; choose one of {list(BACKBONES)}")

@@ -54,17 +54,27 @@ class MultiCrop:
         self.rot90 = rot90
         self.intensity_jitter = intensity_jitter
 
-    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
-        """images (B, C, H, W) float -> globals (2, B, C, g, g), locals (n_local, B, C, l, l) or None."""
+    def __call__(self, images: Tensor, generator: torch.Generator | None = None,
+                 channel_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """images (B, C, H, W) float -> globals (2, B, C, g, g), locals (n_local, B, C, l, l) or None.
+
+        channel_mask (B, C) bool (True = real channel; the data pipeline's padding is False): padded
+        channels come out exactly zero in every view (no jitter, no interpolation leak); the mask
+        itself is unchanged, since every view keeps all channels of its image.
+        """
         if images.ndim != 4 or not images.is_floating_point():
             raise ValueError(f"MultiCrop expects float (B, C, H, W) images, got {images.dtype} {tuple(images.shape)}")
-        globals_ = self._views(images, 2, self.global_size, self.global_scale, generator)
+        if channel_mask is not None and (channel_mask.shape != images.shape[:2] or channel_mask.dtype != torch.bool):
+            raise ValueError(f"channel_mask must be a bool tensor of shape {tuple(images.shape[:2])}, "
+                             f"got {channel_mask.dtype} {tuple(channel_mask.shape)}")
+        globals_ = self._views(images, 2, self.global_size, self.global_scale, generator, channel_mask)
         if self.n_local == 0:
             return globals_, None
-        return globals_, self._views(images, self.n_local, self.local_size, self.local_scale, generator)
+        return globals_, self._views(images, self.n_local, self.local_size, self.local_scale, generator, channel_mask)
 
     def _views(
-        self, images: Tensor, n_views: int, size: int, scale: tuple[float, float], gen: torch.Generator | None
+        self, images: Tensor, n_views: int, size: int, scale: tuple[float, float], gen: torch.Generator | None,
+        channel_mask: Tensor | None = None,
     ) -> Tensor:
         """(B, C, H, W) -> (n_views, B, C, size, size)."""
         B, C, H, W = images.shape
@@ -76,6 +86,8 @@ class MultiCrop:
         out = out.reshape(B, C, n_views, size, size).permute(2, 0, 1, 3, 4)
         if self.intensity_jitter > 0:
             out = self._jitter(out, gen)
+        if channel_mask is not None and not bool(channel_mask.all()):
+            out = out * channel_mask.to(device=out.device, dtype=out.dtype)[None, :, :, None, None]
         return out.contiguous()
 
     def _sample_theta(

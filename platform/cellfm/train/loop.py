@@ -4,7 +4,9 @@ TensorBoard events and a progress line from rank 0."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
 import sys
 import tempfile
 import time
@@ -15,11 +17,12 @@ import torch
 from torch import nn
 
 from cellfm.config import Config
+from cellfm.data.pipeline import iter_training_batches
 from cellfm.ssl.ema import update_ema
 from cellfm.ssl.multicrop import MultiCrop
 from cellfm.ssl.schedules import cosine_schedule
 from cellfm.train.checkpoint import load_training_checkpoint, save_training_checkpoint
-from cellfm.train.self_distillation import DinoObjective, build_student_teacher
+from cellfm.train.self_distillation import build_objective, build_student_teacher
 
 # Parameters that get no weight decay besides biases and norm weights (all 1-D).
 _NO_DECAY_NAMES = ("pos_embed", "cls_token", "register_tokens")
@@ -32,13 +35,37 @@ def log_progress(message: str) -> None:
     sys.stdout.flush()
 
 
-def parameter_groups(model: nn.Module) -> list[dict]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or any(n in name for n in _NO_DECAY_NAMES) else decay).append(p)
-    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
+# Parameters of the input embedding (layer 0 for layer-wise decay; patch_embed_lr_mult applies).
+_EMBED_NAMES = ("patch_embed", "pos_embed", "cls_token", "register_tokens", "channel_encoder", "mixer", "token_norm",
+                "stem", "mask_token", "channel_embed")
+_BLOCK_INDEX = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+
+
+def _layer_id(name: str, n_blocks: int) -> int:
+    """0 for the input embedding, i + 1 for trunk block i, n_blocks + 1 for the rest (final norm, heads)."""
+    match = _BLOCK_INDEX.search(name)
+    if match:
+        return int(match.group(1)) + 1
+    if name.startswith("head.") or name.startswith("ibot_head."):
+        return n_blocks + 1
+    return 0 if any(n in name for n in _EMBED_NAMES) else n_blocks + 1
+
+
+def parameter_groups(model: nn.Module, layerwise_decay: float = 1.0, patch_embed_lr_mult: float = 1.0) -> list[dict]:
+    """AdamW groups as in DINOv2: no weight decay on biases, norms and embeddings/tokens; lr scaled by
+    `layerwise_decay ** (n_blocks + 1 - layer_id)` and, for the input embedding, `patch_embed_lr_mult`.
+    Each group carries `lr_scale` (applied to the scheduled lr) and `apply_wd`."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    n_blocks = 1 + max((int(m.group(1)) for n, _ in named if (m := _BLOCK_INDEX.search(n))), default=-1)
+    groups: dict[tuple[bool, float], dict] = {}
+    for name, p in named:
+        apply_wd = not (p.ndim <= 1 or any(n in name for n in _NO_DECAY_NAMES))
+        layer = _layer_id(name, n_blocks)
+        scale = layerwise_decay ** (n_blocks + 1 - layer) * (patch_embed_lr_mult if layer == 0 else 1.0)
+        group = groups.setdefault((apply_wd, scale), {"params": [], "apply_wd": apply_wd, "lr_scale": scale,
+                                                     **({} if apply_wd else {"weight_decay": 0.0})})
+        group["params"].append(p)
+    return list(groups.values())
 
 
 class Schedules:
@@ -69,23 +96,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    batch = cfg.optim.batch_size_per_worker
+    batch, accumulate = cfg.optim.batch_size_per_worker, cfg.optim.accumulate_steps
     # Streaming split is equal across workers and batches drop the remainder, so every rank
     # runs the same number of steps (a rank with one step more would hang DDP).
-    steps_per_epoch = (n_fields // world) // batch
+    steps_per_epoch = (n_fields // world) // batch // accumulate
     if steps_per_epoch < 1:
         raise ValueError(
-            f"{n_fields} training fields over {world} workers cannot fill one batch of "
-            f"optim.batch_size_per_worker={batch}; lower the batch size or add plates"
+            f"{n_fields} training fields over {world} workers cannot fill one step of "
+            f"optim.batch_size_per_worker={batch} x optim.accumulate_steps={accumulate}; lower them or add plates"
         )
-    sched = Schedules(cfg, steps_per_epoch, batch * world)
+    sched = Schedules(cfg, steps_per_epoch, batch * world * accumulate)
 
     # Same seed on every rank for initialization (the teacher is a copy of the student, and DDP
     # only broadcasts the student), then a per-rank seed for augmentation.
     torch.manual_seed(cfg.train.seed)
     student, teacher = build_student_teacher(cfg)
-    objective = DinoObjective(cfg)
-    optimizer = torch.optim.AdamW(parameter_groups(student), lr=0.0, betas=(0.9, 0.999))
+    objective = build_objective(cfg)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult), lr=0.0, betas=(0.9, 0.999)
+    )
     start_epoch, step = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -96,11 +125,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             log_progress(f"resumed from epoch {state['epoch']} step {step}")
 
+    last_layer_params = [p for n, p in student.named_parameters() if ".last_layer." in n]
     device = ray.train.torch.get_device()
     student_ddp = ray.train.torch.prepare_model(student)
     teacher.to(device)
     objective.to(device)
-    generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + rank + 7919 * start_epoch)
+    generator = torch.Generator(device=device)
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                              enabled=device.type == "cuda" and cfg.train.mixed_precision == "bf16")
     multicrop = MultiCrop(
         cfg.ssl.global_crop_size, cfg.ssl.local_crop_size, cfg.ssl.n_local_crops,
         global_scale=tuple(cfg.ssl.global_crop_scale), local_scale=tuple(cfg.ssl.local_crop_scale),
@@ -115,38 +147,51 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, cfg.optim.epochs):
-        sums = {"loss": 0.0, "dino_global": 0.0, "dino_local": 0.0, "kl_uniform": 0.0}
-        n_steps, wait_s, epoch_t0 = 0, 0.0, time.perf_counter()
-        batches = shard.iter_batches(batch_size=batch, batch_format="numpy", drop_last=True,
-                                     local_shuffle_buffer_size=cfg.data.shuffle_buffer or None)
+        # Augmentation randomness is a pure function of (seed, rank, epoch): a resumed run replays it.
+        generator.manual_seed(cfg.train.seed * 1_000_003 + epoch * 1009 + rank)
+        sums: dict[str, float] = {}
+        n_steps, micro, wait_s, epoch_t0 = 0, 0, 0.0, time.perf_counter()
         t_wait = time.perf_counter()
-        for data in batches:
+        for fields in iter_training_batches(shard, cfg.data, batch, device):
             t_step = time.perf_counter()
             wait_s += t_step - t_wait
-            for group in optimizer.param_groups:
-                group["lr"] = float(sched.lr[step])
-                if group["apply_wd"]:
-                    group["weight_decay"] = float(sched.wd[step])
-            images = torch.from_numpy(data["image"]).to(device=device, dtype=torch.float32)
-            global_crops, local_crops = multicrop(images, generator=generator)
-            losses = objective(student_ddp, teacher, global_crops, local_crops, float(sched.teacher_temp[step]))
-
-            optimizer.zero_grad(set_to_none=True)
-            losses.total.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.clip_grad)
-            if step < sched.last_layer_frozen_steps:
-                # DINO: keeping the prototypes fixed at first stabilizes early training.
-                for p in student.head.last_layer.parameters():
-                    p.grad = None
-            optimizer.step()
-            update_ema(teacher, student, float(sched.momentum[step]))
-
-            values = {"loss": losses.total.item(), "dino_global": losses.dino_global.item(),
-                      "dino_local": losses.dino_local.item(), "kl_uniform": losses.kl_uniform.item()}
-            for k, v in values.items():
-                sums[k] += v
+            if n_steps == steps_per_epoch:
+                t_wait = time.perf_counter()
+                continue  # remainder micro-batches that cannot fill an accumulation step
+            last_micro = micro == accumulate - 1
+            if micro == 0:
+                for group in optimizer.param_groups:
+                    group["lr"] = float(sched.lr[step]) * group["lr_scale"]
+                    if group["apply_wd"]:
+                        group["weight_decay"] = float(sched.wd[step])
+            global_crops, local_crops = multicrop(fields.images, generator=generator, channel_mask=fields.channel_mask)
+            # DDP all-reduces gradients only on the last micro-batch of a step.
+            sync = contextlib.nullcontext() if last_micro or world == 1 else student_ddp.no_sync()
+            with sync:
+                with autocast:
+                    losses = objective(student_ddp, teacher, global_crops, local_crops, float(sched.teacher_temp[step]),
+                                       channel_names=fields.channel_names, channel_mask=fields.channel_mask)
+                (losses.total / accumulate).backward()
+            values = {"loss": losses.total.item(), **{k: v.item() for k, v in losses.terms.items()}}
             if not math.isfinite(values["loss"]):
                 raise FloatingPointError(f"loss is {values['loss']} at epoch {epoch} step {step}")
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v / accumulate
+            micro += 1
+            if not last_micro:
+                t_wait = time.perf_counter()
+                continue
+            micro = 0
+
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.clip_grad)
+            if step < sched.last_layer_frozen_steps:
+                # DINO: keeping the prototypes (of every head) fixed at first stabilizes early training.
+                for p in last_layer_params:
+                    p.grad = None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            update_ema(teacher, student, float(sched.momentum[step]))
+
             step_s = time.perf_counter() - t_step
             if writer is not None:
                 for k, v in values.items():
@@ -166,7 +211,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         epoch_s = time.perf_counter() - epoch_t0
         metrics = {k: v / max(n_steps, 1) for k, v in sums.items()}
-        metrics.update(epoch=epoch, step=step, images_per_s=n_steps * batch * world / max(epoch_s, 1e-9),
+        metrics.update(epoch=epoch, step=step, images_per_s=n_steps * accumulate * batch * world / max(epoch_s, 1e-9),
                        data_wait_fraction=wait_s / max(epoch_s, 1e-9))
         if writer is not None:
             writer.add_scalar("perf/data_wait_fraction", metrics["data_wait_fraction"], step)

@@ -7,13 +7,28 @@ from __future__ import annotations
 from pathlib import Path
 
 from cellfm.config import Config, ConfigError, save_config
-from cellfm.data.pipeline import build_field_dataset, load_manifests
+from cellfm.data.pipeline import build_field_pipeline, ingest_execution_options, load_manifests
 from cellfm.runtime import init_ray
 from cellfm.train.loop import train_loop_per_worker
 
 
 def run_directory(cfg: Config) -> Path:
     return Path(cfg.train.storage_path).expanduser().resolve() / cfg.train.run_name
+
+
+def record_channel_metadata(cfg: Config, manifest) -> None:
+    """Fill `model.channel_groups` (C3R) and `model.channel_vocabulary` (ChannelViT) from the training
+    manifest where the config leaves them empty, so the run's saved config rebuilds the model at
+    inference. Explicit config entries win; a stain given two groups in the manifest is an error."""
+    groups: dict[str, str] = {}
+    for row in manifest.itertuples():
+        for name, group in zip(row.channel_names, row.channel_groups):
+            if groups.setdefault(name, group) != group:
+                raise ConfigError(f"manifest gives channel {name!r} two groups ({groups[name]!r}, {group!r}), "
+                                  f"e.g. plate {row.plate} well {row.well} field {row.field}; set model.channel_groups")
+    cfg.model.channel_groups = {**groups, **cfg.model.channel_groups}
+    if not cfg.model.channel_vocabulary:
+        cfg.model.channel_vocabulary = sorted(groups)
 
 
 def run_pretraining(cfg: Config):
@@ -24,6 +39,7 @@ def run_pretraining(cfg: Config):
     if "://" in cfg.train.storage_path:
         raise ConfigError("train.storage_path: only local paths are supported by this version")
     manifest = load_manifests([cfg.data.train_manifest], storage_options=cfg.data.storage_options or None)
+    record_channel_metadata(cfg, manifest)
     run_dir = run_directory(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     # The resolved config lives beside the run (and inside every checkpoint).
@@ -31,7 +47,7 @@ def run_pretraining(cfg: Config):
     # Ray starts only after the inputs are known to be good: bad input fails in a second, not after start-up.
     init_ray(cfg.ray)
 
-    dataset = build_field_dataset(manifest, cfg.data, training=True, seed=cfg.train.seed)
+    pipeline = build_field_pipeline(manifest, cfg.data, training=True, seed=cfg.train.seed, name="train")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -43,7 +59,8 @@ def run_pretraining(cfg: Config):
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker,
+                                  **({"GPU": cfg.train.gpus_per_worker} if cfg.train.use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
             name=cfg.train.run_name,
@@ -52,6 +69,14 @@ def run_pretraining(cfg: Config):
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg.train.torch_threads)}},
         ),
-        datasets={"train": dataset},
+        datasets={"train": pipeline.dataset},
+        # Ray Train replaces a dataset's own execution options: pass the memory bounds here.
+        dataset_config=ray.train.DataConfig(execution_options=ingest_execution_options(cfg.data)),
     )
-    return trainer.fit()
+    result = trainer.fit()
+    if pipeline.monitor is not None:
+        summary = pipeline.monitor.summary()
+        if summary["bad_fields"]:
+            print(f"[cellfm] {len(summary['bad_fields'])} unreadable field(s) skipped: "
+                  + "; ".join(b["error"] for b in summary["bad_fields"][:10]), flush=True)
+    return result

@@ -1,0 +1,516 @@
+"""Data-path benchmark: how close the Ray Data pipeline gets to the practical limit of Zarr decoding.
+
+Measured in one run, on JUMP-sized fields (5 x 1080 x 1080 uint16, smooth content + noise,
+blosc-zstd shards as written by cellfm.data.plate), with repeats interleaved so the ratios
+compare like with like on a shared machine:
+
+  (a) raw   : read_field (Zarr decode) of the same fields in plain processes (one per core), no Ray
+  (b) ray   : the same raw reads inside Ray Data (normalization "none"), consumed by iter_batches
+  (c) full  : the full pipeline with each normalization (percentile 1/99, percentile 0.1/99.9,
+              clahe, standardize), float16 transfer; percentile also with uint8 transfer and zarrs
+  (d) naive : what a user writes otherwise: one TIFF per channel (tifffile) + np.percentile per
+              image in a PyTorch DataLoader with one worker per core
+
+plus peak memory (sum of RSS of the driver and all Ray processes, and Ray's object-store usage)
+streaming 1x and 10x the plates (10x = hard-linked copies under other plate names: same bytes on
+disk, 10x the fields through the pipeline), and crops/s of the batched MultiCrop against loops
+over images. Writes benchmarks/results/pipeline.json.
+
+    python benchmarks/pipeline.py                      # ~5-8 min on 2 cores, first run writes ~2 GB of plates
+    python benchmarks/pipeline.py --quick              # smaller smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parent.parent
+CHANNELS = ["DNA", "ER", "RNA", "AGP", "Mito"]
+MB = 1024 * 1024
+
+
+# ------------------------------------------------------------------------------------ data set
+
+
+def _base_fields(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """Smooth multi-scale blobs per channel (cell-like intensity structure), uint16."""
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        field = np.zeros((len(CHANNELS), size, size), np.float32)
+        for grid, weight in ((12, 0.6), (48, 0.4)):
+            low = torch.from_numpy(rng.gamma(1.5, 1.0, (1, len(CHANNELS), grid, grid)).astype(np.float32))
+            field += weight * F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False)[0].numpy()
+        out.append(np.clip(field * 900 + 150, 0, 60000).astype(np.uint16))
+    return np.stack(out)
+
+
+def _write_plate(args) -> None:
+    uri, name, wells, n_fields, size, seed = args
+    from cellfm.data.plate import create_plate, write_field
+
+    create_plate(uri, name, wells, n_fields, CHANNELS, (size, size))
+    rng = np.random.default_rng(seed)
+    bases = _base_fields(4, size, seed)
+    noise = rng.normal(0, 25, (len(CHANNELS), size, size)).astype(np.float32)
+    for i, (row, col) in enumerate(wells):
+        for f in range(n_fields):
+            k = i * n_fields + f
+            shift = rng.integers(0, size, 2)
+            field = np.roll(bases[k % len(bases)], tuple(shift), axis=(1, 2)).astype(np.float32)
+            field += np.roll(noise, int(rng.integers(0, size)), axis=2)
+            write_field(uri, row, col, f, np.clip(field, 0, 65535).astype(np.uint16))
+
+
+def _manifest_rows(uri: str, plate: str, wells, n_fields: int, size: int) -> list[dict]:
+    return [dict(source="bench", plate=plate, well=f"{r}{c}", row=r, col=c, field=f, store_uri=uri,
+                 channel_names=list(CHANNELS), channel_groups=["context"] * len(CHANNELS), height=size, width=size,
+                 dtype="uint16", perturbation_id="DMSO", moa="control", is_control=True, dose=0.0,
+                 cell_line="U2OS", batch="B1")
+            for r, c in wells for f in range(n_fields)]
+
+
+def make_dataset(root: Path, n_plates: int, n_wells: int, n_fields: int, size: int, copies: int, n_tiff: int):
+    """Plates (cached under root), a 1x and a `copies`x manifest, and per-channel TIFFs of the first fields."""
+    from cellfm.data.manifest import write_manifest
+
+    root.mkdir(parents=True, exist_ok=True)
+    wells = [("A", f"{i + 1:02d}") for i in range(n_wells)]
+    stamp = root / f"done-{n_plates}-{n_wells}-{n_fields}-{size}-{copies}-{n_tiff}"
+    rows = []
+    jobs = []
+    for p in range(n_plates):
+        name = f"BENCH-{p:02d}"
+        uri = str(root / f"{name}.zarr")
+        rows += _manifest_rows(uri, name, wells, n_fields, size)
+        jobs.append((uri, name, wells, n_fields, size, p))
+    manifest1 = pd.DataFrame(rows)
+    if not stamp.exists():
+        t0 = time.perf_counter()
+        with mp.get_context("spawn").Pool(2) as pool:
+            pool.map(_write_plate, jobs)
+        print(f"wrote {len(manifest1)} fields in {time.perf_counter() - t0:.0f} s", flush=True)
+    rows10 = list(rows)
+    for k in range(1, copies):
+        for p in range(n_plates):
+            name, copy_name = f"BENCH-{p:02d}", f"BENCH-{p:02d}-COPY{k}"
+            src, dst = root / f"{name}.zarr", root / f"{copy_name}.zarr"
+            if not stamp.exists() or not dst.exists():
+                shutil.rmtree(dst, ignore_errors=True)
+                subprocess.run(["cp", "-al", str(src), str(dst)], check=True)  # hard links: same bytes
+            rows10 += _manifest_rows(str(dst), copy_name, wells, n_fields, size)
+    manifest10 = pd.DataFrame(rows10)
+    tiff_dir = root / "tiff"
+    tiffs = []
+    if not stamp.exists():
+        import tifffile
+
+        from cellfm.data.plate import read_field
+
+        shutil.rmtree(tiff_dir, ignore_errors=True)
+        tiff_dir.mkdir()
+    for r in manifest1.iloc[:n_tiff].itertuples():
+        paths = [str(tiff_dir / f"{r.plate}_{r.well}_s{r.field}_{ch}.tif") for ch in CHANNELS]
+        if not stamp.exists():
+            image, _ = read_field(r.store_uri, r.row, r.col, r.field)
+            for path, plane in zip(paths, image):
+                tifffile.imwrite(path, plane)  # uncompressed, one file per channel, as microscopes write
+        tiffs.append(paths)
+    write_manifest(manifest1, root / "manifest1.parquet")
+    write_manifest(manifest10, root / "manifest10.parquet")
+    stamp.touch()
+    return manifest1, manifest10, tiffs
+
+
+# ------------------------------------------------------------------------------------ (a) raw decode
+
+
+def _read_fields(rows) -> int:
+    from cellfm.data.plate import read_field, use_zarrs
+
+    use_zarrs(False)
+    n = 0
+    for uri, row, col, field in rows:
+        image, _ = read_field(uri, row, col, field)
+        n += image.shape[0] > 0
+    return n
+
+
+def measure_raw(pool, manifest: pd.DataFrame, workers: int) -> float:
+    rows = [(r.store_uri, r.row, r.col, int(r.field)) for r in manifest.itertuples()]
+    chunks = [rows[i::workers] for i in range(workers)]
+    t0 = time.perf_counter()
+    n = sum(pool.map(_read_fields, chunks))
+    return n / (time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------ (b, c) Ray Data
+
+
+def measure_ray(manifest: pd.DataFrame, cfg, batch_size: int = 16) -> float:
+    from cellfm.data.pipeline import build_field_dataset
+
+    ds = build_field_dataset(manifest, cfg, training=False)
+    t0 = time.perf_counter()
+    n = 0
+    for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        n += len(batch["image"])
+    return n / (time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------ (d) naive TIFF
+
+
+class NaiveTiffDataset:
+    """What one writes without a pipeline: per-channel TIFFs, np.percentile per image, float32."""
+
+    def __init__(self, tiffs):
+        self.tiffs = tiffs
+
+    def __len__(self):
+        return len(self.tiffs)
+
+    def __getitem__(self, i):
+        import tifffile
+        import torch
+
+        image = np.stack([tifffile.imread(p) for p in self.tiffs[i]]).astype(np.float32)
+        lo, hi = np.percentile(image.reshape(len(image), -1), [1, 99], axis=1)
+        image = np.clip((image - lo[:, None, None]) / np.maximum(hi - lo, 1e-6)[:, None, None], 0, 1)
+        return torch.from_numpy(image.astype(np.float32))
+
+
+def measure_naive(loader) -> float:
+    t0 = time.perf_counter()
+    n = 0
+    for batch in loader:
+        n += len(batch)
+    return n / (time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------ memory
+
+
+class MemorySampler:
+    """Peak sum of RSS over the driver + every Ray process, and peak object-store usage."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval = interval
+        self.peak_rss = 0
+        self.peak_store = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _ray_processes():
+        import psutil
+
+        me = psutil.Process()
+        procs = [me]
+        for p in psutil.process_iter(["name", "cmdline"]):
+            try:
+                cmd = " ".join(p.info["cmdline"] or [])
+                if p.pid != me.pid and ("ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd
+                                        or "ray/_private" in cmd or (p.info["name"] or "").startswith("ray::")):
+                    procs.append(p)
+            except Exception:  # noqa: BLE001
+                pass
+        return procs
+
+    @staticmethod
+    def object_store_bytes() -> int:
+        from ray._private.internal_api import memory_summary
+
+        text = memory_summary(stats_only=True)
+        match = re.search(r"Plasma memory usage (\d+) MiB", text)
+        return int(match.group(1)) * MB if match else 0
+
+    def _run(self):
+        n = 0
+        while not self._stop.is_set():
+            total = 0
+            for p in self._ray_processes():
+                try:
+                    total += p.memory_info().rss
+                except Exception:  # noqa: BLE001
+                    pass
+            self.peak_rss = max(self.peak_rss, total)
+            if n % 2 == 0:
+                try:
+                    self.peak_store = max(self.peak_store, self.object_store_bytes())
+                except Exception:  # noqa: BLE001
+                    pass
+            n += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.thread.join()
+
+
+def measure_memory(manifest: pd.DataFrame, cfg) -> dict:
+    with MemorySampler() as sampler:
+        rate = measure_ray(manifest, cfg)
+    return {"fields": len(manifest), "fields_per_s": rate, "peak_rss_mb": sampler.peak_rss / MB,
+            "peak_object_store_mb": sampler.peak_store / MB}
+
+
+# ------------------------------------------------------------------------------------ multi-crop
+
+
+def _per_view_loop(images, global_size, local_size, n_local, gen):
+    """torchvision-style: per image, per view, crop a random box, resize, flip/rotate, jitter."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    B, C, H, W = images.shape
+    views_g, views_l = [], []
+    for b in range(B):
+        for size, scale, n, out in ((global_size, (0.32, 1.0), 2, views_g), (local_size, (0.05, 0.32), n_local, views_l)):
+            for _ in range(n):
+                area = H * W * float(torch.empty(1).uniform_(*scale, generator=gen))
+                ratio = math.exp(float(torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)))
+                w = min(W, int(round(math.sqrt(area * ratio))))
+                h = min(H, int(round(math.sqrt(area / ratio))))
+                y = int(torch.randint(0, H - h + 1, (1,), generator=gen))
+                x = int(torch.randint(0, W - w + 1, (1,), generator=gen))
+                view = F.interpolate(images[b:b + 1, :, y:y + h, x:x + w], size=(size, size), mode="bilinear",
+                                     align_corners=False)[0]
+                if torch.rand(1, generator=gen) < 0.5:
+                    view = view.flip(-1)
+                view = torch.rot90(view, int(torch.randint(0, 4, (1,), generator=gen)), dims=(-2, -1))
+                gain = 1 + 0.2 * (2 * torch.rand(C, 1, 1, generator=gen) - 1)
+                view = view * gain
+                out.append(view)
+    return torch.stack(views_g), torch.stack(views_l)
+
+
+def measure_multicrop(batch: int, channels: int, size: int, global_size: int, local_size: int, n_local: int,
+                      repeats: int) -> dict:
+    import torch
+
+    from cellfm.ssl.multicrop import MultiCrop
+
+    torch.manual_seed(0)
+    images = torch.rand(batch, channels, size, size)
+    mask = torch.ones(batch, channels, dtype=torch.bool)
+    mask[::2, -1] = False
+    images[~mask] = 0
+    crop = MultiCrop(global_size, local_size, n_local)
+    gen = torch.Generator().manual_seed(0)
+    views = batch * (2 + n_local)
+
+    def batched():
+        crop(images, generator=gen, channel_mask=mask)
+
+    def per_image():
+        for b in range(batch):
+            crop(images[b:b + 1], generator=gen, channel_mask=mask[b:b + 1])
+
+    def per_view():
+        _per_view_loop(images, global_size, local_size, n_local, gen)
+
+    result = {"batch": batch, "channels": channels, "input": size, "global": global_size, "local": local_size,
+              "n_local": n_local, "crops_per_call": views}
+    times = {k: [] for k in ("batched", "per_image_multicrop", "per_image_per_view")}
+    for fn in (batched, per_image, per_view):
+        fn()  # warm-up
+    for _ in range(repeats):  # interleaved
+        for key, fn in (("batched", batched), ("per_image_multicrop", per_image), ("per_image_per_view", per_view)):
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    for key, ts in times.items():
+        result[f"{key}_crops_per_s"] = views / float(np.median(ts))
+    result["speedup_vs_per_image_multicrop"] = result["batched_crops_per_s"] / result["per_image_multicrop_crops_per_s"]
+    result["speedup_vs_per_image_per_view"] = result["batched_crops_per_s"] / result["per_image_per_view_crops_per_s"]
+    return result
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default="/tmp/cellfm-bench-pipeline", help="where plates/TIFFs are cached")
+    parser.add_argument("--plates", type=int, default=4)
+    parser.add_argument("--wells", type=int, default=12)
+    parser.add_argument("--fields", type=int, default=4, help="fields per well")
+    parser.add_argument("--size", type=int, default=1080)
+    parser.add_argument("--copies", type=int, default=10, help="the 'many plates' run streams this many x the plates")
+    parser.add_argument("--measure-fields", type=int, default=96, help="fields per throughput repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "pipeline.json"))
+    parser.add_argument("--quick", action="store_true", help="small smoke run (not for reporting)")
+    args = parser.parse_args()
+    if args.quick:
+        args.plates, args.wells, args.fields, args.size, args.copies = 2, 2, 2, 256, 3
+        args.measure_fields, args.repeats, args.root = 8, 1, args.root + "-quick"
+
+    import ray
+    import torch
+    from torch.utils.data import DataLoader
+
+    from cellfm.config import DataConfig
+    from cellfm.data.plate import use_zarrs
+
+    cores = os.cpu_count() or 1
+    t_start = time.perf_counter()
+    manifest1, manifest10, tiffs = make_dataset(Path(args.root), args.plates, args.wells, args.fields, args.size,
+                                                args.copies, n_tiff=min(args.measure_fields, args.plates * args.wells * args.fields))
+    subset = manifest1.iloc[: args.measure_fields]
+    field_mb = len(CHANNELS) * args.size * args.size * 2 / MB  # raw uint16 bytes per field
+
+    # (a) and (d) workers start before Ray (spawn: no forked zarr/ray threads), one per core, kept warm.
+    pool = mp.get_context("spawn").Pool(cores)
+    pool.map(_read_fields, [[(r.store_uri, r.row, r.col, int(r.field))] for r in subset.iloc[:cores].itertuples()])
+    naive_loader = DataLoader(NaiveTiffDataset(tiffs), batch_size=16, num_workers=cores, persistent_workers=True,
+                              multiprocessing_context="spawn")
+    measure_naive(naive_loader)  # warm-up (worker start)
+
+    import ray.data
+
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.data.DataContext.get_current().print_on_execution_start = False
+    base = dict(read_cpus=1.0, read_batch_size=4, progress_interval_s=0.0)
+    configs = {
+        "b_ray_raw": DataConfig(normalization="none", **base),
+        "c_percentile": DataConfig(normalization="percentile", **base),
+        "c_percentile_0.1_99.9": DataConfig(normalization="percentile", clip_low=0.1, clip_high=99.9, **base),
+        "c_percentile_uint8": DataConfig(normalization="percentile", transfer_dtype="uint8", **base),
+        "c_clahe": DataConfig(normalization="clahe", **base),
+        "c_standardize": DataConfig(normalization="standardize", **base),
+    }
+    zarrs_available = use_zarrs(True)
+    use_zarrs(False)
+    if zarrs_available:
+        configs["c_percentile_zarrs"] = DataConfig(normalization="percentile", use_zarrs=True, **base)
+    # uint8 transfer is a training-stream option: measure it through a training=False-equivalent path.
+    measure_ray(subset.iloc[:8], configs["c_percentile"])  # warm-up: Ray workers start
+
+    rates: dict[str, list[float]] = {"a_raw_zarr_processes": [], "d_naive_tiff_dataloader": [],
+                                     **{k: [] for k in configs}}
+    for rep in range(args.repeats):
+        rates["a_raw_zarr_processes"].append(measure_raw(pool, subset, cores))
+        for name, cfg in configs.items():
+            fields = subset.iloc[: max(8, args.measure_fields // 2)] if name == "c_clahe" else subset
+            if name == "c_percentile_uint8":
+                rates[name].append(_measure_training_stream(fields, cfg))
+            else:
+                rates[name].append(measure_ray(fields, cfg))
+        rates["d_naive_tiff_dataloader"].append(measure_naive(naive_loader))
+        print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()), flush=True)
+    pool.close()
+    del naive_loader
+
+    throughput = {}
+    for name, values in rates.items():
+        median = float(np.median(values))
+        throughput[name] = {"fields_per_s": median, "fields_per_s_per_core": median / cores,
+                            "mb_per_s": median * field_mb, "repeats": [round(v, 2) for v in values]}
+    a = throughput["a_raw_zarr_processes"]["fields_per_s"]
+    b = throughput["b_ray_raw"]["fields_per_s"]
+    c = throughput["c_percentile"]["fields_per_s"]
+    d = throughput["d_naive_tiff_dataloader"]["fields_per_s"]
+
+    # Memory: the full percentile pipeline over 1x and 10x the plates (10x the fields).
+    mem_cfg = DataConfig(normalization="percentile", object_store_limit_mb=1024, **base)
+    memory_1x = measure_memory(manifest1, mem_cfg)
+    memory_10x = measure_memory(manifest10, mem_cfg)
+    print(f"memory 1x {memory_1x}\nmemory 10x {memory_10x}", flush=True)
+
+    torch.set_num_threads(cores)
+    multicrop = {
+        "demo_64px": measure_multicrop(64, 5, 128, 64, 32, 4, repeats=5),
+        "jump_224px": measure_multicrop(16, 5, 512, 224, 96, 6, repeats=3),
+    }
+    print(json.dumps(multicrop, indent=1), flush=True)
+
+    ratios = {
+        "c_percentile_over_b_ray_raw": c / b,
+        "c_percentile_over_a_raw": c / a,
+        "c_percentile_over_d_naive": c / d,
+        "b_ray_raw_over_a_raw": b / a,
+        "c_percentile_uint8_over_b_ray_raw": throughput["c_percentile_uint8"]["fields_per_s"] / b,
+        "peak_rss_10x_over_1x": memory_10x["peak_rss_mb"] / memory_1x["peak_rss_mb"],
+        "peak_object_store_10x_over_1x": (memory_10x["peak_object_store_mb"] / memory_1x["peak_object_store_mb"]
+                                          if memory_1x["peak_object_store_mb"] else None),
+        "multicrop_batched_over_per_image": multicrop["demo_64px"]["speedup_vs_per_image_multicrop"],
+    }
+    targets = {
+        "c_percentile >= 0.75 x b_ray_raw": ratios["c_percentile_over_b_ray_raw"] >= 0.75,
+        "c_percentile >= 0.5 x a_raw": ratios["c_percentile_over_a_raw"] >= 0.5,
+        "c_percentile >= 2 x d_naive": ratios["c_percentile_over_d_naive"] >= 2.0,
+        "peak memory 10x < 1.25 x 1x": ratios["peak_rss_10x_over_1x"] < 1.25,
+        "multicrop batched >= 5 x per-image loop": ratios["multicrop_batched_over_per_image"] >= 5.0,
+    }
+    result = {
+        "benchmark": "cellfm data pipeline",
+        "machine": {"cores": cores, "python": sys.version.split()[0], "platform": platform.platform(),
+                    "ray": ray.__version__, "torch": torch.__version__, "zarrs": zarrs_available},
+        "dataset": {"field_shape": [len(CHANNELS), args.size, args.size], "dtype": "uint16",
+                    "codec": "sharded zarr v3, one shard per field, 256x256 inner chunks, blosc-zstd(5)+bitshuffle, crc32c",
+                    "plates_1x": args.plates, "fields_1x": len(manifest1), "plates_10x": args.plates * args.copies,
+                    "fields_10x": len(manifest10), "fields_per_throughput_repeat": len(subset),
+                    "raw_mb_per_field": field_mb,
+                    "note": "10x plates are hard-linked copies of the 1x plates under other names (same page cache)"},
+        "settings": {"ray_num_cpus": cores, "read_cpus": base["read_cpus"], "read_batch_size": base["read_batch_size"],
+                     "consumer": "driver ds.iter_batches(batch_size=16, numpy) (b, c); DataLoader(batch 16, "
+                                 f"{cores} workers) (d); Pool({cores}) of read_field (a)",
+                     "repeats_interleaved": args.repeats, "memory_object_store_limit_mb": 1024},
+        "throughput": throughput,
+        "memory": {"1x": memory_1x, "10x": memory_10x},
+        "multicrop": multicrop,
+        "ratios": ratios,
+        "targets_met": targets,
+        "runtime_s": time.perf_counter() - t_start,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({"ratios": ratios, "targets_met": targets}, indent=2))
+    print(f"wrote {out} in {result['runtime_s']:.0f} s")
+    ray.shutdown()
+
+
+def _measure_training_stream(manifest: pd.DataFrame, cfg, batch_size: int = 16) -> float:
+    """A training stream (uint8 transfer applies to training only) without permutation, consumed
+    like (b)/(c) with iter_batches on the driver."""
+    import dataclasses
+
+    from cellfm.data.pipeline import build_field_dataset
+
+    ds = build_field_dataset(manifest, dataclasses.replace(cfg, channel_permutation=False), training=True, seed=0)
+    t0 = time.perf_counter()
+    n = 0
+    for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        n += len(batch["image"])
+    return n / (time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""C3R: context/concept channel grouping with per-group branch encoders, a channel-mean combiner and a
+joint ViT encoder (DESIGN §4; reference: github umarikkar/C3R, models/vision_transformer_cce.py).
+
+Channels are split by *name* into a context group (e.g. DNA, ER, microtubules: where things are) and a
+concept group (e.g. the protein / stain of interest). Every channel is embedded and encoded alone with
+its group's weights (cost linear in C), the channels of a group are averaged, and the two group means
+(each D/2 wide) are concatenated into one D-wide token sequence for the joint encoder."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from cellfm.models.vit import (
+    Block,
+    LayerNorm,
+    check_channel_mask,
+    drop_path_rates,
+    check_image,
+    check_patch_mask,
+    grid_of,
+    init_weights_trunc_normal,
+    interpolate_pos_embed,
+    normalize_channel_names,
+    zero_touch,
+)
+
+GROUPS = ("context", "concept")
+
+
+class C3R(nn.Module):
+    """Context-concept channel-adaptive ViT.
+
+    Per group g in (context, concept), with weights shared by all channels of that group:
+      stem      InstanceNorm2d(1, affine=False) -> Conv2d(1 -> D/2, kernel=stride=patch_size)
+      tokens    [CLS_g, patches] + the group's half of one positional embedding (context: [:D/2],
+                concept: [D/2:]); CLS, mask token and positions are likewise split in halves;
+                no channel-identity embedding anywhere
+      f_c       n_pre pre-norm blocks at width D/2, run on every channel independently
+    combiner g  per sample and group: mean over that group's real channels (CLS and patch tokens),
+                concat(context mean, concept mean) -> LayerNorm(D)
+    f_s         depth - n_pre // 2 blocks at width D (+ optional registers), final LayerNorm.
+
+    Two f_c blocks at D/2 (x 2 groups) hold as many weights as one block at D, so with n_pre = 2 the
+    model has the parameter count of a `depth`-block ViT of width D (the C3R rule: joint depth 11 for
+    ViT-S/B).
+
+    Missing group. The reference code assumes both groups present (an empty group's mean is over zero
+    channels: NaN / shape error). Here a sample whose group has no real channel (a 1-channel brightfield
+    image, or MCD dropping every context channel) gets that group's learned `absent_token` (D/2,
+    broadcast over CLS and all patch positions) in place of the group mean; the other half carries the
+    image. The absent tokens are trained whenever such inputs occur in training.
+
+    Heads: f_c uses max(1, num_heads // 2) heads at D/2 (keeps head_dim = 64 for ViT-S/B); the reference
+    code keeps num_heads (head_dim 32). Head count does not change the parameter count."""
+
+    def __init__(
+        self,
+        channel_groups: Mapping[str, str] | None = None,
+        img_size: int = 224,
+        patch_size: int = 16,
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        n_pre: int = 2,
+        num_register_tokens: int = 0,
+        drop_path_rate: float = 0.0,
+        layerscale_init: float | None = 1e-5,
+        qkv_bias: bool = True,
+        branch_num_heads: int | None = None,
+    ):
+        """channel_groups: channel name -> "context" | "concept" (config `model.channel_groups`); may be
+        changed later with set_channel_groups (e.g. at inference for unseen stains)."""
+        super().__init__()
+        if embed_dim % 2:
+            raise ValueError(f"C3R needs an even embed_dim (two halves of D/2), got {embed_dim}")
+        if n_pre < 0:
+            raise ValueError(f"n_pre must be >= 0, got {n_pre}")
+        joint_depth = depth - n_pre // 2
+        if joint_depth < 1:
+            raise ValueError(f"depth={depth} leaves no joint block for n_pre={n_pre} (joint depth = depth - n_pre // 2)")
+        self.channel_groups: dict[str, str] = {}
+        self.set_channel_groups(channel_groups or {})
+        self.embed_dim = embed_dim
+        self.half = embed_dim // 2
+        self.patch_size = patch_size
+        self.n_pre = n_pre
+        self.joint_depth = joint_depth
+        self.num_register_tokens = num_register_tokens
+        self.grid_size = grid_of(img_size, patch_size)
+        half = self.half
+        branch_heads = branch_num_heads or max(1, num_heads // 2)
+
+        self.stems = nn.ModuleDict(
+            {
+                g: nn.Sequential(
+                    nn.InstanceNorm2d(1, affine=False),
+                    nn.Conv2d(1, half, kernel_size=patch_size, stride=patch_size),
+                )
+                for g in GROUPS
+            }
+        )
+        # One D-wide CLS / position / mask token; group i uses the half [i*D/2:(i+1)*D/2].
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        self.absent_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+
+        drop_rates = drop_path_rates(drop_path_rate, n_pre + joint_depth)
+        self.branches = nn.ModuleDict(
+            {
+                g: nn.ModuleList(
+                    Block(half, branch_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=drop_rates[i],
+                          layerscale_init=layerscale_init)
+                    for i in range(n_pre)
+                )
+                for g in GROUPS
+            }
+        )
+        self.combiner_norm = LayerNorm(embed_dim)
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens > 0 else None
+        )
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=drop_rates[n_pre + i],
+                  layerscale_init=layerscale_init)
+            for i in range(joint_depth)
+        )
+        self.norm = LayerNorm(embed_dim)
+
+        for p in (self.pos_embed, self.cls_token, self.cls_pos_embed, self.register_tokens, self.absent_token):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
+        self.apply(init_weights_trunc_normal)
+
+    # -- channel grouping -------------------------------------------------------------------------
+
+    def set_channel_groups(self, channel_groups: Mapping[str, str]) -> None:
+        """Replace the name -> group mapping (no parameter depends on it)."""
+        bad = {k: v for k, v in dict(channel_groups).items() if v not in GROUPS}
+        if bad:
+            raise ValueError(f"channel_groups values must be one of {list(GROUPS)}, got {bad}")
+        self.channel_groups = {str(k): str(v) for k, v in dict(channel_groups).items()}
+
+    def group_ids(self, channel_names: list[list[str]], channel_mask: Tensor | None, device) -> Tensor:
+        """(B, C) long: 0 = context, 1 = concept, -1 = masked channel (its name is not looked up)."""
+        ids = []
+        for b, row in enumerate(channel_names):
+            out = []
+            for c, name in enumerate(row):
+                if channel_mask is not None and not bool(channel_mask[b, c]):
+                    out.append(-1)
+                    continue
+                group = self.channel_groups.get(name)
+                if group is None:
+                    raise ValueError(
+                        f"C3R: channel {name!r} (sample {b}, channel {c}) has no context/concept group; known "
+                        f"mapping (model.channel_groups): {self.channel_groups or '{} (empty)'}. Add it to "
+                        f"model.channel_groups, e.g. model.channel_groups={{{name!r}: context}}"
+                    )
+                out.append(GROUPS.index(group))
+            ids.append(out)
+        return torch.tensor(ids, dtype=torch.long, device=device)
+
+    def num_patch_tokens(self, img_size: int | tuple[int, int]) -> int:
+        """N of the output `patch` (and of patch_mask): L, independent of the channel count."""
+        h, w = grid_of(img_size, self.patch_size)
+        return h * w
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: Tensor,
+        channel_names=None,
+        channel_mask: Tensor | None = None,
+        patch_mask: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """x: (B, C, H, W), any C >= 1; channel_names: B lists of C names (or one list shared by the
+        batch), required, each real name must be in channel_groups; channel_mask: (B, C) bool, False =
+        padding / dropped (MCD): such channels are not computed and excluded from the group means;
+        patch_mask: (B, L) bool, True = every channel's patch token at that grid position is replaced by
+        the group's half of mask_token before the branch encoders (as in C3R).
+        Returns final-normed cls (B, D), patch (B, L, D), registers (B, R, D)."""
+        h = self.prepare_tokens(x, channel_names, channel_mask, patch_mask)
+        for blk in self.blocks:
+            h = blk(h)
+        h = self.norm(h)
+        R = self.num_register_tokens
+        return {"cls": h[:, 0], "registers": h[:, 1 : 1 + R], "patch": h[:, 1 + R :]}
+
+    def embed_channels(self, planes: Tensor, group: int, grid: tuple[int, int],
+                       patch_mask: Tensor | None = None) -> Tensor:
+        """Stem + tokens of one group: planes (n, 1, H, W) -> (n, 1 + L, D/2) = [CLS, patches] + positions.
+        patch_mask: (n, L) bool per plane."""
+        g = GROUPS[group]
+        sl = slice(group * self.half, (group + 1) * self.half)
+        tokens = self.stems[g](planes).flatten(2).transpose(1, 2)  # (n, L, D/2)
+        if patch_mask is not None:
+            mask_tok = self.mask_token[:, sl].to(tokens.dtype).unsqueeze(0)
+            tokens = torch.where(patch_mask.unsqueeze(-1), mask_tok, tokens)
+        pos = interpolate_pos_embed(self.pos_embed, self.grid_size, grid)[:, :, sl]
+        cls = (self.cls_token + self.cls_pos_embed)[:, :, sl].expand(tokens.shape[0], -1, -1)
+        return torch.cat([cls, tokens + pos], dim=1)
+
+    def prepare_tokens(
+        self,
+        x: Tensor,
+        channel_names=None,
+        channel_mask: Tensor | None = None,
+        patch_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Stems, branch encoders and combiner: (B, C, H, W) -> (B, 1 + R + L, D) input of the joint encoder."""
+        B, C, H, W = check_image(x, "C3R")
+        grid = grid_of((H, W), self.patch_size)
+        L = grid[0] * grid[1]
+        check_channel_mask(channel_mask, B, C)
+        check_patch_mask(patch_mask, B, L)
+        names = normalize_channel_names(channel_names, B, C, "C3R")
+        if names is None:
+            raise ValueError(
+                "C3R needs channel_names (B lists of C names) to split channels into context/concept groups"
+            )
+        ids = self.group_ids(names, channel_mask, x.device)  # (B, C)
+
+        halves, unused = [], []
+        for group, g in enumerate(GROUPS):
+            sl = slice(group * self.half, (group + 1) * self.half)
+            absent = self.absent_token[:, :, sl].to(x.dtype).expand(B, 1 + L, -1)
+            member = ids == group  # (B, C)
+            count = member.sum(dim=1)  # (B,)
+            if not bool(member.any()):
+                # Nobody in the batch has this group: no compute; its weights stay in the graph (DDP).
+                halves.append(absent)
+                unused += list(self.stems[g].parameters()) + list(self.branches[g].parameters())
+                continue
+            b_idx, c_idx = member.nonzero(as_tuple=True)  # real channels of this group, flattened
+            planes = x[b_idx, c_idx].unsqueeze(1)  # (n, 1, H, W)
+            tokens = self.embed_channels(planes, group, grid, None if patch_mask is None else patch_mask[b_idx])
+            for blk in self.branches[g]:
+                tokens = blk(tokens)  # every channel alone: cost linear in C
+            summed = tokens.new_zeros(B, 1 + L, self.half).index_add_(0, b_idx, tokens)
+            mean = summed / count.clamp_min(1).to(tokens.dtype)[:, None, None]
+            present = (count > 0)[:, None, None]
+            halves.append(torch.where(present, mean, absent))
+            if bool(present.all()):
+                unused.append(self.absent_token)
+
+        h = self.combiner_norm(torch.cat(halves, dim=-1))  # (B, 1 + L, D)
+        if torch.is_grad_enabled():
+            unused += [self.mask_token] if patch_mask is None else []
+            h = h + zero_touch(unused)  # keeps DDP (find_unused_parameters=False) happy
+        if self.register_tokens is not None:
+            h = torch.cat([h[:, :1], self.register_tokens.expand(B, -1, -1), h[:, 1:]], dim=1)
+        return h
