@@ -30,7 +30,9 @@ C3R_GROUPS = "{DNA: context, ER: context, RNA: context, AGP: context, Mito: conc
 IBOT = ["ssl.objective=ibot", "ssl.kl_uniform_weight=0.0"]
 MODELS = {
     "cellrep": ["ssl.objective=dino"],
-    "c3r": [*IBOT, "ssl.mcd=true", f"model.channel_groups={C3R_GROUPS}"],
+    # C3R also trains the weakly supervised SupCon term on a manifest column, end to end.
+    "c3r": [*IBOT, "ssl.mcd=true", f"model.channel_groups={C3R_GROUPS}", "ssl.supcon_weight=0.1",
+            "ssl.supcon_label=perturbation_id"],
     "vit_rgb": IBOT,
     "channelvit": [*IBOT, "model.channel_vocabulary=[DNA, ER, RNA, AGP, Mito]"],
     "single_channel": IBOT,
@@ -67,6 +69,8 @@ def test_every_model_pretrains_lowers_loss_and_evaluates(model, ray_session, smo
     assert losses[-1] < losses[0], f"{model}: loss did not decrease over {EPOCHS} epochs: {losses}"
     if cfg.ssl.objective == "ibot":
         assert result.metrics["ibot"] > 0
+    if cfg.ssl.supcon_weight > 0:
+        assert result.metrics["supcon"] > 0
 
     ckpt = latest_checkpoint(run_directory(cfg))
     report, paths = run_evaluation(cfg, ckpt)

@@ -185,6 +185,9 @@ class EvalConfig:
     test_fraction: float = 0.5
     split_seed: int = 0
     batch_size: int = 32
+    # Side length fields are resized to before embedding; 0 = as stored (native resolution; the
+    # backbone interpolates its positional embedding).
+    image_size: int = 0
     embed_actors: int = 1
     random_init_seed: int = 0
     output_dir: str = "demo_output/report"
@@ -254,6 +257,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     for key in _POSITIVE:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{source}: {key} must be > 0, got {_get(cfg, key)!r}")
+    if cfg.eval.image_size < 0 or cfg.eval.image_size % cfg.model.patch_size:
+        raise ConfigError(f"{source}: eval.image_size={cfg.eval.image_size} must be 0 or a multiple of model.patch_size")
     for key in ("model.mixer_depth", "ssl.n_local_crops", "train.max_failures", "model.num_register_tokens"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"{source}: {key} must be >= 0, got {_get(cfg, key)!r}")

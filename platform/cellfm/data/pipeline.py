@@ -442,6 +442,7 @@ class FieldBatch:
     images: "torch.Tensor"  # (B, C, H, W) float32
     channel_names: list[list[str]]
     channel_mask: "torch.Tensor | None" = None  # (B, C) bool, True = real channel
+    labels: list[str] | None = None  # per sample, the weak label column (ssl.supcon_label) when carried
 
 
 def to_float_images(images: np.ndarray):
@@ -454,9 +455,11 @@ def to_float_images(images: np.ndarray):
     return tensor.to(torch.float32)
 
 
-def iter_training_batches(shard, cfg: DataConfig, batch_size: int, device) -> Iterator[FieldBatch]:
+def iter_training_batches(shard, cfg: DataConfig, batch_size: int, device,
+                          label_column: str = "") -> Iterator[FieldBatch]:
     """One epoch of a Ray Train dataset shard as FieldBatches of exactly `batch_size` samples
-    (the remainder is dropped so every rank runs the same number of steps)."""
+    (the remainder is dropped so every rank runs the same number of steps). `label_column`: a
+    manifest column carried by the dataset (keep_columns) to hand out as per-sample labels."""
     import torch
 
     for data in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
@@ -469,4 +472,5 @@ def iter_training_batches(shard, cfg: DataConfig, batch_size: int, device) -> It
             images=to_float_images(data["image"]).to(device),
             channel_names=[names.split(CHANNEL_SEPARATOR) for names in data["channel_names"]],
             channel_mask=channel_mask,
+            labels=[str(v) for v in data[label_column]] if label_column else None,
         )

@@ -27,23 +27,21 @@ class EncoderSpec:
     model: dict | None = None
     seed: int = 0
 
-    def build(self) -> tuple[torch.nn.Module, int]:
+    def build(self) -> torch.nn.Module:
         from cellfm.models.registry import build_backbone
         from cellfm.train.checkpoint import load_inference_backbone
 
         if self.checkpoint_dir is not None:
-            backbone, cfg = load_inference_backbone(self.checkpoint_dir)
-            return backbone, cfg.model.img_size
-        model_cfg = ModelConfig(**self.model)
+            return load_inference_backbone(self.checkpoint_dir)[0]
         torch.manual_seed(self.seed)
-        return build_backbone(model_cfg).eval(), model_cfg.img_size
+        return build_backbone(ModelConfig(**self.model)).eval()
 
 
-def field_embedding(backbone: torch.nn.Module, images: torch.Tensor, image_size: int,
+def field_embedding(backbone: torch.nn.Module, images: torch.Tensor, image_size: int = 0,
                     channel_names: list[list[str]] | None = None, channel_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(N, C, H, W) in [0, 1] -> (N, 2D): CLS token concatenated with the mean patch token (the
-    DINOv2 linear-probe feature), on the whole field resized to the training resolution."""
-    if images.shape[-1] != image_size or images.shape[-2] != image_size:
+    DINOv2 linear-probe feature) of the whole field, resized to image_size x image_size unless 0."""
+    if image_size and (images.shape[-1] != image_size or images.shape[-2] != image_size):
         images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
     # Padded channels (mixed channel counts) are masked out; without padding the mask is all True.
     if channel_mask is not None and bool(channel_mask.all()):
@@ -55,8 +53,9 @@ def field_embedding(backbone: torch.nn.Module, images: torch.Tensor, image_size:
 class FieldEmbedder:
     """Actor-pool UDF: loads every encoder once per actor, adds an `embedding_<name>` column each."""
 
-    def __init__(self, encoders: list[EncoderSpec], torch_threads: int = 1):
+    def __init__(self, encoders: list[EncoderSpec], image_size: int = 0, torch_threads: int = 1):
         torch.set_num_threads(torch_threads)
+        self.image_size = image_size
         self.encoders = {spec.name: spec.build() for spec in encoders}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -65,13 +64,13 @@ class FieldEmbedder:
         names = [n.split(CHANNEL_SEPARATOR) for n in batch.pop("channel_names")]
         mask = torch.from_numpy(batch.pop("channel_mask")) if "channel_mask" in batch else None
         with torch.inference_mode():
-            for name, (backbone, size) in self.encoders.items():
-                batch[f"embedding_{name}"] = field_embedding(backbone, images, size, names, mask).numpy()
+            for name, backbone in self.encoders.items():
+                batch[f"embedding_{name}"] = field_embedding(backbone, images, self.image_size, names, mask).numpy()
         return batch
 
 
 def embed_manifest(manifest: pd.DataFrame, data_cfg: DataConfig, encoders: list[EncoderSpec],
-                   batch_size: int = 32, actors: int = 1) -> pd.DataFrame:
+                   batch_size: int = 32, actors: int = 1, image_size: int = 0) -> pd.DataFrame:
     """One row per field: METADATA_COLUMNS + an `embedding_<name>` array column per encoder."""
     import ray.data
 
@@ -79,7 +78,7 @@ def embed_manifest(manifest: pd.DataFrame, data_cfg: DataConfig, encoders: list[
     ds = build_field_dataset(manifest, data_cfg, training=False, keep_columns=METADATA_COLUMNS)
     ds = ds.map_batches(
         FieldEmbedder,
-        fn_constructor_kwargs={"encoders": encoders},
+        fn_constructor_kwargs={"encoders": encoders, "image_size": image_size},
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1,

@@ -33,12 +33,14 @@ def run_evaluation(cfg: Config, checkpoint_dir: str | Path) -> tuple[dict, dict[
         "well_normalization": cfg.eval.well_normalization,
         "test_fraction": cfg.eval.test_fraction,
         "split_seed": cfg.eval.split_seed,
+        "image_size": cfg.eval.image_size or "native",
         "results": {},
     }
     for name, manifest in manifests.items():
         manifest_path = cfg.eval.manifests[name]
         print(f"[cellfm] embedding {len(manifest)} fields of '{name}' ({manifest_path})", flush=True)
-        fields = embed_manifest(manifest, cfg.data, encoders, batch_size=cfg.eval.batch_size, actors=cfg.eval.embed_actors)
+        fields = embed_manifest(manifest, cfg.data, encoders, batch_size=cfg.eval.batch_size,
+                                actors=cfg.eval.embed_actors, image_size=cfg.eval.image_size)
         scores: dict = {}
         n_wells = 0
         for spec in encoders:

@@ -22,7 +22,7 @@ from cellfm.ssl.ema import update_ema
 from cellfm.ssl.multicrop import MultiCrop
 from cellfm.ssl.schedules import cosine_schedule
 from cellfm.train.checkpoint import load_training_checkpoint, save_training_checkpoint
-from cellfm.train.self_distillation import build_objective, build_student_teacher
+from cellfm.train.self_distillation import build_objective, build_student_teacher, supcon_label
 
 # Parameters that get no weight decay besides biases and norm weights (all 1-D).
 _NO_DECAY_NAMES = ("pos_embed", "cls_token", "register_tokens")
@@ -152,7 +152,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         sums: dict[str, float] = {}
         n_steps, micro, wait_s, epoch_t0 = 0, 0, 0.0, time.perf_counter()
         t_wait = time.perf_counter()
-        for fields in iter_training_batches(shard, cfg.data, batch, device):
+        for fields in iter_training_batches(shard, cfg.data, batch, device, label_column=supcon_label(cfg)):
             t_step = time.perf_counter()
             wait_s += t_step - t_wait
             if n_steps == steps_per_epoch:
@@ -170,7 +170,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             with sync:
                 with autocast:
                     losses = objective(student_ddp, teacher, global_crops, local_crops, float(sched.teacher_temp[step]),
-                                       channel_names=fields.channel_names, channel_mask=fields.channel_mask)
+                                       channel_names=fields.channel_names, channel_mask=fields.channel_mask,
+                                       labels=fields.labels)
                 (losses.total / accumulate).backward()
             values = {"loss": losses.total.item(), **{k: v.item() for k, v in losses.terms.items()}}
             if not math.isfinite(values["loss"]):

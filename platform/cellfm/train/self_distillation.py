@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from cellfm.config import Config
+from cellfm.config import Config, ConfigError
 from cellfm.models.heads import DINOHead
 from cellfm.models.registry import build_backbone
 from cellfm.ssl.dino_loss import DINOLoss
@@ -37,6 +37,13 @@ from cellfm.ssl.supcon import SupConLoss, label_ids
 def _forward_accepts(cls: type, name: str) -> bool:
     params = inspect.signature(cls.forward).parameters
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def supcon_label(cfg: Config) -> str:
+    """The manifest column the weakly supervised SupCon term needs per sample ("" when it is off)."""
+    if cfg.ssl.supcon_weight > 0 and not cfg.ssl.supcon_label:
+        raise ConfigError("ssl.supcon_weight > 0 needs ssl.supcon_label (a manifest column, e.g. an antibody id)")
+    return cfg.ssl.supcon_label if cfg.ssl.supcon_weight > 0 else ""
 
 
 class EncoderWithHead(nn.Module):

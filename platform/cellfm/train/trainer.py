@@ -10,6 +10,7 @@ from cellfm.config import Config, ConfigError, save_config
 from cellfm.data.pipeline import build_field_pipeline, ingest_execution_options, load_manifests
 from cellfm.runtime import init_ray
 from cellfm.train.loop import train_loop_per_worker
+from cellfm.train.self_distillation import supcon_label
 
 
 def run_directory(cfg: Config) -> Path:
@@ -47,7 +48,11 @@ def run_pretraining(cfg: Config):
     # Ray starts only after the inputs are known to be good: bad input fails in a second, not after start-up.
     init_ray(cfg.ray)
 
-    pipeline = build_field_pipeline(manifest, cfg.data, training=True, seed=cfg.train.seed, name="train")
+    label = supcon_label(cfg)
+    if label and label not in manifest.columns:
+        raise ConfigError(f"ssl.supcon_label={label!r} is not a column of {cfg.data.train_manifest}")
+    pipeline = build_field_pipeline(manifest, cfg.data, training=True, seed=cfg.train.seed, name="train",
+                                    keep_columns=[label] if label else [])
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
