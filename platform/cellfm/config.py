@@ -131,6 +131,9 @@ class SSLConfig:
     global_crop_scale: list = field(default_factory=lambda: [0.32, 1.0])
     local_crop_scale: list = field(default_factory=lambda: [0.05, 0.32])
     intensity_jitter: float = 0.2
+    # Random flips / 90-degree rotations, drawn independently per view.
+    flip: bool = True
+    rot90: bool = True
 
 
 @dataclass

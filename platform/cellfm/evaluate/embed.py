@@ -17,20 +17,36 @@ from cellfm.data.pipeline import CHANNEL_SEPARATOR
 METADATA_COLUMNS = ["plate", "well", "field", "perturbation_id", "moa", "is_control"]
 
 
+INTENSITY_PERCENTILES = (1.0, 5.0, 25.0, 50.0, 75.0, 95.0, 99.0)
+
+
+class IntensityStatistics(torch.nn.Module):
+    """The model-free baseline: per channel, mean, std and percentiles of the field's intensities.
+    An encoder that does not beat it has learned nothing beyond intensity."""
+
+    def forward(self, images: torch.Tensor, **_) -> torch.Tensor:
+        flat = images.flatten(2)  # (N, C, H*W)
+        q = torch.quantile(flat, torch.tensor(INTENSITY_PERCENTILES, dtype=flat.dtype) / 100.0, dim=-1)  # (P, N, C)
+        return torch.cat([flat.mean(-1), flat.std(-1), *q], dim=-1)
+
+
 @dataclass(frozen=True)
 class EncoderSpec:
-    """Where an encoder's weights come from: a checkpoint directory, or a seeded random init of
-    `model` (the baseline every trained encoder must beat)."""
+    """Where an encoder comes from: a checkpoint directory, a seeded random init of `model` (the
+    baseline every trained encoder must beat), or `intensity=True` for IntensityStatistics."""
 
     name: str
     checkpoint_dir: str | None = None
     model: dict | None = None
     seed: int = 0
+    intensity: bool = False
 
     def build(self) -> torch.nn.Module:
         from cellfm.models.registry import build_backbone
         from cellfm.train.checkpoint import load_inference_backbone
 
+        if self.intensity:
+            return IntensityStatistics()
         if self.checkpoint_dir is not None:
             return load_inference_backbone(self.checkpoint_dir)[0]
         torch.manual_seed(self.seed)
@@ -41,6 +57,8 @@ def field_embedding(backbone: torch.nn.Module, images: torch.Tensor, image_size:
                     channel_names: list[list[str]] | None = None, channel_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(N, C, H, W) in [0, 1] -> (N, 2D): CLS token concatenated with the mean patch token (the
     DINOv2 linear-probe feature) of the whole field, resized to image_size x image_size unless 0."""
+    if isinstance(backbone, IntensityStatistics):
+        return backbone(images)
     if image_size and (images.shape[-1] != image_size or images.shape[-2] != image_size):
         images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
     # Padded channels (mixed channel counts) are masked out; without padding the mask is all True.

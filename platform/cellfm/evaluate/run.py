@@ -23,6 +23,7 @@ def run_evaluation(cfg: Config, checkpoint_dir: str | Path) -> tuple[dict, dict[
     encoders = [
         EncoderSpec("trained", checkpoint_dir=checkpoint_dir),
         EncoderSpec("random_init", model=trained_cfg.to_dict()["model"], seed=cfg.eval.random_init_seed),
+        EncoderSpec("intensity_stats", intensity=True),
     ]
     manifests = {name: load_manifests([path], storage_options=cfg.data.storage_options or None)
                  for name, path in cfg.eval.manifests.items()}
@@ -64,13 +65,14 @@ def run_evaluation(cfg: Config, checkpoint_dir: str | Path) -> tuple[dict, dict[
 
 
 def summary_lines(report: dict) -> list[str]:
-    """One line per held-out set and label: trained vs random-init top-1."""
+    """One line per held-out set and label: trained vs random-init vs intensity statistics top-1."""
     lines = []
     for name, block in report["results"].items():
         for label in block["scores"]["trained"]:
             t = block["scores"]["trained"][label]
             r = block["scores"]["random_init"][label]
+            i = block["scores"]["intensity_stats"][label]
             lines.append(f"{name:>8} ({','.join(block['channels'])}) {label:>16}: trained top-1 {t['top1']:.3f} "
                          f"(w-prec {t['weighted_precision']:.3f})  vs random-init {r['top1']:.3f} "
-                         f"(w-prec {r['weighted_precision']:.3f})  chance {1 / t['n_classes']:.3f}")
+                         f"(w-prec {r['weighted_precision']:.3f}), intensity stats {i['top1']:.3f}, chance {1 / t['n_classes']:.3f}")
     return lines
