@@ -28,6 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import Sequence
+
 import numpy as np
 import pandas as pd
 import scipy.fft
@@ -421,8 +423,10 @@ def _render_stains(rng: np.random.Generator, ph: Phenotype, size: int, context: 
     return np.stack([by_stain[s] for s in STAINS]).astype(np.float32, copy=False)
 
 
-def _image_formation(rng: np.random.Generator, signal: np.ndarray, effect: BatchEffect) -> np.ndarray:
-    """Optics and camera: blur (PSF + defocus), gain, vignetting, background, noise -> uint16."""
+def _image_formation(rng: np.random.Generator, signal: np.ndarray, effect: BatchEffect,
+                     names: Sequence[str] = STAINS) -> np.ndarray:
+    """Optics and camera: blur (PSF + defocus), gain, vignetting, background, noise -> uint16.
+    `names` are the stains of `signal`'s channels (gain and offset are looked up by name)."""
     size = signal.shape[-1]
     sigma = float(np.hypot(_PSF_SIGMA, effect.defocus_sigma))
     image = scipy.ndimage.gaussian_filter(signal, sigma=(0, sigma, sigma))
@@ -430,8 +434,8 @@ def _image_formation(rng: np.random.Generator, signal: np.ndarray, effect: Batch
     cy, cx = effect.vignetting_center
     r2 = ((yy / size - cy) ** 2 + (xx / size - cx) ** 2) / 0.5
     illumination = np.clip(1.0 - effect.vignetting * r2, 0.2, None)
-    gain = np.array([effect.gain.get(s, 1.0) for s in STAINS], np.float32)[:, None, None]
-    offset = np.array([effect.offset.get(s, 0.0) for s in STAINS], np.float32)[:, None, None]
+    gain = np.array([effect.gain.get(s, 1.0) for s in names], np.float32)[:, None, None]
+    offset = np.array([effect.offset.get(s, 0.0) for s in names], np.float32)[:, None, None]
     image = image * gain * illumination + offset * (0.5 + 0.5 * illumination)
     variance = np.full_like(image, effect.read_noise ** 2)
     if effect.photons_per_count > 0:
@@ -723,24 +727,6 @@ def _family_signals(rng: np.random.Generator, ctx: dict, size: int, protein: Pro
     return out
 
 
-def _form_image(rng: np.random.Generator, signal: np.ndarray, names: list[str], effect: BatchEffect) -> np.ndarray:
-    """``_image_formation`` for any channel names (gain/offset looked up by name)."""
-    size = signal.shape[-1]
-    sigma = float(np.hypot(_PSF_SIGMA, effect.defocus_sigma))
-    image = scipy.ndimage.gaussian_filter(signal, sigma=(0, sigma, sigma))
-    yy, xx = _pixel_grid(size)
-    cy, cx = effect.vignetting_center
-    illumination = np.clip(1.0 - effect.vignetting * ((yy / size - cy) ** 2 + (xx / size - cx) ** 2) / 0.5, 0.2, None)
-    gain = np.array([effect.gain.get(s, 1.0) for s in names], np.float32)[:, None, None]
-    offset = np.array([effect.offset.get(s, 0.0) for s in names], np.float32)[:, None, None]
-    image = image * gain * illumination + offset * (0.5 + 0.5 * illumination)
-    variance = np.full_like(image, effect.read_noise ** 2)
-    if effect.photons_per_count > 0:
-        variance += image / effect.photons_per_count
-    image += np.sqrt(variance) * rng.standard_normal(image.shape, dtype=np.float32)
-    return np.clip(np.rint(image), 0, np.iinfo(np.uint16).max).astype(np.uint16)
-
-
 def render_family_field(rng: np.random.Generator, channel_names: list[str], phenotype: Phenotype, size: int,
                         batch_effect: BatchEffect, protein: Protein | None = None) -> np.ndarray:
     """A ``(C, size, size)`` uint16 field with any of ``FAMILY_STAINS`` (or their aliases
@@ -756,7 +742,7 @@ def render_family_field(rng: np.random.Generator, channel_names: list[str], phen
     base = _render_stains(rng, phenotype, size, context=ctx)
     signals = dict(zip(STAINS, base)) | _family_signals(rng, ctx, size, protein)
     stack = np.stack([signals[k] for k in canonical]).astype(np.float32, copy=False)
-    return _form_image(rng, stack, channel_names, batch_effect)
+    return _image_formation(rng, stack, batch_effect, channel_names)
 
 
 def _family_plate_conditions(rng: np.random.Generator, names: list[str]) -> _PlateConditions:
