@@ -4,10 +4,13 @@ before Ray starts, and `ray job submit` of a short pre-training to a real local 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -79,22 +82,37 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A real local head node (`ray start --head`) with its dashboard / job server on loopback."""
+def ray_head():
+    """A real local head node with its dashboard / job server on loopback.
+
+    `ray start --block` runs as our child and tears down exactly the processes it started when
+    signalled; `ray stop` would kill every Ray process on the machine, the test session's own too."""
     temp_dir = Path("/tmp") / f"cellfm-head-{uuid.uuid4().hex[:8]}"
-    gcs_port, dashboard_port = _free_port(), _free_port()
+    dashboard_port = _free_port()
     env = dict(os.environ, PATH=f"{Path(PYTHON).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                RAY_AUTH_MODE="token")
-    subprocess.run(
-        [RAY, "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={_free_port()}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
          f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, check=True, capture_output=True, text=True, timeout=120,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
+    address = f"http://127.0.0.1:{dashboard_port}"
     try:
-        yield {"address": f"http://127.0.0.1:{dashboard_port}", "env": env}
+        deadline = time.monotonic() + 120
+        while subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True,
+                             timeout=60).returncode != 0:
+            assert head.poll() is None, "ray start --head exited"
+            assert time.monotonic() < deadline, "the head's job server did not come up in 120 s"
+            time.sleep(1)
+        yield {"address": address, "env": env}
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -110,7 +128,8 @@ def test_ray_job_submit_pretrain_to_local_head(ray_head, smoke_overrides, tmp_pa
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     status = subprocess.run([RAY, "job", "status", "--address", ray_head["address"], job_id],
                             env=ray_head["env"], capture_output=True, text=True, timeout=60)
-    assert f"job '{job_id}' succeeded" in (status.stdout + status.stderr).lower()
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", status.stdout + status.stderr)  # drop the CLI's colours
+    assert re.search(rf"Job '{job_id}' succeeded", plain, re.IGNORECASE), plain[-2000:]
     assert "[cellfm] checkpoint:" in submit.stdout
     storage = Path(next(o for o in smoke_overrides if o.startswith("train.storage_path=")).split("=", 1)[1])
     assert list((storage / "submitted").glob("checkpoint_*/backbone.safetensors"))
