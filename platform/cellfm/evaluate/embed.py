@@ -40,6 +40,8 @@ class EncoderSpec:
     model: dict | None = None
     seed: int = 0
     intensity: bool = False
+    # Stain -> group entries added to a checkpoint's mapping (C3R at inference on unseen stains).
+    channel_groups: dict | None = None
 
     def build(self) -> torch.nn.Module:
         from cellfm.models.registry import build_backbone
@@ -48,7 +50,10 @@ class EncoderSpec:
         if self.intensity:
             return IntensityStatistics()
         if self.checkpoint_dir is not None:
-            return load_inference_backbone(self.checkpoint_dir)[0]
+            backbone, cfg = load_inference_backbone(self.checkpoint_dir)
+            if self.channel_groups and hasattr(backbone, "set_channel_groups"):
+                backbone.set_channel_groups({**cfg.model.channel_groups, **self.channel_groups})
+            return backbone
         torch.manual_seed(self.seed)
         return build_backbone(ModelConfig(**self.model)).eval()
 

@@ -21,8 +21,13 @@ def run_evaluation(cfg: Config, checkpoint_dir: str | Path) -> tuple[dict, dict[
     # The random baseline uses the checkpoint's own architecture, not the evaluation config's.
     _, trained_cfg = load_inference_backbone(checkpoint_dir)
     encoders = [
-        EncoderSpec("trained", checkpoint_dir=checkpoint_dir),
-        EncoderSpec("random_init", model=trained_cfg.to_dict()["model"], seed=cfg.eval.random_init_seed),
+        # model.channel_groups of the evaluation config extends/overrides the checkpoint's mapping,
+        # e.g. to place a stain the model never saw into the context or concept group.
+        EncoderSpec("trained", checkpoint_dir=checkpoint_dir, channel_groups=cfg.model.channel_groups),
+        EncoderSpec("random_init", model={**trained_cfg.to_dict()["model"],
+                                          "channel_groups": {**trained_cfg.model.channel_groups,
+                                                             **cfg.model.channel_groups}},
+                    seed=cfg.eval.random_init_seed),
         EncoderSpec("intensity_stats", intensity=True),
     ]
     manifests = {name: load_manifests([path], storage_options=cfg.data.storage_options or None)
