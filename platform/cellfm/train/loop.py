@@ -160,6 +160,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 continue  # remainder micro-batches that cannot fill an accumulation step
             last_micro = micro == accumulate - 1
             if micro == 0:
+                step_started = t_wait  # the step's first wait for data counts toward its time
                 for group in optimizer.param_groups:
                     group["lr"] = float(sched.lr[step]) * group["lr_scale"]
                     if group["apply_wd"]:
@@ -193,7 +194,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             update_ema(teacher, student, float(sched.momentum[step]))
 
-            step_s = time.perf_counter() - t_step
+            step_s = time.perf_counter() - step_started
             if writer is not None:
                 for k, v in values.items():
                     writer.add_scalar(f"train/{k}", v, step)
@@ -202,7 +203,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 writer.add_scalar("schedule/weight_decay", sched.wd[step], step)
                 writer.add_scalar("schedule/teacher_temp", sched.teacher_temp[step], step)
                 writer.add_scalar("schedule/ema_momentum", sched.momentum[step], step)
-                writer.add_scalar("perf/images_per_s", batch * world / max(step_s + (t_step - t_wait), 1e-9), step)
+                writer.add_scalar("perf/images_per_s", accumulate * batch * world / max(step_s, 1e-9), step)
             if rank == 0 and step % cfg.train.log_every_steps == 0:
                 log_progress(f"epoch {epoch + 1}/{cfg.optim.epochs} step {step + 1}/{cfg.optim.epochs * steps_per_epoch} "
                              f"loss {values['loss']:.4f} lr {sched.lr[step]:.2e} teacher_temp {sched.teacher_temp[step]:.3f}")
