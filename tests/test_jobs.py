@@ -119,12 +119,18 @@ def ray_head():
 @pytest.mark.integration
 def test_ray_job_submit_pretrain_to_local_head(ray_head, smoke_overrides, tmp_path):
     job_id = f"cellfm-test-{uuid.uuid4().hex[:8]}"
-    submit = subprocess.run(
-        [RAY, "job", "submit", "--address", ray_head["address"], "--submission-id", job_id,
-         "--working-dir", str(REPO), "--", "python", "jobs/pretrain.py", "--config", "configs/smoke.yaml",
-         "--run-name", "submitted", *smoke_overrides],
-        cwd=REPO, env=ray_head["env"], capture_output=True, text=True, timeout=600,
-    )
+    deadline = time.monotonic() + 120
+    while True:
+        submit = subprocess.run(
+            [RAY, "job", "submit", "--address", ray_head["address"], "--submission-id", job_id,
+             "--working-dir", str(REPO), "--", "python", "jobs/pretrain.py", "--config", "configs/smoke.yaml",
+             "--run-name", "submitted", *smoke_overrides],
+            cwd=REPO, env=ray_head["env"], capture_output=True, text=True, timeout=600,
+        )
+        # A fresh head answers HTTP before its job agent is up; Ray's own advice is to try again.
+        if "No available agent to submit job" not in submit.stdout + submit.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     status = subprocess.run([RAY, "job", "status", "--address", ray_head["address"], job_id],
                             env=ray_head["env"], capture_output=True, text=True, timeout=60)
