@@ -94,7 +94,11 @@ def ray_head():
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={_free_port()}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-         f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+         # Every agent on its own free port: the test session's Ray may already hold the defaults.
+         *(f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                    "metrics-export-port", "runtime-env-agent-port",
+                                                    "node-manager-port", "object-manager-port"))],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard_port}"
