@@ -13,11 +13,9 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-class DINOLoss(nn.Module):
-    """Holds the teacher center (buffer `center`, (1, out_dim)) and computes the DINO cross-entropy.
-
-    All maths runs in fp32: the softmax/log-softmax over tens of thousands of prototypes at a
-    temperature of 0.04 is not safe in bf16."""
+class CenteredTeacherLoss(nn.Module):
+    """What DINO's CLS loss and iBOT's patch loss share: a student temperature, a teacher center
+    (buffer `center`, (1, K)) updated with `center_momentum`, and the centered teacher softmax."""
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
         super().__init__()
@@ -29,6 +27,13 @@ class DINOLoss(nn.Module):
     def softmax_center_teacher(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
         """teacher_logits (N, K) -> (N, K) probabilities softmax((t - center) / teacher_temp)."""
         return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
+
+
+class DINOLoss(CenteredTeacherLoss):
+    """Holds the teacher center (buffer `center`, (1, out_dim)) and computes the DINO cross-entropy.
+
+    All maths runs in fp32: the softmax/log-softmax over tens of thousands of prototypes at a
+    temperature of 0.04 is not safe in bf16."""
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(self, teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3) -> Tensor:

@@ -7,14 +7,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from cellfm.ssl.dino_loss import CenteredTeacherLoss
 
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-class IBOTPatchLoss(nn.Module):
+class IBOTPatchLoss(CenteredTeacherLoss):
     """Holds the teacher patch center (buffer `center`, (1, K)) and computes the masked-patch cross-entropy.
 
     Rows of the (M, K) patch tensors are the masked patches of a batch of images, in the order of
@@ -23,17 +25,6 @@ class IBOTPatchLoss(nn.Module):
 
     Every collective (center update, Sinkhorn-Knopp) is called on every rank even when the rank has no
     masked patch this step, so ranks never disagree on the number of all_reduce calls."""
-
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
-        super().__init__()
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
-
-    @torch.no_grad()
-    def softmax_center_teacher(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
-        """teacher_logits (M, K) -> (M, K) probabilities softmax((t - center) / teacher_temp)."""
-        return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(self, teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3) -> Tensor:
