@@ -187,6 +187,8 @@ class EvalConfig:
     well_normalization: str = "negcon"
     test_fraction: float = 0.5
     split_seed: int = 0
+    # Scores are the mean over this many fixed splits (seeds split_seed, split_seed + 1, ...).
+    n_splits: int = 5
     batch_size: int = 32
     # Side length fields are resized to before embedding; 0 = as stored (native resolution; the
     # backbone interpolates its positional embedding).
@@ -247,7 +249,7 @@ _POSITIVE = (
     "optim.layerwise_decay", "optim.patch_embed_lr_mult", "train.gpus_per_worker",
     "train.num_workers", "train.cpus_per_worker", "train.torch_threads", "train.num_to_keep",
     "data.read_cpus", "data.read_batch_size", "data.clahe_clip_limit", "data.clahe_tiles",
-    "eval.batch_size", "eval.embed_actors",
+    "eval.batch_size", "eval.embed_actors", "eval.n_splits",
 )
 
 

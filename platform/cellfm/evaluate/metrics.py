@@ -54,3 +54,17 @@ def logistic_regression_scores(features: np.ndarray, labels: np.ndarray, train_i
         "n_test_wells": int(len(test_idx)),
         "n_classes": int(len(np.unique(labels))),
     }
+
+
+def repeated_split_scores(features: np.ndarray, labels: np.ndarray, test_fraction: float,
+                          seeds: list[int]) -> dict:
+    """The probe on several fixed stratified splits (one per seed, the same for every encoder).
+    With tens of test wells one split moves by a well or two between encoders; the mean over
+    splits (with its standard deviation) is what encoders are compared on."""
+    runs = [logistic_regression_scores(features, labels, *fixed_well_split(labels, test_fraction, seed))
+            for seed in seeds]
+    summary = {key: float(np.mean([r[key] for r in runs])) for key in ("top1", "weighted_precision")}
+    summary.update({f"{key}_sd": float(np.std([r[key] for r in runs])) for key in ("top1", "weighted_precision")})
+    summary.update({key: runs[0][key] for key in ("n_train_wells", "n_test_wells", "n_classes")})
+    summary["top1_per_split"] = [r["top1"] for r in runs]
+    return summary

@@ -19,7 +19,8 @@ def markdown_report(report: dict) -> str:
     lines = ["# cellfm evaluation", "", f"Checkpoint: `{report['checkpoint']}`", "",
              "Logistic regression on well embeddings (mean over fields"
              f"{', normalized to negative controls per plate' if report['well_normalization'] == 'negcon' else ''}), "
-             f"fixed stratified split of wells (test fraction {report['test_fraction']}, seed {report['split_seed']}).", ""]
+             f"{len(report['split_seeds'])} fixed stratified splits of wells (test fraction {report['test_fraction']}, "
+             f"seeds {report['split_seeds'][0]}..{report['split_seeds'][-1]}); mean ± sd over splits.", ""]
     for manifest_name, block in report["results"].items():
         lines += [f"## {manifest_name}: `{block['manifest']}`", "",
                   f"Channels: {', '.join(block['channels'])}; {block['n_wells']} wells, {block['n_fields']} fields", "",
@@ -27,7 +28,8 @@ def markdown_report(report: dict) -> str:
                   "|---|---|---|---|---|---|"]
         for encoder, per_label in block["scores"].items():
             for label, s in per_label.items():
-                lines.append(f"| {encoder} | {label} | {s['top1']:.3f} | {s['weighted_precision']:.3f} | "
+                lines.append(f"| {encoder} | {label} | {s['top1']:.3f} ± {s['top1_sd']:.3f} | "
+                             f"{s['weighted_precision']:.3f} ± {s['weighted_precision_sd']:.3f} | "
                              f"{s['n_classes']} | {s['n_train_wells']} / {s['n_test_wells']} |")
         lines.append("")
     lines += ["![scores](report.png)", ""]
@@ -49,7 +51,8 @@ def plot_report(report: dict, path: Path) -> None:
         width = 0.8 / len(encoders)
         for i, enc in enumerate(encoders):
             values = [blocks[n]["scores"][enc][label]["top1"] for n in names]
-            bars = ax.bar([x + i * width for x in range(len(names))], values, width, label=enc)
+            spread = [blocks[n]["scores"][enc][label]["top1_sd"] for n in names]
+            bars = ax.bar([x + i * width for x in range(len(names))], values, width, yerr=spread, capsize=2, label=enc)
             ax.bar_label(bars, fmt="%.2f", fontsize=8)
         chance = [1 / blocks[n]["scores"][encoders[0]][label]["n_classes"] for n in names]
         ax.scatter([x + 0.4 - width / 2 for x in range(len(names))], chance, marker="_", s=400, c="k", label="chance")

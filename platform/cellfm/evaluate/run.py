@@ -9,10 +9,14 @@ from pathlib import Path
 from cellfm.config import Config
 from cellfm.data.pipeline import load_manifests
 from cellfm.evaluate.embed import EncoderSpec, embed_manifest
-from cellfm.evaluate.metrics import aggregate_wells, fixed_well_split, logistic_regression_scores, normalize_to_controls
+from cellfm.evaluate.metrics import aggregate_wells, normalize_to_controls, repeated_split_scores
 from cellfm.evaluate.report import write_report
 from cellfm.runtime import init_ray
 from cellfm.train.checkpoint import load_inference_backbone
+
+
+def split_seeds(cfg: Config) -> list[int]:
+    return list(range(cfg.eval.split_seed, cfg.eval.split_seed + cfg.eval.n_splits))
 
 
 def run_evaluation(cfg: Config, checkpoint_dir: str | Path) -> tuple[dict, dict[str, Path]]:
@@ -38,7 +42,7 @@ def run_evaluation(cfg: Config, checkpoint_dir: str | Path) -> tuple[dict, dict[
         "model": trained_cfg.to_dict()["model"],
         "well_normalization": cfg.eval.well_normalization,
         "test_fraction": cfg.eval.test_fraction,
-        "split_seed": cfg.eval.split_seed,
+        "split_seeds": split_seeds(cfg),
         "image_size": cfg.eval.image_size or "native",
         "results": {},
     }
@@ -57,8 +61,7 @@ def run_evaluation(cfg: Config, checkpoint_dir: str | Path) -> tuple[dict, dict[
             scores[spec.name] = {}
             for label in cfg.eval.labels:
                 y = meta[label].astype(str).to_numpy()
-                train_idx, test_idx = fixed_well_split(y, cfg.eval.test_fraction, cfg.eval.split_seed)
-                scores[spec.name][label] = logistic_regression_scores(features, y, train_idx, test_idx)
+                scores[spec.name][label] = repeated_split_scores(features, y, cfg.eval.test_fraction, split_seeds(cfg))
         report["results"][name] = {
             "manifest": str(manifest_path),
             "channels": list(manifest["channel_names"].iloc[0]),
@@ -77,7 +80,7 @@ def summary_lines(report: dict) -> list[str]:
             t = block["scores"]["trained"][label]
             r = block["scores"]["random_init"][label]
             i = block["scores"]["intensity_stats"][label]
-            lines.append(f"{name:>8} ({','.join(block['channels'])}) {label:>16}: trained top-1 {t['top1']:.3f} "
-                         f"(w-prec {t['weighted_precision']:.3f})  vs random-init {r['top1']:.3f} "
+            lines.append(f"{name:>8} ({','.join(block['channels'])}) {label:>16}: trained top-1 {t['top1']:.3f}±{t['top1_sd']:.3f} "
+                         f"(w-prec {t['weighted_precision']:.3f})  vs random-init {r['top1']:.3f}±{r['top1_sd']:.3f} "
                          f"(w-prec {r['weighted_precision']:.3f}), intensity stats {i['top1']:.3f}, chance {1 / t['n_classes']:.3f}")
     return lines

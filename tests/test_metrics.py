@@ -1,0 +1,59 @@
+"""The evaluation probe: negative-control normalization and scores over repeated fixed splits."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellfm.evaluate.metrics import (fixed_well_split, logistic_regression_scores, normalize_to_controls,
+                                     repeated_split_scores)
+from cellfm.evaluate.report import markdown_report
+
+
+def _wells(n_per_class: int = 8, n_classes: int = 4, separation: float = 10.0, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat([f"c{k}" for k in range(n_classes)], n_per_class)
+    centers = rng.normal(size=(n_classes, 6)) * separation
+    features = centers[np.repeat(np.arange(n_classes), n_per_class)] + rng.normal(size=(len(labels), 6))
+    return features, labels
+
+
+def test_repeated_splits_average_the_single_split_scores():
+    features, labels = _wells(separation=0.7)
+    seeds = [3, 4, 5]
+    summary = repeated_split_scores(features, labels, 0.5, seeds)
+    singles = [logistic_regression_scores(features, labels, *fixed_well_split(labels, 0.5, s))["top1"] for s in seeds]
+    assert summary["top1_per_split"] == singles
+    assert summary["top1"] == pytest.approx(np.mean(singles))
+    assert summary["top1_sd"] == pytest.approx(np.std(singles))
+    assert summary["n_test_wells"] == 16 and summary["n_train_wells"] == 16 and summary["n_classes"] == 4
+    # Splits differ between seeds (otherwise averaging would buy nothing) and are stratified.
+    first, second = fixed_well_split(labels, 0.5, 3)[1], fixed_well_split(labels, 0.5, 4)[1]
+    assert set(first) != set(second)
+    assert all((labels[first] == c).sum() == 4 for c in np.unique(labels))
+
+
+def test_probe_separates_separable_wells_and_not_shuffled_labels():
+    features, labels = _wells(separation=10.0)
+    assert repeated_split_scores(features, labels, 0.5, [0, 1, 2])["top1"] == 1.0
+    shuffled = np.random.default_rng(1).permutation(labels)
+    assert repeated_split_scores(features, shuffled, 0.5, list(range(10)))["top1"] < 0.5
+
+
+def test_normalize_to_controls_standardizes_each_plate_by_its_controls():
+    meta = pd.DataFrame({"plate": ["A"] * 4 + ["B"] * 4, "is_control": [True, True, False, False] * 2})
+    features = np.array([[1.0], [3.0], [5.0], [2.0], [10.0], [14.0], [12.0], [20.0]])
+    out = normalize_to_controls(features, meta)
+    # Plate A controls: mean 2, sd 1; plate B controls: mean 12, sd 2.
+    np.testing.assert_allclose(out[:, 0], [-1, 1, 3, 0, -1, 1, 0, 4], atol=1e-5)
+    with pytest.raises(ValueError, match="plate A"):
+        normalize_to_controls(features[:4], meta.iloc[:4].assign(is_control=[True, False, False, False]))
+
+
+def test_markdown_report_shows_mean_and_spread():
+    features, labels = _wells()
+    scores = repeated_split_scores(features, labels, 0.5, [0, 1])
+    report = {"checkpoint": "ckpt", "well_normalization": "negcon", "test_fraction": 0.5, "split_seeds": [0, 1],
+              "results": {"seen": {"manifest": "m.parquet", "channels": ["DNA"], "n_wells": 32, "n_fields": 64,
+                                   "scores": {"trained": {"moa": scores}}}}}
+    text = markdown_report(report)
+    assert "2 fixed stratified splits" in text and f"{scores['top1']:.3f} ± {scores['top1_sd']:.3f}" in text
