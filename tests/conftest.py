@@ -70,3 +70,17 @@ def s3_server():
                "client_kwargs": {"region_name": "us-east-1"}}
     yield {"endpoint_url": endpoint, "bucket": bucket, "storage_options": options}
     server.stop()
+
+
+def write_control_manifest(uri: str, wells: list[tuple[str, str]], n_fields: int, channels: list[str],
+                           shape: tuple[int, int], path: Path, plate: str = "V", dtype: str = "uint16") -> Path:
+    """A manifest listing every field of the plate at ``uri`` as a DMSO control (all channels context)."""
+    import pandas as pd
+
+    from cellfm.data.manifest import write_manifest
+
+    rows = [{"source": "t", "plate": plate, "well": f"{r}{c}", "row": r, "col": c, "field": f, "store_uri": uri,
+             "channel_names": channels, "channel_groups": ["context"] * len(channels), "height": shape[0],
+             "width": shape[1], "dtype": dtype, "perturbation_id": "DMSO", "moa": "control", "is_control": True,
+             "dose": 0.0, "cell_line": "U2OS", "batch": "b"} for r, c in wells for f in range(n_fields)]
+    return write_manifest(pd.DataFrame(rows), path)

@@ -18,6 +18,7 @@ from cellfm.data.manifest import write_manifest
 from cellfm.data.plate import PlateError, create_plate, read_field, write_field
 from cellfm.data.validate import open_plate, plate_problems, validate_target
 from jobs.validate import main as validate_main
+from tests.conftest import write_control_manifest
 
 CHANNELS = ["DNA", "ER", "Mito"]
 WELLS = [("A", "01"), ("A", "02"), ("B", "01")]
@@ -34,11 +35,7 @@ def _plate(root: Path, name: str = "V") -> str:
 
 
 def _manifest(uri: str, path: Path) -> Path:
-    rows = [{"source": "t", "plate": "V", "well": f"{r}{c}", "row": r, "col": c, "field": f, "store_uri": uri,
-             "channel_names": CHANNELS, "channel_groups": ["context"] * 3, "height": SHAPE[0], "width": SHAPE[1],
-             "dtype": "uint16", "perturbation_id": "DMSO", "moa": "control", "is_control": True, "dose": 0.0,
-             "cell_line": "U2OS", "batch": "b"} for r, c in WELLS for f in range(2)]
-    return write_manifest(pd.DataFrame(rows), path)
+    return write_control_manifest(uri, WELLS, 2, CHANNELS, SHAPE, path)
 
 
 def _edit_attrs(path: Path, edit) -> None:
