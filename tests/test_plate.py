@@ -148,28 +148,6 @@ def test_all_zero_field_is_data_not_missing(tmp_path):
     assert not image.any()
 
 
-def test_reads_tczyx_arrays_with_singleton_t_and_z(tmp_path):
-    """Plates from other writers may use 5-D (t, c, z, y, x) fields; t and z are squeezed."""
-    uri = tmp_path / "foreign.zarr"
-    create_plate(str(uri), "F", [("A", "01")], 1, ["DNA", "ER", "Mito"], SHAPE)
-    group = zarr.open_group(str(uri / "A" / "01" / "0"), mode="r+")
-    attrs = group.attrs.asdict()
-    attrs["ome"]["multiscales"][0]["axes"] = [
-        {"name": "t", "type": "time"}, {"name": "c", "type": "channel"}, {"name": "z", "type": "space"},
-        {"name": "y", "type": "space"}, {"name": "x", "type": "space"},
-    ]
-    attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] = [1, 1, 1, 0.65, 0.65]
-    group.attrs.put(attrs)
-    data = _image(3, 3)
-    array = zarr.create_array(str(uri / "A" / "01" / "0"), name="0", shape=(1, 3, 1, *SHAPE),
-                              chunks=(1, 1, 1, *SHAPE), dtype="uint16", dimension_names=["t", "c", "z", "y", "x"],
-                              overwrite=True)
-    array[...] = data[None, :, None]
-    image, names = read_field(str(uri), "A", "01", 0, channels=["Mito", "DNA"])
-    assert names == ["Mito", "DNA"] and image.shape == (2, *SHAPE)
-    np.testing.assert_array_equal(image, data[[2, 0]])
-
-
 def test_unknown_channel_names_plate_well_field_and_channel(plate):
     uri, _ = plate
     with pytest.raises(PlateError) as err:

@@ -21,6 +21,7 @@ import zarr.storage
 from zarr.abc.store import Store
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.group import GroupMetadata
+from zarr.errors import GroupNotFoundError
 
 OME_VERSION = "0.5"
 _IMAGE_ARRAY_PATH = "0"
@@ -108,6 +109,32 @@ def open_store(uri: str, mode: str = "r", storage_options: dict | None = None) -
     if "://" in uri:
         return zarr.storage.FsspecStore.from_url(uri, storage_options=storage_options or {}, read_only=read_only)
     return zarr.storage.LocalStore(uri, read_only=read_only)
+
+
+ZARR_V2_UNSUPPORTED = ("Zarr v2 group (OME-Zarr 0.4 or older); cellfm reads OME-Zarr 0.5 plates on Zarr v3 only: "
+                       "rewrite the plate at OME-Zarr 0.5 (with ngff-zarr: Plate(version='0.5'))")
+NO_CHANNEL_LABELS = ("no omero channel labels: cellfm selects channels by stain name, so each field must list them "
+                     "in omero.channels[].label (ngff-zarr writes them when multiscales.metadata.omero is set, "
+                     "e.g. by compute_omero_from_multiscales)")
+
+
+def _is_zarr_v2_group(store: Store, path: str) -> bool:
+    try:
+        zarr.open_group(store, path=path, mode="r", zarr_format=2)
+        return True
+    except GroupNotFoundError:
+        return False
+
+
+def open_group(store: Store, path: str = "", mode: str = "r") -> zarr.Group:
+    """The Zarr v3 group at ``path``. A Zarr v2 group there (an OME-Zarr 0.4 plate, the default of
+    some writers) raises a PlateError saying so instead of zarr's bare 'no group found'."""
+    try:
+        return zarr.open_group(store, path=path, mode=mode, zarr_format=3)
+    except GroupNotFoundError:
+        if _is_zarr_v2_group(store, path):
+            raise PlateError(ZARR_V2_UNSUPPORTED) from None
+        raise
 
 
 def _field_path(row: str, col: str, field: int) -> str:
@@ -249,8 +276,7 @@ def _open_field(uri: str, row: str, col: str, field: int, mode: str, storage_opt
     """Open a field's image group and its full-resolution array; PlateError if either is absent."""
     try:
         store = open_store(uri, mode, storage_options)
-        group = zarr.open_group(store, path=_field_path(row, col, field), mode="r" if mode == "r" else "r+",
-                                zarr_format=3)
+        group = open_group(store, _field_path(row, col, field), "r" if mode == "r" else "r+")
         ome = group.attrs.asdict().get("ome", {})
         multiscale = ome["multiscales"][0]
         array = group[multiscale["datasets"][0]["path"]]
@@ -260,7 +286,10 @@ def _open_field(uri: str, row: str, col: str, field: int, mode: str, storage_opt
     if not isinstance(array, zarr.Array):
         raise PlateError(f"{_where(uri, row, col, field)}: image path is not an array")
     axes = [axis["name"] for axis in multiscale["axes"]]
-    labels = [ch.get("label", f"C{i}") for i, ch in enumerate(ome.get("omero", {}).get("channels", []))]
+    channels = ome.get("omero", {}).get("channels")
+    if not channels:
+        raise PlateError(f"{_where(uri, row, col, field)}: {NO_CHANNEL_LABELS}")
+    labels = [ch.get("label", f"C{i}") for i, ch in enumerate(channels)]
     return array, axes, labels
 
 
@@ -366,8 +395,7 @@ def read_field(uri: str, row: str, col: str, field: int, channels: list[str] | N
 
 def _plate_metadata(uri: str, storage_options: dict | None) -> dict[str, Any]:
     try:
-        root = zarr.open_group(open_store(uri, "r", storage_options), mode="r", zarr_format=3)
-        return root.attrs.asdict()["ome"]["plate"]
+        return open_group(open_store(uri, "r", storage_options)).attrs.asdict()["ome"]["plate"]
     except Exception as exc:
         raise PlateError(f"{_where(uri)}: cannot open plate metadata: {_exc_text(exc, storage_options)}") from exc
 
@@ -387,7 +415,7 @@ def plate_channel_names(uri: str, storage_options=None) -> list[str]:
         raise PlateError(f"{_where(uri)}: plate metadata lists no wells")
     row, col = plate["wells"][0]["path"].split("/")
     try:
-        well = zarr.open_group(open_store(uri, "r", storage_options), path=f"{row}/{col}", mode="r", zarr_format=3)
+        well = open_group(open_store(uri, "r", storage_options), f"{row}/{col}")
         first_field = int(well.attrs.asdict()["ome"]["well"]["images"][0]["path"])
     except Exception as exc:
         raise PlateError(f"{_where(uri, row, col)}: cannot open well metadata: {_exc_text(exc, storage_options)}") from exc

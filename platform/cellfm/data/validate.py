@@ -20,7 +20,16 @@ import pandas as pd
 import zarr
 
 from cellfm.data.manifest import ManifestError, manifest_problems, read_manifest
-from cellfm.data.plate import _SUPPORTED_DTYPES, OME_VERSION, PlateError, _where, open_store, redact
+from cellfm.data.plate import (
+    _SUPPORTED_DTYPES,
+    NO_CHANNEL_LABELS,
+    OME_VERSION,
+    PlateError,
+    _where,
+    open_group,
+    open_store,
+    redact,
+)
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,9 @@ def _field_problems(uri: str, root, row: str, col: str, field_path: str, deep: b
         problems.append(f"{where}: non-singleton axes besides c, y, x: {extra}")
     labels = [ch.get("label") for ch in ome.get("omero", {}).get("channels", [])]
     n_channels = array.shape[axes.index("c")]
-    if len(labels) != n_channels:
+    if not labels:
+        problems.append(f"{where}: {NO_CHANNEL_LABELS}")
+    elif len(labels) != n_channels:
         problems.append(f"{where}: omero lists {len(labels)} channel labels {labels} "
                         f"but the array has {n_channels} channels")
     if any(not label for label in labels) or len(set(labels)) != len(labels):
@@ -108,7 +119,7 @@ def plate_problems(uri: str, storage_options: dict | None = None, deep: bool = T
     corruption) and reports fields whose shard is missing.
     """
     try:
-        root = zarr.open_group(open_store(uri, "r", storage_options), mode="r", zarr_format=3)
+        root = open_group(open_store(uri, "r", storage_options))
         ome = root.attrs.asdict().get("ome")
     except Exception as exc:  # noqa: BLE001
         return [f"{_where(uri)}: cannot open plate: {_err(exc, storage_options)}"]
