@@ -112,30 +112,54 @@ def _clip_float_channel(channel: np.ndarray, low: float, high: float) -> tuple[n
     return scaled, bad
 
 
-def percentile_clip(image: np.ndarray, low: float = 1.0, high: float = 99.0, dtype=np.float32) -> np.ndarray:
+def _output(image: np.ndarray, dtype, out: np.ndarray | None, name: str) -> np.ndarray:
+    """The output array for ``image``: ``out`` (filled in place) or a new one of ``dtype``; the
+    caller writes every channel (no zeroing pass over the whole field)."""
+    if out is None:
+        return np.empty(image.shape, dtype=dtype)
+    if out.shape != image.shape:
+        raise ValueError(f"{name}: out has shape {out.shape}, the image {image.shape}")
+    return out
+
+
+def quantize_unit(values: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """[0, 1] floats -> 256 levels (round half up) written into the uint8 array ``out``."""
+    np.floor(np.clip(values, 0.0, 1.0) * 255.0 + 0.5, out=out, casting="unsafe")
+    return out
+
+
+def percentile_clip(image: np.ndarray, low: float = 1.0, high: float = 99.0, dtype=np.float32,
+                    out: np.ndarray | None = None) -> np.ndarray:
     """Map each channel of a ``(C, H, W)`` image to ``[0, 1]`` between its ``low`` and ``high``
     percentiles (numpy's linear interpolation, exact), clipping outside; returns ``dtype``
-    (float32 by default; the pipeline asks for float16).
+    (float32 by default; the pipeline asks for float16, or uint8 = 256 levels of [0, 1]), written
+    into ``out`` when given (its dtype then decides).
 
     Robust to what real plates contain: NaN (and inf) values are ignored for the percentiles and
     become 0; a constant (e.g. all-zero, empty) channel becomes all zeros instead of dividing by zero.
     """
     image = _check_image(image, "percentile_clip")
     _check_percentiles(low, high, "percentile_clip")
-    out = np.zeros(image.shape, dtype=dtype)
+    out = _output(image, dtype, out, "percentile_clip")
+    levels = 256 if out.dtype == np.uint8 else None
     for c, channel in enumerate(image):
-        if channel.size == 0:
-            continue
-        if image.dtype in _LUT_DTYPES:
-            lut = _channel_lut(channel, low, high, None)
-            if lut is not None:
-                np.take(lut.astype(dtype), channel, out=out[c], mode="clip")
+        if image.dtype in _LUT_DTYPES and channel.size:
+            lut = _channel_lut(channel, low, high, levels)
+            if lut is None:
+                out[c] = 0
+            else:
+                # The table already holds output values: one gather per channel, no float temporaries.
+                np.take(lut.astype(out.dtype, copy=False), channel, out=out[c], mode="clip")
             continue
         if not np.issubdtype(image.dtype, np.floating):
             channel = channel.astype(np.float64)
         scaled, _ = _clip_float_channel(channel, low, high)
-        if scaled is not None:
+        if scaled is None:
+            out[c] = 0
+        elif levels is None:
             out[c] = scaled
+        else:
+            quantize_unit(scaled, out[c])
     return out
 
 
@@ -271,12 +295,25 @@ def clahe(image: np.ndarray, clip_limit: float = 0.01, tiles: int | tuple[int, i
 
 
 def normalize_field(image: np.ndarray, method: str = "percentile", *, clip_low: float = 1.0, clip_high: float = 99.0,
-                    clahe_clip_limit: float = 0.01, clahe_tiles: int = 8, dtype=np.float32) -> np.ndarray:
-    """Dispatch on ``method`` (one of ``NORMALIZATIONS``): a (C, H, W) field -> normalized ``dtype``."""
+                    clahe_clip_limit: float = 0.01, clahe_tiles: int = 8, dtype=np.float32,
+                    out: np.ndarray | None = None) -> np.ndarray:
+    """Dispatch on ``method`` (one of ``NORMALIZATIONS``): a (C, H, W) field -> normalized ``dtype``
+    (uint8 = 256 levels of [0, 1], not for ``standardize``), written into ``out`` when given."""
+    if method not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {method!r}; choose one of {NORMALIZATIONS}")
+    target = np.dtype(out.dtype if out is not None else dtype)
     if method == "percentile":
-        return percentile_clip(image, clip_low, clip_high, dtype=dtype)
+        return percentile_clip(image, clip_low, clip_high, dtype=target, out=out)
+    if target == np.uint8 and method == "standardize":
+        raise ValueError("standardize yields unbounded values; uint8 output holds [0, 1] only")
+    compute = np.float32 if target == np.uint8 else target
     if method == "clahe":
-        return clahe(image, clip_limit=clahe_clip_limit, tiles=clahe_tiles, low=clip_low, high=clip_high, dtype=dtype)
-    if method == "standardize":
-        return standardize(image, dtype=dtype)
-    raise ValueError(f"unknown normalization {method!r}; choose one of {NORMALIZATIONS}")
+        result = clahe(image, clip_limit=clahe_clip_limit, tiles=clahe_tiles, low=clip_low, high=clip_high, dtype=compute)
+    else:
+        result = standardize(image, dtype=compute)
+    if target == np.uint8:
+        return quantize_unit(result, out if out is not None else np.empty(result.shape, np.uint8))
+    if out is not None:
+        out[...] = result
+        return out
+    return result
