@@ -1,5 +1,6 @@
 """Ray Data pipeline: manifest rows -> field reads -> per-channel normalization -> (training) random
-channel permutation -> fields padded to one channel count with a channel mask -> batches.
+channel permutation -> fields padded to one channel count with a channel mask, or grouped by
+channel count -> batches.
 
 - Read locality: a read task reads whole fields (one Zarr shard each, all channels) for a block of
   consecutive manifest rows (same plate), optionally through the Rust ``zarrs`` codec pipeline; a
@@ -7,9 +8,11 @@ channel permutation -> fields padded to one channel count with a channel mask ->
 - Read and normalize are fused in one task, so only the normalized float16 (or uint8) field crosses
   Ray's object store (the raw read never does), and nothing is materialized: the dataset streams
   under a bounded object-store budget and a bounded number of read tasks, whatever the number of plates.
-- Mixed channel counts (e.g. 5-, 4- and 1-channel plates in one run): every field is zero-padded to
-  ``data.pad_channels_to`` channels; ``channel_mask`` (True = real channel) and ``channel_names``
-  (``""`` for padding) travel with it. Different field sizes: ``data.field_size`` crop or resize.
+- Mixed channel counts (e.g. 5-, 4- and 1-channel plates in one run), ``data.mixed_channels``:
+  ``pad`` zero-pads every field to ``data.pad_channels_to`` channels, ``channel_mask`` (True = real
+  channel) and ``channel_names`` (``""`` for padding) travelling with it; ``group`` pads nothing:
+  read blocks hold one channel count each and the trainer's batches are regrouped by channel count.
+  Different field sizes: ``data.field_size`` crop or resize.
 - Bad fields: ``data.bad_field_policy`` ``fail`` raises ``BadFieldError`` naming plate/well/field;
   ``skip`` drops the field, counts it in a ``PipelineMonitor`` actor (which also logs progress:
   fields/s and MB/s) and fails once more than ``data.max_bad_fraction`` of the fields are bad.
@@ -207,8 +210,9 @@ class _Layout:
 class FieldLoader:
     """Ray Data batch UDF: reads each field of a batch of manifest rows and normalizes it.
 
-    Output batch: ``image`` (N, C, H, W) in ``layout.dtype`` (float16 [0, 1] by default; padded
-    channels zero), ``channel_mask`` (N, C) bool, ``channel_names`` (N,) comma-joined names in the
+    Output batch: ``image`` (N, C, H, W) in ``layout.dtype`` (float16 [0, 1] by default; C = the
+    padded count, padded channels zero, or with ``mixed_channels=group`` the block's one channel
+    count), ``channel_mask`` (N, C) bool, ``channel_names`` (N,) comma-joined names in the
     image's channel order (after permutation, when enabled; ``""`` for padding), plus ``keep_columns``.
     """
 
