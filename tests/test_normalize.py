@@ -84,6 +84,77 @@ def test_percentile_clip_float16_output_matches_float32(dtype):
     np.testing.assert_allclose(half.astype(np.float32), percentile_clip(image, 0.1, 99.9), atol=1e-3)
 
 
+# Hand-made channels where an off-by-one in the histogram's order statistics or the interpolation
+# between them would show: one pixel, two values, a huge gap, the dtype's extremes, ties, spikes.
+_HAND_MADE = {
+    "one_pixel": [7],
+    "two_values": [0, 65535],
+    "gap": [3] * 50 + [60000] * 50,
+    "ties_and_spike": [5] * 98 + [9, 65535],
+    "ramp_0_99": list(range(100)),
+    "mostly_zero": [0] * 997 + [1, 2, 40000],
+    "reversed_odd": list(range(300, 0, -3)),
+}
+
+
+@pytest.mark.parametrize("values", list(_HAND_MADE.values()), ids=list(_HAND_MADE))
+@pytest.mark.parametrize("low, high", [(1.0, 99.0), (0.1, 99.9), (0.0, 100.0), (25.0, 75.0), (49.0, 51.0)])
+def test_histogram_percentiles_equal_numpy_percentile_on_hand_made_channels(values, low, high):
+    channel = np.asarray(values, dtype=np.uint16)
+    p_low, p_high = np.percentile(channel.astype(np.float64), [low, high])
+    out = percentile_clip(channel.reshape(1, 1, -1), low, high)[0, 0]
+    if p_high > p_low:
+        expected = np.clip((channel - p_low) / (p_high - p_low), 0.0, 1.0)
+    else:  # numpy's percentiles coincide: the channel is constant between them -> zeros
+        expected = np.zeros(channel.shape)
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+    # uint8 inputs take the same histogram path.
+    if channel.max() < 256:
+        np.testing.assert_allclose(percentile_clip(channel.astype(np.uint8).reshape(1, 1, -1), low, high)[0, 0],
+                                   expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
+def test_all_zero_constant_and_nan_channels_side_by_side(dtype):
+    ramp = np.arange(64, dtype=np.float64).reshape(8, 8)
+    channels = [np.zeros((8, 8)), np.full((8, 8), 200.0), ramp]
+    if dtype == "float32":
+        channels.append(np.full((8, 8), np.nan))
+    image = np.stack(channels).astype(dtype)
+    for out_dtype in (np.float32, np.float16, np.uint8):
+        out = percentile_clip(image, 1.0, 99.0, dtype=out_dtype)
+        assert out.dtype == out_dtype
+        assert np.all(out[:2] == 0) and np.all(out[3:] == 0)
+        assert out[2].min() == 0 and out[2].max() == (255 if out_dtype == np.uint8 else 1)
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "float32"])
+def test_uint8_output_is_the_rounded_float_output(dtype):
+    image = np.random.default_rng(3).gamma(2.0, 300.0, (3, 30, 40)).astype(dtype)
+    levels = percentile_clip(image, 0.5, 99.5, dtype=np.uint8)
+    exact = percentile_clip(image, 0.5, 99.5).astype(np.float64)
+    assert levels.dtype == np.uint8
+    # Round half up of exact values: at most half a level off (float32 rounding at the .5 ties).
+    assert np.abs(levels - exact * 255).max() <= 0.5 + 1e-3
+
+
+def test_out_is_written_in_place_and_shape_checked():
+    image = np.random.default_rng(4).integers(0, 4000, (2, 16, 16)).astype(np.uint16)
+    image[1] = 9  # constant: must overwrite stale values in `out` with zeros
+    out = np.full((2, 16, 16), 7, np.float16)
+    result = normalize_field(image, "percentile", out=out)
+    assert result is out
+    np.testing.assert_allclose(out.astype(np.float32), percentile_clip(image), atol=1e-3)
+    assert np.all(out[1] == 0)
+    for method in ("clahe", "standardize"):
+        target = np.empty((2, 16, 16), np.float32)
+        np.testing.assert_array_equal(normalize_field(image, method, out=target), normalize_field(image, method))
+    with pytest.raises(ValueError, match="out has shape"):
+        percentile_clip(image, out=np.empty((3, 16, 16), np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_field(image, "standardize", dtype=np.uint8)
+
+
 # ---------------------------------------------------------------- CLAHE
 
 

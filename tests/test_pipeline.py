@@ -120,6 +120,66 @@ def test_mixed_channel_counts_reach_the_trainer_padded_with_mask(ray_session, ti
     assert len(counts) == len(manifest)
 
 
+@pytest.fixture(scope="module")
+def family_manifest(tmp_path_factory):
+    """cp5-, hpa4- and brightfield1-like plates (5, 4 and 1 channels) of the synthetic family in one
+    manifest: 10, 7 and 5 fields, so no count fills a whole number of 4-field batches."""
+    from cellfm.data.synthetic import generate_family_screen
+
+    root = tmp_path_factory.mktemp("family")
+    parts = [load_manifests([generate_family_screen(root / name, name, "tiny", seed=0)["train"]]).iloc[:n]
+             for name, n in (("cp5", 10), ("hpa4", 7), ("brightfield1", 5))]
+    return pd.concat(parts, ignore_index=True)
+
+
+def _expected_field(manifest: pd.DataFrame, names: list[str]) -> list[np.ndarray]:
+    """Every field of the manifest with exactly these channels, read in this order and normalized."""
+    return [percentile_clip(read_field(m.store_uri, m.row, m.col, int(m.field), channels=names)[0])
+            for m in manifest.itertuples() if sorted(m.channel_names) == sorted(names)]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", ["pad", "group"])
+def test_family_plates_reach_the_trainer_with_names_in_both_modes(ray_session, family_manifest, mode):
+    manifest = family_manifest
+    cfg = DataConfig(mixed_channels=mode, **_FAST)
+    pipeline = build_field_pipeline(manifest, cfg, training=True, seed=0)
+    assert pipeline.channels == 5
+    batches = list(iter_training_batches(pipeline.dataset.iterator(), cfg, batch_size=4, device="cpu"))
+    assert len(batches) == len(manifest) // 4  # both modes: as many steps as samples allow
+    counts = []
+    for batch in batches:
+        n_channels = batch.images.shape[1]
+        if mode == "group":
+            assert batch.channel_mask is None  # one channel count per batch: nothing padded
+            assert {len(names) for names in batch.channel_names} == {n_channels}
+        else:
+            assert n_channels == 5
+        mask = batch.channel_mask if batch.channel_mask is not None else torch.ones(4, n_channels, dtype=torch.bool)
+        for image, names, real in zip(batch.images, batch.channel_names, mask):
+            assert [n != "" for n in names] == real.tolist()
+            real_names = [n for n in names if n]
+            assert torch.all(image[~real] == 0)
+            # The channels are the named stains in the named order: the image equals one field of
+            # that stain set, read in that order and normalized.
+            candidates = _expected_field(manifest, real_names)
+            assert candidates
+            assert any(np.abs(image[real].numpy() - want).max() < 2e-3 for want in candidates)
+            counts.append(len(real_names))
+    assert sorted(set(counts)) == [1, 4, 5]
+    if mode == "group":  # 10 + 7 + 5 fields: 2 + 1 + 1 full batches, then hpa4's 3 left over (the most) + 1 repeat
+        assert sorted(b.images.shape[1] for b in batches) == [1, 4, 4, 5, 5]
+    else:
+        assert len(counts) == 20
+
+
+def test_group_mode_refuses_a_pad_size(family_manifest):
+    with pytest.raises(ValueError, match="data.pad_channels_to"):
+        build_field_pipeline(family_manifest, DataConfig(mixed_channels="group", pad_channels_to=6), training=True)
+    with pytest.raises(ValueError, match="data.mixed_channels"):
+        build_field_pipeline(family_manifest, DataConfig(mixed_channels="stack"), training=True)
+
+
 @pytest.mark.integration
 def test_field_size_crop_reads_the_centre(ray_session, tiny_screen):
     manifest = load_manifests([tiny_screen["heldout"]]).iloc[:4]

@@ -39,8 +39,10 @@ class DataConfig:
     clahe_clip_limit: float = 0.01  # fraction of a tile's pixels per histogram bin (skimage convention)
     clahe_tiles: int = 8  # tiles per image side
     channel_permutation: bool = True
-    # Mixed channel counts: every field is zero-padded to this many channels with a channel mask
-    # (0 = the largest channel count among the manifests' fields).
+    # Mixed channel counts (e.g. 5-, 4- and 1-channel plates in one run): pad = every field is
+    # zero-padded to pad_channels_to channels (0 = the largest count) with a channel mask; group =
+    # no padding, each training batch holds fields of one channel count.
+    mixed_channels: str = "pad"
     pad_channels_to: int = 0
     # Field edge in pixels delivered to the trainer (0 = as stored; all fields must then share one
     # size). crop = centre crop (reads only the tiles it covers; smaller fields are resized up),
@@ -231,6 +233,7 @@ _CHOICES = {
     "data.field_resize": {"crop", "resize"},
     "data.transfer_dtype": {"float16", "uint8"},
     "data.bad_field_policy": {"fail", "skip"},
+    "data.mixed_channels": {"pad", "group"},
     "model.name": {"cellrep", "c3r", "vit_rgb", "channelvit", "single_channel"},
     "ssl.objective": {"dino", "ibot"},
     "model.input_norm": {"none", "percentile", "adaptive_hist"},

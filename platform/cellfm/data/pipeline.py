@@ -1,5 +1,6 @@
 """Ray Data pipeline: manifest rows -> field reads -> per-channel normalization -> (training) random
-channel permutation -> fields padded to one channel count with a channel mask -> batches.
+channel permutation -> fields padded to one channel count with a channel mask, or grouped by
+channel count -> batches.
 
 - Read locality: a read task reads whole fields (one Zarr shard each, all channels) for a block of
   consecutive manifest rows (same plate), optionally through the Rust ``zarrs`` codec pipeline; a
@@ -7,9 +8,11 @@ channel permutation -> fields padded to one channel count with a channel mask ->
 - Read and normalize are fused in one task, so only the normalized float16 (or uint8) field crosses
   Ray's object store (the raw read never does), and nothing is materialized: the dataset streams
   under a bounded object-store budget and a bounded number of read tasks, whatever the number of plates.
-- Mixed channel counts (e.g. 5-, 4- and 1-channel plates in one run): every field is zero-padded to
-  ``data.pad_channels_to`` channels; ``channel_mask`` (True = real channel) and ``channel_names``
-  (``""`` for padding) travel with it. Different field sizes: ``data.field_size`` crop or resize.
+- Mixed channel counts (e.g. 5-, 4- and 1-channel plates in one run), ``data.mixed_channels``:
+  ``pad`` zero-pads every field to ``data.pad_channels_to`` channels, ``channel_mask`` (True = real
+  channel) and ``channel_names`` (``""`` for padding) travelling with it; ``group`` pads nothing:
+  read blocks hold one channel count each and the trainer's batches are regrouped by channel count.
+  Different field sizes: ``data.field_size`` crop or resize.
 - Bad fields: ``data.bad_field_policy`` ``fail`` raises ``BadFieldError`` naming plate/well/field;
   ``skip`` drops the field, counts it in a ``PipelineMonitor`` actor (which also logs progress:
   fields/s and MB/s) and fails once more than ``data.max_bad_fraction`` of the fields are bad.
@@ -29,13 +32,14 @@ import pandas as pd
 
 from cellfm.config import DataConfig
 from cellfm.data.manifest import check_manifest_against_plates, read_manifest
-from cellfm.data.normalize import normalize_field
+from cellfm.data.normalize import normalize_field, quantize_unit
 from cellfm.data.plate import PlateError, read_field
 
 # Manifest columns a read task needs; the rest travel as metadata only when asked for.
 _READ_COLUMNS = ["plate", "well", "row", "col", "field", "store_uri", "channel_names", "height", "width"]
 CHANNEL_SEPARATOR = ","
 PAD_CHANNEL_NAME = ""
+MIXED_CHANNELS = ("pad", "group")
 _MB = 1024 * 1024
 
 
@@ -206,8 +210,9 @@ class _Layout:
 class FieldLoader:
     """Ray Data batch UDF: reads each field of a batch of manifest rows and normalizes it.
 
-    Output batch: ``image`` (N, C, H, W) in ``layout.dtype`` (float16 [0, 1] by default; padded
-    channels zero), ``channel_mask`` (N, C) bool, ``channel_names`` (N,) comma-joined names in the
+    Output batch: ``image`` (N, C, H, W) in ``layout.dtype`` (float16 [0, 1] by default; C = the
+    padded count, padded channels zero, or with ``mixed_channels=group`` the block's one channel
+    count), ``channel_mask`` (N, C) bool, ``channel_names`` (N,) comma-joined names in the
     image's channel order (after permutation, when enabled; ``""`` for padding), plus ``keep_columns``.
     """
 
@@ -221,7 +226,13 @@ class FieldLoader:
         self.max_bad = max_bad
         self.total = total
 
-    def _read(self, row: dict) -> tuple[np.ndarray, list[str]]:
+    def _read_into(self, row: dict, out: np.ndarray, rng: np.random.Generator | None) -> list[str]:
+        """Read one field and write it, normalized, into ``out`` (this sample's slot of the batch:
+        (C_padded, H, W) in the transfer dtype); returns its channel names in the order written.
+
+        Channels are permuted (``rng`` given) by reading them in the permuted order, and percentile
+        clipping writes straight into ``out``: a field crosses memory once after decoding.
+        """
         cfg, layout = self.cfg, self.layout
         where = (str(row["store_uri"]), str(row["row"]), str(row["col"]), int(row["field"]))
         height, width = int(row["height"]), int(row["width"])
@@ -230,58 +241,78 @@ class FieldLoader:
         if crop and (height, width) != (layout.height, layout.width):
             y0, x0 = (height - layout.height) // 2, (width - layout.width) // 2
             region = (y0, y0 + layout.height, x0, x0 + layout.width)
-        image, channels = read_field(*where, channels=list(row["channel_names"]),
-                                     storage_options=cfg.storage_options or None, region=region)
+        names = list(row["channel_names"])
+        if rng is not None:
+            names = [names[j] for j in rng.permutation(len(names))]
+        image, channels = read_field(*where, channels=names, storage_options=cfg.storage_options or None, region=region)
+        dest = out[: len(channels)]
+        resized = image.shape[1:] != (layout.height, layout.width)
         if cfg.normalization == "none":
-            image = image.astype(layout.dtype, copy=False)
+            if resized:
+                image = self._fit(image)
+            dest[...] = image
+            return channels
+        if not resized:
+            normalize_field(image, cfg.normalization, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                            clahe_clip_limit=cfg.clahe_clip_limit, clahe_tiles=cfg.clahe_tiles, out=dest)
+            return channels
+        image = normalize_field(image, cfg.normalization, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                                clahe_clip_limit=cfg.clahe_clip_limit, clahe_tiles=cfg.clahe_tiles, dtype=np.float32)
+        image = self._fit(image)
+        if dest.dtype == np.uint8:
+            quantize_unit(image, dest)
         else:
-            out_dtype = np.float32 if layout.dtype == "uint8" else np.float16
-            image = normalize_field(image, cfg.normalization, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                                    clahe_clip_limit=cfg.clahe_clip_limit, clahe_tiles=cfg.clahe_tiles, dtype=out_dtype)
-        if image.shape[1:] != (layout.height, layout.width):
-            if cfg.field_resize == "crop":  # smaller than field_size: scale the short side up, centre crop
-                scale = max(layout.height / image.shape[1], layout.width / image.shape[2])
-                h, w = max(layout.height, round(image.shape[1] * scale)), max(layout.width, round(image.shape[2] * scale))
-                image = _resize(image, h, w)
-                y0, x0 = (h - layout.height) // 2, (w - layout.width) // 2
-                image = image[:, y0:y0 + layout.height, x0:x0 + layout.width]
-            else:
-                image = _resize(image, layout.height, layout.width)
-        if layout.dtype == "uint8":
-            image = np.floor(np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-        elif image.dtype != np.dtype(layout.dtype):
-            image = image.astype(layout.dtype)
-        return image, channels
+            dest[...] = image
+        return channels
+
+    def _fit(self, image: np.ndarray) -> np.ndarray:
+        """A field of another size -> the layout's (float32): ``crop`` scales the short side up to it
+        and centre-crops, ``resize`` resizes the whole field."""
+        layout = self.layout
+        if self.cfg.field_resize == "crop":
+            scale = max(layout.height / image.shape[1], layout.width / image.shape[2])
+            h, w = max(layout.height, round(image.shape[1] * scale)), max(layout.width, round(image.shape[2] * scale))
+            image = _resize(image, h, w)
+            y0, x0 = (h - layout.height) // 2, (w - layout.width) // 2
+            return image[:, y0:y0 + layout.height, x0:x0 + layout.width]
+        return _resize(image, layout.height, layout.width)
+
+    def _batch_channels(self, batch: dict[str, np.ndarray]) -> int:
+        """Channels per output row: the padded count, or with ``mixed_channels=group`` the one
+        channel count every field of this block has (blocks are formed per channel count)."""
+        if self.cfg.mixed_channels == "pad":
+            return self.layout.channels
+        counts = {len(names) for names in batch["channel_names"]}
+        if len(counts) != 1:  # blocks never mix counts (build_field_pipeline); a bundling change would
+            raise ValueError(f"data.mixed_channels=group: one read block holds fields of {sorted(counts)} channels")
+        return counts.pop()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         _ensure_codec_pipeline(self.cfg.use_zarrs)
         # Fresh entropy per call: the loader is pickled into every task, so a generator created in
         # __init__ would replay the same permutations in every task and every epoch.
-        rng = np.random.default_rng()
+        rng = np.random.default_rng() if self.permute_channels else None
         layout = self.layout
         n = len(batch["plate"])
-        images = np.zeros((n, layout.channels, layout.height, layout.width), dtype=layout.dtype)
-        masks = np.zeros((n, layout.channels), dtype=bool)
+        channels = self._batch_channels(batch)
+        images = np.zeros((n, channels, layout.height, layout.width), dtype=layout.dtype)
+        masks = np.zeros((n, channels), dtype=bool)
         names, kept, bad = [], [], []
         for i in range(n):
             row = {k: batch[k][i] for k in _READ_COLUMNS}
+            k = len(kept)
             try:
-                image, channels = self._read(row)
+                field_channels = self._read_into(row, images[k], rng)
             except PlateError as exc:
                 if self.cfg.bad_field_policy == "fail":
                     raise BadFieldError(f"{exc} [data.bad_field_policy=fail; set data.bad_field_policy=skip to skip "
                                         f"and count bad fields]") from exc
+                images[k] = 0  # a partial write of the failed field
                 bad.append({"plate": str(row["plate"]), "well": str(row["well"]), "field": int(row["field"]),
                             "error": str(exc)})
                 continue
-            if self.permute_channels:
-                order = rng.permutation(len(channels))
-                image = image[order]
-                channels = [channels[j] for j in order]
-            k = len(kept)
-            images[k, : len(channels)] = image
-            masks[k, : len(channels)] = True
-            names.append(CHANNEL_SEPARATOR.join(channels + [PAD_CHANNEL_NAME] * (layout.channels - len(channels))))
+            masks[k, : len(field_channels)] = True
+            names.append(CHANNEL_SEPARATOR.join(field_channels + [PAD_CHANNEL_NAME] * (channels - len(field_channels))))
             kept.append(i)
         images, masks = images[: len(kept)], masks[: len(kept)]
         if self.monitor is not None:
@@ -308,6 +339,11 @@ def ray_get(ref):
 
 
 def _layout(manifest: pd.DataFrame, cfg: DataConfig) -> _Layout:
+    if cfg.mixed_channels not in MIXED_CHANNELS:
+        raise ValueError(f"data.mixed_channels={cfg.mixed_channels!r} is not one of {MIXED_CHANNELS}")
+    if cfg.mixed_channels == "group" and cfg.pad_channels_to:
+        raise ValueError(f"data.pad_channels_to={cfg.pad_channels_to} pads, but data.mixed_channels=group never "
+                         f"pads; set data.pad_channels_to=0 or data.mixed_channels=pad")
     counts = manifest["channel_names"].map(len)
     channels = cfg.pad_channels_to or int(counts.max())
     if cfg.pad_channels_to < 0 or int(counts.max()) > channels:
@@ -343,7 +379,8 @@ def _layout(manifest: pd.DataFrame, cfg: DataConfig) -> _Layout:
 
 @dataclass
 class FieldPipeline:
-    """A streaming field dataset and the monitor counting its fields (None when nothing is monitored)."""
+    """A streaming field dataset and the monitor counting its fields (None when nothing is monitored).
+    ``channels``: the padded channel count (``mixed_channels=pad``) or the largest one (``group``)."""
 
     dataset: Any
     monitor: DataMonitor | None
@@ -402,8 +439,14 @@ def build_field_pipeline(
         monitor = DataMonitor(actor_cls.remote(len(table), max_bad, cfg.progress_interval_s, name))
     # One block per few consecutive fields (same plate: read locality) so reads spread over tasks and
     # memory stays bounded. (Split here: Ray 2.60's own `override_num_blocks` split breaks on pandas 3 frames.)
+    # mixed_channels=group: blocks are cut per channel count, so every block has one image shape.
     step = max(1, cfg.read_batch_size)
-    ds = ray.data.from_pandas([table.iloc[i : i + step] for i in range(0, len(table), step)])
+    if cfg.mixed_channels == "group":
+        counts = table["channel_names"].map(len)
+        groups = [table[counts == c] for c in counts.unique()]
+    else:
+        groups = [table]
+    ds = ray.data.from_pandas([g.iloc[i : i + step] for g in groups for i in range(0, len(g), step)])
     if training:
         ds = ds.randomize_block_order(seed=seed)
     loader = FieldLoader(eval_cfg, permute_channels=training and cfg.channel_permutation, keep_columns=keep_columns,
@@ -412,7 +455,10 @@ def build_field_pipeline(
     kwargs: dict[str, Any] = {}
     if cfg.read_concurrency > 0:
         kwargs["compute"] = ray.data.TaskPoolStrategy(size=cfg.read_concurrency)
-    ds = ds.map_batches(loader, batch_size=step, num_cpus=cfg.read_cpus, batch_format="numpy", **kwargs)
+    # batch_size=None hands each block to the loader as it is: a batch of `step` rows could otherwise
+    # span two blocks of different channel counts.
+    ds = ds.map_batches(loader, batch_size=None if cfg.mixed_channels == "group" else step, num_cpus=cfg.read_cpus,
+                        batch_format="numpy", **kwargs)
     if cfg.object_store_limit_mb > 0:
         ds.context.execution_options = ingest_execution_options(cfg)
     return FieldPipeline(ds, monitor, layout.channels, (layout.height, layout.width))
@@ -457,20 +503,66 @@ def to_float_images(images: np.ndarray):
 
 def iter_training_batches(shard, cfg: DataConfig, batch_size: int, device,
                           label_column: str = "") -> Iterator[FieldBatch]:
-    """One epoch of a Ray Train dataset shard as FieldBatches of exactly `batch_size` samples
-    (the remainder is dropped so every rank runs the same number of steps). `label_column`: a
-    manifest column carried by the dataset (keep_columns) to hand out as per-sample labels."""
+    """One epoch of a Ray Train dataset shard as FieldBatches of exactly `batch_size` samples,
+    floor(samples / batch_size) of them, so every rank runs the same number of steps. `label_column`:
+    a manifest column carried by the dataset (keep_columns) to hand out as per-sample labels.
+
+    ``data.mixed_channels=pad``: the remainder is dropped. ``group``: each batch holds fields of one
+    channel count (no padding; ``channel_mask`` None); an epoch's leftovers of each count (fewer than
+    a batch) top up to full batches with repeats of that count's own fields, up to the same number
+    of batches as ``pad`` (DDP ranks must step together).
+    """
+    group = cfg.mixed_channels == "group"
+    batches = shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=not group,
+                                 local_shuffle_buffer_size=cfg.shuffle_buffer or None)
+    if group:
+        batches = _group_by_channel_count(batches, batch_size)
+    for data in batches:
+        yield _field_batch(data, device, label_column)
+
+
+def _field_batch(data: dict[str, np.ndarray], device, label_column: str) -> FieldBatch:
     import torch
 
-    for data in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
-                                   local_shuffle_buffer_size=cfg.shuffle_buffer or None):
-        mask = data.get("channel_mask")
-        channel_mask = None
-        if mask is not None and not mask.all():
-            channel_mask = torch.from_numpy(np.ascontiguousarray(mask, dtype=bool)).to(device)
-        yield FieldBatch(
-            images=to_float_images(data["image"]).to(device),
-            channel_names=[names.split(CHANNEL_SEPARATOR) for names in data["channel_names"]],
-            channel_mask=channel_mask,
-            labels=[str(v) for v in data[label_column]] if label_column else None,
-        )
+    mask = data.get("channel_mask")
+    channel_mask = None
+    if mask is not None and not mask.all():
+        channel_mask = torch.from_numpy(np.ascontiguousarray(mask, dtype=bool)).to(device)
+    return FieldBatch(
+        images=to_float_images(data["image"]).to(device),
+        channel_names=[names.split(CHANNEL_SEPARATOR) for names in data["channel_names"]],
+        channel_mask=channel_mask,
+        labels=[str(v) for v in data[label_column]] if label_column else None,
+    )
+
+
+def _group_by_channel_count(batches: Iterator[dict[str, np.ndarray]], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Re-batch a stream whose rows have different channel counts into batches of one count.
+
+    Rows of several counts in one incoming batch arrive as an object array of (C, H, W) images
+    (Ray's variable-shaped tensors); of one count, as a (N, C, H, W) array.
+    """
+    pending: dict[int, list[dict[str, Any]]] = {}
+    seen = emitted = 0
+    for data in batches:
+        images = data["image"]
+        for i in range(len(images)):
+            row = {key: values[i] for key, values in data.items()}
+            rows = pending.setdefault(row["image"].shape[0], [])
+            rows.append(row)
+            seen += 1
+            if len(rows) == batch_size:
+                yield _stack_rows(rows)
+                rows.clear()
+                emitted += 1
+    # Each count has < batch_size left, so the counts with the most left always suffice.
+    for rows in sorted(pending.values(), key=len, reverse=True):
+        if emitted >= seen // batch_size or not rows:
+            break
+        yield _stack_rows([rows[i % len(rows)] for i in range(batch_size)])
+        emitted += 1
+
+
+def _stack_rows(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    return {key: np.stack([row[key] for row in rows]) if key in ("image", "channel_mask")
+            else np.asarray([row[key] for row in rows], dtype=object) for key in rows[0]}

@@ -381,7 +381,7 @@ def read_field(uri: str, row: str, col: str, field: int, channels: list[str] | N
         block = array[selection]
         # With one shard per field a stored field is complete, while a missing shard reads as fill
         # value without error; the listing that tells them apart is only paid for all-fill reads.
-        if not np.any(block != array.fill_value) and array.nchunks_initialized == 0:
+        if _all_fill(block, array.fill_value) and array.nchunks_initialized == 0:
             raise PlateError(f"{_where(uri, row, col, field)}: field has no stored data (missing shard)")
     except PlateError:
         raise
@@ -390,7 +390,21 @@ def read_field(uri: str, row: str, col: str, field: int, channels: list[str] | N
                          f"(corrupt or unreadable chunk): {_exc_text(exc, storage_options)}") from exc
     block = np.transpose(block, [kept_axes.index(a) for a in ("c", "y", "x")])
     first = min(channel_index)
-    return np.ascontiguousarray(block[[i - first for i in channel_index]]), list(channels)
+    order = [i - first for i in channel_index]
+    if order != list(range(block.shape[0])):  # a reorder or a subset: one copy; else the decoded block as is
+        block = block[order]
+    return np.ascontiguousarray(block), list(channels)
+
+
+def _all_fill(block: np.ndarray, fill) -> bool:
+    """Whether every value of ``block`` equals ``fill``. A strided sample settles real fields (almost
+    never all fill) without the full-size comparison temporary; only all-fill-looking blocks pay for it."""
+    flat = block.reshape(-1)
+    if flat.size == 0:
+        return True
+    if np.any(flat[:: max(1, flat.size // 4096)] != fill):
+        return False
+    return not np.any(block != fill)
 
 
 def _plate_metadata(uri: str, storage_options: dict | None) -> dict[str, Any]:

@@ -82,13 +82,36 @@ class MultiCrop:
         grid = F.affine_grid(theta, [B * n_views, 1, size, size], align_corners=False)
         # Stack each image's views along the grid height: one grid_sample call, no copies of the input.
         grid = grid.reshape(B, n_views * size, size, 2).to(images.dtype)
-        out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        out = out.reshape(B, C, n_views, size, size).permute(2, 0, 1, 3, 4)
-        if self.intensity_jitter > 0:
-            out = self._jitter(out, gen)
+        sampled = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        views = sampled.view(B, C, n_views, size, size).permute(2, 0, 1, 3, 4)
+        # Jitter and mask are one per-(view, image, channel) affine map a * x + b, applied in a single
+        # pass that also writes the (views, B, C) layout: every extra pass over the views costs as
+        # much as the resampling itself once they outgrow the CPU caches.
+        scale_, shift = self._intensity_affine(sampled, n_views, gen)
         if channel_mask is not None and not bool(channel_mask.all()):
-            out = out * channel_mask.to(device=out.device, dtype=out.dtype)[None, :, :, None, None]
-        return out.contiguous()
+            keep = channel_mask.to(device=images.device, dtype=images.dtype)[None, :, :, None, None]
+            scale_ = keep if scale_ is None else scale_ * keep
+            shift = None if shift is None else shift * keep
+        out = torch.empty((n_views, B, C, size, size), dtype=images.dtype, device=images.device)
+        if scale_ is None:
+            return out.copy_(views)
+        if shift is None:
+            return torch.mul(views, scale_, out=out)
+        return torch.addcmul(shift, views, scale_, out=out)
+
+    def _intensity_affine(self, sampled: Tensor, n_views: int, gen: torch.Generator | None
+                          ) -> tuple[Tensor | None, Tensor | None]:
+        """Per-(view, image, channel) brightness gain g then contrast k around the channel's mean m
+        as one affine map: k * (g * x - g * m) + g * m = (g * k) * x + g * m * (1 - k). (None, None)
+        without jitter. ``sampled``: the resampled views as (B, C, n_views * size, size)."""
+        if self.intensity_jitter <= 0:
+            return None, None
+        B, C = sampled.shape[:2]
+        j = self.intensity_jitter
+        gain = self._uniform((n_views, B, C, 1, 1), 1 - j, 1 + j, gen).to(sampled)
+        contrast = self._uniform((n_views, B, C, 1, 1), 1 - j, 1 + j, gen).to(sampled)
+        mean = sampled.view(B, C, n_views, -1).mean(dim=-1).permute(2, 0, 1)[..., None, None]
+        return gain * contrast, gain * mean * (1 - contrast)
 
     def _sample_theta(
         self, n: int, H: int, W: int, scale: tuple[float, float], gen: torch.Generator | None
@@ -126,16 +149,6 @@ class MultiCrop:
             ],
             dim=1,
         )
-
-    def _jitter(self, views: Tensor, gen: torch.Generator | None) -> Tensor:
-        """Per-(view, image, channel) brightness gain then contrast around the channel mean."""
-        V, B, C = views.shape[:3]
-        j = self.intensity_jitter
-        gain = self._uniform((V, B, C, 1, 1), 1 - j, 1 + j, gen).to(views)
-        contrast = self._uniform((V, B, C, 1, 1), 1 - j, 1 + j, gen).to(views)
-        views = views * gain
-        mean = views.mean(dim=(-2, -1), keepdim=True)
-        return (views - mean) * contrast + mean
 
     @staticmethod
     def _uniform(shape: tuple[int, ...], lo: float, hi: float, gen: torch.Generator | None) -> Tensor:
