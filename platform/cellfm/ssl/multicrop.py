@@ -4,6 +4,7 @@ is one affine resampling shared by all of its channels, so channels stay spatial
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -11,12 +12,46 @@ from torch import Tensor
 
 # Rejection-sampling attempts per box before falling back to the whole image (as torchvision does).
 _BOX_ATTEMPTS = 10
+# Bytes of views (and their sampling grid) resampled at a time on CPU: about an L2 cache.
+_CPU_BLOCK_BYTES = 1 << 21
+
+
+@dataclass
+class _ViewSet:
+    """The drawn views of one size for a whole batch, resampled block by block into ``out``."""
+
+    grid_column: Tensor  # (2, B, n_views, 1, size): (x, y) grid term of each output column
+    grid_row: Tensor  # (2, B, n_views, size, 1): (x, y) grid term of each output row
+    slope: Tensor  # (n_views, B, C): intensity map slope (0 for masked channels)
+    mean_weight: Tensor | None  # (n_views, B, C): weight of the view's channel mean; None without jitter
+    out: Tensor  # (n_views, B, C, size, size)
+
+    def resample(self, images: Tensor, start: int, stop: int) -> None:
+        n_views, _, C, size, _ = self.out.shape
+        b = stop - start
+        grid = torch.empty((b, n_views, size, size, 2), dtype=self.out.dtype, device=self.out.device)
+        for axis in range(2):  # per coordinate: contiguous broadcast adds, about 2x faster than one over (..., 2)
+            torch.add(self.grid_column[axis, start:stop], self.grid_row[axis, start:stop], out=grid[..., axis])
+        grid = grid.view(b, n_views * size, size, 2)
+        # Each image's views stacked along the grid height: one grid_sample call, no copies of the input.
+        sampled = F.grid_sample(images[start:stop], grid, mode="bilinear", padding_mode="border", align_corners=False)
+        views = sampled.view(b, C, n_views, size, size).permute(2, 0, 1, 3, 4)
+        slope = self.slope[:, start:stop, :, None, None]
+        out = self.out[:, start:stop]
+        # Jitter and mask in one pass that also writes the (views, B, C) layout.
+        if self.mean_weight is None:
+            torch.mul(views, slope, out=out)
+        else:
+            mean = sampled.view(b, C, n_views, size * size).mean(dim=-1).permute(2, 0, 1)
+            torch.addcmul((self.mean_weight[:, start:stop] * mean)[..., None, None], views, slope, out=out)
 
 
 class MultiCrop:
-    """Batched multi-crop on the training device (no per-image Python loops): each view is a random box
-    (scale, aspect ratio) shared by ALL channels of that image, resampled with affine_grid + grid_sample,
-    plus random h/v flip, rot90, and per-channel intensity jitter (brightness/contrast).
+    """Batched multi-crop on the training device: each view is a random box (scale, aspect ratio) shared
+    by ALL channels of that image, resampled bilinearly by grid_sample (align_corners=False, border
+    padding, no antialiasing), plus random h/v flip, rot90, and per-channel intensity jitter
+    (brightness/contrast). One grid_sample call resamples all views of a block of images (the whole
+    batch on accelerators, a cache-sized block on CPU); the views do not depend on the block size.
 
     scale is the box area as a fraction of the image area, ratio its width/height (log-uniform), as in
     torchvision's RandomResizedCrop. Brightness multiplies a channel by U(1-j, 1+j); contrast scales its
@@ -67,51 +102,64 @@ class MultiCrop:
         if channel_mask is not None and (channel_mask.shape != images.shape[:2] or channel_mask.dtype != torch.bool):
             raise ValueError(f"channel_mask must be a bool tensor of shape {tuple(images.shape[:2])}, "
                              f"got {channel_mask.dtype} {tuple(channel_mask.shape)}")
-        globals_ = self._views(images, 2, self.global_size, self.global_scale, generator, channel_mask)
-        if self.n_local == 0:
-            return globals_, None
-        return globals_, self._views(images, self.n_local, self.local_size, self.local_scale, generator, channel_mask)
-
-    def _views(
-        self, images: Tensor, n_views: int, size: int, scale: tuple[float, float], gen: torch.Generator | None,
-        channel_mask: Tensor | None = None,
-    ) -> Tensor:
-        """(B, C, H, W) -> (n_views, B, C, size, size)."""
         B, C, H, W = images.shape
-        theta = self._sample_theta(B * n_views, H, W, scale, gen).to(images.device)
-        grid = F.affine_grid(theta, [B * n_views, 1, size, size], align_corners=False)
-        # Stack each image's views along the grid height: one grid_sample call, no copies of the input.
-        grid = grid.reshape(B, n_views * size, size, 2).to(images.dtype)
-        sampled = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        views = sampled.view(B, C, n_views, size, size).permute(2, 0, 1, 3, 4)
-        # Jitter and mask are one per-(view, image, channel) affine map a * x + b, applied in a single
-        # pass that also writes the (views, B, C) layout: every extra pass over the views costs as
-        # much as the resampling itself once they outgrow the CPU caches.
-        scale_, shift = self._intensity_affine(sampled, n_views, gen)
+        keep = None
         if channel_mask is not None and not bool(channel_mask.all()):
-            keep = channel_mask.to(device=images.device, dtype=images.dtype)[None, :, :, None, None]
-            scale_ = keep if scale_ is None else scale_ * keep
-            shift = None if shift is None else shift * keep
-        out = torch.empty((n_views, B, C, size, size), dtype=images.dtype, device=images.device)
-        if scale_ is None:
-            return out.copy_(views)
-        if shift is None:
-            return torch.mul(views, scale_, out=out)
-        return torch.addcmul(shift, views, scale_, out=out)
+            keep = channel_mask.to(device=images.device, dtype=images.dtype)
+        # Every draw happens here, globals then locals, so the views depend on the generator only,
+        # not on how the batch is split into blocks below.
+        view_sets = [self._view_set(images, 2, self.global_size, self.global_scale, generator, keep)]
+        if self.n_local > 0:
+            view_sets.append(self._view_set(images, self.n_local, self.local_size, self.local_scale, generator, keep))
+        block = self._images_per_block(images)
+        for start in range(0, B, block):
+            for view_set in view_sets:
+                view_set.resample(images, start, min(B, start + block))
+        return view_sets[0].out, view_sets[1].out if self.n_local > 0 else None
 
-    def _intensity_affine(self, sampled: Tensor, n_views: int, gen: torch.Generator | None
-                          ) -> tuple[Tensor | None, Tensor | None]:
-        """Per-(view, image, channel) brightness gain g then contrast k around the channel's mean m
-        as one affine map: k * (g * x - g * m) + g * m = (g * k) * x + g * m * (1 - k). (None, None)
-        without jitter. ``sampled``: the resampled views as (B, C, n_views * size, size)."""
+    def _images_per_block(self, images: Tensor) -> int:
+        """How many images to resample at a time. On CPU a few, so that a block's grid and samples stay in
+        cache between the resampling and the intensity pass and their buffers are reused, instead of
+        batch-sized ones that go through memory (and page faults) on every call; on accelerators the
+        whole batch, one launch per op."""
+        B, C = images.shape[:2]
+        if images.device.type != "cpu":
+            return B
+        pixels = 2 * self.global_size**2 + self.n_local * self.local_size**2
+        bytes_per_image = images.element_size() * pixels * (2 * C + 2)  # samples, output, (x, y) grid
+        return max(1, min(B, _CPU_BLOCK_BYTES // bytes_per_image))
+
+    def _view_set(self, images: Tensor, n_views: int, size: int, scale: tuple[float, float],
+                  gen: torch.Generator | None, keep: Tensor | None) -> _ViewSet:
+        """Draws the boxes and intensity jitter of n_views views of every image."""
+        B, C, H, W = images.shape
+        theta = self._sample_theta(B * n_views, H, W, scale, gen)
+        theta = theta.to(device=images.device, dtype=images.dtype).view(B, n_views, 2, 3)
+        # affine_grid's output pixel centres (align_corners=False). A box is axis-aligned and rot90/flips
+        # only permute or negate its axes, so the grid is one term per output column plus one per
+        # output row: built by one broadcast add per block instead of a (views, size^2, 3) x (3, 2) bmm.
+        centres = (2 * torch.arange(size, device=images.device, dtype=images.dtype) + 1) / size - 1
+        theta = theta.permute(2, 0, 1, 3)[..., None, None, :]  # (2, B, n_views, 1, 1, 3): per grid coordinate
+        grid_column = theta[..., 0] * centres + theta[..., 2]
+        grid_row = (theta[..., 1] * centres).transpose(-2, -1)
+        slope, mean_weight = self._intensity_affine(n_views, B, C, gen, images)
+        if keep is not None:
+            slope = slope * keep
+            mean_weight = None if mean_weight is None else mean_weight * keep
+        out = torch.empty((n_views, B, C, size, size), dtype=images.dtype, device=images.device)
+        return _ViewSet(grid_column, grid_row, slope, mean_weight, out)
+
+    def _intensity_affine(self, n_views: int, B: int, C: int, gen: torch.Generator | None, like: Tensor
+                          ) -> tuple[Tensor, Tensor | None]:
+        """Per-(view, image, channel) brightness gain g then contrast k around the view's channel mean m
+        as one affine map: k * (g * x - g * m) + g * m = (g * k) * x + g * (1 - k) * m. Returns the
+        slope g * k and the mean weight g * (1 - k), each (n_views, B, C); (ones, None) without jitter."""
         if self.intensity_jitter <= 0:
-            return None, None
-        B, C = sampled.shape[:2]
+            return torch.ones((n_views, B, C), dtype=like.dtype, device=like.device), None
         j = self.intensity_jitter
-        gain = self._uniform((n_views, B, C, 1, 1), 1 - j, 1 + j, gen).to(sampled)
-        contrast = self._uniform((n_views, B, C, 1, 1), 1 - j, 1 + j, gen).to(sampled)
-        mean = sampled.view(B, C, n_views, -1).mean(dim=-1).permute(2, 0, 1)[..., None, None]
-        return gain * contrast, gain * mean * (1 - contrast)
+        gain = self._uniform((n_views, B, C), 1 - j, 1 + j, gen).to(like)
+        contrast = self._uniform((n_views, B, C), 1 - j, 1 + j, gen).to(like)
+        return gain * contrast, gain * (1 - contrast)
 
     def _sample_theta(
         self, n: int, H: int, W: int, scale: tuple[float, float], gen: torch.Generator | None
