@@ -1,9 +1,11 @@
-"""Batched multi-crop honours the data pipeline's channel padding: padded channels stay exactly zero
-in every view and the mask is left as it is."""
+"""Batched multi-crop: channel padding (padded channels stay exactly zero, the mask is left as it is),
+geometry and intensity semantics, and the resampling against independent references."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from cellfm.ssl import multicrop
 from cellfm.ssl.multicrop import MultiCrop
 
 
@@ -96,3 +98,109 @@ def test_jitter_is_a_gain_then_contrast_around_each_channel_mean():
     gain = y_mean / x_mean  # the contrast keeps the mean, so only the gain moves it
     assert ((1 - j - 1e-4 <= gain) & (gain <= 1 + j + 1e-4)).all()
     assert gain.std() > 0.01 and a.std() > 0.01  # drawn per view and channel
+
+
+# ---------------------------------------------------------------- resampling against references
+
+
+def _theta(boxes, H, W):
+    """(n, 2, 3) affine_grid maps (align_corners=False) of boxes (x, y, w, h) in input pixels, each
+    with an orientation (k quarter turns, x flip, y flip) acting on output coordinates."""
+    rows = []
+    for (x, y, w, h), (k, fx, fy) in boxes:
+        cos, sin = [(1, 0), (0, 1), (-1, 0), (0, -1)][k]
+        sx, sy = w / W, h / H
+        rows.append([[sx * cos * fx, -sx * sin * fy, 2 * (x + w / 2) / W - 1],
+                     [sy * sin * fx, sy * cos * fy, 2 * (y + h / 2) / H - 1]])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _crop_with_boxes(monkeypatch, images, size, boxes):
+    """Global views of the given boxes (2 per image, in image-major order), no jitter."""
+    B, _, H, W = images.shape
+    crop = MultiCrop(size, 8, n_local=0, intensity_jitter=0.0)
+    monkeypatch.setattr(crop, "_sample_theta", lambda n, *_: _theta(boxes, H, W).to(images.dtype))
+    views, _ = crop(images)
+    return views
+
+
+def test_integer_boxes_match_crop_then_interpolate(monkeypatch):
+    # Downscaling boxes on the pixel grid: the view is exactly what cropping the box and resizing it
+    # with F.interpolate (bilinear, align_corners=False, no antialiasing) gives, in every channel.
+    images = torch.rand(3, 4, 40, 48)
+    boxes = [((0, 0, 48, 40), (0, 1, 1)), ((5, 3, 20, 17), (0, 1, 1)), ((30, 21, 18, 19), (0, 1, 1)),
+             ((11, 8, 33, 16), (0, 1, 1)), ((2, 30, 16, 10), (0, 1, 1)), ((47 - 24, 1, 24, 37), (0, 1, 1))]
+    views = _crop_with_boxes(monkeypatch, images, 10, boxes)
+    for i, ((x, y, w, h), _) in enumerate(boxes):
+        b, v = divmod(i, 2)
+        expected = F.interpolate(images[b:b + 1, :, y:y + h, x:x + w], size=(10, 10), mode="bilinear",
+                                 align_corners=False)[0]
+        assert (views[v, b] - expected).abs().max() < 1e-5
+
+
+def test_orientations_of_a_box_are_its_eight_dihedral_transforms(monkeypatch):
+    # One box in 16 (rot90, x flip, y flip) draws: each view is one of the 8 flips/rotations of the
+    # upright view (exactly, up to float64 rounding of the sample positions), all 8 occur, and all
+    # channels turn together.
+    images = torch.rand(1, 3, 40, 48, dtype=torch.float64).expand(8, -1, -1, -1)
+    orientations = [(k, fx, fy) for k in range(4) for fx in (1, -1) for fy in (1, -1)]
+    views = _crop_with_boxes(monkeypatch, images, 12, [((7, 4, 26, 30), o) for o in orientations])
+    upright = _dihedral(views[0, 0])
+    seen = set()
+    for i in range(len(orientations)):
+        b, v = divmod(i, 2)
+        matches = [t for t, d in enumerate(upright) if (views[v, b] - d).abs().max() < 1e-12]
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert seen == set(range(8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_drawn_views_match_affine_grid_and_grid_sample_per_view(monkeypatch, dtype):
+    # Independent of the blocking and of how the grid is built: per image and view, affine_grid +
+    # grid_sample with the same drawn boxes and orientations. Blocks of one image and of all images.
+    images = torch.rand(5, 3, 40, 48, dtype=dtype)
+    crop = MultiCrop(24, 12, n_local=3, intensity_jitter=0.0)
+    draws = torch.Generator().manual_seed(4)
+    thetas = [crop._sample_theta(5 * n, 40, 48, scale, draws).view(5, n, 2, 3)
+              for n, scale in ((2, crop.global_scale), (3, crop.local_scale))]
+    for block_bytes in (1, 1 << 30):
+        monkeypatch.setattr(multicrop, "_CPU_BLOCK_BYTES", block_bytes)
+        views = crop(images, torch.Generator().manual_seed(4))
+        for out, theta, size in zip(views, thetas, (24, 12)):
+            for b in range(5):
+                for v in range(theta.shape[1]):
+                    grid = F.affine_grid(theta[b, v][None].to(dtype), [1, 1, size, size], align_corners=False)
+                    expected = F.grid_sample(images[b:b + 1], grid, mode="bilinear", padding_mode="border",
+                                             align_corners=False)[0]
+                    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+                    assert (out[v, b] - expected).abs().max() < tolerance
+
+
+def test_block_size_does_not_change_the_views(monkeypatch):
+    images, mask = _padded_batch()
+    crop = MultiCrop(16, 8, n_local=3, intensity_jitter=0.3)
+    monkeypatch.setattr(multicrop, "_CPU_BLOCK_BYTES", 1 << 30)
+    whole = crop(images, torch.Generator().manual_seed(6), channel_mask=mask)
+    monkeypatch.setattr(multicrop, "_CPU_BLOCK_BYTES", 1)
+    per_image = crop(images, torch.Generator().manual_seed(6), channel_mask=mask)
+    for a, b in zip(whole, per_image):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_dtype_is_kept(dtype):
+    g, loc = MultiCrop(16, 8, n_local=2)(torch.rand(2, 3, 32, 32, dtype=dtype), torch.Generator().manual_seed(0))
+    assert g.dtype == loc.dtype == dtype
+    assert g.shape == (2, 2, 3, 16, 16) and loc.shape == (2, 2, 3, 8, 8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_is_kept_and_a_cpu_generator_gives_the_same_views_there():
+    images, mask = _padded_batch()
+    crop = MultiCrop(16, 8, n_local=3)
+    on_cpu = crop(images, torch.Generator().manual_seed(8), channel_mask=mask)
+    on_gpu = crop(images.cuda(), torch.Generator().manual_seed(8), channel_mask=mask.cuda())
+    for a, b in zip(on_cpu, on_gpu):
+        assert b.device.type == "cuda"
+        torch.testing.assert_close(b.cpu(), a, atol=1e-5, rtol=0)
