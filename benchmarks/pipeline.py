@@ -22,6 +22,7 @@ over images. Writes benchmarks/results/pipeline.json.
 
     python benchmarks/pipeline.py                      # ~5-8 min on 2 cores, first run writes ~2 GB of plates
     python benchmarks/pipeline.py --quick              # smaller smoke run
+    python benchmarks/pipeline.py --only multicrop     # rerun multi-crop only, update its part of the JSON
 """
 
 from __future__ import annotations
@@ -359,6 +360,44 @@ def measure_multicrop(batch: int, channels: int, size: int, global_size: int, lo
     return result
 
 
+def run_multicrop(cores: int) -> tuple[dict, dict, dict]:
+    """The multi-crop section: results per size and thread count, its ratios and its targets."""
+    import torch
+
+    multicrop = {}
+    for threads in sorted({cores, 1}, reverse=True):
+        multicrop[f"demo_64px_{threads}threads"] = measure_multicrop(64, 5, 128, 64, 32, 4, repeats=15, threads=threads)
+        multicrop[f"jump_224px_{threads}threads"] = measure_multicrop(16, 5, 512, 224, 96, 6, repeats=7, threads=threads)
+    torch.set_num_threads(cores)
+    print(json.dumps(multicrop, indent=1), flush=True)
+    ratios, targets = {}, {}
+    for name, result in multicrop.items():
+        ratios[f"multicrop {name}: batched_over_per_image"] = result["speedup_vs_per_image_multicrop"]
+        ratios[f"multicrop {name}: batched_over_per_view_loop"] = result["speedup_vs_per_image_per_view"]
+        # the issue's bars: >= 5x at the demo size, not slower at 224-px crops
+        bar = 5.0 if name.startswith("demo") else 1.0
+        targets[f"multicrop {name}: batched >= {bar:g} x per-image loop"] = (
+            ratios[f"multicrop {name}: batched_over_per_image"] >= bar)
+    return multicrop, ratios, targets
+
+
+def update_multicrop(out: Path, cores: int) -> None:
+    """--only multicrop: rerun the multi-crop section and replace its entries in an existing results file."""
+    import torch
+
+    result = json.loads(out.read_text())
+    multicrop, ratios, targets = run_multicrop(cores)
+    result["multicrop"] = multicrop
+    for section, fresh in (("ratios", ratios), ("targets_met", targets)):
+        kept = {k: v for k, v in result[section].items() if not k.startswith("multicrop ")}
+        result[section] = {**kept, **fresh}
+    result["machine"]["torch"] = torch.__version__
+    result["multicrop_updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({"ratios": ratios, "targets_met": targets}, indent=2))
+    print(f"updated the multicrop section of {out}")
+
+
 # ------------------------------------------------------------------------------------ main
 
 
@@ -375,7 +414,12 @@ def main() -> None:
     parser.add_argument("--read-batch-size", type=int, default=8, help="fields per read task (b and c alike)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "pipeline.json"))
     parser.add_argument("--quick", action="store_true", help="small smoke run (not for reporting)")
+    parser.add_argument("--only", choices=["multicrop"],
+                        help="rerun only this section and update its entries in --out, keeping the rest")
     args = parser.parse_args()
+    if args.only == "multicrop":
+        update_multicrop(Path(args.out), os.cpu_count() or 1)
+        return
     if args.quick:
         args.plates, args.wells, args.fields, args.size, args.copies = 2, 2, 2, 256, 3
         args.measure_fields, args.repeats, args.root = 8, 1, args.root + "-quick"
@@ -457,12 +501,7 @@ def main() -> None:
     memory_10x = measure_memory(manifest10, mem_cfg)
     print(f"memory 1x {memory_1x}\nmemory 10x {memory_10x}", flush=True)
 
-    multicrop = {}
-    for threads in sorted({cores, 1}, reverse=True):
-        multicrop[f"demo_64px_{threads}threads"] = measure_multicrop(64, 5, 128, 64, 32, 4, repeats=5, threads=threads)
-        multicrop[f"jump_224px_{threads}threads"] = measure_multicrop(16, 5, 512, 224, 96, 6, repeats=3, threads=threads)
-    torch.set_num_threads(cores)
-    print(json.dumps(multicrop, indent=1), flush=True)
+    multicrop, multicrop_ratios, multicrop_targets = run_multicrop(cores)
 
     ratios = {}
     for codec in ("zarr", "zarrs"):  # like with like: a, b and c on the same codec pipeline
@@ -478,18 +517,14 @@ def main() -> None:
         "peak_object_store_10x_over_1x": (memory_10x["peak_object_store_mb"] / memory_1x["peak_object_store_mb"]
                                           if memory_1x["peak_object_store_mb"] else None),
     })
-    for name, result in multicrop.items():
-        ratios[f"multicrop {name}: batched_over_per_image"] = result["speedup_vs_per_image_multicrop"]
+    ratios.update(multicrop_ratios)
     targets = {}
     for codec in ("zarr", "zarrs"):
         targets[f"{codec}: c_percentile >= 0.75 x b_ray_raw"] = ratios[f"{codec}: c_percentile_over_b_ray_raw"] >= 0.75
         targets[f"{codec}: c_percentile >= 0.5 x a_raw"] = ratios[f"{codec}: c_percentile_over_a_raw"] >= 0.5
         targets[f"{codec}: c_percentile >= 2 x d_naive"] = ratios[f"{codec}: c_percentile_over_d_naive"] >= 2.0
     targets["peak memory 10x < 1.25 x 1x"] = ratios["peak_rss_10x_over_1x"] < 1.25
-    for name in multicrop:  # the issue's bars: >= 5x at the demo size, not slower at 224-px crops
-        bar = 5.0 if name.startswith("demo") else 1.0
-        targets[f"multicrop {name}: batched >= {bar:g} x per-image loop"] = (
-            ratios[f"multicrop {name}: batched_over_per_image"] >= bar)
+    targets.update(multicrop_targets)
     result = {
         "benchmark": "cellfm data pipeline",
         "machine": {"cores": cores, "python": sys.version.split()[0], "platform": platform.platform(),
