@@ -204,3 +204,41 @@ def test_device_is_kept_and_a_cpu_generator_gives_the_same_views_there():
     for a, b in zip(on_cpu, on_gpu):
         assert b.device.type == "cuda"
         torch.testing.assert_close(b.cpu(), a, atol=1e-5, rtol=0)
+
+
+def test_gaussian_blur_views_matches_a_per_view_reference_and_keeps_sharp_views():
+    from cellfm.ssl.multicrop import gaussian_blur_views
+
+    torch.manual_seed(0)
+    views = torch.rand(2, 3, 4, 16, 16, dtype=torch.float64)
+    sigma = torch.tensor([[0.0, 1.0, 2.0], [0.5, 0.0, 1.5]], dtype=torch.float64)
+    out = gaussian_blur_views(views, sigma)
+    radius = 6  # ceil(3 * max sigma)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    for v in range(2):
+        for b in range(3):
+            if sigma[v, b] == 0:
+                assert torch.equal(out[v, b], views[v, b])
+                continue
+            k1 = torch.exp(-0.5 * (x / sigma[v, b]) ** 2)
+            k2 = torch.outer(k1, k1) / k1.sum() ** 2  # the separable kernel as one 2-D kernel
+            padded = torch.nn.functional.pad(views[v, b][None], (radius,) * 4, mode="reflect")
+            expected = torch.nn.functional.conv2d(padded, k2[None, None].expand(4, 1, -1, -1), groups=4)[0]
+            torch.testing.assert_close(out[v, b], expected, rtol=0, atol=1e-12)
+    # Blurring keeps each channel's mean roughly (reflect padding) and lowers its variance.
+    assert out[0, 2].var() < 0.5 * views[0, 2].var()
+
+
+def test_multicrop_blur_probability_draws_from_the_generator_and_validates():
+    images = torch.rand(4, 3, 32, 32)
+    crop = MultiCrop(16, 8, 2, blur_probability=1.0, blur_sigma=(1.0, 1.0), intensity_jitter=0.0)
+    sharp = MultiCrop(16, 8, 2, intensity_jitter=0.0)
+    g1, l1 = crop(images, generator=torch.Generator().manual_seed(3))
+    g2, l2 = crop(images, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(g1, g2) and torch.equal(l1, l2)
+    gs, ls = sharp(images, generator=torch.Generator().manual_seed(3))
+    # Same boxes (blur draws come after every box draw), blurred: smoother, same mean.
+    assert g1.diff(dim=-1).abs().mean() < 0.6 * gs.diff(dim=-1).abs().mean()
+    torch.testing.assert_close(g1.mean(), gs.mean(), atol=0.02, rtol=0)
+    with pytest.raises(ValueError, match="blur_probability"):
+        MultiCrop(16, 8, 2, blur_probability=1.5)

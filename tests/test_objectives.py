@@ -369,6 +369,24 @@ def test_build_student_teacher_heads_per_objective():
     assert not any(p.requires_grad for p in teacher.parameters())
 
 
+def test_head_use_bn_makes_teacher_targets_differ_between_nearly_identical_images():
+    """Inputs sharing a large common component (a random-init backbone's CLS tokens look like this)
+    give nearly the same logits without BN; with ssl.head_use_bn the batch statistics remove the
+    shared part, so the logits differ between images."""
+    torch.manual_seed(0)
+    features = 10.0 + 0.01 * torch.randn(16, 32)
+    spreads = {}
+    for use_bn in (False, True):
+        cfg = small_cfg("model.img_size=16", f"ssl.head_use_bn={use_bn}")
+        student, teacher = build_student_teacher(cfg)
+        assert any(isinstance(m, torch.nn.BatchNorm1d) for m in teacher.head.modules()) == use_bn
+        torch.manual_seed(1)
+        head = type(teacher.head)(32, 64, hidden_dim=64, bottleneck_dim=8, use_bn=cfg.ssl.head_use_bn)
+        logits = head(features)
+        spreads[use_bn] = (logits - logits.mean(0)).std().item()
+    assert spreads[False] < 0.01 and spreads[True] > 0.1
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_loads(path):
     cfg = load_config(path)

@@ -117,6 +117,9 @@ class SSLConfig:
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
     head_nlayers: int = 3
+    # BatchNorm in the head's hidden layers (DINO's option): batch statistics remove the component
+    # every image shares, so the teacher's targets differ between images from the first step.
+    head_use_bn: bool = False
     student_temp: float = 0.1
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
@@ -133,6 +136,9 @@ class SSLConfig:
     global_crop_scale: list = field(default_factory=lambda: [0.32, 1.0])
     local_crop_scale: list = field(default_factory=lambda: [0.05, 0.32])
     intensity_jitter: float = 0.2
+    # Probability that a view is Gaussian-blurred, and the sigma range in pixels of the view.
+    blur_probability: float = 0.0
+    blur_sigma: list = field(default_factory=lambda: [0.1, 2.0])
     # Random flips / 90-degree rotations, drawn independently per view.
     flip: bool = True
     rot90: bool = True
@@ -281,6 +287,11 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         lo_hi = _get(cfg, key)
         if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
             raise ConfigError(f"{source}: {key} must be [low, high] with 0 < low <= high <= 1, got {lo_hi!r}")
+    if not 0 <= cfg.ssl.blur_probability <= 1:
+        raise ConfigError(f"{source}: ssl.blur_probability must be in [0, 1], got {cfg.ssl.blur_probability}")
+    if len(cfg.ssl.blur_sigma) != 2 or not 0 <= cfg.ssl.blur_sigma[0] <= cfg.ssl.blur_sigma[1]:
+        raise ConfigError(f"{source}: ssl.blur_sigma must be [low, high] pixels with 0 <= low <= high, "
+                          f"got {cfg.ssl.blur_sigma!r}")
     if not 0 < cfg.eval.test_fraction < 1:
         raise ConfigError(f"{source}: eval.test_fraction must be in (0, 1), got {cfg.eval.test_fraction}")
     if not cfg.eval.manifests:

@@ -46,6 +46,25 @@ class _ViewSet:
             torch.addcmul((self.mean_weight[:, start:stop] * mean)[..., None, None], views, slope, out=out)
 
 
+def gaussian_blur_views(views: Tensor, sigma: Tensor) -> Tensor:
+    """Blur every (view, image) of ``views`` (V, B, C, s, s) with its own isotropic Gaussian, the same
+    for all channels of that view (defocus blurs every stain alike). sigma (V, B) in pixels; 0 leaves a
+    view unchanged. Separable, as two depthwise convolutions over all views at once (reflect padding)."""
+    V, B, C, size, _ = views.shape
+    radius = max(1, min(size // 2 - 1, math.ceil(3 * float(sigma.max())))) if bool((sigma > 0).any()) else 0
+    if radius == 0:
+        return views
+    offsets = torch.arange(-radius, radius + 1, device=views.device, dtype=views.dtype)
+    safe = sigma.to(views.dtype).clamp_min(1e-6)[..., None]  # (V, B, 1)
+    kernel = torch.exp(-0.5 * (offsets / safe) ** 2)
+    kernel = torch.where((sigma > 0)[..., None], kernel, (offsets == 0).to(views.dtype))  # sigma 0: identity
+    kernel = (kernel / kernel.sum(-1, keepdim=True)).repeat_interleave(C, dim=1).reshape(V * B * C, 1, 1, -1)
+    flat = F.pad(views.reshape(1, V * B * C, size, size), (radius, radius, radius, radius), mode="reflect")
+    flat = F.conv2d(flat, kernel, groups=V * B * C)
+    flat = F.conv2d(flat, kernel.transpose(-1, -2), groups=V * B * C)
+    return flat.view(V, B, C, size, size)
+
+
 class MultiCrop:
     """Batched multi-crop on the training device: each view is a random box (scale, aspect ratio) shared
     by ALL channels of that image, resampled bilinearly by grid_sample (align_corners=False, border
@@ -55,7 +74,10 @@ class MultiCrop:
 
     scale is the box area as a fraction of the image area, ratio its width/height (log-uniform), as in
     torchvision's RandomResizedCrop. Brightness multiplies a channel by U(1-j, 1+j); contrast scales its
-    deviation from its own mean by U(1-j, 1+j), drawn independently for every view and channel."""
+    deviation from its own mean by U(1-j, 1+j), drawn independently for every view and channel.
+    With ``blur_probability`` > 0 each view is, with that probability, Gaussian-blurred with a sigma
+    drawn from ``blur_sigma`` (pixels of the view), as DINO's augmentations do: a field's focus is
+    then no shortcut for telling fields apart."""
 
     def __init__(
         self,
@@ -68,6 +90,8 @@ class MultiCrop:
         flip: bool = True,
         rot90: bool = True,
         intensity_jitter: float = 0.2,
+        blur_probability: float = 0.0,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
     ):
         if global_size < 1 or local_size < 1 or n_local < 0:
             raise ValueError(f"bad crop sizes: global={global_size}, local={local_size}, n_local={n_local}")
@@ -79,6 +103,11 @@ class MultiCrop:
         if not 0.0 <= intensity_jitter < 1.0:
             # >= 1 could flip a channel's sign, which is not a plausible imaging change.
             raise ValueError(f"intensity_jitter must be in [0, 1), got {intensity_jitter}")
+        if not 0.0 <= blur_probability <= 1.0 or not 0.0 <= blur_sigma[0] <= blur_sigma[1]:
+            raise ValueError(f"blur_probability must be in [0, 1] and blur_sigma 0 <= lo <= hi, "
+                             f"got {blur_probability}, {tuple(blur_sigma)}")
+        self.blur_probability = blur_probability
+        self.blur_sigma = tuple(blur_sigma)
         self.global_size = global_size
         self.local_size = local_size
         self.n_local = n_local
@@ -111,11 +140,21 @@ class MultiCrop:
         view_sets = [self._view_set(images, 2, self.global_size, self.global_scale, generator, keep)]
         if self.n_local > 0:
             view_sets.append(self._view_set(images, self.n_local, self.local_size, self.local_scale, generator, keep))
+        sigmas = [self._blur_sigmas(view_set.out.shape[:2], gen=generator) for view_set in view_sets]
         block = self._images_per_block(images)
         for start in range(0, B, block):
             for view_set in view_sets:
                 view_set.resample(images, start, min(B, start + block))
-        return view_sets[0].out, view_sets[1].out if self.n_local > 0 else None
+        views = [view_set.out if sigma is None else gaussian_blur_views(view_set.out, sigma.to(images.device))
+                 for view_set, sigma in zip(view_sets, sigmas)]
+        return views[0], views[1] if self.n_local > 0 else None
+
+    def _blur_sigmas(self, shape: torch.Size, gen: torch.Generator | None) -> Tensor | None:
+        """(n_views, B) blur sigmas, 0 for views left sharp; None when blurring is off (no draws)."""
+        if self.blur_probability <= 0:
+            return None
+        blurred = self._uniform(tuple(shape), 0.0, 1.0, gen) < self.blur_probability
+        return torch.where(blurred, self._uniform(tuple(shape), *self.blur_sigma, gen), 0.0)
 
     def _images_per_block(self, images: Tensor) -> int:
         """How many images to resample at a time. On CPU a few, so that a block's grid and samples stay in

@@ -137,6 +137,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         cfg.ssl.global_crop_size, cfg.ssl.local_crop_size, cfg.ssl.n_local_crops,
         global_scale=tuple(cfg.ssl.global_crop_scale), local_scale=tuple(cfg.ssl.local_crop_scale),
         intensity_jitter=cfg.ssl.intensity_jitter, flip=cfg.ssl.flip, rot90=cfg.ssl.rot90,
+        blur_probability=cfg.ssl.blur_probability, blur_sigma=tuple(cfg.ssl.blur_sigma),
     )
 
     writer = None

@@ -132,7 +132,8 @@ def _separate_ibot_head(cfg: Config) -> bool:
 
 def _dino_head(cfg: Config, in_dim: int) -> DINOHead:
     return DINOHead(in_dim, cfg.ssl.head_out_dim, hidden_dim=cfg.ssl.head_hidden_dim,
-                    bottleneck_dim=cfg.ssl.head_bottleneck_dim, nlayers=cfg.ssl.head_nlayers)
+                    bottleneck_dim=cfg.ssl.head_bottleneck_dim, nlayers=cfg.ssl.head_nlayers,
+                    use_bn=cfg.ssl.head_use_bn)
 
 
 def build_student_teacher(cfg: Config) -> tuple[EncoderWithHead, EncoderWithHead]:
