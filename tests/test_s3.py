@@ -116,15 +116,17 @@ def test_errors_name_the_plate_and_never_the_secret(s3_server):
 
 
 @pytest.mark.integration
-def test_training_run_on_s3_storage_and_backbone_loaded_from_s3(ray_session, s3_server, smoke_overrides):
+def test_training_run_on_s3_storage_then_backbone_and_evaluation_from_s3(ray_session, s3_server, smoke_overrides):
     """train.storage_path=s3://...: Ray Train writes the checkpoint there through pyarrow with the same
     endpoint/credentials as data.storage_options; config.yaml and rank 0's TensorBoard events land in the run
-    directory; the latest checkpoint is found and the inference backbone loaded straight from s3://."""
+    directory; the latest checkpoint is found, the inference backbone loaded and evaluation run straight
+    from s3://."""
     import boto3
     import torch
     import yaml
 
     from cellfm.config import load_config
+    from cellfm.evaluate.run import run_evaluation
     from cellfm.train.checkpoint import latest_checkpoint, load_inference_backbone
     from cellfm.train.trainer import run_directory, run_pretraining
     from tests.conftest import SMOKE_CONFIG
@@ -154,3 +156,8 @@ def test_training_run_on_s3_storage_and_backbone_loaded_from_s3(ray_session, s3_
     assert saved_cfg.model == cfg.model
     with torch.no_grad():
         assert backbone(torch.rand(2, 3, 32, 32))["cls"].shape == (2, backbone.embed_dim)
+
+    # Evaluation embeds with the s3:// checkpoint (each Ray Data actor loads it from the store).
+    report, _ = run_evaluation(cfg, ckpt)
+    assert report["checkpoint"] == ckpt and set(report["results"]) == {"seen", "unseen"}
+    assert 0.0 <= report["results"]["seen"]["scores"]["trained"]["moa"]["top1"] <= 1.0

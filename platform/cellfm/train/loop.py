@@ -1,6 +1,6 @@
-"""The per-worker training loop run by Ray Train: DINO self-distillation with DINOv2 schedules,
-EMA teacher, batched multi-crop on the worker's device, an epoch checkpoint through Ray Train,
-TensorBoard events and a progress line from rank 0."""
+"""The per-worker training loop run by Ray Train: DINO self-distillation with DINOv2 schedules on the
+configured engine (DDP or DeepSpeed ZeRO, cellfm.train.engines), EMA teacher, batched multi-crop on the
+worker's device, an epoch checkpoint through Ray Train, TensorBoard events and a progress line from rank 0."""
 
 from __future__ import annotations
 
