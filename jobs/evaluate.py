@@ -12,10 +12,11 @@ from cellfm.train.trainer import run_directory
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: latest of the configured run)")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint directory or s3:// URI (default: latest of the configured run)")
     args = p.parse_args()
     cfg = config_from_args(args)
-    checkpoint = args.checkpoint or latest_checkpoint(run_directory(cfg))
+    checkpoint = args.checkpoint or latest_checkpoint(run_directory(cfg), cfg.data.storage_options or None)
     report, paths = run_evaluation(cfg, checkpoint)
     print("\n".join(summary_lines(report)))
     print(f"[cellfm] report: {paths['markdown']} (+ {paths['json'].name}, {paths['plot'].name})")

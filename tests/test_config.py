@@ -70,3 +70,24 @@ def test_saved_config_round_trips(tmp_path):
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_every_shipped_config_loads(name):
     load_config(REPO / "configs" / name)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.engine=horovod"], r"train\.engine='horovod' is not one of \['ddp', 'deepspeed'\]"),
+        (["train.zero_stage=4"], r"train\.zero_stage must be 0, 1, 2 or 3, got 4"),
+        (["train.engine=deepspeed", "train.zero_stage=3"], r"train\.zero_stage=3 is not supported with train\.engine=deepspeed"),
+        (["train.engine=deepspeed", "train.zero_stage=0"], r"train\.zero_stage=0 is not supported with train\.engine=deepspeed"),
+        (["train.peak_tflops=-1"], r"train\.peak_tflops must be >= 0"),
+    ],
+)
+def test_engine_settings_are_validated(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(SMOKE_CONFIG, overrides)
+
+
+def test_deepspeed_zero_1_and_2_are_accepted():
+    for stage in (1, 2):
+        cfg = load_config(SMOKE_CONFIG, ["train.engine=deepspeed", f"train.zero_stage={stage}"])
+        assert (cfg.train.engine, cfg.train.zero_stage) == ("deepspeed", stage)

@@ -198,6 +198,16 @@ def test_update_ema():
         update_ema(nn.Sequential(teacher), student, momentum=0.5)
 
 
+def test_update_ema_from_a_bf16_student_keeps_the_teacher_fp32():
+    torch.manual_seed(0)
+    student, teacher = nn.Linear(3, 2).to(torch.bfloat16), nn.Linear(3, 2)
+    t0 = {k: v.clone() for k, v in teacher.state_dict().items()}
+    update_ema(teacher, student, momentum=0.5)
+    for k, v in teacher.state_dict().items():
+        assert v.dtype == torch.float32
+        torch.testing.assert_close(v, (t0[k] + student.state_dict()[k].float()) / 2)
+
+
 def test_cosine_schedule():
     s = cosine_schedule(1.0, 0.1, total_steps=100, warmup_steps=10, start_warmup_value=0.0, freeze_steps=5)
     assert len(s) == 100

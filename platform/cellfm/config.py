@@ -165,7 +165,11 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    # ddp: PyTorch DDP; deepspeed: DeepSpeed ZeRO (optimizer state, and at stage 2 gradients,
+    # partitioned across workers) under the same Ray Train loop.
     engine: str = "ddp"
+    # DeepSpeed ZeRO stage (train.engine=deepspeed): 1 = optimizer states, 2 = + gradients partitioned.
+    zero_stage: int = 2
     # bf16 autocast on GPU (fp32 on CPU regardless).
     mixed_precision: str = "bf16"  # bf16 | fp32
     gpus_per_worker: float = 1.0
@@ -179,6 +183,9 @@ class TrainConfig:
     max_failures: int = 0
     seed: int = 0
     log_every_steps: int = 10
+    # Peak dense bf16 FLOP/s of one GPU for the MFU estimate, in TFLOP/s (0 = from the GPU's name:
+    # H100, H200, A100 known); ignored on CPU, where MFU is not reported.
+    peak_tflops: float = 0.0
 
 
 @dataclass
@@ -245,7 +252,7 @@ _CHOICES = {
     "model.input_norm": {"none", "percentile", "adaptive_hist"},
     "model.size": {"tiny", "small", "base", "large"},
     "ssl.centering": {"centering", "sinkhorn_knopp"},
-    "train.engine": {"ddp"},
+    "train.engine": {"ddp", "deepspeed"},
     "train.mixed_precision": {"bf16", "fp32"},
     "eval.well_normalization": {"none", "negcon"},
 }
@@ -292,6 +299,15 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if len(cfg.ssl.blur_sigma) != 2 or not 0 <= cfg.ssl.blur_sigma[0] <= cfg.ssl.blur_sigma[1]:
         raise ConfigError(f"{source}: ssl.blur_sigma must be [low, high] pixels with 0 <= low <= high, "
                           f"got {cfg.ssl.blur_sigma!r}")
+    if cfg.train.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{source}: train.zero_stage must be 0, 1, 2 or 3, got {cfg.train.zero_stage!r}")
+    if cfg.train.engine == "deepspeed" and cfg.train.zero_stage not in (1, 2):
+        # Stage 0 is plain data parallelism (train.engine=ddp does that); stage 3 partitions the
+        # parameters themselves, which the EMA teacher update and our pickle-free checkpoints do not handle.
+        raise ConfigError(f"{source}: train.zero_stage={cfg.train.zero_stage} is not supported with "
+                          f"train.engine=deepspeed; use 1 or 2 (or train.engine=ddp for unpartitioned training)")
+    if cfg.train.peak_tflops < 0:
+        raise ConfigError(f"{source}: train.peak_tflops must be >= 0, got {cfg.train.peak_tflops!r}")
     if not 0 < cfg.eval.test_fraction < 1:
         raise ConfigError(f"{source}: eval.test_fraction must be in (0, 1), got {cfg.eval.test_fraction}")
     if not cfg.eval.manifests:

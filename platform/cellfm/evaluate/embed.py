@@ -42,6 +42,8 @@ class EncoderSpec:
     intensity: bool = False
     # Stain -> group entries added to a checkpoint's mapping (C3R at inference on unseen stains).
     channel_groups: dict | None = None
+    # s3fs-style options for a checkpoint on s3:// (as data.storage_options).
+    storage_options: dict | None = None
 
     def build(self) -> torch.nn.Module:
         from cellfm.models.registry import build_backbone
@@ -50,7 +52,7 @@ class EncoderSpec:
         if self.intensity:
             return IntensityStatistics()
         if self.checkpoint_dir is not None:
-            backbone, cfg = load_inference_backbone(self.checkpoint_dir)
+            backbone, cfg = load_inference_backbone(self.checkpoint_dir, self.storage_options)
             if self.channel_groups and hasattr(backbone, "set_channel_groups"):
                 backbone.set_channel_groups({**cfg.model.channel_groups, **self.channel_groups})
             return backbone

@@ -13,6 +13,7 @@ from cellfm.evaluate.metrics import aggregate_wells, normalize_to_controls, repe
 from cellfm.evaluate.report import write_report
 from cellfm.runtime import init_ray
 from cellfm.train.checkpoint import load_inference_backbone
+from cellfm.train.storage import is_remote
 
 
 def split_seeds(cfg: Config) -> list[int]:
@@ -20,14 +21,17 @@ def split_seeds(cfg: Config) -> list[int]:
 
 
 def run_evaluation(cfg: Config, checkpoint_dir: str | Path) -> tuple[dict, dict[str, Path]]:
-    """Returns the report dict and the paths of the written JSON / Markdown / PNG."""
-    checkpoint_dir = str(Path(checkpoint_dir).resolve())
+    """`checkpoint_dir`: a local folder or an s3:// URI (read with `data.storage_options`). Returns the report
+    dict and the paths of the written JSON / Markdown / PNG."""
+    storage_options = cfg.data.storage_options or None
+    checkpoint_dir = str(checkpoint_dir) if is_remote(checkpoint_dir) else str(Path(checkpoint_dir).resolve())
     # The random baseline uses the checkpoint's own architecture, not the evaluation config's.
-    _, trained_cfg = load_inference_backbone(checkpoint_dir)
+    _, trained_cfg = load_inference_backbone(checkpoint_dir, storage_options)
     encoders = [
         # model.channel_groups of the evaluation config extends/overrides the checkpoint's mapping,
         # e.g. to place a stain the model never saw into the context or concept group.
-        EncoderSpec("trained", checkpoint_dir=checkpoint_dir, channel_groups=cfg.model.channel_groups),
+        EncoderSpec("trained", checkpoint_dir=checkpoint_dir, channel_groups=cfg.model.channel_groups,
+                    storage_options=storage_options),
         EncoderSpec("random_init", model={**trained_cfg.to_dict()["model"],
                                           "channel_groups": {**trained_cfg.model.channel_groups,
                                                              **cfg.model.channel_groups}},

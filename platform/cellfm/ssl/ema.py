@@ -22,6 +22,8 @@ def update_ema(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
         if s.shape != t.shape:
             raise ValueError(f"parameter {name!r}: teacher {tuple(t.shape)} vs student {tuple(s.shape)}")
         teacher_list.append(t)
-        student_list.append(s.detach())
+        # A bf16 student (DeepSpeed bf16 keeps the module in bf16, fp32 masters in the optimizer) still
+        # averages into the fp32 teacher.
+        student_list.append(s.detach().to(t.dtype))
     # One fused multi-tensor kernel instead of a Python loop over hundreds of parameters.
     torch._foreach_lerp_(teacher_list, student_list, 1.0 - momentum)

@@ -3,15 +3,22 @@
     student.safetensors    student backbone + head
     teacher.safetensors    EMA teacher backbone + head
     dino_loss.safetensors  teacher centering buffer
-    optimizer.pt           AdamW state (tensors and numbers only; loaded with weights_only=True)
+    optimizer.pt           train.engine=ddp: AdamW state (tensors and numbers only; loaded with weights_only=True)
+    zero/rank_NNNNN.*      train.engine=deepspeed: each rank's ZeRO partition (fp32 master weights and AdamW
+                           moments as safetensors, layout and scalars as JSON; see cellfm.train.engines)
     trainer_state.json     epoch finished, global step
     backbone.safetensors   teacher backbone alone: the inference weights
     config.yaml            the resolved config of the run (rebuilds the backbone with no training code)
+
+Every rank writes its part into a folder of the same name and Ray Train merges them. Runs and checkpoints
+may live on s3:// (`storage_options` as in `data.storage_options`); they are then downloaded to a
+temporary folder to be read.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cellfm.config import Config, save_config
+from cellfm.train import storage
 
 INFERENCE_WEIGHTS = "backbone.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -36,31 +44,40 @@ def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_training_checkpoint(directory: Path, *, cfg: Config, student: nn.Module, teacher: nn.Module,
-                             dino_loss: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, step: int) -> None:
+                             dino_loss: nn.Module, engine, rank: int, epoch: int, step: int) -> None:
+    """This rank's part of the checkpoint: rank 0 the weights, state and config; every rank what its
+    engine needs of it (DDP: rank 0 the optimizer; DeepSpeed: each rank its ZeRO partition)."""
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(_tensors(student), directory / "student.safetensors")
-    save_file(_tensors(teacher), directory / "teacher.safetensors")
-    save_file(_tensors(dino_loss), directory / "dino_loss.safetensors")
-    save_file(_tensors(teacher.backbone), directory / INFERENCE_WEIGHTS)
-    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
-    (directory / STATE_FILE).write_text(json.dumps({"epoch": epoch, "step": step}))
-    save_config(cfg, directory / CONFIG_FILE)
+    if rank == 0:
+        save_file(_tensors(student), directory / "student.safetensors")
+        save_file(_tensors(teacher), directory / "teacher.safetensors")
+        save_file(_tensors(dino_loss), directory / "dino_loss.safetensors")
+        save_file(_tensors(teacher.backbone), directory / INFERENCE_WEIGHTS)
+        (directory / STATE_FILE).write_text(json.dumps({"epoch": epoch, "step": step}))
+        save_config(cfg, directory / CONFIG_FILE)
+    engine.save_optimizer_state(directory, rank)
 
 
-def load_training_checkpoint(directory: Path, *, student: nn.Module, teacher: nn.Module, dino_loss: nn.Module,
-                             optimizer: torch.optim.Optimizer) -> dict:
-    """Restore everything in place; returns the trainer state ({"epoch", "step"})."""
+def load_training_checkpoint(directory: Path, *, teacher: nn.Module, dino_loss: nn.Module, engine,
+                             rank: int) -> dict:
+    """Restore everything in place (the student through `engine.student`); returns the trainer state
+    ({"epoch", "step"})."""
     directory = Path(directory)
-    _require(directory, ["student.safetensors", "teacher.safetensors", "dino_loss.safetensors", "optimizer.pt", STATE_FILE])
-    student.load_state_dict(load_file(directory / "student.safetensors"))
+    _require(directory, ["student.safetensors", "teacher.safetensors", "dino_loss.safetensors", STATE_FILE])
+    engine.student.load_state_dict(load_file(directory / "student.safetensors"))
     teacher.load_state_dict(load_file(directory / "teacher.safetensors"))
     dino_loss.load_state_dict(load_file(directory / "dino_loss.safetensors"))
-    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu"))
+    engine.load_optimizer_state(directory, rank)
     return json.loads((directory / STATE_FILE).read_text())
 
 
-def load_inference_backbone(directory: str | Path) -> tuple[nn.Module, Config]:
-    """The teacher backbone of a checkpoint, rebuilt from its saved config; eval mode, no pickle."""
+def load_inference_backbone(directory: str | Path, storage_options: dict | None = None) -> tuple[nn.Module, Config]:
+    """The teacher backbone of a checkpoint (local folder or s3:// URI), rebuilt from its saved config;
+    eval mode, no pickle."""
+    if storage.is_remote(directory):
+        with tempfile.TemporaryDirectory(prefix="cellfm-checkpoint-") as tmp:
+            storage.download_directory(str(directory), Path(tmp), storage_options)
+            return load_inference_backbone(tmp)
     from cellfm.models.registry import build_backbone
 
     directory = Path(directory)
@@ -74,8 +91,19 @@ def load_inference_backbone(directory: str | Path) -> tuple[nn.Module, Config]:
     return backbone.eval(), cfg
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path:
-    """The checkpoint of a run directory with the highest global step."""
+def latest_checkpoint(run_dir: str | Path, storage_options: dict | None = None) -> Path | str:
+    """The checkpoint of a run directory (local, or an s3:// URI: the checkpoint's URI) with the highest
+    global step."""
+    if storage.is_remote(run_dir):
+        steps = {}
+        for folder in storage.list_folders(str(run_dir), storage_options):
+            try:
+                steps[folder] = json.loads(storage.read_text(f"{folder}/{STATE_FILE}", storage_options))["step"]
+            except FileNotFoundError:
+                continue  # not a checkpoint (e.g. tensorboard/)
+        if not steps:
+            raise CheckpointError(f"no checkpoint (no */{STATE_FILE}) under run directory {run_dir}")
+        return max(steps, key=steps.get)
     run_dir = Path(run_dir)
     candidates = [p.parent for p in run_dir.glob(f"*/{STATE_FILE}")]
     if not candidates:

@@ -1,6 +1,6 @@
-"""The per-worker training loop run by Ray Train: DINO self-distillation with DINOv2 schedules,
-EMA teacher, batched multi-crop on the worker's device, an epoch checkpoint through Ray Train,
-TensorBoard events and a progress line from rank 0."""
+"""The per-worker training loop run by Ray Train: DINO self-distillation with DINOv2 schedules on the
+configured engine (DDP or DeepSpeed ZeRO, cellfm.train.engines), EMA teacher, batched multi-crop on the
+worker's device, an epoch checkpoint through Ray Train, TensorBoard events and a progress line from rank 0."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from cellfm.config import Config
 from cellfm.data.pipeline import iter_training_batches
@@ -22,7 +23,9 @@ from cellfm.ssl.ema import update_ema
 from cellfm.ssl.multicrop import MultiCrop
 from cellfm.ssl.schedules import cosine_schedule
 from cellfm.train.checkpoint import load_training_checkpoint, save_training_checkpoint
+from cellfm.train.engines import build_engine
 from cellfm.train.self_distillation import build_objective, build_student_teacher, supcon_label
+from cellfm.train.telemetry import RunEvents, model_flops_utilisation, peak_flops_per_s
 
 # Parameters that get no weight decay besides biases and norm weights (all 1-D).
 _NO_DECAY_NAMES = ("pos_embed", "cls_token", "register_tokens")
@@ -54,16 +57,19 @@ def _layer_id(name: str, n_blocks: int) -> int:
 def parameter_groups(model: nn.Module, layerwise_decay: float = 1.0, patch_embed_lr_mult: float = 1.0) -> list[dict]:
     """AdamW groups as in DINOv2: no weight decay on biases, norms and embeddings/tokens; lr scaled by
     `layerwise_decay ** (n_blocks + 1 - layer_id)` and, for the input embedding, `patch_embed_lr_mult`.
-    Each group carries `lr_scale` (applied to the scheduled lr) and `apply_wd`."""
+    Each group carries `lr_scale` (applied to the scheduled lr), `apply_wd` and `last_layer` (the heads'
+    prototype layers, in groups of their own so an engine can hold them still while they are frozen)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     n_blocks = 1 + max((int(m.group(1)) for n, _ in named if (m := _BLOCK_INDEX.search(n))), default=-1)
-    groups: dict[tuple[bool, float], dict] = {}
+    groups: dict[tuple[bool, float, bool], dict] = {}
     for name, p in named:
         apply_wd = not (p.ndim <= 1 or any(n in name for n in _NO_DECAY_NAMES))
         layer = _layer_id(name, n_blocks)
         scale = layerwise_decay ** (n_blocks + 1 - layer) * (patch_embed_lr_mult if layer == 0 else 1.0)
-        group = groups.setdefault((apply_wd, scale), {"params": [], "apply_wd": apply_wd, "lr_scale": scale,
-                                                     **({} if apply_wd else {"weight_decay": 0.0})})
+        last_layer = ".last_layer." in name
+        group = groups.setdefault((apply_wd, scale, last_layer),
+                                  {"params": [], "apply_wd": apply_wd, "lr_scale": scale, "last_layer": last_layer,
+                                   **({} if apply_wd else {"weight_decay": 0.0})})
         group["params"].append(p)
     return list(groups.values())
 
@@ -112,24 +118,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed)
     student, teacher = build_student_teacher(cfg)
     objective = build_objective(cfg)
-    optimizer = torch.optim.AdamW(
-        parameter_groups(student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult), lr=0.0, betas=(0.9, 0.999)
-    )
+    device = ray.train.torch.get_device()
+    engine = build_engine(cfg, student, parameter_groups(student, cfg.optim.layerwise_decay,
+                                                         cfg.optim.patch_embed_lr_mult), world)
+    teacher.to(device)
+    objective.to(device)
     start_epoch, step = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            state = load_training_checkpoint(Path(ckpt_dir), student=student, teacher=teacher,
-                                             dino_loss=objective.dino_loss, optimizer=optimizer)
+            state = load_training_checkpoint(Path(ckpt_dir), teacher=teacher, dino_loss=objective.dino_loss,
+                                             engine=engine, rank=rank)
         start_epoch, step = state["epoch"] + 1, state["step"]
         if rank == 0:
             log_progress(f"resumed from epoch {state['epoch']} step {step}")
 
-    last_layer_params = [p for n, p in student.named_parameters() if ".last_layer." in n]
-    device = ray.train.torch.get_device()
-    student_ddp = ray.train.torch.prepare_model(student)
-    teacher.to(device)
-    objective.to(device)
     generator = torch.Generator(device=device)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
                               enabled=device.type == "cuda" and cfg.train.mixed_precision == "bf16")
@@ -139,12 +142,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         intensity_jitter=cfg.ssl.intensity_jitter, flip=cfg.ssl.flip, rot90=cfg.ssl.rot90,
         blur_probability=cfg.ssl.blur_probability, blur_sigma=tuple(cfg.ssl.blur_sigma),
     )
+    # MFU only where a peak is known (GPUs); the FLOPs of one training image (student forward + backward
+    # over all crops, teacher forward) are counted on the first micro-batch.
+    peak_flops = peak_flops_per_s(device, cfg.train.peak_tflops)
+    flops_per_image: float | None = None
 
-    writer = None
-    if rank == 0 and tensorboard_dir:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(tensorboard_dir)
+    events = RunEvents(tensorboard_dir, cfg.data.storage_options) if rank == 0 and tensorboard_dir else None
+    writer = events.writer if events is not None else None
+    if rank == 0 and peak_flops is None:
+        log_progress(f"MFU not reported: no known peak FLOP/s for {device} (set train.peak_tflops on a GPU)")
 
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, cfg.optim.epochs):
@@ -162,19 +168,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
             last_micro = micro == accumulate - 1
             if micro == 0:
                 step_started = t_wait  # the step's first wait for data counts toward its time
-                for group in optimizer.param_groups:
+                for group in engine.param_groups:
                     group["lr"] = float(sched.lr[step]) * group["lr_scale"]
                     if group["apply_wd"]:
                         group["weight_decay"] = float(sched.wd[step])
             global_crops, local_crops = multicrop(fields.images, generator=generator, channel_mask=fields.channel_mask)
-            # DDP all-reduces gradients only on the last micro-batch of a step.
-            sync = contextlib.nullcontext() if last_micro or world == 1 else student_ddp.no_sync()
-            with sync:
+            frozen = step < sched.last_layer_frozen_steps
+            count_flops = peak_flops is not None and flops_per_image is None
+            flop_counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
+            with engine.micro_batch(last=last_micro, freeze_last_layer=frozen), flop_counter:
                 with autocast:
-                    losses = objective(student_ddp, teacher, global_crops, local_crops, float(sched.teacher_temp[step]),
+                    losses = objective(engine.model, teacher, global_crops, local_crops, float(sched.teacher_temp[step]),
                                        channel_names=fields.channel_names, channel_mask=fields.channel_mask,
                                        labels=fields.labels)
-                (losses.total / accumulate).backward()
+                engine.backward(losses.total)
+            if count_flops:
+                flops_per_image = flop_counter.get_total_flops() / batch
             values = {"loss": losses.total.item(), **{k: v.item() for k, v in losses.terms.items()}}
             if not math.isfinite(values["loss"]):
                 raise FloatingPointError(f"loss is {values['loss']} at epoch {epoch} step {step}")
@@ -186,14 +195,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 continue
             micro = 0
 
-            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.clip_grad)
-            if step < sched.last_layer_frozen_steps:
-                # DINO: keeping the prototypes (of every head) fixed at first stabilizes early training.
-                for p in last_layer_params:
-                    p.grad = None
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            update_ema(teacher, student, float(sched.momentum[step]))
+            # DINO: keeping the prototypes (of every head) fixed at first stabilizes early training.
+            grad_norm = engine.step(freeze_last_layer=frozen)
+            update_ema(teacher, engine.student, float(sched.momentum[step]))
 
             step_s = time.perf_counter() - step_started
             if writer is not None:
@@ -204,7 +208,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 writer.add_scalar("schedule/weight_decay", sched.wd[step], step)
                 writer.add_scalar("schedule/teacher_temp", sched.teacher_temp[step], step)
                 writer.add_scalar("schedule/ema_momentum", sched.momentum[step], step)
-                writer.add_scalar("perf/images_per_s", accumulate * batch * world / max(step_s, 1e-9), step)
+                images_per_s = accumulate * batch * world / max(step_s, 1e-9)
+                writer.add_scalar("perf/images_per_s", images_per_s, step)
+                if flops_per_image is not None:
+                    writer.add_scalar("perf/mfu", model_flops_utilisation(flops_per_image, images_per_s, world,
+                                                                          peak_flops), step)
             if rank == 0 and step % cfg.train.log_every_steps == 0:
                 log_progress(f"epoch {epoch + 1}/{cfg.optim.epochs} step {step + 1}/{cfg.optim.epochs * steps_per_epoch} "
                              f"loss {values['loss']:.4f} lr {sched.lr[step]:.2e} teacher_temp {sched.teacher_temp[step]:.3f}")
@@ -216,16 +224,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = {k: v / max(n_steps, 1) for k, v in sums.items()}
         metrics.update(epoch=epoch, step=step, images_per_s=n_steps * accumulate * batch * world / max(epoch_s, 1e-9),
                        data_wait_fraction=wait_s / max(epoch_s, 1e-9))
-        if writer is not None:
+        # None (not a made-up number) where MFU cannot be measured.
+        metrics["mfu"] = (None if flops_per_image is None else
+                          model_flops_utilisation(flops_per_image, metrics["images_per_s"], world, peak_flops))
+        if events is not None:
             writer.add_scalar("perf/data_wait_fraction", metrics["data_wait_fraction"], step)
             writer.add_scalar("train/epoch_loss", metrics["loss"], step)
-            writer.flush()
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                save_training_checkpoint(Path(tmp), cfg=cfg, student=student, teacher=teacher,
-                                         dino_loss=objective.dino_loss, optimizer=optimizer, epoch=epoch, step=step)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
-    if writer is not None:
-        writer.close()
+            if metrics["mfu"] is not None:
+                writer.add_scalar("perf/epoch_mfu", metrics["mfu"], step)
+            events.flush()
+        # Every rank writes its part (if any) into a folder of the same name; Ray Train merges them.
+        with tempfile.TemporaryDirectory() as tmp:
+            save_training_checkpoint(Path(tmp), cfg=cfg, student=engine.student, teacher=teacher,
+                                     dino_loss=objective.dino_loss, engine=engine, rank=rank, epoch=epoch, step=step)
+            part = ray.train.Checkpoint.from_directory(tmp) if any(Path(tmp).iterdir()) else None
+            ray.train.report(metrics, checkpoint=part, checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}")
+    if events is not None:
+        events.close()

@@ -4,16 +4,21 @@ per-worker loop under Ray Train's `TorchTrainer` (Train V2). Relaunching with th
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from cellfm.config import Config, ConfigError, save_config
 from cellfm.data.pipeline import build_field_pipeline, ingest_execution_options, load_manifests
 from cellfm.runtime import init_ray
+from cellfm.train import storage
 from cellfm.train.loop import train_loop_per_worker
 from cellfm.train.self_distillation import supcon_label
 
 
-def run_directory(cfg: Config) -> Path:
+def run_directory(cfg: Config) -> Path | str:
+    """The run's folder: a local path, or an s3:// URI when `train.storage_path` is one."""
+    if storage.is_remote(cfg.train.storage_path):
+        return f"{cfg.train.storage_path.rstrip('/')}/{cfg.train.run_name}"
     return Path(cfg.train.storage_path).expanduser().resolve() / cfg.train.run_name
 
 
@@ -37,14 +42,20 @@ def run_pretraining(cfg: Config):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if "://" in cfg.train.storage_path:
-        raise ConfigError("train.storage_path: only local paths are supported by this version")
     manifest = load_manifests([cfg.data.train_manifest], storage_options=cfg.data.storage_options or None)
     record_channel_metadata(cfg, manifest)
     run_dir = run_directory(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
     # The resolved config lives beside the run (and inside every checkpoint).
-    save_config(cfg, run_dir / "config.yaml")
+    if storage.is_remote(run_dir):
+        # Ray Train gets the same S3 client settings as the data (data.storage_options, else the environment).
+        filesystem, storage_fs_path = storage.filesystem_and_path(cfg.train.storage_path, cfg.data.storage_options)
+        with tempfile.TemporaryDirectory() as tmp:
+            save_config(cfg, Path(tmp) / "config.yaml")
+            storage.upload_directory(Path(tmp), run_dir, cfg.data.storage_options)
+    else:
+        filesystem, storage_fs_path = None, str(run_dir.parent)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
     # Ray starts only after the inputs are known to be good: bad input fails in a second, not after start-up.
     init_ray(cfg.ray)
 
@@ -58,7 +69,7 @@ def run_pretraining(cfg: Config):
         train_loop_config={
             "config": cfg.to_dict(),
             "n_train_fields": len(manifest),
-            "tensorboard_dir": str(run_dir / "tensorboard"),
+            "tensorboard_dir": f"{run_dir}/tensorboard",
         },
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -69,7 +80,8 @@ def run_pretraining(cfg: Config):
         ),
         run_config=ray.train.RunConfig(
             name=cfg.train.run_name,
-            storage_path=str(run_dir.parent),
+            storage_path=storage_fs_path,
+            storage_filesystem=filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg.train.torch_threads)}},

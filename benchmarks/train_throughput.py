@@ -1,0 +1,170 @@
+"""Training throughput: images/s and data-wait fraction of the real pre-training job (Ray Data stream ->
+Ray Train workers -> multi-crop -> self-distillation step), per model and engine.
+
+CPU (always): tiny CellRep (DINO), C3R (iBOT + MCD) and the ViT RGB-composite baseline (iBOT) on 2 workers
+with DDP, plus CellRep with DeepSpeed ZeRO-1 (same settings) as a ratio against DDP measured in the same run.
+Runs are repeated and interleaved (--repeats), so the ratio compares like with like on a shared machine.
+GPU (when torch.cuda.is_available()): CellRep ViT-S/16 at 224 px, bf16, one worker, images/s and MFU.
+
+Figures come from the run's own TensorBoard events: images/s = median of the per-step figure after the first
+epoch (warm-up excluded), data-wait fraction = mean over the epochs after the first. Writes
+benchmarks/results/train_throughput.json.
+
+    python benchmarks/train_throughput.py                # ~6 min on 2 cores
+    python benchmarks/train_throughput.py --repeats 1 --epochs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+SMOKE_CONFIG = REPO / "configs" / "smoke.yaml"
+GPU_CONFIG = REPO / "configs" / "cellrep_vits16.yaml"
+
+# name -> config overrides on top of configs/smoke.yaml (tiny models, 32-px global / 16-px local crops).
+CPU_RUNS = {
+    "cellrep_ddp": ["model.name=cellrep"],
+    "c3r_ddp": ["model.name=c3r", "ssl.objective=ibot", "ssl.mcd=true"],
+    "vit_rgb_ddp": ["model.name=vit_rgb", "ssl.objective=ibot"],
+    "cellrep_deepspeed_zero1": ["model.name=cellrep", "train.engine=deepspeed", "train.zero_stage=1"],
+}
+
+
+def _scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[int, float] = {}
+    for events_file in sorted((run_dir / "tensorboard").glob("events.*")):
+        acc = EventAccumulator(str(events_file))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values.update({e.step: e.value for e in acc.Scalars(tag)})
+    return values
+
+
+def measure(config: Path, overrides: list[str]) -> dict:
+    """One training run; its steady-state figures from TensorBoard and the final epoch's metrics."""
+    from cellfm.config import load_config
+    from cellfm.train.trainer import run_directory, run_pretraining
+
+    cfg = load_config(config, overrides)
+    t0 = time.perf_counter()
+    result = run_pretraining(cfg)
+    wall_s = time.perf_counter() - t0
+    run_dir = run_directory(cfg)
+    step = result.metrics["step"]
+    steps_per_epoch = step // cfg.optim.epochs
+    per_step = _scalars(run_dir, "perf/images_per_s")
+    wait = _scalars(run_dir, "perf/data_wait_fraction")  # logged at each epoch's last step
+    steady = [v for s, v in per_step.items() if s >= steps_per_epoch]
+    later_epochs = [v for s, v in wait.items() if s > steps_per_epoch]
+    return {
+        "images_per_s": statistics.median(steady),
+        "data_wait_fraction": statistics.mean(later_epochs),
+        "steps": step,
+        "global_batch": cfg.optim.batch_size_per_worker * cfg.train.num_workers * cfg.optim.accumulate_steps,
+        "final_loss": result.metrics["loss"],
+        "mfu": result.metrics["mfu"],
+        "wall_s": wall_s,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of every CPU run (default 2)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per CPU run; the first is warm-up (default 3)")
+    parser.add_argument("--out", default=str(RESULTS / "train_throughput.json"))
+    args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be >= 2 (the first epoch is warm-up)")
+
+    import pandas as pd
+    import ray
+    import torch
+
+    from cellfm.data.synthetic import ScreenLayout, generate_screen
+
+    # Faster Train V2 control loop, as in the tests (STACK_NOTES); inherited by Ray workers.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    t_start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="cellfm-train-throughput-"))
+    layout = ScreenLayout(n_train_plates=2, n_heldout_plates=1, n_unseen_plates=1, replicates_per_plate=2,
+                          controls_per_plate=2, fields_per_well=4, field_size=64)
+    screen = generate_screen(work / "screen", layout=layout, seed=0)
+    common = [f"data.train_manifest={screen['train']}", f"train.storage_path={work / 'runs'}",
+              f"optim.epochs={args.epochs}", "train.log_every_steps=1000",
+              f"eval.manifests={{heldout: {screen['heldout']}}}"]
+
+    runs: dict[str, list[dict]] = {name: [] for name in CPU_RUNS}
+    for repeat in range(args.repeats):
+        for name, overrides in CPU_RUNS.items():
+            figures = measure(SMOKE_CONFIG, common + overrides + [f"train.run_name={name}-{repeat}"])
+            print(f"[bench] {name} repeat {repeat}: {figures['images_per_s']:.1f} images/s, "
+                  f"data wait {figures['data_wait_fraction']:.3f}", flush=True)
+            runs[name].append(figures)
+    cpu = {name: {"images_per_s": statistics.median(r["images_per_s"] for r in rs),
+                  "data_wait_fraction": statistics.median(r["data_wait_fraction"] for r in rs),
+                  "repeats": rs} for name, rs in runs.items()}
+    ratio = cpu["cellrep_deepspeed_zero1"]["images_per_s"] / cpu["cellrep_ddp"]["images_per_s"]
+
+    gpu = None
+    if torch.cuda.is_available():
+        # 256-px fields resized up from the synthetic screen; 224-px global crops of ViT-S/16 CellRep, bf16.
+        gpu_layout = ScreenLayout(n_train_plates=4, n_heldout_plates=1, n_unseen_plates=1, replicates_per_plate=4,
+                                  controls_per_plate=8, fields_per_well=4, field_size=256)
+        gpu_screen = generate_screen(work / "gpu_screen", layout=gpu_layout, seed=0)
+        batch = 64
+        figures = measure(GPU_CONFIG, [
+            f"data.train_manifest={gpu_screen['train']}", f"train.storage_path={work / 'runs'}",
+            "train.run_name=gpu-cellrep-vits16", "train.num_workers=1", "train.cpus_per_worker=1",
+            f"optim.batch_size_per_worker={batch}", "optim.epochs=3", "optim.warmup_epochs=1",
+            "ssl.warmup_teacher_temp_epochs=1", "train.mixed_precision=bf16", "train.log_every_steps=1000",
+            f"eval.manifests={{heldout: {gpu_screen['heldout']}}}",
+        ])
+        gpu = {"device": torch.cuda.get_device_name(0), "model": "CellRep ViT-S/16, 224 px global crops, bf16",
+               "batch_size": batch, **figures}
+
+    result = {
+        "benchmark": "cellfm training throughput",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cores": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform(),
+                    "ray": ray.__version__, "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+                    "note": "shared machine; other jobs ran alongside"},
+        "settings": {"config": "configs/smoke.yaml (tiny models, 32-px global / 16-px local crops, 2 local)",
+                     "workers": 2, "cpus_per_worker": 0.5, "batch_size_per_worker": 4, "epochs": args.epochs,
+                     "train_fields": len(pd.read_parquet(screen["train"])), "field_size": layout.field_size,
+                     "repeats_interleaved": args.repeats, "runs": CPU_RUNS,
+                     "images_per_s": "median over steps after epoch 1 (each step's time includes its data wait)",
+                     "data_wait_fraction": "mean over epochs after epoch 1"},
+        "cpu": cpu,
+        "deepspeed_zero1_over_ddp_cellrep": ratio,
+        "gpu": gpu if gpu is not None else "not measured: no CUDA device on this machine",
+        "runtime_s": time.perf_counter() - t_start,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out)
+    print(json.dumps({name: {k: v for k, v in c.items() if k != "repeats"} for name, c in cpu.items()}, indent=1))
+    print(f"DeepSpeed ZeRO-1 / DDP (CellRep images/s): {ratio:.3f}")
+    print(f"wrote {out} in {result['runtime_s']:.0f} s")
+    ray.shutdown()
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Run storage on `s3://`: the pyarrow filesystem Ray Train writes checkpoints through, built from the
+same s3fs-style options as `data.storage_options` (or, when those are empty, from the environment:
+AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, ...), plus upload/download of
+whole folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cellfm.config import ConfigError
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    return "://" in str(path)
+
+
+def _split_s3(uri: str) -> str:
+    scheme, sep, rest = str(uri).partition("://")
+    if scheme != "s3" or not rest.strip("/"):
+        raise ConfigError(f"{uri!r}: only local paths and s3://bucket/prefix URIs are supported")
+    return rest.strip("/")
+
+
+# s3fs option -> pyarrow.fs.S3FileSystem argument.
+_S3FS_TO_PYARROW = {"endpoint_url": "endpoint_override", "key": "access_key", "secret": "secret_key",
+                    "token": "session_token", "anon": "anonymous"}
+
+
+def s3_filesystem(storage_options: dict | None):
+    """pyarrow S3FileSystem from s3fs-style options (`endpoint_url`, `key`, `secret`, `token`, `anon`,
+    `client_kwargs.region_name`); missing ones come from the environment as for the AWS CLI."""
+    import pyarrow.fs
+
+    options = dict(storage_options or {})
+    kwargs: dict = {}
+    region = (options.pop("client_kwargs", None) or {}).get("region_name")
+    for key, value in options.items():
+        if key not in _S3FS_TO_PYARROW:
+            raise ConfigError(f"data.storage_options.{key} has no equivalent for train.storage_path on s3:// "
+                              f"(supported: {', '.join(sorted(_S3FS_TO_PYARROW))}, client_kwargs.region_name)")
+        kwargs[_S3FS_TO_PYARROW[key]] = value
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if "endpoint_override" not in kwargs and endpoint:
+        kwargs["endpoint_override"] = endpoint
+    region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    return pyarrow.fs.S3FileSystem(**kwargs)
+
+
+def filesystem_and_path(uri: str, storage_options: dict | None):
+    """(pyarrow filesystem, path on it) of an s3:// URI."""
+    return s3_filesystem(storage_options), _split_s3(uri)
+
+
+def upload_directory(local: Path, uri: str, storage_options: dict | None) -> None:
+    """Copy every file under `local` to `uri` (each object is written whole)."""
+    import pyarrow.fs
+
+    fs, path = filesystem_and_path(uri, storage_options)
+    pyarrow.fs.copy_files(str(local), path, source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def download_directory(uri: str, local: Path, storage_options: dict | None) -> Path:
+    import pyarrow.fs
+
+    fs, path = filesystem_and_path(uri, storage_options)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.Directory:
+        raise FileNotFoundError(f"{uri} does not exist or is not a folder")
+    pyarrow.fs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem())
+    return local
+
+
+def read_text(uri: str, storage_options: dict | None) -> str:
+    fs, path = filesystem_and_path(uri, storage_options)
+    with fs.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
+def list_folders(uri: str, storage_options: dict | None) -> list[str]:
+    """URIs of the folders directly under `uri`."""
+    import pyarrow.fs
+
+    fs, path = filesystem_and_path(uri, storage_options)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    return [f"s3://{info.path}" for info in infos if info.type == pyarrow.fs.FileType.Directory]
