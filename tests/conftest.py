@@ -84,3 +84,17 @@ def write_control_manifest(uri: str, wells: list[tuple[str, str]], n_fields: int
              "width": shape[1], "dtype": dtype, "perturbation_id": "DMSO", "moa": "control", "is_control": True,
              "dose": 0.0, "cell_line": "U2OS", "batch": "b"} for r, c in wells for f in range(n_fields)]
     return write_manifest(pd.DataFrame(rows), path)
+
+
+def tensorboard_scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    """step -> value of one TensorBoard scalar of a run; a resumed run appends a second events file,
+    later values win."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[int, float] = {}
+    for events_file in sorted((run_dir / "tensorboard").glob("events.*"), key=lambda p: p.stat().st_mtime):
+        acc = EventAccumulator(str(events_file))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values.update({e.step: e.value for e in acc.Scalars(tag)})
+    return values

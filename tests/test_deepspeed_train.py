@@ -11,25 +11,14 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cellfm.config import load_config
 from cellfm.train.checkpoint import latest_checkpoint, load_inference_backbone
 from cellfm.train.loop import Schedules
 from cellfm.train.trainer import run_directory, run_pretraining
-from tests.conftest import SMOKE_CONFIG
+from tests.conftest import SMOKE_CONFIG, tensorboard_scalars
 
 pytestmark = pytest.mark.integration
-
-
-def _scalars(run_dir, tag: str) -> dict[int, float]:
-    values: dict[int, float] = {}
-    for events_file in sorted((run_dir / "tensorboard").glob("events.*"), key=lambda p: p.stat().st_mtime):
-        acc = EventAccumulator(str(events_file))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
-    return values
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -67,9 +56,9 @@ def test_deepspeed_trains_checkpoints_and_resumes(ray_session, smoke_overrides, 
     # Schedules continue exactly at the restored step (those of the relaunched config's 2 epochs).
     world, batch = second_cfg.train.num_workers, second_cfg.optim.batch_size_per_worker
     sched = Schedules(second_cfg, steps_per_epoch, world * batch * second_cfg.optim.accumulate_steps)
-    lr, temp = _scalars(run_dir, "schedule/lr"), _scalars(run_dir, "schedule/teacher_temp")
+    lr, temp = tensorboard_scalars(run_dir, "schedule/lr"), tensorboard_scalars(run_dir, "schedule/teacher_temp")
     assert sorted(lr) == list(range(2 * steps_per_epoch))
     for step in range(steps_per_epoch, 2 * steps_per_epoch):
         assert lr[step] == pytest.approx(sched.lr[step], rel=1e-6)
         assert temp[step] == pytest.approx(sched.teacher_temp[step], rel=1e-6)
-    assert all(math.isfinite(v) for v in _scalars(run_dir, "train/loss").values())
+    assert all(math.isfinite(v) for v in tensorboard_scalars(run_dir, "train/loss").values())

@@ -14,25 +14,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cellfm.config import load_config
 from cellfm.train.checkpoint import latest_checkpoint
 from cellfm.train.trainer import run_directory, run_pretraining
-from tests.conftest import REPO, SMOKE_CONFIG
+from tests.conftest import REPO, SMOKE_CONFIG, tensorboard_scalars
 
 pytestmark = pytest.mark.integration
-
-
-def _scalars(run_dir: Path, tag: str) -> dict[int, float]:
-    """step -> value; a resumed run appends a second events file, later values win."""
-    values: dict[int, float] = {}
-    for events_file in sorted((run_dir / "tensorboard").glob("events.*"), key=lambda p: p.stat().st_mtime):
-        acc = EventAccumulator(str(events_file))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
-    return values
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:
@@ -79,13 +67,13 @@ def test_hard_stop_then_relaunch_continues_schedules_exactly(smoke_overrides, tm
     assert final == ref_final  # same last epoch and same global step count
 
     for tag in ("schedule/lr", "schedule/teacher_temp", "schedule/weight_decay", "schedule/ema_momentum"):
-        ref, got = _scalars(ref_dir, tag), _scalars(run_dir, tag)
+        ref, got = tensorboard_scalars(ref_dir, tag), tensorboard_scalars(run_dir, tag)
         assert sorted(got) == sorted(ref) == list(range(ref_final["step"])), tag
         for step in ref:
             assert got[step] == pytest.approx(ref[step], rel=1e-6), (tag, step)
     # The loss continues the run: every step after the restart is logged once, and the resumed
     # epochs' losses are in the range of the uninterrupted run's same epochs (not a fresh start).
-    loss, ref_loss = _scalars(run_dir, "train/loss"), _scalars(ref_dir, "train/loss")
+    loss, ref_loss = tensorboard_scalars(run_dir, "train/loss"), tensorboard_scalars(ref_dir, "train/loss")
     resumed_steps = range(stopped_at["step"], ref_final["step"])
     mean_resumed = sum(loss[s] for s in resumed_steps) / len(resumed_steps)
     mean_reference = sum(ref_loss[s] for s in resumed_steps) / len(resumed_steps)
