@@ -179,18 +179,14 @@ def test_evaluation_can_assign_an_unseen_stain_to_a_group(tmp_path):
 
     from cellfm.config import load_config
     from cellfm.evaluate.embed import EncoderSpec, field_embedding
-    from cellfm.train.checkpoint import save_training_checkpoint
-    from cellfm.train.self_distillation import build_objective, build_student_teacher
+    from cellfm.models.registry import build_backbone
+    from cellfm.train.checkpoint import save_inference_checkpoint
 
     groups = "{DNA: context, ER: context, Mito: concept}"
     cfg = load_config(None, ["model.name=c3r", "model.size=tiny", "model.img_size=32", "ssl.objective=ibot",
                              "ssl.head_out_dim=16", "ssl.head_hidden_dim=16", "ssl.head_bottleneck_dim=8",
                              f"model.channel_groups={groups}", "ssl.global_crop_size=32", "ssl.local_crop_size=16"])
-    student, teacher = build_student_teacher(cfg)
-    objective = build_objective(cfg)
-    optimizer = torch.optim.AdamW(student.parameters())
-    save_training_checkpoint(tmp_path, cfg=cfg, student=student, teacher=teacher, dino_loss=objective.dino_loss,
-                             optimizer=optimizer, epoch=0, step=1)
+    save_inference_checkpoint(tmp_path, cfg=cfg, backbone=build_backbone(cfg.model))
     images, names = torch.rand(2, 3, 32, 32), [["DNA", "Tubulin", "Mito"]] * 2
     with pytest.raises(ValueError, match="Tubulin"):
         field_embedding(EncoderSpec("t", checkpoint_dir=str(tmp_path)).build(), images, 0, names)

@@ -52,10 +52,16 @@ def save_training_checkpoint(directory: Path, *, cfg: Config, student: nn.Module
         save_file(_tensors(student), directory / "student.safetensors")
         save_file(_tensors(teacher), directory / "teacher.safetensors")
         save_file(_tensors(dino_loss), directory / "dino_loss.safetensors")
-        save_file(_tensors(teacher.backbone), directory / INFERENCE_WEIGHTS)
         (directory / STATE_FILE).write_text(json.dumps({"epoch": epoch, "step": step}))
-        save_config(cfg, directory / CONFIG_FILE)
+        save_inference_checkpoint(directory, cfg=cfg, backbone=teacher.backbone)
     engine.save_optimizer_state(directory, rank)
+
+
+def save_inference_checkpoint(directory: Path, *, cfg: Config, backbone: nn.Module) -> None:
+    """The files `load_inference_backbone` needs: the backbone's weights and the config that rebuilds it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(_tensors(backbone), directory / INFERENCE_WEIGHTS)
+    save_config(cfg, directory / CONFIG_FILE)
 
 
 def load_training_checkpoint(directory: Path, *, teacher: nn.Module, dino_loss: nn.Module, engine,
