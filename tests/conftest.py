@@ -15,8 +15,10 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_session():
+    """One Ray per test module: Ray 2.60 left to run a whole session's Ray Train fits (DeepSpeed,
+    SIGKILLed workers, resumes) in one instance stopped answering a later fit's TrainController."""
     import ray
 
     if not ray.is_initialized():
