@@ -32,9 +32,10 @@ class OptimizerStateError(ValueError):
     """A checkpoint's optimizer state does not fit the engine it is loaded into."""
 
 
-def _last_layer_params(student: nn.Module) -> list[nn.Parameter]:
-    """The DINO/iBOT heads' prototype layers, frozen during `ssl.freeze_last_layer_epochs`."""
-    return [p for n, p in student.named_parameters() if ".last_layer." in n and p.requires_grad]
+def _last_layer_params(param_groups: list[dict]) -> list[nn.Parameter]:
+    """The DINO/iBOT heads' prototype layers (the groups `parameter_groups` marks `last_layer`), frozen
+    during `ssl.freeze_last_layer_epochs`."""
+    return [p for group in param_groups if group["last_layer"] for p in group["params"]]
 
 
 def _adamw(param_groups: list[dict]) -> torch.optim.AdamW:
@@ -54,7 +55,7 @@ class DDPEngine:
         self.model = ray.train.torch.prepare_model(student)  # moves the student to the device in place
         self._accumulate = cfg.optim.accumulate_steps
         self._clip = cfg.optim.clip_grad
-        self._last_layer = _last_layer_params(student)
+        self._last_layer = _last_layer_params(param_groups)
 
     @property
     def param_groups(self) -> list[dict]:
@@ -130,7 +131,7 @@ class DeepSpeedEngine:
         self._zero_stage = cfg.train.zero_stage
         self._world_size = world_size
         self._freeze = False
-        for p in _last_layer_params(self.student):
+        for p in _last_layer_params(param_groups):
             p.register_hook(self._zero_if_frozen)
 
     def _zero_if_frozen(self, grad: torch.Tensor) -> torch.Tensor:
