@@ -80,6 +80,9 @@ def test_every_shipped_config_loads(name):
         (["train.engine=deepspeed", "train.zero_stage=3"], r"train\.zero_stage=3 is not supported with train\.engine=deepspeed"),
         (["train.engine=deepspeed", "train.zero_stage=0"], r"train\.zero_stage=0 is not supported with train\.engine=deepspeed"),
         (["train.peak_tflops=-1"], r"train\.peak_tflops must be >= 0"),
+        (["ssl.blur_probability=1.5"], r"ssl\.blur_probability must be in \[0, 1\], got 1\.5"),
+        (["ssl.blur_sigma=[2.0, 1.0]"], r"ssl\.blur_sigma must be \[low, high\] pixels"),
+        (["eval.n_splits=0"], r"eval\.n_splits must be > 0"),
     ],
 )
 def test_engine_settings_are_validated(overrides, message):
