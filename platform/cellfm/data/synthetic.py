@@ -9,6 +9,11 @@ fragmented puncta).
 Perturbations change *morphology*, not brightness: every compartment's signal is renormalised per
 cell to a phenotype-independent mean, and cells spread out when sparse, so per-channel mean
 intensity stays roughly constant across MoAs (DNA/RNA still scale with the number of nuclei).
+Rearranging a stain also changes its pixel histogram (fragmented mitochondria are brighter puncta
+than tubes), which per-channel intensity percentiles would read as easily as morphology. So each
+stain's in-focus pixel values inside its compartment (nuclei for DNA, cells otherwise) are
+rank-mapped onto the distribution control cells have, keeping their order (the shapes) and their
+mean: what is left for a model-free histogram is how much of the field the compartment covers.
 Only a dose-dependent fraction of cells responds (penetrance), the rest look like controls. On
 top come the nuisances a real screen has and an encoder must learn to ignore: sizeable
 log-normal per-plate, per-well and per-field channel gains, background offsets, vignetting,
@@ -423,13 +428,67 @@ def _render_stains(rng: np.random.Generator, ph: Phenotype, size: int, context: 
     return np.stack([by_stain[s] for s in STAINS]).astype(np.float32, copy=False)
 
 
+# Stain -> compartment (a mask of `_render_stains`'s context) whose in-focus pixel distribution is
+# fixed to the control one. Brightfield is not a stain; Protein's distribution is its label's.
+_HISTOGRAM_COMPARTMENTS = {"DNA": "nucleus", "ER": "cell", "RNA": "cell", "AGP": "cell", "Mito": "cell",
+                           "Tubulin": "cell", "Golgi": "cell", "Lysosome": "cell"}
+_TEMPLATE_FIELDS, _TEMPLATE_QUANTILES, _TEMPLATE_SEED = 16, 1024, 20261121
+
+
+def _psf(signal: np.ndarray) -> np.ndarray:
+    """In-focus optical blur of a (C, H, W) or (H, W) signal."""
+    return scipy.ndimage.gaussian_filter(signal, sigma=(0,) * (signal.ndim - 2) + (_PSF_SIGMA, _PSF_SIGMA))
+
+
+@functools.lru_cache(maxsize=1)
+def _control_quantiles() -> dict[str, np.ndarray]:
+    """Per stain, the quantile function (mean 1, `_TEMPLATE_QUANTILES` points) of in-focus pixel
+    values inside its compartment, pooled over seeded control fields (each scaled to mean 1)."""
+    rng = np.random.default_rng(_TEMPLATE_SEED)
+    pooled: dict[str, list[np.ndarray]] = {s: [] for s in _HISTOGRAM_COMPARTMENTS}
+    for _ in range(_TEMPLATE_FIELDS):
+        ctx: dict = {}
+        base = _render_stains(rng, CONTROL_PHENOTYPE, REFERENCE_FIELD_SIZE, context=ctx)
+        signals = dict(zip(STAINS, base)) | _family_signals(rng, ctx, REFERENCE_FIELD_SIZE, None)
+        for stain, compartment in _HISTOGRAM_COMPARTMENTS.items():
+            values = _psf(signals[stain])[ctx[compartment]]
+            if values.size and values.mean() > 0:
+                pooled[stain].append(values / values.mean())
+    grid = (np.arange(_TEMPLATE_QUANTILES) + 0.5) / _TEMPLATE_QUANTILES
+    return {s: np.quantile(np.concatenate(v), grid).astype(np.float32) for s, v in pooled.items()}
+
+
+def _in_focus_signal(signals: Mapping[str, np.ndarray], names: Sequence[str], context: dict) -> np.ndarray:
+    """PSF-blurred (C, H, W) signal of the stains `names`, each stain's values inside its
+    compartment rank-mapped onto the control distribution (same order, same mean)."""
+    stack = _psf(np.stack([signals[n] for n in names]).astype(np.float32, copy=False))
+    templates = _control_quantiles()
+    for channel, name in zip(stack, names):
+        compartment = _HISTOGRAM_COMPARTMENTS.get(name)
+        if compartment is None:
+            continue
+        mask = context[compartment]
+        values = channel[mask]
+        if values.size == 0 or values.mean() <= 0:
+            continue
+        template = templates[name]
+        # Rank r of n -> template quantile at (r + 0.5) / n.
+        at = (np.arange(values.size) + 0.5) * (len(template) / values.size) - 0.5
+        matched = np.empty_like(values)
+        matched[np.argsort(values, kind="stable")] = np.interp(at, np.arange(len(template)), template)
+        channel[mask] = matched * (values.mean() / matched.mean())
+    return stack
+
+
 def _image_formation(rng: np.random.Generator, signal: np.ndarray, effect: BatchEffect,
                      names: Sequence[str] = STAINS) -> np.ndarray:
-    """Optics and camera: blur (PSF + defocus), gain, vignetting, background, noise -> uint16.
-    `names` are the stains of `signal`'s channels (gain and offset are looked up by name)."""
+    """Camera side of an in-focus `signal` (`_in_focus_signal`): defocus blur, gain, vignetting,
+    background, noise -> uint16. `names` are the stains of `signal`'s channels (gain and offset are
+    looked up by name)."""
     size = signal.shape[-1]
-    sigma = float(np.hypot(_PSF_SIGMA, effect.defocus_sigma))
-    image = scipy.ndimage.gaussian_filter(signal, sigma=(0, sigma, sigma))
+    image = signal
+    if effect.defocus_sigma > 0:  # on top of the PSF: Gaussians compose as hypot(PSF, defocus)
+        image = scipy.ndimage.gaussian_filter(signal, sigma=(0, effect.defocus_sigma, effect.defocus_sigma))
     yy, xx = _pixel_grid(size)
     cy, cx = effect.vignetting_center
     r2 = ((yy / size - cy) ** 2 + (xx / size - cx) ** 2) / 0.5
@@ -455,7 +514,8 @@ def render_field(rng: np.random.Generator, channel_names: list[str], phenotype: 
     unknown = [c for c in channel_names if c not in STAINS]
     if unknown or not channel_names:
         raise ValueError(f"cannot render channel(s) {unknown or channel_names}; known stains: {list(STAINS)}")
-    signal = _render_stains(rng, phenotype, size)
+    context: dict = {}
+    signal = _in_focus_signal(dict(zip(STAINS, _render_stains(rng, phenotype, size, context))), STAINS, context)
     image = _image_formation(rng, signal, batch_effect)
     return image[[STAINS.index(c) for c in channel_names]]
 
@@ -741,8 +801,7 @@ def render_family_field(rng: np.random.Generator, channel_names: list[str], phen
     ctx: dict = {}
     base = _render_stains(rng, phenotype, size, context=ctx)
     signals = dict(zip(STAINS, base)) | _family_signals(rng, ctx, size, protein)
-    stack = np.stack([signals[k] for k in canonical]).astype(np.float32, copy=False)
-    return _image_formation(rng, stack, batch_effect, channel_names)
+    return _image_formation(rng, _in_focus_signal(signals, canonical, ctx), batch_effect, channel_names)
 
 
 def _family_plate_conditions(rng: np.random.Generator, names: list[str]) -> _PlateConditions:
