@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import ContextManager
+from typing import Callable, ContextManager
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -47,12 +47,17 @@ class DDPEngine:
     """PyTorch DDP through Ray Train's `prepare_model`: gradients all-reduced on the last micro-batch
     of a step only, clipped by global norm, AdamW step."""
 
-    def __init__(self, cfg: Config, student: nn.Module, param_groups: list[dict]):
-        import ray.train.torch
+    def __init__(self, cfg: Config, student: nn.Module, param_groups: list[dict],
+                 prepare_model: Callable[[nn.Module], nn.Module] | None = None):
+        """`prepare_model` wraps the student (default: Ray Train's, inside a Ray Train worker; the
+        identity for a single process outside Ray, as in benchmarks/demo_recipe.py)."""
+        if prepare_model is None:
+            import ray.train.torch
 
+            prepare_model = ray.train.torch.prepare_model
         self.student = student
         self.optimizer = _adamw(param_groups)
-        self.model = ray.train.torch.prepare_model(student)  # moves the student to the device in place
+        self.model = prepare_model(student)  # Ray's moves the student to the device in place
         self._accumulate = cfg.optim.accumulate_steps
         self._clip = cfg.optim.clip_grad
         self._last_layer = _last_layer_params(param_groups)

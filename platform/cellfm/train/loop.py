@@ -91,6 +91,23 @@ class Schedules:
         self.last_layer_frozen_steps = s.freeze_last_layer_epochs * steps_per_epoch
 
 
+def build_multicrop(cfg: Config) -> MultiCrop:
+    s = cfg.ssl
+    return MultiCrop(
+        s.global_crop_size, s.local_crop_size, s.n_local_crops, global_scale=tuple(s.global_crop_scale),
+        local_scale=tuple(s.local_crop_scale), intensity_jitter=s.intensity_jitter, flip=s.flip, rot90=s.rot90,
+        blur_probability=s.blur_probability, blur_sigma=tuple(s.blur_sigma),
+    )
+
+
+def set_step_hyperparameters(param_groups: list[dict], sched: Schedules, step: int) -> None:
+    """The scheduled lr (times each group's `lr_scale`) and weight decay (where it applies) of `step`."""
+    for group in param_groups:
+        group["lr"] = float(sched.lr[step]) * group["lr_scale"]
+        if group["apply_wd"]:
+            group["weight_decay"] = float(sched.wd[step])
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -136,12 +153,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     generator = torch.Generator(device=device)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
                               enabled=device.type == "cuda" and cfg.train.mixed_precision == "bf16")
-    multicrop = MultiCrop(
-        cfg.ssl.global_crop_size, cfg.ssl.local_crop_size, cfg.ssl.n_local_crops,
-        global_scale=tuple(cfg.ssl.global_crop_scale), local_scale=tuple(cfg.ssl.local_crop_scale),
-        intensity_jitter=cfg.ssl.intensity_jitter, flip=cfg.ssl.flip, rot90=cfg.ssl.rot90,
-        blur_probability=cfg.ssl.blur_probability, blur_sigma=tuple(cfg.ssl.blur_sigma),
-    )
+    multicrop = build_multicrop(cfg)
     # MFU only where a peak is known (GPUs); the FLOPs of one training image (student forward + backward
     # over all crops, teacher forward) are counted on the first micro-batch.
     peak_flops = peak_flops_per_s(device, cfg.train.peak_tflops)
@@ -168,10 +180,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             last_micro = micro == accumulate - 1
             if micro == 0:
                 step_started = t_wait  # the step's first wait for data counts toward its time
-                for group in engine.param_groups:
-                    group["lr"] = float(sched.lr[step]) * group["lr_scale"]
-                    if group["apply_wd"]:
-                        group["weight_decay"] = float(sched.wd[step])
+                set_step_hyperparameters(engine.param_groups, sched, step)
             global_crops, local_crops = multicrop(fields.images, generator=generator, channel_mask=fields.channel_mask)
             frozen = step < sched.last_layer_frozen_steps
             count_flops = peak_flops is not None and flops_per_image is None

@@ -1,0 +1,167 @@
+"""Which self-distillation recipe makes the demo's encoder learn: single-process DINO on the demo
+screen's training fields, one run per setting, each teacher scored with the demo's probe.
+
+    python benchmarks/demo_recipe.py                       # every setting, ~7 min each on 2 cores
+    python benchmarks/demo_recipe.py --settings demo no_blur --epochs 12
+
+Same screen (generated into --screen-dir if missing), normalization, model, multi-crop, objective,
+DINOv2 schedules and probe as `make demo` (configs/demo.yaml, then each setting's overrides), but in
+one process on fields held in memory (no Ray, no DDP: one batch of 64 where the demo runs 2 x 32),
+so a setting costs one training run instead of a whole demo. Per setting: the teacher's relative
+weight change from its init (relative L2 norm: did the backbone move at all?) and MoA / perturbation
+top-1 (mean +- sd over the demo's 5 fixed well splits, wells normalized to their plate's controls) on
+the held-out plates of the seen and the unseen channel configuration; the random-init encoder and
+intensity statistics are scored once. Writes benchmarks/results/demo_recipe.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cellfm.config import Config, load_config
+from cellfm.data.manifest import read_manifest
+from cellfm.data.normalize import normalize_field
+from cellfm.data.plate import read_field
+from cellfm.data.synthetic import generate_screen
+from cellfm.evaluate.embed import IntensityStatistics, field_embedding
+from cellfm.evaluate.metrics import normalize_to_controls, repeated_split_scores
+from cellfm.evaluate.run import split_seeds
+from cellfm.models.registry import build_backbone
+from cellfm.ssl.ema import update_ema
+from cellfm.train.engines import DDPEngine
+from cellfm.train.loop import Schedules, build_multicrop, parameter_groups, set_step_hyperparameters
+from cellfm.train.self_distillation import build_objective, build_student_teacher
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results" / "demo_recipe.json"
+CONFIG = REPO / "configs" / "demo.yaml"
+BATCH = 64  # the demo's global batch (2 workers x 32)
+
+# name -> overrides on top of configs/demo.yaml (what each setting changes, in the README's order).
+SETTINGS = {
+    "dinov2_lr_and_ema": ["optim.base_lr=1e-3", "ssl.ema_momentum_start=0.99", "ssl.ema_momentum_end=1.0",
+                          "ssl.blur_probability=0"],
+    "lr_1.6e-2_dinov2_ema": ["ssl.ema_momentum_start=0.99", "ssl.ema_momentum_end=1.0", "ssl.blur_probability=0"],
+    "no_blur": ["ssl.blur_probability=0"],
+    "demo": [],
+    "lr_8e-3": ["optim.base_lr=8e-3"],
+    "lr_3.2e-2": ["optim.base_lr=3.2e-2"],
+    "intensity_jitter_0.2": ["ssl.intensity_jitter=0.2"],
+}
+
+
+def load_fields(manifest: pd.DataFrame, cfg: Config) -> torch.Tensor:
+    """(N, C, H, W) float32 fields normalized as the pipeline does (`data.normalization`)."""
+    d = cfg.data
+    return torch.from_numpy(np.stack([
+        normalize_field(read_field(r.store_uri, r.row, r.col, r.field)[0], d.normalization, clip_low=d.clip_low,
+                        clip_high=d.clip_high, clahe_clip_limit=d.clahe_clip_limit, clahe_tiles=d.clahe_tiles)
+        for r in manifest.itertuples()]))
+
+
+def probe(encoder: torch.nn.Module, manifest: pd.DataFrame, fields: torch.Tensor, cfg: Config) -> dict:
+    """Top-1 of the demo's probe for each label on wells (mean field embedding, control-normalized)."""
+    with torch.no_grad():
+        embedding = torch.cat([field_embedding(encoder, fields[i:i + 64], cfg.eval.image_size)
+                               for i in range(0, len(fields), 64)]).numpy()
+    grouped = manifest.reset_index(drop=True).groupby(["plate", "well"], sort=True)
+    meta = grouped[["perturbation_id", "moa", "is_control"]].first().reset_index()
+    rows = [grouped.indices[key] for key in zip(meta["plate"], meta["well"])]
+    wells = normalize_to_controls(np.stack([embedding[ix].mean(0) for ix in rows]), meta)
+    out = {}
+    for label in cfg.eval.labels:
+        s = repeated_split_scores(wells, meta[label].astype(str).to_numpy(), cfg.eval.test_fraction, split_seeds(cfg))
+        out[label] = {"top1": round(s["top1"], 3), "top1_sd": round(s["top1_sd"], 3)}
+    return out
+
+
+def relative_change(model: torch.nn.Module, init: dict[str, torch.Tensor]) -> float:
+    now = model.state_dict()
+    moved = sum(float((now[k].float() - v.float()).norm() ** 2) for k, v in init.items())
+    return (moved / sum(float(v.float().norm() ** 2) for v in init.values())) ** 0.5
+
+
+def train_teacher(cfg: Config, train_fields: torch.Tensor, log) -> tuple[torch.nn.Module, float]:
+    """cellfm.train.loop's step on one process: same seeds, schedules, multi-crop and engine step."""
+    steps_per_epoch = len(train_fields) // BATCH
+    sched = Schedules(cfg, steps_per_epoch, BATCH)
+    torch.manual_seed(cfg.train.seed)
+    student, teacher = build_student_teacher(cfg)
+    init = {k: v.clone() for k, v in teacher.backbone.state_dict().items()}
+    objective = build_objective(cfg)
+    engine = DDPEngine(cfg, student, parameter_groups(student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult),
+                       prepare_model=lambda model: model)
+    multicrop, generator = build_multicrop(cfg), torch.Generator()
+    step = 0
+    for epoch in range(cfg.optim.epochs):
+        generator.manual_seed(cfg.train.seed * 1_000_003 + epoch * 1009)
+        order = torch.randperm(len(train_fields), generator=generator)
+        for i in range(steps_per_epoch):
+            set_step_hyperparameters(engine.param_groups, sched, step)
+            global_crops, local_crops = multicrop(train_fields[order[i * BATCH:(i + 1) * BATCH]], generator=generator)
+            losses = objective(engine.model, teacher, global_crops, local_crops, float(sched.teacher_temp[step]))
+            engine.backward(losses.total)
+            engine.step(freeze_last_layer=step < sched.last_layer_frozen_steps)
+            update_ema(teacher, engine.student, float(sched.momentum[step]))
+            step += 1
+        log(f"  epoch {epoch + 1}/{cfg.optim.epochs} loss {losses.total.item():.3f}")
+    return teacher.backbone.eval(), relative_change(teacher.backbone, init)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--epochs", type=int, default=None, help="override optim.epochs (default: the demo's)")
+    parser.add_argument("--screen-dir", default=str(REPO / "demo_output" / "screen"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    def log(message: str) -> None:
+        print(f"[demo_recipe {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    base = load_config(CONFIG, [] if args.epochs is None else [f"optim.epochs={args.epochs}"])
+    manifests = generate_screen(Path(args.screen_dir).resolve(), base.data.synthetic_layout, base.data.synthetic_seed)
+    frames = {split: read_manifest(path) for split, path in manifests.items()}
+    fields = {split: load_fields(frame, base) for split, frame in frames.items()}
+    log(f"{len(fields['train'])} training fields, {BATCH} per step")
+    heldout = {"seen": "heldout", "unseen": "unseen"}
+
+    def scores(encoder) -> dict:
+        return {name: probe(encoder, frames[split], fields[split], base) for name, split in heldout.items()}
+
+    torch.manual_seed(base.eval.random_init_seed)
+    results = {"baselines": {"random_init": scores(build_backbone(base.model).eval()),
+                             "intensity_stats": scores(IntensityStatistics())}, "settings": {}}
+    for name in args.settings:
+        cfg = load_config(CONFIG, SETTINGS[name] + ([] if args.epochs is None else [f"optim.epochs={args.epochs}"]))
+        log(f"{name}: {' '.join(SETTINGS[name]) or 'configs/demo.yaml as is'}")
+        started = time.perf_counter()
+        teacher, moved = train_teacher(cfg, fields["train"], log)
+        results["settings"][name] = {"overrides": SETTINGS[name], "teacher_relative_weight_change": round(moved, 4),
+                                     "train_seconds": round(time.perf_counter() - started, 1), **scores(teacher)}
+        log(f"{name}: moved {moved:.3f}, " + ", ".join(
+            f"{k} MoA {v['moa']['top1']:.3f}" for k, v in results["settings"][name].items() if k in heldout))
+    results.update(config=str(CONFIG.relative_to(REPO)), epochs=base.optim.epochs, batch=BATCH,
+                   steps=base.optim.epochs * (len(fields["train"]) // BATCH), threads=args.threads,
+                   python=sys.version.split()[0], torch=torch.__version__, machine=platform.machine(),
+                   date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    log(f"wrote {args.output}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
