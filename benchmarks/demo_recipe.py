@@ -142,8 +142,14 @@ def main(argv: list[str] | None = None) -> dict:
         return {name: probe(encoder, frames[split], fields[split], base) for name, split in heldout.items()}
 
     torch.manual_seed(base.eval.random_init_seed)
-    results = {"baselines": {"random_init": scores(build_backbone(base.model).eval()),
+    results = {"config": str(CONFIG.relative_to(REPO)), "epochs": base.optim.epochs, "batch": BATCH,
+               "steps": base.optim.epochs * (len(fields["train"]) // BATCH), "threads": args.threads,
+               "python": sys.version.split()[0], "torch": torch.__version__, "machine": platform.machine(),
+               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "baselines": {"random_init": scores(build_backbone(base.model).eval()),
                              "intensity_stats": scores(IntensityStatistics())}, "settings": {}}
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
     for name in args.settings:
         cfg = load_config(CONFIG, SETTINGS[name] + ([] if args.epochs is None else [f"optim.epochs={args.epochs}"]))
         log(f"{name}: {' '.join(SETTINGS[name]) or 'configs/demo.yaml as is'}")
@@ -153,13 +159,11 @@ def main(argv: list[str] | None = None) -> dict:
                                      "train_seconds": round(time.perf_counter() - started, 1), **scores(teacher)}
         log(f"{name}: moved {moved:.3f}, " + ", ".join(
             f"{k} MoA {v['moa']['top1']:.3f}" for k, v in results["settings"][name].items() if k in heldout))
-    results.update(config=str(CONFIG.relative_to(REPO)), epochs=base.optim.epochs, batch=BATCH,
-                   steps=base.optim.epochs * (len(fields["train"]) // BATCH), threads=args.threads,
-                   python=sys.version.split()[0], torch=torch.__version__, machine=platform.machine(),
-                   date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
-    log(f"wrote {args.output}")
+        # After every setting, write then rename: a long sweep that dies keeps what it measured.
+        partial = output.with_suffix(".json.tmp")
+        partial.write_text(json.dumps(results, indent=2) + "\n")
+        partial.replace(output)
+        log(f"wrote {output}")
     return results
 
 
