@@ -34,8 +34,7 @@ from cellfm.data.normalize import normalize_field
 from cellfm.data.plate import read_field
 from cellfm.data.synthetic import generate_screen
 from cellfm.evaluate.embed import IntensityStatistics, field_embedding
-from cellfm.evaluate.metrics import normalize_to_controls, repeated_split_scores
-from cellfm.evaluate.run import split_seeds
+from cellfm.evaluate.run import well_scores
 from cellfm.models.registry import build_backbone
 from cellfm.ssl.ema import update_ema
 from cellfm.train.engines import DDPEngine
@@ -70,19 +69,12 @@ def load_fields(manifest: pd.DataFrame, cfg: Config) -> torch.Tensor:
 
 
 def probe(encoder: torch.nn.Module, manifest: pd.DataFrame, fields: torch.Tensor, cfg: Config) -> dict:
-    """Top-1 of the demo's probe for each label on wells (mean field embedding, control-normalized)."""
+    """Top-1 of the demo's probe (`cellfm.evaluate.run.well_scores`) for each label."""
     with torch.no_grad():
         embedding = torch.cat([field_embedding(encoder, fields[i:i + 64], cfg.eval.image_size)
                                for i in range(0, len(fields), 64)]).numpy()
-    grouped = manifest.reset_index(drop=True).groupby(["plate", "well"], sort=True)
-    meta = grouped[["perturbation_id", "moa", "is_control"]].first().reset_index()
-    rows = [grouped.indices[key] for key in zip(meta["plate"], meta["well"])]
-    wells = normalize_to_controls(np.stack([embedding[ix].mean(0) for ix in rows]), meta)
-    out = {}
-    for label in cfg.eval.labels:
-        s = repeated_split_scores(wells, meta[label].astype(str).to_numpy(), cfg.eval.test_fraction, split_seeds(cfg))
-        out[label] = {"top1": round(s["top1"], 3), "top1_sd": round(s["top1_sd"], 3)}
-    return out
+    _, scores = well_scores(manifest.assign(embedding=list(embedding)), "embedding", cfg)
+    return {label: {"top1": round(s["top1"], 3), "top1_sd": round(s["top1_sd"], 3)} for label, s in scores.items()}
 
 
 def relative_change(model: torch.nn.Module, init: dict[str, torch.Tensor]) -> float:

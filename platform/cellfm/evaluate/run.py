@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 
 from cellfm.config import Config
 from cellfm.data.pipeline import load_manifests
@@ -18,6 +19,17 @@ from cellfm.train.storage import is_remote
 
 def split_seeds(cfg: Config) -> list[int]:
     return list(range(cfg.eval.split_seed, cfg.eval.split_seed + cfg.eval.n_splits))
+
+
+def well_scores(fields: pd.DataFrame, embedding_column: str, cfg: Config) -> tuple[int, dict]:
+    """Mean embedding per well (normalized as `eval.well_normalization` says), then the probe on
+    `eval.n_splits` fixed splits for each of `eval.labels`; returns (number of wells, scores per label)."""
+    meta, features = aggregate_wells(fields, embedding_column)
+    if cfg.eval.well_normalization == "negcon":
+        features = normalize_to_controls(features, meta)
+    return len(meta), {label: repeated_split_scores(features, meta[label].astype(str).to_numpy(),
+                                                    cfg.eval.test_fraction, split_seeds(cfg))
+                       for label in cfg.eval.labels}
 
 
 def run_evaluation(cfg: Config, checkpoint_dir: str | Path) -> tuple[dict, dict[str, Path]]:
@@ -58,14 +70,7 @@ def run_evaluation(cfg: Config, checkpoint_dir: str | Path) -> tuple[dict, dict[
         scores: dict = {}
         n_wells = 0
         for spec in encoders:
-            meta, features = aggregate_wells(fields, f"embedding_{spec.name}")
-            if cfg.eval.well_normalization == "negcon":
-                features = normalize_to_controls(features, meta)
-            n_wells = len(meta)
-            scores[spec.name] = {}
-            for label in cfg.eval.labels:
-                y = meta[label].astype(str).to_numpy()
-                scores[spec.name][label] = repeated_split_scores(features, y, cfg.eval.test_fraction, split_seeds(cfg))
+            n_wells, scores[spec.name] = well_scores(fields, f"embedding_{spec.name}", cfg)
         report["results"][name] = {
             "manifest": str(manifest_path),
             "channels": list(manifest["channel_names"].iloc[0]),
