@@ -165,7 +165,7 @@ def test_drawn_views_match_affine_grid_and_grid_sample_per_view(monkeypatch, dty
     thetas = [crop._sample_theta(5 * n, 40, 48, scale, draws).view(5, n, 2, 3)
               for n, scale in ((2, crop.global_scale), (3, crop.local_scale))]
     for block_bytes in (1, 1 << 30):
-        monkeypatch.setattr(multicrop, "_CPU_BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(multicrop, "_CPU_BLOCK_BYTES_PER_THREAD", block_bytes)
         views = crop(images, torch.Generator().manual_seed(4))
         for out, theta, size in zip(views, thetas, (24, 12)):
             for b in range(5):
@@ -180,9 +180,9 @@ def test_drawn_views_match_affine_grid_and_grid_sample_per_view(monkeypatch, dty
 def test_block_size_does_not_change_the_views(monkeypatch):
     images, mask = _padded_batch()
     crop = MultiCrop(16, 8, n_local=3, intensity_jitter=0.3)
-    monkeypatch.setattr(multicrop, "_CPU_BLOCK_BYTES", 1 << 30)
+    monkeypatch.setattr(multicrop, "_CPU_BLOCK_BYTES_PER_THREAD", 1 << 30)
     whole = crop(images, torch.Generator().manual_seed(6), channel_mask=mask)
-    monkeypatch.setattr(multicrop, "_CPU_BLOCK_BYTES", 1)
+    monkeypatch.setattr(multicrop, "_CPU_BLOCK_BYTES_PER_THREAD", 1)
     per_image = crop(images, torch.Generator().manual_seed(6), channel_mask=mask)
     for a, b in zip(whole, per_image):
         assert torch.equal(a, b)
