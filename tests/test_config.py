@@ -83,6 +83,7 @@ def test_every_shipped_config_loads(name):
         (["ssl.blur_probability=1.5"], r"ssl\.blur_probability must be in \[0, 1\], got 1\.5"),
         (["ssl.blur_sigma=[2.0, 1.0]"], r"ssl\.blur_sigma must be \[low, high\] pixels"),
         (["eval.n_splits=0"], r"eval\.n_splits must be > 0"),
+        (["data.read_actors=-1"], r"data\.read_actors must be >= 0, got -1"),
     ],
 )
 def test_engine_settings_are_validated(overrides, message):

@@ -267,3 +267,27 @@ def test_uint8_transfer_halves_bytes_and_decodes_to_unit_range(ray_session, tiny
     assert torch.allclose(images * 255, (images * 255).round(), atol=1e-3)
     with pytest.raises(ValueError, match="uint8"):
         build_field_dataset(manifest, dataclasses.replace(cfg, normalization="standardize"), training=True)
+
+
+@pytest.mark.integration
+def test_reader_actors_deliver_the_same_fields_and_count_bad_ones(ray_session, corrupt_manifest):
+    # data.read_actors: the loader runs in long-lived actors; the same normalized fields arrive, and
+    # the bad-field monitor (handed to the actors' constructor) still counts the corrupt one.
+    manifest, bad = corrupt_manifest
+    cfg = DataConfig(bad_field_policy="skip", max_bad_fraction=0.2, read_actors=1, **_FAST)
+    pipeline = build_field_pipeline(manifest, cfg, training=False, keep_columns=["plate", "well", "field"])
+    rows = _rows(pipeline.dataset)
+    assert len(rows) == len(manifest) - 1
+    by_key = {(r.well, r.field): r for r in manifest.itertuples()}
+    for row in rows:
+        m = by_key[(row["well"], row["field"])]
+        raw, _ = read_field(m.store_uri, m.row, m.col, int(m.field), channels=list(m.channel_names))
+        np.testing.assert_allclose(row["image"].astype(np.float32), percentile_clip(raw, 1.0, 99.0), atol=1e-3)
+    [record] = pipeline.monitor.check()["bad_fields"]
+    assert (record["well"], record["field"]) == (bad["well"], int(bad["field"]))
+
+
+def test_reader_actors_and_task_concurrency_are_exclusive(tiny_screen):
+    manifest = load_manifests([tiny_screen["heldout"]])
+    with pytest.raises(ValueError, match="read_actors=2 and data.read_concurrency=1"):
+        build_field_dataset(manifest, DataConfig(read_actors=2, read_concurrency=1), training=False)

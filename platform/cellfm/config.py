@@ -61,6 +61,10 @@ class DataConfig:
     # the most read tasks in flight (0 = as many as CPUs allow).
     object_store_limit_mb: int = 0
     read_concurrency: int = 0
+    # Reads in a pool of this many long-lived reader actors (read_cpus each, two blocks queued per
+    # actor) instead of tasks (0): no scheduling gap between blocks, so a higher sustained rate on
+    # long streams (benchmarks/pipeline.py), but every pass first starts the actors (seconds).
+    read_actors: int = 0
     progress_interval_s: float = 30.0  # a "[cellfm] data: ... fields/s" line this often (0 = off)
     # Fractional CPUs per read task: on a 2-core machine whole CPUs for reads starve training (STACK_NOTES).
     read_cpus: float = 0.5
@@ -280,7 +284,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             raise ConfigError(f"{source}: {key} must be > 0, got {_get(cfg, key)!r}")
     if cfg.eval.image_size < 0 or cfg.eval.image_size % cfg.model.patch_size:
         raise ConfigError(f"{source}: eval.image_size={cfg.eval.image_size} must be 0 or a multiple of model.patch_size")
-    for key in ("model.mixer_depth", "ssl.n_local_crops", "train.max_failures", "model.num_register_tokens"):
+    for key in ("model.mixer_depth", "ssl.n_local_crops", "train.max_failures", "model.num_register_tokens",
+                "data.read_concurrency", "data.read_actors"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"{source}: {key} must be >= 0, got {_get(cfg, key)!r}")
     if not 0 <= cfg.data.clip_low < cfg.data.clip_high <= 100:

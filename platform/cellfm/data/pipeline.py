@@ -421,6 +421,9 @@ def build_field_pipeline(
 
     if not 0.0 <= cfg.max_bad_fraction <= 1.0:
         raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {cfg.max_bad_fraction}")
+    if cfg.read_actors > 0 and cfg.read_concurrency > 0:
+        raise ValueError(f"data.read_actors={cfg.read_actors} and data.read_concurrency={cfg.read_concurrency} both "
+                         f"set how many reads run at once (actors or tasks); set one of them to 0")
     if len(manifest) == 0:
         raise ValueError("empty manifest: no fields to read")
     eval_cfg = cfg
@@ -449,12 +452,19 @@ def build_field_pipeline(
     ds = ray.data.from_pandas([g.iloc[i : i + step] for g in groups for i in range(0, len(g), step)])
     if training:
         ds = ds.randomize_block_order(seed=seed)
-    loader = FieldLoader(eval_cfg, permute_channels=training and cfg.channel_permutation, keep_columns=keep_columns,
-                         layout=layout, monitor=monitor.actor if monitor else None, max_bad=max_bad,
-                         total=len(table))
+    loader_kwargs = dict(cfg=eval_cfg, permute_channels=training and cfg.channel_permutation,
+                         keep_columns=keep_columns, layout=layout, monitor=monitor.actor if monitor else None,
+                         max_bad=max_bad, total=len(table))
     kwargs: dict[str, Any] = {}
-    if cfg.read_concurrency > 0:
-        kwargs["compute"] = ray.data.TaskPoolStrategy(size=cfg.read_concurrency)
+    if cfg.read_actors > 0:
+        # Two blocks queued per actor: the next block is already there when one finishes.
+        kwargs.update(compute=ray.data.ActorPoolStrategy(size=cfg.read_actors, max_tasks_in_flight_per_actor=2),
+                      fn_constructor_kwargs=loader_kwargs)
+        loader = FieldLoader
+    else:
+        loader = FieldLoader(**loader_kwargs)
+        if cfg.read_concurrency > 0:
+            kwargs["compute"] = ray.data.TaskPoolStrategy(size=cfg.read_concurrency)
     # batch_size=None hands each block to the loader as it is: a batch of `step` rows could otherwise
     # span two blocks of different channel counts.
     ds = ds.map_batches(loader, batch_size=None if cfg.mixed_channels == "group" else step, num_cpus=cfg.read_cpus,
