@@ -396,7 +396,9 @@ def run_multicrop(cores: int) -> tuple[dict, dict, dict]:
     for name, result in multicrop.items():
         ratios[f"multicrop {name}: batched_over_per_image"] = result["speedup_vs_per_image_multicrop"]
         ratios[f"multicrop {name}: batched_over_per_view_loop"] = result["speedup_vs_per_image_per_view"]
-        # the bars: >= 5x at the demo size, not slower at 224-px crops
+        if result["torch_threads"] != cores:
+            continue  # one thread on a multi-core machine: reported, not held to the bars
+        # the bars, on all of this machine's cores: >= 5x at the demo size, not slower at 224 px
         bar = 5.0 if name.startswith("demo") else 1.0
         targets[f"multicrop {name}: batched >= {bar:g} x per-image loop"] = (
             ratios[f"multicrop {name}: batched_over_per_image"] >= bar)
@@ -528,6 +530,10 @@ def main() -> None:
     memory_1x = measure_memory(manifest1, mem_cfg)
     memory_10x = measure_memory(manifest10, mem_cfg)
     print(f"memory 1x {memory_1x}\nmemory 10x {memory_10x}", flush=True)
+    ray_version = ray.__version__
+    # Multi-crop is device work with no Ray in it: measured after Ray and its workers are gone, so the
+    # teardown of the passes above does not share the cores with it.
+    ray.shutdown()
 
     multicrop, multicrop_ratios, multicrop_targets = run_multicrop(cores)
 
@@ -550,7 +556,7 @@ def main() -> None:
     result = {
         "benchmark": "cellfm data pipeline",
         "machine": {"cores": cores, "python": sys.version.split()[0], "platform": platform.platform(),
-                    "ray": ray.__version__, "torch": torch.__version__, "zarrs": zarrs_available},
+                    "ray": ray_version, "torch": torch.__version__, "zarrs": zarrs_available},
         "dataset": {"field_shape": [len(CHANNELS), args.size, args.size], "dtype": "uint16",
                     "codec": "sharded zarr v3, one shard per field, 256x256 inner chunks, blosc-zstd(5)+bitshuffle, crc32c",
                     "plates_1x": args.plates, "fields_1x": len(manifest1), "plates_10x": args.plates * args.copies,
@@ -576,7 +582,6 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({"ratios": ratios, "targets_met": targets}, indent=2))
     print(f"wrote {out} in {result['runtime_s']:.0f} s")
-    ray.shutdown()
 
 
 # The pipelines compared, like with like: (a), (b), (c) on one codec pipeline; read tasks, or
