@@ -270,11 +270,13 @@ def test_uint8_transfer_halves_bytes_and_decodes_to_unit_range(ray_session, tiny
 
 
 @pytest.mark.integration
-def test_reader_actors_deliver_the_same_fields_and_count_bad_ones(ray_session, corrupt_manifest):
+@pytest.mark.parametrize("use_zarrs", [False, True])
+def test_reader_actors_deliver_the_same_fields_and_count_bad_ones(ray_session, corrupt_manifest, use_zarrs):
     # data.read_actors: the loader runs in long-lived actors; the same normalized fields arrive, and
-    # the bad-field monitor (handed to the actors' constructor) still counts the corrupt one.
+    # the bad-field monitor (handed to the actors' constructor) still counts the corrupt one, with
+    # either codec pipeline (zarrs + reader actors is the benchmark's fastest configuration).
     manifest, bad = corrupt_manifest
-    cfg = DataConfig(bad_field_policy="skip", max_bad_fraction=0.2, read_actors=1, **_FAST)
+    cfg = DataConfig(bad_field_policy="skip", max_bad_fraction=0.2, read_actors=1, use_zarrs=use_zarrs, **_FAST)
     pipeline = build_field_pipeline(manifest, cfg, training=False, keep_columns=["plate", "well", "field"])
     rows = _rows(pipeline.dataset)
     assert len(rows) == len(manifest) - 1
@@ -285,6 +287,8 @@ def test_reader_actors_deliver_the_same_fields_and_count_bad_ones(ray_session, c
         np.testing.assert_allclose(row["image"].astype(np.float32), percentile_clip(raw, 1.0, 99.0), atol=1e-3)
     [record] = pipeline.monitor.check()["bad_fields"]
     assert (record["well"], record["field"]) == (bad["well"], int(bad["field"]))
+    # the checksum failure was raised by the codec pipeline asked for, inside the actors
+    assert ("the checksum is invalid" if use_zarrs else "Stored and computed checksum do not match") in record["error"]
 
 
 def test_reader_actors_and_task_concurrency_are_exclusive(tiny_screen):

@@ -267,8 +267,7 @@ def test_bad_region_names_field_and_bounds(plate, region):
         read_field(uri, "B", "03", 0, region=region)
 
 
-def test_zarrs_codec_pipeline_reads_identically_when_installed(plate):
-    pytest.importorskip("zarrs")
+def test_zarrs_codec_pipeline_reads_identically(plate):
     from cellfm.data.plate import use_zarrs
 
     uri, images = plate
