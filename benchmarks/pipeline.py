@@ -27,7 +27,7 @@ streaming 1x and 10x the plates (10x = hard-linked copies under other plate name
 disk, 10x the fields through the pipeline), and crops/s of the batched MultiCrop against loops
 over images. Writes benchmarks/results/pipeline.json.
 
-    python benchmarks/pipeline.py                      # ~10 min on 2 cores, first run writes ~4 GB of plates + TIFFs
+    python benchmarks/pipeline.py                      # ~7.5 min on 2 cores; the first run also writes ~4 GB of plates + TIFFs
     python benchmarks/pipeline.py --quick              # smaller smoke run
     python benchmarks/pipeline.py --only multicrop     # rerun multi-crop only, update its part of the JSON
 """
@@ -203,10 +203,17 @@ def measure_raw(pool, manifest: pd.DataFrame, chunk: int, zarrs: bool = False) -
 # ------------------------------------------------------------------------------------ (b, c) Ray Data
 
 
-def measure_ray(manifest: pd.DataFrame, cfg, batch_size: int = 16) -> dict:
+def measure_ray(manifest: pd.DataFrame, cfg, batch_size: int = 16, training: bool = False) -> dict:
+    """(b)/(c): the stream consumed with iter_batches on the driver. ``training`` streams a training
+    pass (uint8 transfer applies to training only) without channel permutation."""
+    import dataclasses
+
     from cellfm.data.pipeline import build_field_dataset
 
-    ds = build_field_dataset(manifest, cfg, training=False)
+    if training:
+        ds = build_field_dataset(manifest, dataclasses.replace(cfg, channel_permutation=False), training=True, seed=0)
+    else:
+        ds = build_field_dataset(manifest, cfg, training=False)
     return measure_stream(len(batch["image"]) for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"))
 
 
@@ -505,10 +512,8 @@ def main() -> None:
         rates["a_raw_zarrs_processes"].append(measure_raw(pool, subset, args.read_batch_size, zarrs=True))
         for name, cfg in configs.items():
             fields = subset.iloc[: max(8, args.measure_fields // 2)] if name.startswith("c_clahe") else subset
-            if "uint8" in name:  # uint8 transfer is a training-stream option
-                rates[name].append(_measure_training_stream(fields, cfg))
-            else:
-                rates[name].append(measure_ray(fields, cfg))
+            # uint8 transfer is a training-stream option
+            rates[name].append(measure_ray(fields, cfg, training="uint8" in name))
             _wait_for_free_cpus(cores)  # reader actors hold their CPUs until Ray Data has torn them down
         rates["d_naive_tiff_dataloader"].append(measure_naive(naive_loader))
         print(f"repeat {rep + 1}/{args.repeats} (sustained fields/s): "
@@ -614,17 +619,6 @@ def _throughput_ratios(rate: dict[str, float]) -> dict[str, float]:
         "zarrs_over_zarr: a_raw": rate["a_raw_zarrs_processes"] / rate["a_raw_zarr_processes"],
     })
     return ratios
-
-
-def _measure_training_stream(manifest: pd.DataFrame, cfg, batch_size: int = 16) -> dict:
-    """A training stream (uint8 transfer applies to training only) without permutation, consumed
-    like (b)/(c) with iter_batches on the driver."""
-    import dataclasses
-
-    from cellfm.data.pipeline import build_field_dataset
-
-    ds = build_field_dataset(manifest, dataclasses.replace(cfg, channel_permutation=False), training=True, seed=0)
-    return measure_stream(len(batch["image"]) for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"))
 
 
 if __name__ == "__main__":
