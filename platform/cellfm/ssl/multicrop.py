@@ -14,8 +14,8 @@ from torch import Tensor
 _BOX_ATTEMPTS = 10
 # Bytes of input images, views and sampling grid handled at a time on CPU, per intra-op thread: a
 # few MB, so a block stays in cache from its input read through resampling and the intensity pass,
-# while each multithreaded op still gets enough work to amortize its fork-join (measured:
-# benchmarks/pipeline.py multicrop; 4 MB beat 1, 2, 6, 8 and 16 MB at 1 and 2 threads).
+# while each multithreaded op still gets enough work to amortize its fork-join (measured in
+# benchmarks/multicrop_ablation.py: 2-6 MB alike, 1 MB and 16 MB about 1.7-1.8x slower).
 _CPU_BLOCK_BYTES_PER_THREAD = 1 << 22
 
 
@@ -34,7 +34,7 @@ class _ViewSet:
         b = stop - start
         grid = torch.empty((b, n_views * size, size, 2), dtype=self.grid_row.real.dtype, device=self.out.device)
         # As complex numbers x + iy, the grid's interleaved (x, y) pairs are one contiguous broadcast add:
-        # about 6x faster on CPU than one add per coordinate into the strided halves.
+        # about 5x faster on CPU than one add per coordinate into the strided halves (multicrop_ablation).
         torch.add(self.grid_column[start:stop], self.grid_row[start:stop],
                   out=torch.view_as_complex(grid).view(b, n_views, size, size))
         # Each image's views stacked along the grid height: one grid_sample call, no copies of the input.
@@ -44,7 +44,7 @@ class _ViewSet:
         slope = self.slope[:, start:stop, :, None, None]
         out = self.out[:, start:stop]
         # Jitter and mask: one multiply that also writes the (views, B, C) layout, then the per-channel
-        # offset. (Not one addcmul: on CPU it is about 6x slower than mul + add_ for these broadcasts.)
+        # offset. (Not one addcmul: on CPU it is about 3x slower than mul + add_ for these broadcasts.)
         torch.mul(views, slope, out=out)
         if self.mean_weight is not None:
             mean = sampled.view(b, C, n_views, size * size).mean(dim=-1).permute(2, 0, 1)
@@ -150,7 +150,7 @@ class MultiCrop:
         for start in range(0, B, block):
             if images.device.type == "cpu":
                 # A streaming read of the block first: grid_sample's gathers then hit cache instead of
-                # missing on nearly every input row (measured: its time drops by a third to a half).
+                # missing on cold input rows (measured: grid_sample about 1.4x faster, multicrop_ablation).
                 images[start:start + block].sum()
             for view_set in view_sets:
                 view_set.resample(images, start, min(B, start + block))
