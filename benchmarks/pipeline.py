@@ -416,6 +416,9 @@ def update_multicrop(out: Path, cores: int) -> None:
     """--only multicrop: rerun the multi-crop section and replace its entries in an existing results file."""
     import torch
 
+    if not out.is_file():
+        raise SystemExit(f"--only multicrop updates an existing results file, and {out} is not one: "
+                         "run the full benchmark first")
     result = json.loads(out.read_text())
     multicrop, ratios, targets = run_multicrop(cores)
     result["multicrop"] = multicrop
@@ -449,6 +452,9 @@ def main() -> None:
     parser.add_argument("--only", choices=["multicrop"],
                         help="rerun only this section and update its entries in --out, keeping the rest")
     args = parser.parse_args()
+    for name in ("plates", "wells", "fields", "size", "copies", "measure_fields", "repeats", "read_batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.only == "multicrop":
         update_multicrop(Path(args.out), os.cpu_count() or 1)
         return
