@@ -74,21 +74,6 @@ def test_cellrep_pooling_ratio_2_depends_on_channel_order():
     assert (model(x)["patch"] - model(swapped)["patch"]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("pooling_ratio", [1, 2])
-def test_cellrep_channel_mask_padding_has_no_effect(pooling_ratio):
-    model = tiny_cellrep(pooling_ratio=pooling_ratio)
-    a, b = torch.randn(1, 3, IMG, IMG), torch.randn(1, 5, IMG, IMG)
-    # Pad `a` to 5 channels with garbage (including NaN) in the middle and at the end.
-    garbage = torch.full((1, 1, IMG, IMG), float("nan"))
-    a_padded = torch.cat([a[:, :1], garbage, a[:, 1:], 1e4 * torch.randn(1, 1, IMG, IMG)], dim=1)
-    mask = torch.tensor([[True, False, True, True, False], [True] * 5])
-    out = model(torch.cat([a_padded, b]), channel_mask=mask)
-    ref_a, ref_b = model(a), model(b)
-    for key in ("cls", "patch"):
-        torch.testing.assert_close(out[key][:1], ref_a[key], **TOL)
-        torch.testing.assert_close(out[key][1:], ref_b[key], **TOL)
-
-
 def test_cellrep_channel_mask_validation():
     model = tiny_cellrep()
     x = torch.randn(2, 3, IMG, IMG)
