@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from cellfm.config import load_config
 from cellfm.train.engines import DeepSpeedEngine, OptimizerStateError, deepspeed_config
-from cellfm.train.loop import parameter_groups
+from cellfm.train.param_groups import parameter_groups
 from tests.conftest import SMOKE_CONFIG
 
 pytestmark = pytest.mark.integration

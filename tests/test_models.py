@@ -7,7 +7,7 @@ import torch
 
 from cellfm.models.cellrep import CellRep
 from cellfm.models.heads import DINOHead
-from cellfm.models.vit import Attention, Block, DropPath, interpolate_pos_embed
+from cellfm.models.layers import Attention, Block, DropPath, interpolate_pos_embed
 
 D, PATCH, IMG = 48, 8, 32  # 4x4 patch grid
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -72,21 +72,6 @@ def test_cellrep_pooling_ratio_2_depends_on_channel_order():
     x = torch.randn(1, 4, IMG, IMG)
     swapped = x[:, torch.tensor([2, 1, 0, 3])]  # moves channels between the two slots
     assert (model(x)["patch"] - model(swapped)["patch"]).abs().max() > 1e-3
-
-
-@pytest.mark.parametrize("pooling_ratio", [1, 2])
-def test_cellrep_channel_mask_padding_has_no_effect(pooling_ratio):
-    model = tiny_cellrep(pooling_ratio=pooling_ratio)
-    a, b = torch.randn(1, 3, IMG, IMG), torch.randn(1, 5, IMG, IMG)
-    # Pad `a` to 5 channels with garbage (including NaN) in the middle and at the end.
-    garbage = torch.full((1, 1, IMG, IMG), float("nan"))
-    a_padded = torch.cat([a[:, :1], garbage, a[:, 1:], 1e4 * torch.randn(1, 1, IMG, IMG)], dim=1)
-    mask = torch.tensor([[True, False, True, True, False], [True] * 5])
-    out = model(torch.cat([a_padded, b]), channel_mask=mask)
-    ref_a, ref_b = model(a), model(b)
-    for key in ("cls", "patch"):
-        torch.testing.assert_close(out[key][:1], ref_a[key], **TOL)
-        torch.testing.assert_close(out[key][1:], ref_b[key], **TOL)
 
 
 def test_cellrep_channel_mask_validation():
@@ -198,11 +183,11 @@ def test_vit_patch_mask_replaces_tokens_by_mask_token():
     mask = torch.zeros(2, 16, dtype=torch.bool)
     mask[0, [0, 5]] = True
     mask[1, 15] = True
-    tokens = model.prepare_tokens(x, mask)[:, 1:]  # drop CLS
+    tokens = model.prepare_tokens(x, mask)  # patch tokens, positions added
     pos = model.pos_embed[0]
     torch.testing.assert_close(tokens[0, 0], model.mask_token[0] + pos[0])
     torch.testing.assert_close(tokens[1, 15], model.mask_token[0] + pos[15])
-    torch.testing.assert_close(tokens[0, 1], model.prepare_tokens(x)[0, 2])  # unmasked untouched
+    torch.testing.assert_close(tokens[0, 1], model.prepare_tokens(x)[0, 1])  # unmasked untouched
     out, masked = model(x), model(x, patch_mask=mask)
     assert (out["cls"] - masked["cls"]).abs().max() > 1e-4
     # The pixels under a masked patch no longer matter at all.
@@ -221,10 +206,10 @@ def test_cellrep_patch_mask_and_num_patch_tokens():
     x = torch.randn(2, 3, IMG, IMG)
     mask = torch.zeros(2, 32, dtype=torch.bool)
     mask[0, 3] = mask[1, 16 + 7] = True  # slot 1, grid position 7
-    tokens = model.prepare_tokens(x, patch_mask=mask)[:, 1:]
+    tokens = model.prepare_tokens(x, patch_mask=mask)
     torch.testing.assert_close(tokens[0, 3], model.mask_token[0] + model.pos_embed[0, 3])
     torch.testing.assert_close(tokens[1, 23], model.mask_token[0] + model.pos_embed[0, 7])
-    torch.testing.assert_close(tokens[0, 4], model.prepare_tokens(x)[0, 5])
+    torch.testing.assert_close(tokens[0, 4], model.prepare_tokens(x)[0, 4])
     assert (model(x)["patch"] - model(x, patch_mask=mask)["patch"]).abs().max() > 1e-4
 
 

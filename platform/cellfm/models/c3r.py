@@ -13,35 +13,37 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from cellfm.models.vit import (
+from cellfm.models.layers import (
     Block,
     LayerNorm,
+    PatchEmbed,
+    ViTTrunk,
+    apply_patch_mask,
     check_channel_mask,
-    drop_path_rates,
     check_image,
     check_patch_mask,
+    drop_path_rates,
     grid_of,
-    init_weights_trunc_normal,
-    interpolate_pos_embed,
+    keep_in_graph,
     normalize_channel_names,
-    zero_touch,
 )
 
 GROUPS = ("context", "concept")
 
 
-class C3R(nn.Module):
+class C3R(ViTTrunk):
     """Context-concept channel-adaptive ViT.
 
     Per group g in (context, concept), with weights shared by all channels of that group:
-      stem      InstanceNorm2d(1, affine=False) -> Conv2d(1 -> D/2, kernel=stride=patch_size)
-      tokens    [CLS_g, patches] + the group's half of one positional embedding (context: [:D/2],
-                concept: [D/2:]); CLS, mask token and positions are likewise split in halves;
+      stem      InstanceNorm2d(1, affine=False) -> PatchEmbed(1 -> D/2, kernel=stride=patch_size)
+      tokens    [CLS_g, patches] + the group's half of the trunk's positional embedding (context: [:D/2],
+                concept: [D/2:]); the trunk's CLS, CLS position and mask token are likewise split in halves;
                 no channel-identity embedding anywhere
       f_c       n_pre pre-norm blocks at width D/2, run on every channel independently
     combiner g  per sample and group: mean over that group's real channels (CLS and patch tokens),
                 concat(context mean, concept mean) -> LayerNorm(D)
-    f_s         depth - n_pre // 2 blocks at width D (+ optional registers), final LayerNorm.
+    f_s         the ViT trunk: depth - n_pre // 2 blocks at width D (+ optional registers), final LayerNorm;
+                its CLS input is the combined CLS.
 
     Two f_c blocks at D/2 (x 2 groups) hold as many weights as one block at D, so with n_pre = 2 the
     model has the parameter count of a `depth`-block ViT of width D (the C3R rule: joint depth 11 for
@@ -74,7 +76,6 @@ class C3R(nn.Module):
     ):
         """channel_groups: channel name -> "context" | "concept" (config `model.channel_groups`); may be
         changed later with set_channel_groups (e.g. at inference for unseen stains)."""
-        super().__init__()
         if embed_dim % 2:
             raise ValueError(f"C3R needs an even embed_dim (two halves of D/2), got {embed_dim}")
         if n_pre < 0:
@@ -82,35 +83,23 @@ class C3R(nn.Module):
         joint_depth = depth - n_pre // 2
         if joint_depth < 1:
             raise ValueError(f"depth={depth} leaves no joint block for n_pre={n_pre} (joint depth = depth - n_pre // 2)")
+        # One stochastic-depth ramp over the whole path of a token: branch blocks first, then the joint trunk.
+        drop_rates = drop_path_rates(drop_path_rate, n_pre + joint_depth)
+        super().__init__(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, num_heads=num_heads,
+                         block_drop_path=drop_rates[n_pre:], mlp_ratio=mlp_ratio,
+                         num_register_tokens=num_register_tokens, layerscale_init=layerscale_init, qkv_bias=qkv_bias)
         self.channel_groups: dict[str, str] = {}
         self.set_channel_groups(channel_groups or {})
-        self.embed_dim = embed_dim
         self.half = embed_dim // 2
-        self.patch_size = patch_size
         self.n_pre = n_pre
         self.joint_depth = joint_depth
-        self.num_register_tokens = num_register_tokens
-        self.grid_size = grid_of(img_size, patch_size)
         half = self.half
         branch_heads = branch_num_heads or max(1, num_heads // 2)
 
         self.stems = nn.ModuleDict(
-            {
-                g: nn.Sequential(
-                    nn.InstanceNorm2d(1, affine=False),
-                    nn.Conv2d(1, half, kernel_size=patch_size, stride=patch_size),
-                )
-                for g in GROUPS
-            }
+            {g: nn.Sequential(nn.InstanceNorm2d(1, affine=False), PatchEmbed(1, half, patch_size)) for g in GROUPS}
         )
-        # One D-wide CLS / position / mask token; group i uses the half [i*D/2:(i+1)*D/2].
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], embed_dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
         self.absent_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-
-        drop_rates = drop_path_rates(drop_path_rate, n_pre + joint_depth)
         self.branches = nn.ModuleDict(
             {
                 g: nn.ModuleList(
@@ -122,20 +111,22 @@ class C3R(nn.Module):
             }
         )
         self.combiner_norm = LayerNorm(embed_dim)
-        self.register_tokens = (
-            nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens > 0 else None
-        )
-        self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=drop_rates[n_pre + i],
-                  layerscale_init=layerscale_init)
-            for i in range(joint_depth)
-        )
-        self.norm = LayerNorm(embed_dim)
+        self.init_weights()
 
-        for p in (self.pos_embed, self.cls_token, self.cls_pos_embed, self.register_tokens, self.absent_token):
-            if p is not None:
-                nn.init.trunc_normal_(p, std=0.02)
-        self.apply(init_weights_trunc_normal)
+    def token_parameters(self) -> list[nn.Parameter]:
+        return [*super().token_parameters(), self.absent_token]
+
+    def input_embedding(self) -> list[nn.Module]:
+        """The two stems (and the combiner's norm when there are no branch blocks)."""
+        return [self.stems] + ([] if self.n_pre else [self.combiner_norm])
+
+    def block_layers(self) -> list[list[nn.Module]]:
+        """Branch depth i (both groups' block i) at layer i + 1, the combiner's norm with the last branch
+        blocks, then the joint trunk's blocks: true depth, the branches below the trunk."""
+        branch = [[self.branches[g][i] for g in GROUPS] for i in range(self.n_pre)]
+        if branch:
+            branch[-1].append(self.combiner_norm)
+        return branch + super().block_layers()
 
     # -- channel grouping -------------------------------------------------------------------------
 
@@ -166,11 +157,6 @@ class C3R(nn.Module):
             ids.append(out)
         return torch.tensor(ids, dtype=torch.long, device=device)
 
-    def num_patch_tokens(self, img_size: int | tuple[int, int]) -> int:
-        """N of the output `patch` (and of patch_mask): L, independent of the channel count."""
-        h, w = grid_of(img_size, self.patch_size)
-        return h * w
-
     # -- forward ----------------------------------------------------------------------------------
 
     def forward(
@@ -187,25 +173,16 @@ class C3R(nn.Module):
         the group's half of mask_token before the branch encoders (as in C3R).
         Returns final-normed cls (B, D), patch (B, L, D), registers (B, R, D)."""
         h = self.prepare_tokens(x, channel_names, channel_mask, patch_mask)
-        for blk in self.blocks:
-            h = blk(h)
-        h = self.norm(h)
-        R = self.num_register_tokens
-        return {"cls": h[:, 0], "registers": h[:, 1 : 1 + R], "patch": h[:, 1 + R :]}
+        return self.forward_trunk(h[:, 1:], cls=h[:, 0])
 
     def embed_channels(self, planes: Tensor, group: int, grid: tuple[int, int],
                        patch_mask: Tensor | None = None) -> Tensor:
         """Stem + tokens of one group: planes (n, 1, H, W) -> (n, 1 + L, D/2) = [CLS, patches] + positions.
         patch_mask: (n, L) bool per plane."""
-        g = GROUPS[group]
         sl = slice(group * self.half, (group + 1) * self.half)
-        tokens = self.stems[g](planes).flatten(2).transpose(1, 2)  # (n, L, D/2)
-        if patch_mask is not None:
-            mask_tok = self.mask_token[:, sl].to(tokens.dtype).unsqueeze(0)
-            tokens = torch.where(patch_mask.unsqueeze(-1), mask_tok, tokens)
-        pos = interpolate_pos_embed(self.pos_embed, self.grid_size, grid)[:, :, sl]
-        cls = (self.cls_token + self.cls_pos_embed)[:, :, sl].expand(tokens.shape[0], -1, -1)
-        return torch.cat([cls, tokens + pos], dim=1)
+        tokens = apply_patch_mask(self.stems[GROUPS[group]](planes), patch_mask, self.mask_token[:, sl])  # (n, L, D/2)
+        cls = self.cls_embedding()[:, :, sl].expand(tokens.shape[0], -1, -1)
+        return torch.cat([cls, tokens + self.positions(grid)[:, :, sl]], dim=1)
 
     def prepare_tokens(
         self,
@@ -214,7 +191,8 @@ class C3R(nn.Module):
         channel_mask: Tensor | None = None,
         patch_mask: Tensor | None = None,
     ) -> Tensor:
-        """Stems, branch encoders and combiner: (B, C, H, W) -> (B, 1 + R + L, D) input of the joint encoder."""
+        """Stems, branch encoders and combiner: (B, C, H, W) -> (B, 1 + L, D) = [combined CLS, combined patch
+        tokens], the input of the joint trunk."""
         B, C, H, W = check_image(x, "C3R")
         grid = grid_of((H, W), self.patch_size)
         L = grid[0] * grid[1]
@@ -252,8 +230,5 @@ class C3R(nn.Module):
 
         h = self.combiner_norm(torch.cat(halves, dim=-1))  # (B, 1 + L, D)
         if torch.is_grad_enabled():
-            unused += [self.mask_token] if patch_mask is None else []
-            h = h + zero_touch(unused)  # keeps DDP (find_unused_parameters=False) happy
-        if self.register_tokens is not None:
-            h = torch.cat([h[:, :1], self.register_tokens.expand(B, -1, -1), h[:, 1:]], dim=1)
+            h = h + keep_in_graph(unused)  # keeps DDP (find_unused_parameters=False) happy
         return h

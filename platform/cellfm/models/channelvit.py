@@ -9,18 +9,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from cellfm.models.vit import (
-    Block,
-    LayerNorm,
+from cellfm.models.layers import (
+    PatchEmbed,
+    ViTTrunk,
+    apply_patch_mask,
     check_channel_mask,
-    drop_path_rates,
     check_image,
     check_patch_mask,
+    drop_path_rates,
     grid_of,
-    init_weights_trunc_normal,
-    interpolate_pos_embed,
     normalize_channel_names,
-    zero_touch,
+    zero_padding,
 )
 
 
@@ -37,9 +36,9 @@ def hierarchical_channel_mask(B: int, C: int, generator: torch.Generator | None 
     return keep if channel_mask is None else keep.to(channel_mask.device)
 
 
-class ChannelViT(nn.Module):
+class ChannelViT(ViTTrunk):
     """`channelvit`. Tokens: patch_embed(channel c) + channel_embed[name(c)] + pos, for every channel;
-    sequence [CLS, registers, L*C patch tokens] through `depth` blocks; padded / dropped channels
+    sequence [CLS, registers, L*C patch tokens] through the trunk's `depth` blocks; padded / dropped channels
     (channel_mask False) are excluded as attention keys.
 
     Output `patch` is (B, L, D): for each grid position, the mean over the sample's real channels of the
@@ -61,7 +60,6 @@ class ChannelViT(nn.Module):
     ):
         """channel_vocabulary: the channel names that get a learned embedding (config
         `model.channel_vocabulary`); any other name is an error at forward."""
-        super().__init__()
         vocab = [str(v) for v in channel_vocabulary or []]
         if not vocab:
             raise ValueError(
@@ -70,37 +68,21 @@ class ChannelViT(nn.Module):
             )
         if len(set(vocab)) != len(vocab):
             raise ValueError(f"channel_vocabulary has duplicate names: {vocab}")
+        super().__init__(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, num_heads=num_heads,
+                         block_drop_path=drop_path_rates(drop_path_rate, depth), mlp_ratio=mlp_ratio,
+                         num_register_tokens=num_register_tokens, layerscale_init=layerscale_init, qkv_bias=qkv_bias)
         self.channel_vocabulary = vocab
         self.channel_index = {name: i for i, name in enumerate(vocab)}
-        self.embed_dim = embed_dim
-        self.patch_size = patch_size
-        self.num_register_tokens = num_register_tokens
-        self.grid_size = grid_of(img_size, patch_size)
-
-        self.patch_embed = nn.Conv2d(1, embed_dim, kernel_size=patch_size, stride=patch_size)  # shared
+        self.patch_embed = PatchEmbed(1, embed_dim, patch_size)  # shared by every channel
         self.channel_embed = nn.Parameter(torch.zeros(len(vocab), embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], embed_dim))
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.register_tokens = (
-            nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens > 0 else None
-        )
-        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
-        drop_rates = drop_path_rates(drop_path_rate, depth)
-        self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=r, layerscale_init=layerscale_init)
-            for r in drop_rates
-        )
-        self.norm = LayerNorm(embed_dim)
-        for p in (self.pos_embed, self.cls_token, self.cls_pos_embed, self.register_tokens, self.channel_embed):
-            if p is not None:
-                nn.init.trunc_normal_(p, std=0.02)
-        self.apply(init_weights_trunc_normal)
+        self.init_weights()
 
-    def num_patch_tokens(self, img_size) -> int:
-        """N of the output `patch` (and of patch_mask): L (channel tokens are averaged per position)."""
-        h, w = grid_of(img_size, self.patch_size)
-        return h * w
+    def token_parameters(self) -> list[nn.Parameter]:
+        return [*super().token_parameters(), self.channel_embed]
+
+    def input_embedding(self) -> list[nn.Module]:
+        """The shared patch embedding (the per-name channel embedding is a token parameter, also at layer 0)."""
+        return [self.patch_embed]
 
     def channel_ids(self, channel_names: list[list[str]], channel_mask: Tensor | None, device) -> Tensor:
         """(B, C) vocabulary indices; masked channels get 0 (their tokens are never attended to)."""
@@ -156,36 +138,18 @@ class ChannelViT(nn.Module):
         if names is None:
             raise ValueError("ChannelViT needs channel_names (B lists of C names) to pick channel embeddings")
         ids = self.channel_ids(names, channel_mask, x.device)
-        if channel_mask is not None:
-            x = x.masked_fill(~channel_mask[:, :, None, None], 0.0)
 
         D = self.embed_dim
-        tokens = self.patch_embed(x.reshape(B * C, 1, H, W)).flatten(2).transpose(1, 2).reshape(B, C, L, D)
-        if patch_mask is not None:
-            tokens = torch.where(patch_mask[:, None, :, None], self.mask_token.to(tokens.dtype), tokens)
-        pos = interpolate_pos_embed(self.pos_embed, self.grid_size, grid)
-        tokens = tokens + self.channel_embed[ids][:, :, None, :] + pos[:, None]
-        prefix = [(self.cls_token + self.cls_pos_embed).expand(B, -1, -1)]
-        if self.register_tokens is not None:
-            prefix.append(self.register_tokens.expand(B, -1, -1))
-        P = 1 + self.num_register_tokens
-        h = torch.cat([*prefix, tokens.reshape(B, C * L, D)], dim=1)
-        key_mask = None
-        if channel_mask is not None:
-            key_mask = torch.cat(
-                [channel_mask.new_ones(B, P), channel_mask.repeat_interleave(L, dim=1)], dim=1
-            )
-        for blk in self.blocks:
-            h = blk(h, key_mask)
-        h = self.norm(h)
+        tokens = self.patch_embed(zero_padding(x, channel_mask).reshape(B * C, 1, H, W)).reshape(B, C, L, D)
+        tokens = apply_patch_mask(tokens, None if patch_mask is None else patch_mask[:, None], self.mask_token)
+        tokens = tokens + self.channel_embed[ids][:, :, None, :] + self.positions(grid)[:, None]
+        key_mask = None if channel_mask is None else channel_mask.repeat_interleave(L, dim=1)
+        out = self.forward_trunk(tokens.reshape(B, C * L, D), key_mask=key_mask)
 
-        patch = h[:, P:].reshape(B, C, L, D)
+        patch = out["patch"].reshape(B, C, L, D)
         if channel_mask is None:
-            patch = patch.mean(dim=1)
+            out["patch"] = patch.mean(dim=1)
         else:
             w = channel_mask.to(patch.dtype)
-            patch = torch.einsum("bc,bcld->bld", w, patch) / w.sum(dim=1)[:, None, None]
-        cls = h[:, 0]
-        if patch_mask is None and torch.is_grad_enabled():
-            cls = cls + zero_touch([self.mask_token])
-        return {"cls": cls, "registers": h[:, 1:P], "patch": patch}
+            out["patch"] = torch.einsum("bc,bcld->bld", w, patch) / w.sum(dim=1)[:, None, None]
+        return out

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from cellfm.models.vit import init_weights_trunc_normal
+from cellfm.models.layers import init_weights_trunc_normal
 
 
 class DINOHead(nn.Module):

@@ -5,14 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from cellfm.models.vit import (
-    VisionTransformer,
-    check_channel_mask,
-    check_image,
-    check_patch_mask,
-    grid_of,
-    normalize_channel_names,
-)
+from cellfm.models.layers import check_channel_mask, check_image, check_patch_mask, grid_of, normalize_channel_names
+from cellfm.models.vit import VisionTransformer
 
 
 class SingleChannelViT(nn.Module):

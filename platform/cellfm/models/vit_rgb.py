@@ -11,7 +11,8 @@ import colorsys
 import torch
 from torch import Tensor, nn
 
-from cellfm.models.vit import VisionTransformer, check_channel_mask, check_image, normalize_channel_names
+from cellfm.models.layers import check_channel_mask, check_image, normalize_channel_names
+from cellfm.models.vit import VisionTransformer
 
 
 def hue_colors(n: int) -> list[tuple[float, float, float]]:

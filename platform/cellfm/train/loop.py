@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import sys
 import tempfile
 import time
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from cellfm.config import Config
@@ -24,11 +22,9 @@ from cellfm.ssl.multicrop import MultiCrop
 from cellfm.ssl.schedules import cosine_schedule
 from cellfm.train.checkpoint import load_training_checkpoint, save_training_checkpoint
 from cellfm.train.engines import build_engine
+from cellfm.train.param_groups import parameter_groups
 from cellfm.train.self_distillation import build_objective, build_student_teacher, supcon_label
 from cellfm.train.telemetry import RunEvents, model_flops_utilisation, peak_flops_per_s
-
-# Parameters that get no weight decay besides biases and norm weights (all 1-D).
-_NO_DECAY_NAMES = ("pos_embed", "cls_token", "register_tokens")
 
 
 def log_progress(message: str) -> None:
@@ -36,42 +32,6 @@ def log_progress(message: str) -> None:
     patches print inside workers to also log, so every line would show up twice."""
     sys.stdout.write(f"[cellfm] {message}\n")
     sys.stdout.flush()
-
-
-# Parameters of the input embedding (layer 0 for layer-wise decay; patch_embed_lr_mult applies).
-_EMBED_NAMES = ("patch_embed", "pos_embed", "cls_token", "register_tokens", "channel_encoder", "mixer", "token_norm",
-                "stem", "mask_token", "channel_embed")
-_BLOCK_INDEX = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
-
-
-def _layer_id(name: str, n_blocks: int) -> int:
-    """0 for the input embedding, i + 1 for trunk block i, n_blocks + 1 for the rest (final norm, heads)."""
-    match = _BLOCK_INDEX.search(name)
-    if match:
-        return int(match.group(1)) + 1
-    if name.startswith("head.") or name.startswith("ibot_head."):
-        return n_blocks + 1
-    return 0 if any(n in name for n in _EMBED_NAMES) else n_blocks + 1
-
-
-def parameter_groups(model: nn.Module, layerwise_decay: float = 1.0, patch_embed_lr_mult: float = 1.0) -> list[dict]:
-    """AdamW groups as in DINOv2: no weight decay on biases, norms and embeddings/tokens; lr scaled by
-    `layerwise_decay ** (n_blocks + 1 - layer_id)` and, for the input embedding, `patch_embed_lr_mult`.
-    Each group carries `lr_scale` (applied to the scheduled lr), `apply_wd` and `last_layer` (the heads'
-    prototype layers, in groups of their own so an engine can hold them still while they are frozen)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    n_blocks = 1 + max((int(m.group(1)) for n, _ in named if (m := _BLOCK_INDEX.search(n))), default=-1)
-    groups: dict[tuple[bool, float, bool], dict] = {}
-    for name, p in named:
-        apply_wd = not (p.ndim <= 1 or any(n in name for n in _NO_DECAY_NAMES))
-        layer = _layer_id(name, n_blocks)
-        scale = layerwise_decay ** (n_blocks + 1 - layer) * (patch_embed_lr_mult if layer == 0 else 1.0)
-        last_layer = ".last_layer." in name
-        group = groups.setdefault((apply_wd, scale, last_layer),
-                                  {"params": [], "apply_wd": apply_wd, "lr_scale": scale, "last_layer": last_layer,
-                                   **({} if apply_wd else {"weight_decay": 0.0})})
-        group["params"].append(p)
-    return list(groups.values())
 
 
 class Schedules:
