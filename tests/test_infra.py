@@ -952,5 +952,7 @@ def test_kubernetes_check_rejects_a_broken_object():
     assert any("'portName' was unexpected" in p for p in kubernetes_problems(monitor))
     monitor = copy.deepcopy(head_monitor)
     monitor["spec"]["podMetricsEndpoints"][0]["port"] = "prometheus"
-    assert pod_monitor_problems(monitor, all_documents()) == [
-        "PodMonitor/cellfm-ray-head: port 'prometheus' is not named on a selected pod"] * 2
+    problems = pod_monitor_problems(monitor, all_documents())
+    assert problems and set(problems) == {"PodMonitor/cellfm-ray-head: port 'prometheus' is not named on a selected pod"}
+    monitor["spec"]["selector"]["matchLabels"]["ray.io/node-type"] = "driver"
+    assert pod_monitor_problems(monitor, all_documents()) == ["PodMonitor/cellfm-ray-head selects no Ray pod of infra/kuberay"]
