@@ -36,17 +36,6 @@ def test_help_lists_flags_and_overrides():
         assert flag in out.stdout
 
 
-def test_flags_map_to_config_keys():
-    from cellfm.cli import config_from_args, parser
-
-    args = parser("x").parse_args(["--config", str(SMOKE_CONFIG), "--num-workers", "3", "--use-gpu",
-                                   "--cpus-per-worker", "4", "--run-name", "r1", "optim.epochs=2"])
-    cfg = config_from_args(args)
-    assert (cfg.train.num_workers, cfg.train.use_gpu, cfg.train.cpus_per_worker) == (3, True, 4.0)
-    assert (cfg.train.run_name, cfg.optim.epochs) == ("r1", 2)
-    assert not config_from_args(parser("x").parse_args([])).train.use_gpu
-
-
 def test_unknown_config_key_is_a_clear_error():
     out = run_job("pretrain.py", "--config", str(SMOKE_CONFIG), "optim.lerning_rate=0.1")
     assert out.returncode == 2
