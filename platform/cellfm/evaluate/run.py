@@ -24,7 +24,7 @@ def split_seeds(cfg: Config) -> list[int]:
 def well_scores(fields: pd.DataFrame, embedding_column: str, cfg: Config) -> tuple[int, dict]:
     """Mean embedding per well (normalized as `eval.well_normalization` says), then the probe on
     `eval.n_splits` fixed splits for each of `eval.labels`; returns (number of wells, scores per label)."""
-    meta, features = aggregate_wells(fields, embedding_column)
+    meta, features = aggregate_wells(fields, embedding_column, cfg.eval.labels)
     if cfg.eval.well_normalization == "negcon":
         features = normalize_to_controls(features, meta)
     return len(meta), {label: repeated_split_scores(features, meta[label].astype(str).to_numpy(),
@@ -66,7 +66,8 @@ def run_evaluation(cfg: Config, checkpoint_dir: str | Path) -> tuple[dict, dict[
         manifest_path = cfg.eval.manifests[name]
         print(f"[cellfm] embedding {len(manifest)} fields of '{name}' ({manifest_path})", flush=True)
         fields = embed_manifest(manifest, cfg.data, encoders, batch_size=cfg.eval.batch_size,
-                                actors=cfg.eval.embed_actors, image_size=cfg.eval.image_size)
+                                actors=cfg.eval.embed_actors, image_size=cfg.eval.image_size,
+                                label_columns=cfg.eval.labels)
         scores: dict = {}
         n_wells = 0
         for spec in encoders:
