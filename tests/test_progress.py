@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from cellfm.runtime import KNOWN_RAY_NOISE, WithoutKnownRayNoise, quiet_known_ray_noise
-from cellfm.train.progress import TrainingProgress, format_duration
+from cellfm.progress import eta_seconds, format_duration
+from cellfm.train.progress import TrainingProgress
 
 
 class Clock:
@@ -37,6 +38,11 @@ def test_a_resumed_run_counts_only_its_own_steps():
     assert "images/s" in progress.line(epoch=5, epochs=10, step=70, loss=1.0, data_wait_fraction=0.1,
                                        images_per_s=12.5)
     assert TrainingProgress(10, 1, first_step=3, clock=clock).eta_s(3) == float("inf")
+
+
+def test_eta_from_the_average_rate():
+    assert eta_seconds(done=5, total=20, elapsed_s=10.0) == 30.0
+    assert eta_seconds(20, 20, 10.0) == 0.0 and eta_seconds(0, 20, 10.0) == float("inf")
 
 
 @pytest.mark.parametrize("seconds, text", [(0, "0s"), (59.4, "59s"), (60, "1m00s"), (185, "3m05s"), (3600, "1h00m"),

@@ -48,6 +48,7 @@ import pandas as pd
 from cellfm.data.manifest import MANIFEST_COLUMNS, write_manifest
 from cellfm.data.plate import PlateError, create_plate, read_field, redact, write_field
 from cellfm.data.stores import filesystem, join
+from cellfm.progress import eta_seconds, format_duration
 
 log = logging.getLogger(__name__)
 
@@ -701,8 +702,9 @@ def run_ingestion(plan: IngestPlan, out: str, manifest_path: str | Path, storage
             done += 1
             if error:
                 errors.append(error)
-        rate = done / max(time.perf_counter() - started, 1e-9)
-        say(f"[ingest] {done}/{len(pending)} fields written ({rate:.1f} fields/s, {len(errors)} error(s))")
+        elapsed = time.perf_counter() - started
+        say(f"[ingest] {done}/{len(pending)} fields written ({done / max(elapsed, 1e-9):.1f} fields/s, "
+            f"{len(errors)} error(s)) | ETA {format_duration(eta_seconds(done, len(pending), elapsed))}")
 
     if use_ray and batches:
         import ray

@@ -3,6 +3,7 @@ held-out manifest named in `eval.manifests`."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -65,9 +66,13 @@ def run_evaluation(cfg: Config, checkpoint_dir: str | Path) -> tuple[dict, dict[
     for name, manifest in manifests.items():
         manifest_path = cfg.eval.manifests[name]
         print(f"[cellfm] embedding {len(manifest)} fields of '{name}' ({manifest_path})", flush=True)
+        started = time.perf_counter()
         fields = embed_manifest(manifest, cfg.data, encoders, batch_size=cfg.eval.batch_size,
                                 actors=cfg.eval.embed_actors, image_size=cfg.eval.image_size,
                                 label_columns=cfg.eval.labels)
+        seconds = time.perf_counter() - started
+        print(f"[cellfm] embedded {len(fields)} fields of '{name}' with {len(encoders)} encoders in {seconds:.0f} s "
+              f"({len(fields) / max(seconds, 1e-9):.1f} fields/s)", flush=True)
         scores: dict = {}
         n_wells = 0
         for spec in encoders:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from cellfm.progress import eta_seconds, format_duration
+
 
 class TrainingProgress:
     """Formats one progress line per call; `first_step` is the global step training starts from
@@ -43,24 +45,7 @@ class TrainingProgress:
     def eta_s(self, step: int, now: float | None = None) -> float:
         """Seconds left at the average rate of this process's steps so far (0 when done)."""
         now = self.clock() if now is None else now
-        done = step - self.first_step
-        if step >= self.total_steps:
-            return 0.0
-        if done <= 0:
-            return float("inf")
-        return (self.total_steps - step) * (now - self.started) / done
-
-
-def format_duration(seconds: float) -> str:
-    """12s, 3m05s, 2h07m (unknown: ?)."""
-    if seconds != seconds or seconds == float("inf"):
-        return "?"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+        return eta_seconds(step - self.first_step, self.total_steps - self.first_step, now - self.started)
 
 
 def _number(value: float) -> str:
