@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not integration"
+
+# docs/configuration.md from the typed config (tests/test_docs.py fails when it is stale)
+docs: $(STAMP)
+	$(PY) -m cellfm.config_reference docs/configuration.md
 
 clean:
 	rm -rf $(VENV) demo_output

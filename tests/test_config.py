@@ -95,3 +95,51 @@ def test_deepspeed_zero_1_and_2_are_accepted():
     for stage in (1, 2):
         cfg = load_config(SMOKE_CONFIG, ["train.engine=deepspeed", f"train.zero_stage={stage}"])
         assert (cfg.train.engine, cfg.train.zero_stage) == ("deepspeed", stage)
+
+
+SECRETS = {"key": "AKIAEXAMPLEKEY0123", "secret": "example-secret-value-0123456789", "token": "example-session-token-xyz",
+           "nested": "example-nested-secret-42"}
+
+
+def _with_credentials() -> list[str]:
+    return [f"data.storage_options={{endpoint_url: 'http://127.0.0.1:9000', key: {SECRETS['key']}, "
+            f"secret: {SECRETS['secret']}, token: {SECRETS['token']}, anon: false, "
+            f"client_kwargs: {{region_name: eu-west-1, aws_secret_access_key: {SECRETS['nested']}}}}}"]
+
+
+def test_saved_config_keeps_storage_option_keys_but_no_credential(tmp_path):
+    from cellfm.config import CREDENTIAL_MARKER
+
+    cfg = load_config(SMOKE_CONFIG, _with_credentials())
+    assert cfg.data.storage_options["secret"] == SECRETS["secret"]  # in memory, the job has them
+    text = save_config(cfg, tmp_path / "config.yaml").read_text()
+    assert not [name for name, value in SECRETS.items() if value in text]
+    saved = yaml.safe_load(text)["data"]["storage_options"]
+    assert saved == {"endpoint_url": "http://127.0.0.1:9000", "key": CREDENTIAL_MARKER, "secret": CREDENTIAL_MARKER,
+                     "token": CREDENTIAL_MARKER, "anon": False,
+                     "client_kwargs": {"region_name": "eu-west-1", "aws_secret_access_key": CREDENTIAL_MARKER}}
+    # Loading it back (evaluation, resume) drops the markers: credentials then come from the environment.
+    loaded = load_config(tmp_path / "config.yaml")
+    assert loaded.data.storage_options == {"endpoint_url": "http://127.0.0.1:9000", "anon": False,
+                                           "client_kwargs": {"region_name": "eu-west-1"}}
+    # ... or from explicit options given again
+    again = load_config(tmp_path / "config.yaml", [f"data.storage_options.secret={SECRETS['secret']}"])
+    assert again.data.storage_options["secret"] == SECRETS["secret"]
+
+
+def test_credentials_are_not_echoed_by_errors_or_repr():
+    cfg = load_config(SMOKE_CONFIG, _with_credentials())
+    assert not [name for name, value in SECRETS.items() if value in repr(cfg) + str(cfg.data)]
+    with pytest.raises(ConfigError) as info:
+        load_config(SMOKE_CONFIG, [f"data.storage_options={SECRETS['secret']}"])
+    assert "data.storage_options must be a mapping, got a str" in str(info.value)
+    assert SECRETS["secret"] not in str(info.value)
+
+
+@pytest.mark.parametrize("name, credential", [("key", True), ("secret", True), ("token", True), ("password", True),
+                                              ("aws_access_key_id", True), ("aws_session_token", True),
+                                              ("endpoint_url", False), ("region_name", False), ("anon", False)])
+def test_credential_keys(name, credential):
+    from cellfm.config import is_credential_key
+
+    assert is_credential_key(name) is credential

@@ -240,6 +240,29 @@ def test_generic_inconsistent_channels_and_unknown_channel(tmp_path):
         plan_generic(f"{root}/*/*.tif", r"(?P<plate>\w+)", GENERIC_MAP)
 
 
+def test_unreadable_first_image_and_unwritable_manifest_end_with_one_clear_error(tmp_path, capsys):
+    """`cellfm ingest` on a plate whose first image is not a TIFF names the file, plate, well and site;
+    a manifest path it cannot write is named too; both exit with code 2 and no traceback."""
+    from cellfm.cli import main
+
+    root = _generic(tmp_path / "raw", plates=("PL1",))
+    first = root / "PL1" / "A01_s1_w1.tif"
+    first.write_bytes(b"not a tiff at all")
+    args = ["ingest", "--layout", "generic", "--glob", f"{root}/*/*.tif", "--regex", GENERIC_REGEX,
+            "--channel-map", json.dumps(GENERIC_MAP), "--out", str(tmp_path / "plates"), "--no-ray"]
+    assert main([*args, "--manifest", str(tmp_path / "m.parquet")]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: plate 'PL1', well A01, site 1, channel DNA, file ") and str(first) in line
+    assert "cannot read the plate's first image" in line
+
+    _generic(tmp_path / "raw", plates=("PL1",))  # a readable screen again
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the manifest's folder should be")
+    assert main([*args, "--manifest", str(blocked / "m.parquet")]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: manifest '{blocked / 'm.parquet'}': cannot write:")
+
+
 @pytest.mark.parametrize("well, expected", [("B03", ("B", "03")), ("b3", ("B", "03")), ("r02c11", ("B", "11")),
                                             ("AA24", ("AA", "24"))])
 def test_split_well(well, expected):

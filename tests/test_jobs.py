@@ -36,17 +36,6 @@ def test_help_lists_flags_and_overrides():
         assert flag in out.stdout
 
 
-def test_flags_map_to_config_keys():
-    from cellfm.cli import config_from_args, parser
-
-    args = parser("x").parse_args(["--config", str(SMOKE_CONFIG), "--num-workers", "3", "--use-gpu",
-                                   "--cpus-per-worker", "4", "--run-name", "r1", "optim.epochs=2"])
-    cfg = config_from_args(args)
-    assert (cfg.train.num_workers, cfg.train.use_gpu, cfg.train.cpus_per_worker) == (3, True, 4.0)
-    assert (cfg.train.run_name, cfg.optim.epochs) == ("r1", 2)
-    assert not config_from_args(parser("x").parse_args([])).train.use_gpu
-
-
 def test_unknown_config_key_is_a_clear_error():
     out = run_job("pretrain.py", "--config", str(SMOKE_CONFIG), "optim.lerning_rate=0.1")
     assert out.returncode == 2
@@ -120,26 +109,62 @@ def ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.mark.integration
-def test_ray_job_submit_pretrain_to_local_head(ray_head, smoke_overrides, tmp_path):
-    job_id = f"cellfm-test-{uuid.uuid4().hex[:8]}"
+def _submit(ray_head: dict, command: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a shell command holding `ray job submit` in the repository, retrying while a fresh head's job
+    agent is not up yet (Ray's own advice for "No available agent to submit job")."""
     deadline = time.monotonic() + 120
     while True:
-        submit = subprocess.run(
-            [RAY, "job", "submit", "--address", ray_head["address"], "--submission-id", job_id,
-             "--working-dir", str(REPO), "--", "python", "jobs/pretrain.py", "--config", "configs/smoke.yaml",
-             "--run-name", "submitted", *smoke_overrides],
-            cwd=REPO, env=ray_head["env"], capture_output=True, text=True, timeout=600,
-        )
-        # A fresh head answers HTTP before its job agent is up; Ray's own advice is to try again.
-        if "No available agent to submit job" not in submit.stdout + submit.stderr or time.monotonic() > deadline:
-            break
+        done = subprocess.run(["bash", "-c", command], cwd=REPO, env=ray_head["env"], capture_output=True, text=True,
+                              timeout=timeout)
+        if "No available agent to submit job" not in done.stdout + done.stderr or time.monotonic() > deadline:
+            return done
         time.sleep(2)
+
+
+@pytest.mark.integration
+def test_the_readmes_cluster_example_runs_as_written(ray_head, tiny_screen, tmp_path):
+    """The README's `ray job submit` block, run by bash as written; only its placeholders change: the
+    head's address (the test head's port), the smoke config for the GPU one, and the shared paths."""
+    from tests.test_docs import readme_cluster_example
+
+    example = readme_cluster_example()
+    placeholders = {"http://127.0.0.1:8265": ray_head["address"], "configs/cellrep_vits16.yaml": "configs/smoke.yaml",
+                    "/shared/screen/train.parquet": str(tiny_screen["train"]), "/shared/runs": str(tmp_path / "runs")}
+    for placeholder, value in placeholders.items():
+        assert example.count(placeholder) == 1, placeholder
+        example = example.replace(placeholder, value)
+    submit = _submit(ray_head, example)
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-    status = subprocess.run([RAY, "job", "status", "--address", ray_head["address"], job_id],
-                            env=ray_head["env"], capture_output=True, text=True, timeout=60)
-    plain = re.sub(r"\x1b\[[0-9;]*m", "", status.stdout + status.stderr)  # drop the CLI's colours
-    assert re.search(rf"Job '{job_id}' succeeded", plain, re.IGNORECASE), plain[-2000:]
-    assert "[cellfm] checkpoint:" in submit.stdout
-    storage = Path(next(o for o in smoke_overrides if o.startswith("train.storage_path=")).split("=", 1)[1])
-    assert list((storage / "submitted").glob("checkpoint_*/backbone.safetensors"))
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", submit.stdout)  # drop the CLI's colours
+    assert re.search(r"Job 'raysubmit_\w+' succeeded", plain), plain[-2000:]
+    assert "[cellfm] checkpoint:" in plain
+    assert list((tmp_path / "runs" / "smoke").glob("checkpoint_*/backbone.safetensors"))
+    # The job's console: progress lines with an ETA, and none of Ray's known noise.
+    progress = [line for line in plain.splitlines() if re.search(r"\[cellfm\] (end of )?epoch \d+/\d+ step", line)]
+    assert progress and all(re.search(r"images/s, data wait \d+%.*\| ETA (\d+s|\d+m\d\ds|\d+h\d\dm)$", line)
+                            for line in progress), progress
+    assert "Failed to query" not in plain + submit.stderr
+
+
+@pytest.mark.integration
+def test_a_git_ignored_relative_manifest_fails_at_the_jobs_first_line(ray_head, tiny_screen, tmp_path):
+    """A manifest under demo_output/ (git-ignored, so `--working-dir .` does not upload it) given as a
+    relative path: the job fails before Ray is touched, saying why and what to use instead."""
+    folder = REPO / "demo_output" / f"cellfm-test-{uuid.uuid4().hex[:8]}"
+    folder.mkdir(parents=True)
+    try:
+        shutil.copy(tiny_screen["train"], folder / "train.parquet")  # it exists locally, not on the cluster
+        relative = folder.relative_to(REPO) / "train.parquet"
+        submit = _submit(ray_head, f"ray job submit --address {ray_head['address']} --working-dir . -- python "
+                                   f"jobs/pretrain.py --config configs/smoke.yaml data.train_manifest={relative} "
+                                   f"--storage-path {tmp_path / 'runs'}")
+    finally:
+        shutil.rmtree(folder)
+    assert submit.returncode != 0
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", submit.stdout + submit.stderr)
+    assert (f"error: data.train_manifest={relative} is a relative path the cluster cannot see: it does not exist in "
+            f"the job's working directory") in plain, plain[-3000:]
+    assert "git-ignored folders such as demo_output/ are not there); use an absolute path on storage every node " \
+           "sees (e.g. /shared/...) or an s3:// URI" in plain
+    assert "Started a local Ray instance" not in plain and "TrainController" not in plain  # failed at once
+    assert not (tmp_path / "runs").exists()

@@ -108,7 +108,7 @@ def test_write_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(manifest_module.pq, "write_table", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ManifestError, match="m.parquet'.*cannot write: OSError: disk full"):
         write_manifest(_manifest(n_fields=3), path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.parquet"]  # temp file cleaned up
     assert path.read_bytes() == before  # previous version intact

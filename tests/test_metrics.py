@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellfm.evaluate.metrics import (fixed_well_split, logistic_regression_scores, normalize_to_controls,
+from cellfm.evaluate.metrics import (aggregate_wells, fixed_well_split, logistic_regression_scores, normalize_to_controls,
                                      repeated_split_scores)
 from cellfm.evaluate.report import markdown_report
 
@@ -57,3 +57,14 @@ def test_markdown_report_shows_mean_and_spread():
                                    "scores": {"trained": {"moa": scores}}}}}
     text = markdown_report(report)
     assert "2 fixed stratified splits" in text and f"{scores['top1']:.3f} ± {scores['top1_sd']:.3f}" in text
+
+
+def test_wells_carry_every_label_column_asked_for():
+    # eval.labels may name any manifest column (e.g. HPA's localization), not only perturbation/MoA.
+    fields = pd.DataFrame({"plate": ["P"] * 4, "well": ["A01", "A01", "B02", "B02"],
+                           "perturbation_id": ["x", "x", "y", "y"], "moa": ["m", "m", "n", "n"],
+                           "is_control": [False] * 4, "localization": ["er", "er", "nucleus", "nucleus"],
+                           "emb": [np.array([1.0, 0.0]), np.array([3.0, 2.0]), np.array([0.0, 1.0]), np.array([0.0, 3.0])]})
+    meta, features = aggregate_wells(fields, "emb", ["localization", "moa"])
+    assert meta["localization"].tolist() == ["er", "nucleus"] and meta["moa"].tolist() == ["m", "n"]
+    np.testing.assert_allclose(features, [[2.0, 1.0], [0.0, 2.0]])

@@ -337,7 +337,7 @@ def test_ibot_objective_mcd_student_mask_teacher_all_channels():
 
 
 def test_ibot_objective_supcon_only_with_labels():
-    cfg = small_cfg("ssl.objective=ibot", "ssl.supcon_weight=0.5")
+    cfg = small_cfg("ssl.objective=ibot", "ssl.supcon_weight=0.5", "ssl.supcon_label=antibody")
     objective = build_objective(cfg)
     student, teacher = stand_in_pair(cfg)
     g, loc = crops()

@@ -122,12 +122,15 @@ def test_errors_name_the_plate_and_never_the_secret(s3_server):
 def test_pretrain_and_evaluate_jobs_on_s3_storage(s3_server, smoke_overrides, tmp_path):
     """train.storage_path=s3://...: `jobs/pretrain.py` trains with Ray Train writing the checkpoint through
     pyarrow with the same endpoint/credentials as data.storage_options; config.yaml and rank 0's TensorBoard
-    events land in the run directory; `jobs/evaluate.py` finds the latest checkpoint there and evaluates
-    from it; the inference backbone loads straight from s3://.
+    events land in the run directory; no file the run wrote (on S3 or locally) and nothing the jobs print
+    holds a credential; `jobs/evaluate.py`, given the run's own saved config and the credentials in the
+    environment, finds the latest checkpoint there and evaluates from it; the inference backbone loads
+    straight from s3://.
 
     The jobs run as subprocesses with their own embedded Ray, as users run them; this also keeps the fit out
     of the long shared test session, where it was seen to hang inside Ray (the GCS had created the
     TrainController actor, the driver was never told and never sent it `run`)."""
+    import os
     import subprocess
     import sys
 
@@ -135,19 +138,19 @@ def test_pretrain_and_evaluate_jobs_on_s3_storage(s3_server, smoke_overrides, tm
     import torch
     import yaml
 
-    from cellfm.config import load_config
+    from cellfm.config import CREDENTIAL_MARKER, load_config
     from cellfm.train.checkpoint import latest_checkpoint, load_inference_backbone
     from cellfm.train.trainer import run_directory
     from tests.conftest import REPO, SMOKE_CONFIG
 
     so = s3_server["storage_options"]
+    credentials = [so["key"].encode(), so["secret"].encode()]
     overrides = [o for o in smoke_overrides if not o.startswith("train.storage_path=")] + [
         f"train.storage_path=s3://{s3_server['bucket']}/runs", "train.run_name=on-s3", f"data.storage_options={so}"]
     cfg = load_config(SMOKE_CONFIG, overrides)
-    for job in ("pretrain.py", "evaluate.py"):
-        done = subprocess.run([sys.executable, str(REPO / "jobs" / job), "--config", str(SMOKE_CONFIG), *overrides],
-                              cwd=REPO, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    pretrain = subprocess.run([sys.executable, str(REPO / "jobs" / "pretrain.py"), "--config", str(SMOKE_CONFIG),
+                               *overrides], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert pretrain.returncode == 0, pretrain.stdout[-3000:] + pretrain.stderr[-3000:]
     run_dir = run_directory(cfg)
     assert run_dir == f"s3://{s3_server['bucket']}/runs/on-s3"
 
@@ -157,15 +160,36 @@ def test_pretrain_and_evaluate_jobs_on_s3_storage(s3_server, smoke_overrides, tm
     assert "runs/on-s3/config.yaml" in keys
     assert any(k.startswith("runs/on-s3/tensorboard/events.") for k in keys)
     assert {"runs/on-s3/checkpoint_epoch0000/backbone.safetensors", "runs/on-s3/checkpoint_epoch0000/optimizer.pt",
-            "runs/on-s3/checkpoint_epoch0000/trainer_state.json"} <= keys
-    saved = yaml.safe_load(client.get_object(Bucket=s3_server["bucket"], Key="runs/on-s3/config.yaml")["Body"].read())
+            "runs/on-s3/checkpoint_epoch0000/trainer_state.json", "runs/on-s3/checkpoint_epoch0000/config.yaml"} <= keys
+    for key in keys:  # every object of the run: configs, checkpoints, TensorBoard events
+        body = client.get_object(Bucket=s3_server["bucket"], Key=key)["Body"].read()
+        assert not [c for c in credentials if c in body], f"{key} holds a credential"
+    saved_text = client.get_object(Bucket=s3_server["bucket"], Key="runs/on-s3/config.yaml")["Body"].read().decode()
+    saved = yaml.safe_load(saved_text)
     assert saved["train"]["storage_path"] == cfg.train.storage_path
+    assert saved["data"]["storage_options"] == {"endpoint_url": so["endpoint_url"], "key": CREDENTIAL_MARKER,
+                                                "secret": CREDENTIAL_MARKER, "client_kwargs": so["client_kwargs"]}
+
+    # Evaluation from the run's own config: the markers are dropped, the credentials come from the environment.
+    run_config = tmp_path / "run-config.yaml"
+    run_config.write_text(saved_text)
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=so["key"], AWS_SECRET_ACCESS_KEY=so["secret"])
+    evaluate = subprocess.run([sys.executable, str(REPO / "jobs" / "evaluate.py"), "--config", str(run_config)],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert evaluate.returncode == 0, evaluate.stdout[-3000:] + evaluate.stderr[-3000:]
+    for job in (pretrain, evaluate):  # nothing printed holds a credential either
+        assert not [c for c in credentials if c.decode() in job.stdout + job.stderr]
+    for path in tmp_path.rglob("*"):  # the report and everything else written locally
+        if path.is_file():
+            assert not [c for c in credentials if c in path.read_bytes()], f"{path} holds a credential"
 
     ckpt = latest_checkpoint(run_dir, so)
     assert ckpt == f"{run_dir}/checkpoint_epoch0000"
     report = json.loads((Path(cfg.eval.output_dir) / "report.json").read_text())
     assert report["checkpoint"] == ckpt and set(report["results"]) == {"seen", "unseen"}
-    assert 0.0 <= report["results"]["seen"]["scores"]["trained"]["moa"]["top1"] <= 1.0
+    moa = report["results"]["seen"]["scores"]["trained"]["moa"]
+    assert (moa["n_classes"], moa["n_train_wells"], moa["n_test_wells"]) == (6, 13, 13)
+    assert len(moa["top1_per_split"]) == cfg.eval.n_splits
 
     backbone, saved_cfg = load_inference_backbone(ckpt, so)
     assert saved_cfg.to_dict()["model"] == saved["model"]  # the run's config.yaml (manifest channels filled in)

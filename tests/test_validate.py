@@ -17,8 +17,12 @@ from ome_zarr_models.v05.hcs import HCS
 from cellfm.data.manifest import write_manifest
 from cellfm.data.plate import PlateError, create_plate, read_field, write_field
 from cellfm.data.validate import open_plate, plate_problems, validate_target
-from jobs.validate import main as validate_main
+from cellfm.cli import main as cellfm_main
 from tests.conftest import write_control_manifest
+
+
+def validate_main(argv: list[str]) -> int:
+    return cellfm_main(["validate", *argv])
 
 CHANNELS = ["DNA", "ER", "Mito"]
 WELLS = [("A", "01"), ("A", "02"), ("B", "01")]

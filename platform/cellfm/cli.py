@@ -1,13 +1,38 @@
-"""Shared command-line handling for the thin `jobs/` entry points: a config file, a few named
-flags that map to config keys, and free `section.key=value` overrides."""
+"""The `cellfm` command: one subcommand per job (`cellfm pretrain | evaluate | ingest | validate |
+synth | demo | ...`), each with `--help`.
+
+A command is a module `cellfm.commands.<name>` exposing
+
+    DESCRIPTION: str                                      # one line, shown by `cellfm --help`
+    add_arguments(parser: argparse.ArgumentParser) -> None
+    run(args: argparse.Namespace) -> int                  # the exit code
+
+registered in `COMMANDS` below. Command modules import only light modules at import time (heavy
+ones such as torch and ray inside `run`), so `cellfm --help` stays fast. Config-driven commands call
+`add_config_arguments` in `add_arguments` and `checked_config` first thing in `run`: that loads the
+config and runs the preflight (`cellfm.preflight`) before anything starts Ray. `main` turns bad input
+(config, preflight, manifest, plate, checkpoint and ingestion errors) into `error: ...` lines on
+stderr and exit code 2. `jobs/<name>.py` are the same commands as scripts for `ray job submit`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Sequence
 
-from cellfm.config import Config, ConfigError, load_config
+from cellfm.config import Config, ConfigError, config_source, load_config
+
+# Command name -> module; a new command is one module and one line here.
+COMMANDS: dict[str, str] = {
+    "pretrain": "cellfm.commands.pretrain",
+    "evaluate": "cellfm.commands.evaluate",
+    "ingest": "cellfm.commands.ingest",
+    "validate": "cellfm.commands.validate",
+    "synth": "cellfm.commands.synth",
+    "demo": "cellfm.commands.demo",
+}
 
 # Flag -> dotted config key, for the settings people change most from the command line.
 COMMON_FLAGS = {
@@ -20,21 +45,44 @@ COMMON_FLAGS = {
 }
 # On/off flags: present -> the key is set to true.
 SWITCHES = {"--use-gpu": "train.use_gpu"}
+OVERRIDES_EPILOG = ("Any config key can be overridden as section.key=value, e.g. optim.epochs=3 "
+                    "(docs/configuration.md lists every key).")
 
 
-def parser(description: str, flags: Sequence[str] = tuple(COMMON_FLAGS)) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description,
-                                epilog="Any config key can be overridden as section.key=value, e.g. optim.epochs=3")
-    p.add_argument("--config", default=None, help="YAML experiment config (defaults: cellfm.config)")
+def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None = None,
+                         flags: Sequence[str] = tuple(COMMON_FLAGS)) -> None:
+    """`--config`, the common flags (`flags` of COMMON_FLAGS, and SWITCHES) and free
+    `section.key=value` overrides."""
+    parser.add_argument("--config", default=default_config,
+                        help=f"YAML experiment config (default: {default_config or 'the defaults of cellfm.config'})")
     for flag in flags:
-        p.add_argument(flag, default=None, help=f"sets {COMMON_FLAGS[flag]}")
+        parser.add_argument(flag, default=None, help=f"sets {COMMON_FLAGS[flag]}")
     for flag, key in SWITCHES.items():
-        p.add_argument(flag, action="store_true", help=f"sets {key}=true")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    return p
+        parser.add_argument(flag, action="store_true", help=f"sets {key}=true")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    parser.epilog = "\n\n".join(text for text in (parser.epilog, OVERRIDES_EPILOG) if text)
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def config_from_args(args: argparse.Namespace, check_rules: bool = True) -> Config:
+    """The config of `add_config_arguments`' arguments: defaults <- --config <- flags and overrides
+    (`check_rules` as in `cellfm.config.load_config`)."""
+    return load_config(args.config, _overrides(args), check_rules=check_rules)
+
+
+def checked_config(args: argparse.Namespace, cfg: Config | None = None, **preflight_args) -> Config:
+    """The config of `add_config_arguments`' arguments after `cellfm.preflight.preflight(cfg,
+    **preflight_args)` (e.g. train=True, evaluate=True, checkpoint=..., manifests={...}): every problem
+    of the config and of the manifests it names raises at once, before Ray starts. `cfg`: the config
+    as the command already loaded it with `config_from_args(args, check_rules=False)` (e.g. to find
+    the checkpoint to check)."""
+    from cellfm.preflight import preflight
+
+    cfg = cfg or config_from_args(args, check_rules=False)
+    preflight(cfg, source=config_source(args.config, _overrides(args)), **preflight_args)
+    return cfg
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.overrides)
     for flag, key in COMMON_FLAGS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
@@ -43,22 +91,45 @@ def config_from_args(args: argparse.Namespace) -> Config:
     for flag, key in SWITCHES.items():
         if getattr(args, flag.lstrip("-").replace("-", "_"), False):
             overrides.append(f"{key}=true")
-    return load_config(args.config, overrides)
+    return overrides
 
 
-def run_main(main) -> None:
-    """Run a job's main; configuration and input errors end with one clear line and exit code 2."""
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser, one subparser per registered command (`args.command` names it)."""
+    parser = argparse.ArgumentParser(
+        prog="cellfm", description="Pre-train, evaluate and feed channel-adaptive encoders for multichannel microscopy.",
+        epilog="`cellfm <command> --help` describes each command; docs/README.md the rest.")
+    commands = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for name, module_path in COMMANDS.items():
+        module = importlib.import_module(module_path)
+        sub = commands.add_parser(name, help=module.DESCRIPTION, description=module.DESCRIPTION,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sub)
+        sub.set_defaults(command_module=module_path)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, run the command, and return its exit code; bad input ends as `error: ...` lines and 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(importlib.import_module(args.command_module).run(args) or 0)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"error: {line}", file=sys.stderr)
+    except ValueError as exc:
+        if not isinstance(exc, _input_errors()):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _input_errors() -> tuple[type[ValueError], ...]:
+    """The errors that mean bad input (manifest, plate, checkpoint, ingestion), not a bug. Imported only
+    when needed: their modules pull in pandas, zarr and torch."""
+    from cellfm.data.ingest import IngestError
     from cellfm.data.manifest import ManifestError
     from cellfm.data.plate import PlateError
     from cellfm.train.checkpoint import CheckpointError
 
-    try:
-        main()
-    except (ConfigError, ManifestError, PlateError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-
-
-def main() -> None:
-    """`cellfm` console script: points at the jobs."""
-    print("cellfm jobs: python jobs/pretrain.py | jobs/evaluate.py | jobs/demo.py  (each takes --help)")
+    return ManifestError, PlateError, CheckpointError, IngestError

@@ -2,7 +2,15 @@
 arguments, validated, and saved beside every run.
 
 Unknown keys, wrong types and out-of-range values raise `ConfigError` naming the dotted key
-and the file it came from, so a typo never silently falls back to a default.
+and the file it came from, so a typo never silently falls back to a default. Every problem is
+reported at once (`ConfigError.problems`, one line each), not just the first.
+
+The comment lines directly above a field are its documentation: `docs/configuration.md` is
+generated from them (`cellfm.config_reference`), and a test fails when a field has none.
+
+Credentials never reach disk: `save_config` replaces the credential values of every
+`*storage_options` mapping with `CREDENTIAL_MARKER`, and loading a config drops the marker again,
+so credentials then come from the environment (AWS_ACCESS_KEY_ID, ...) or explicit overrides.
 """
 
 from __future__ import annotations
@@ -14,154 +22,245 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
 
 class ConfigError(ValueError):
-    """A config file or override is malformed; the message names the dotted key at fault."""
+    """A config file or override is malformed; each line of the message (one per problem, in
+    `problems`) names the dotted key at fault and what is allowed."""
+
+    def __init__(self, problems: str | typing.Sequence[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+# What a saved config holds in place of a credential. Loading drops it (credentials then come from
+# the environment), so the marker is never sent to a store as a credential.
+CREDENTIAL_MARKER = "<redacted>"
+# A storage option whose name contains one of these is a credential (s3fs: key, secret, token;
+# botocore's client_kwargs: aws_access_key_id, aws_secret_access_key, aws_session_token; ...).
+_CREDENTIAL_NAME_PARTS = ("secret", "token", "password", "key", "credential", "session")
+# The two channel groups of C3R and of the manifest's `channel_groups` column.
+CHANNEL_GROUPS = ("context", "concept")
 
 
 @dataclass
 class DataConfig:
-    # Where the demo screen is generated when `train_manifest` does not exist yet (jobs/demo.py).
+    """Plates and manifests, per-image normalization, and the Ray Data pipeline that streams fields to training and evaluation."""
+
+    # Where `cellfm demo` generates the synthetic demo screen (skipped when its manifests exist).
     screen_dir: str = "demo_output/screen"
+    # Layout of the generated demo screen (cellfm.data.synthetic.LAYOUTS: tiny | demo).
     synthetic_layout: str = "demo"
+    # Seed of the generated demo screen.
     synthetic_seed: int = 0
+    # Parquet manifest of the training fields (local path or s3:// URI; relative store URIs in it are
+    # relative to its folder).
     train_manifest: str = "demo_output/screen/train.parquet"
     # Per image and channel (cellfm.data.normalize): percentile = clip to [clip_low, clip_high]
     # percentiles -> [0, 1]; clahe = that + adaptive histogram equalization; standardize = z-score;
     # none = raw stored intensities (for models with their own input normalization).
     normalization: str = "percentile"
+    # Lower clipping percentile of `normalization=percentile|clahe` (0-100).
     clip_low: float = 1.0
+    # Upper clipping percentile of `normalization=percentile|clahe` (0-100, above clip_low).
     clip_high: float = 99.0
-    clahe_clip_limit: float = 0.01  # fraction of a tile's pixels per histogram bin (skimage convention)
-    clahe_tiles: int = 8  # tiles per image side
+    # CLAHE clip limit: fraction of a tile's pixels per histogram bin (skimage convention), in (0, 1].
+    clahe_clip_limit: float = 0.01
+    # CLAHE tiles per image side.
+    clahe_tiles: int = 8
+    # Random channel order per training sample (the models must not depend on channel order).
     channel_permutation: bool = True
     # Mixed channel counts (e.g. 5-, 4- and 1-channel plates in one run): pad = every field is
-    # zero-padded to pad_channels_to channels (0 = the largest count) with a channel mask; group =
-    # no padding, each training batch holds fields of one channel count.
+    # zero-padded to pad_channels_to channels with a channel mask; group = no padding, each training
+    # batch holds fields of one channel count.
     mixed_channels: str = "pad"
+    # Channels every field is padded to with `mixed_channels=pad` (0 = the manifests' largest count;
+    # never fewer than that count).
     pad_channels_to: int = 0
     # Field edge in pixels delivered to the trainer (0 = as stored; all fields must then share one
-    # size). crop = centre crop (reads only the tiles it covers; smaller fields are resized up),
-    # resize = the whole field resized.
+    # size).
     field_size: int = 0
+    # How a field of another size is brought to `field_size`: crop = centre crop (reads only the tiles
+    # it covers; smaller fields are resized up), resize = the whole field resized.
     field_resize: str = "crop"
     # What crosses Ray's object store: float16, or uint8 (256 levels of [0, 1]; half the bytes;
-    # training streams with percentile/clahe only).
+    # percentile/clahe normalization only).
     transfer_dtype: str = "float16"
     # Unreadable/corrupt fields: fail = stop with an error naming plate/well/field; skip = drop,
     # count and report them, failing once more than max_bad_fraction of the fields are bad.
     bad_field_policy: str = "fail"
+    # Largest fraction of bad fields `bad_field_policy=skip` tolerates, in [0, 1].
     max_bad_fraction: float = 0.01
-    use_zarrs: bool = False  # Rust codec pipeline (optional extra cellfm[zarrs]) in the read tasks
-    # Bounded memory: Ray Data object-store budget for this dataset (0 = Ray's default fraction) and
-    # the most read tasks in flight (0 = as many as CPUs allow).
+    # Read with the Rust zarrs codec pipeline (optional extra cellfm[zarrs]) in the read tasks.
+    use_zarrs: bool = False
+    # Ray Data object-store budget for this dataset in MB (0 = Ray's default fraction).
     object_store_limit_mb: int = 0
+    # Most read tasks in flight (0 = as many as CPUs allow); not together with read_actors.
     read_concurrency: int = 0
     # Reads in a pool of this many long-lived reader actors (read_cpus each, two blocks queued per
     # actor) instead of tasks (0): no scheduling gap between blocks, so a higher sustained rate on
     # long streams (benchmarks/pipeline.py), but every pass first starts the actors (seconds).
     read_actors: int = 0
-    progress_interval_s: float = 30.0  # a "[cellfm] data: ... fields/s" line this often (0 = off)
-    # Fractional CPUs per read task: on a 2-core machine whole CPUs for reads starve training (STACK_NOTES).
+    # Seconds between "[cellfm] data: ... fields/s" progress lines (0 = off).
+    progress_interval_s: float = 30.0
+    # Fractional CPUs per read task: on a 2-core machine whole CPUs for reads starve training.
     read_cpus: float = 0.5
+    # Manifest rows per read task (consecutive fields of one plate).
     read_batch_size: int = 8
+    # Rows of the local shuffle buffer of each training worker (0 = no local shuffle).
     shuffle_buffer: int = 64
-    storage_options: dict = field(default_factory=dict)
+    # fsspec/s3fs options for manifests, plates and s3:// runs (endpoint_url, key, secret, token,
+    # client_kwargs.region_name, ...). Saved configs hold CREDENTIAL_MARKER in place of credentials;
+    # prefer the AWS environment variables for those.
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass
 class ModelConfig:
-    name: str = "cellrep"  # cellrep | c3r | vit_rgb | channelvit | single_channel
-    size: str = "tiny"  # tiny | small | base | large (see cellfm.models.registry.SIZES)
+    """The backbone: architecture, size and its channel handling."""
+
+    # Backbone: cellrep | c3r | vit_rgb | channelvit | single_channel (cellfm.models.registry).
+    name: str = "cellrep"
+    # Width/depth ladder: tiny | small | base | large (cellfm.models.registry.SIZES).
+    size: str = "tiny"
+    # Patch edge in pixels.
     patch_size: int = 8
+    # Image edge the positional embedding is built for (other sizes are interpolated).
     img_size: int = 64
+    # CellRep: blocks of the channel-mixing transformer over all L*C tokens.
     mixer_depth: int = 2
+    # CellRep: width of the content-aware per-channel encoder.
     channel_encoder_dim: int = 64
+    # CellRep: stride of the per-channel encoder's convolution.
     channel_encoder_stride: int = 2
+    # CellRep: pooled channel slots kept after the mixer (k*L tokens enter the ViT).
     pooling_ratio: int = 1
+    # Register tokens of the ViT trunk.
     num_register_tokens: int = 0
+    # Stochastic depth rate of the trunk, in [0, 1).
     drop_path_rate: float = 0.0
-    # DINOv2 uses 1e-5 at scale; small models trained briefly need a larger value (or none) so the
-    # CLS token depends on the input from the first step (else DINO collapses to uniform).
-    layerscale_init: typing.Optional[float] = 0.1
+    # LayerScale init (null = none). DINOv2 uses 1e-5 at scale; small models trained briefly need a
+    # larger value (or none) so the CLS token depends on the input from the first step (else DINO
+    # collapses to uniform).
+    layerscale_init: Optional[float] = 0.1
     # In-model per-channel preprocessing (CellRep): none | percentile | adaptive_hist.
     input_norm: str = "none"
     # C3R: depth of the per-group branch encoders f_c (the joint encoder gets depth - n_pre // 2 blocks).
     n_pre: int = 2
     # C3R: channel name -> "context" | "concept". Overrides the manifest's channel_groups, e.g. at
     # inference for stains never seen in training.
-    channel_groups: dict = field(default_factory=dict)
+    channel_groups: dict[str, str] = field(default_factory=dict)
     # ChannelViT: the channel names that get a learned embedding (empty: the training manifest's).
-    channel_vocabulary: list = field(default_factory=list)
+    channel_vocabulary: list[str] = field(default_factory=list)
 
 
 @dataclass
 class SSLConfig:
+    """The self-supervised objective: losses and their weights, heads, teacher, and multi-crop augmentation."""
+
     # dino: DINO CLS loss only (CellRep); ibot: DINO + masked-patch iBOT loss (C3R, baselines).
     objective: str = "dino"
+    # Weight of the iBOT masked-patch loss (objective ibot).
     ibot_loss_weight: float = 1.0
     # A separate iBOT patch head (DINOv2's recipes) or the DINO head shared (C3R's code).
     ibot_separate_head: bool = True
-    mask_ratio_min_max: list = field(default_factory=lambda: [0.1, 0.5])
+    # iBOT: [min, max] fraction of a masked crop's patches that are masked, 0 <= min <= max <= 1.
+    mask_ratio_min_max: list[float] = field(default_factory=lambda: [0.1, 0.5])
+    # iBOT: probability that a global crop is masked at all.
     mask_sample_probability: float = 0.5
+    # Weight of the KoLeo regulariser on the student's global CLS (0 = off).
     koleo_weight: float = 0.0
     # Masked Context Distillation (C3R): the student keeps k context channels, k drawn per sample
-    # from this set (empty: {1..C1}); the teacher sees all; concept channels are never dropped.
+    # from mcd_keep_counts; the teacher sees all; concept channels are never dropped.
     mcd: bool = False
-    mcd_keep_counts: list = field(default_factory=list)
-    # Weakly supervised SupCon on a manifest label column (e.g. an antibody id); 0 disables it.
+    # MCD: the set k is drawn from (each >= 1; empty: {1..C1}, C1 = the sample's context channels).
+    mcd_keep_counts: list[int] = field(default_factory=list)
+    # Weight of the weakly supervised SupCon term on the `supcon_label` column (0 = off).
     supcon_weight: float = 0.0
+    # SupCon temperature.
     supcon_temperature: float = 0.1
+    # Manifest column SupCon uses as the per-sample label (e.g. an antibody id); needed when
+    # supcon_weight > 0.
     supcon_label: str = ""
+    # Prototypes of the DINO (and iBOT) head.
     head_out_dim: int = 4096
+    # Hidden width of the head's MLP.
     head_hidden_dim: int = 2048
+    # Bottleneck width of the head (the input of its weight-normalized last layer).
     head_bottleneck_dim: int = 256
+    # Layers of the head's MLP.
     head_nlayers: int = 3
     # BatchNorm in the head's hidden layers (DINO's option): batch statistics remove the component
     # every image shares, so the teacher's targets differ between images from the first step.
     head_use_bn: bool = False
+    # Student softmax temperature.
     student_temp: float = 0.1
+    # Teacher softmax temperature after its warm-up.
     teacher_temp: float = 0.07
+    # Teacher softmax temperature at the start of its warm-up.
     warmup_teacher_temp: float = 0.04
+    # Epochs of the linear teacher-temperature warm-up.
     warmup_teacher_temp_epochs: int = 5
+    # Momentum of the teacher's centering buffer, in [0, 1].
     center_momentum: float = 0.9
-    centering: str = "centering"  # centering | sinkhorn_knopp
+    # How teacher targets are centred: centering | sinkhorn_knopp.
+    centering: str = "centering"
+    # Weight of the KL-to-uniform regulariser on the batch-mean distribution (CellRep).
     kl_uniform_weight: float = 0.1
+    # EMA teacher momentum at the first step (cosine schedule), in [0, 1].
     ema_momentum_start: float = 0.992
+    # EMA teacher momentum at the last step, in [0, 1].
     ema_momentum_end: float = 1.0
+    # Epochs during which the heads' last (prototype) layers are frozen.
     freeze_last_layer_epochs: int = 1
+    # Edge of the global crops in pixels (a multiple of model.patch_size).
     global_crop_size: int = 64
+    # Edge of the local crops in pixels (a multiple of model.patch_size).
     local_crop_size: int = 32
+    # Local crops per image.
     n_local_crops: int = 4
-    global_crop_scale: list = field(default_factory=lambda: [0.32, 1.0])
-    local_crop_scale: list = field(default_factory=lambda: [0.05, 0.32])
+    # [low, high] fraction of the field's area a global crop covers, 0 < low <= high <= 1.
+    global_crop_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
+    # [low, high] fraction of the field's area a local crop covers, 0 < low <= high <= 1.
+    local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
+    # Per-channel random gain/offset amplitude of the views, in [0, 1).
     intensity_jitter: float = 0.2
-    # Probability that a view is Gaussian-blurred, and the sigma range in pixels of the view.
+    # Probability that a view is Gaussian-blurred, in [0, 1].
     blur_probability: float = 0.0
-    blur_sigma: list = field(default_factory=lambda: [0.1, 2.0])
-    # Random flips / 90-degree rotations, drawn independently per view.
+    # [low, high] sigma range of the blur in pixels of the view.
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    # Random flips, drawn independently per view.
     flip: bool = True
+    # Random 90-degree rotations, drawn independently per view.
     rot90: bool = True
 
 
 @dataclass
 class OptimConfig:
+    """AdamW and its schedules (DINOv2 recipe)."""
+
+    # Training epochs (passes over the training manifest).
     epochs: int = 10
+    # Fields per worker and micro-batch.
     batch_size_per_worker: int = 32
-    # DINOv2 rule: lr = base_lr * sqrt(global_batch / 1024).
+    # Learning rate at global batch 1024; DINOv2 rule: lr = base_lr * sqrt(global_batch / 1024).
     base_lr: float = 4e-3
+    # Learning rate at the end of the cosine schedule.
     min_lr: float = 1e-6
+    # Epochs of linear learning-rate warm-up (at most optim.epochs).
     warmup_epochs: int = 1
+    # AdamW weight decay at the first step (cosine schedule).
     weight_decay: float = 0.04
+    # AdamW weight decay at the last step.
     weight_decay_end: float = 0.4
+    # Gradient-norm clipping threshold (> 0).
     clip_grad: float = 3.0
-    # DINOv2 parameter groups: lr of trunk block i scaled by layerwise_decay**(depth - i); the
-    # patch/channel embedding's lr scaled by patch_embed_lr_mult.
+    # DINOv2 parameter groups: lr of trunk block i scaled by layerwise_decay**(depth - i).
     layerwise_decay: float = 1.0
+    # lr multiplier of the patch/channel embedding.
     patch_embed_lr_mult: float = 1.0
     # Micro-batches per optimizer step (global batch = batch_size_per_worker * workers * this).
     accumulate_steps: int = 1
@@ -169,23 +268,37 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """Ray Train: engine, workers, resources, run storage, checkpoints and logging."""
+
     # ddp: PyTorch DDP; deepspeed: DeepSpeed ZeRO (optimizer state, and at stage 2 gradients,
     # partitioned across workers) under the same Ray Train loop.
     engine: str = "ddp"
     # DeepSpeed ZeRO stage (train.engine=deepspeed): 1 = optimizer states, 2 = + gradients partitioned.
     zero_stage: int = 2
-    # bf16 autocast on GPU (fp32 on CPU regardless).
-    mixed_precision: str = "bf16"  # bf16 | fp32
+    # bf16 autocast on GPU (fp32 on CPU regardless): bf16 | fp32.
+    mixed_precision: str = "bf16"
+    # GPUs per training worker (with use_gpu).
     gpus_per_worker: float = 1.0
+    # Ray Train workers (one per GPU, or CPU slots).
     num_workers: int = 2
+    # Train on GPUs (NCCL) instead of CPUs (gloo).
     use_gpu: bool = False
+    # CPUs reserved per training worker (fractions allowed).
     cpus_per_worker: float = 1.0
+    # torch intra-op threads per worker.
     torch_threads: int = 1
+    # Folder (or s3://bucket/prefix) holding runs; under `ray job submit` an absolute path every node
+    # sees, or s3://.
     storage_path: str = "demo_output/runs"
+    # The run's folder under storage_path; relaunching with the same name resumes it.
     run_name: str = "cellrep-demo"
+    # Newest checkpoints kept.
     num_to_keep: int = 2
+    # Worker failures Ray Train recovers from (restarting from the last checkpoint).
     max_failures: int = 0
+    # Seed of initialization, augmentation and data order.
     seed: int = 0
+    # Optimizer steps between progress lines (each also has an end-of-epoch line).
     log_every_steps: int = 10
     # Peak dense bf16 FLOP/s of one GPU for the MFU estimate, in TFLOP/s (0 = from the GPU's name:
     # H100, H200, A100 known); ignored on CPU, where MFU is not reported.
@@ -194,39 +307,52 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """Evaluation on held-out plates: which manifests, which labels, the probe's splits, and the embedding run."""
+
     # Named held-out manifests: each is embedded and scored separately.
-    manifests: dict = field(
+    manifests: dict[str, str] = field(
         default_factory=lambda: {
             "seen": "demo_output/screen/heldout.parquet",
             "unseen": "demo_output/screen/unseen.parquet",
         }
     )
-    labels: list = field(default_factory=lambda: ["perturbation_id", "moa"])
+    # Manifest columns the probe predicts (each a column of every eval manifest).
+    labels: list[str] = field(default_factory=lambda: ["perturbation_id", "moa"])
     # Well features normalized per plate against its negative controls (none | negcon).
     well_normalization: str = "negcon"
+    # Fraction of wells in each split's test set, in (0, 1).
     test_fraction: float = 0.5
+    # Seed of the first fixed well split.
     split_seed: int = 0
     # Scores are the mean over this many fixed splits (seeds split_seed, split_seed + 1, ...).
     n_splits: int = 5
+    # Fields per embedding batch.
     batch_size: int = 32
     # Side length fields are resized to before embedding; 0 = as stored (native resolution; the
     # backbone interpolates its positional embedding).
     image_size: int = 0
+    # Embedding actors (each holds every encoder).
     embed_actors: int = 1
+    # Seed of the random-init baseline encoder.
     random_init_seed: int = 0
+    # Folder of report.{json,md,png}.
     output_dir: str = "demo_output/report"
 
 
 @dataclass
 class RayConfig:
-    # None: connect to RAY_ADDRESS if set (e.g. under `ray job submit`), else start an embedded local Ray.
-    address: typing.Optional[str] = None
+    """Which Ray cluster a job uses."""
+
+    # null: connect to RAY_ADDRESS if set (e.g. under `ray job submit`), else start an embedded local Ray.
+    address: Optional[str] = None
     # Logical CPUs of the embedded Ray; more than the physical cores so data tasks are never starved.
     num_cpus: int = 4
 
 
 @dataclass
 class Config:
+    """The whole experiment: one section per stage."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)
@@ -239,9 +365,17 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "<dict>") -> "Config":
-        cfg = _build(cls, raw, prefix="", source=source)
-        validate(cfg, source)
+    def from_dict(cls, raw: dict, source: str = "<dict>", check_rules: bool = True) -> "Config":
+        """The typed config of `raw` (`source` names it in errors). Unknown keys and wrong types always
+        raise; `check_rules=False` leaves the rules (`config_problems`) to the caller, e.g. to
+        `cellfm.preflight`, which reports them together with the manifests' problems."""
+        problems: list[str] = []
+        cfg = _build(cls, raw, prefix="", source=source, problems=problems)
+        if problems:  # rules need well-typed values: report type problems first
+            raise ConfigError(problems)
+        _drop_credential_markers(cfg)
+        if check_rules:
+            validate(cfg, source)
         return cfg
 
 
@@ -264,97 +398,247 @@ _CHOICES = {
 _POSITIVE = (
     "model.patch_size", "model.img_size", "model.pooling_ratio", "model.channel_encoder_dim",
     "model.channel_encoder_stride",
-    "ssl.head_out_dim", "ssl.global_crop_size", "ssl.local_crop_size",
-    "optim.epochs", "optim.batch_size_per_worker", "optim.base_lr", "optim.accumulate_steps",
+    "ssl.head_out_dim", "ssl.head_hidden_dim", "ssl.head_bottleneck_dim", "ssl.head_nlayers",
+    "ssl.global_crop_size", "ssl.local_crop_size", "ssl.student_temp", "ssl.teacher_temp",
+    "ssl.warmup_teacher_temp", "ssl.supcon_temperature",
+    "optim.epochs", "optim.batch_size_per_worker", "optim.base_lr", "optim.accumulate_steps", "optim.clip_grad",
     "optim.layerwise_decay", "optim.patch_embed_lr_mult", "train.gpus_per_worker",
     "train.num_workers", "train.cpus_per_worker", "train.torch_threads", "train.num_to_keep",
-    "data.read_cpus", "data.read_batch_size", "data.clahe_clip_limit", "data.clahe_tiles",
-    "eval.batch_size", "eval.embed_actors", "eval.n_splits",
+    "train.log_every_steps",
+    "data.read_cpus", "data.read_batch_size", "data.clahe_tiles",
+    "eval.batch_size", "eval.embed_actors", "eval.n_splits", "ray.num_cpus",
 )
 
+_NON_NEGATIVE = (
+    "data.synthetic_seed", "data.pad_channels_to", "data.field_size", "data.object_store_limit_mb",
+    "data.read_concurrency", "data.read_actors", "data.progress_interval_s", "data.shuffle_buffer",
+    "model.mixer_depth", "model.num_register_tokens", "model.n_pre",
+    "ssl.ibot_loss_weight", "ssl.koleo_weight", "ssl.supcon_weight", "ssl.kl_uniform_weight",
+    "ssl.warmup_teacher_temp_epochs", "ssl.freeze_last_layer_epochs", "ssl.n_local_crops",
+    "optim.min_lr", "optim.warmup_epochs", "optim.weight_decay", "optim.weight_decay_end",
+    "train.max_failures", "train.seed", "train.peak_tflops",
+    "eval.split_seed", "eval.random_init_seed", "eval.image_size",
+)
 
-def validate(cfg: Config, source: str = "<config>") -> None:
-    """Checks that go beyond types: allowed choices, positive sizes, consistent crop geometry."""
-    for key, allowed in _CHOICES.items():
-        value = _get(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{source}: {key}={value!r} is not one of {sorted(allowed)}")
-    for key in _POSITIVE:
-        if not _get(cfg, key) > 0:
-            raise ConfigError(f"{source}: {key} must be > 0, got {_get(cfg, key)!r}")
-    if cfg.eval.image_size < 0 or cfg.eval.image_size % cfg.model.patch_size:
-        raise ConfigError(f"{source}: eval.image_size={cfg.eval.image_size} must be 0 or a multiple of model.patch_size")
-    for key in ("model.mixer_depth", "ssl.n_local_crops", "train.max_failures", "model.num_register_tokens",
-                "data.read_concurrency", "data.read_actors"):
-        if _get(cfg, key) < 0:
-            raise ConfigError(f"{source}: {key} must be >= 0, got {_get(cfg, key)!r}")
-    if not 0 <= cfg.data.clip_low < cfg.data.clip_high <= 100:
-        raise ConfigError(
-            f"{source}: need 0 <= data.clip_low < data.clip_high <= 100, got {cfg.data.clip_low}, {cfg.data.clip_high}"
-        )
-    for key in ("ssl.global_crop_size", "ssl.local_crop_size", "model.img_size"):
-        if _get(cfg, key) % cfg.model.patch_size:
-            raise ConfigError(f"{source}: {key}={_get(cfg, key)} is not a multiple of model.patch_size={cfg.model.patch_size}")
+# Closed interval [0, 1].
+_UNIT = ("data.max_bad_fraction", "ssl.mask_sample_probability", "ssl.center_momentum",
+         "ssl.ema_momentum_start", "ssl.ema_momentum_end", "ssl.blur_probability")
+
+
+def config_problems(cfg: Config) -> list[str]:
+    """Every rule beyond types that the config alone decides: allowed choices, ranges, and the
+    cross-field rules. One line per problem, naming the key(s) and what is allowed. Rules that need
+    the manifests live in `cellfm.preflight`."""
+    problems = data_config_problems(cfg.data)
+    for f in dataclasses.fields(cfg):
+        if f.name != "data":
+            problems += _table_problems(getattr(cfg, f.name), f.name)
+    problems += _model_problems(cfg)
+    problems += _ssl_problems(cfg)
+    o, t, e = cfg.optim, cfg.train, cfg.eval
+    if o.warmup_epochs > o.epochs:
+        problems.append(f"optim.warmup_epochs={o.warmup_epochs} is more than optim.epochs={o.epochs}; "
+                        f"the warm-up must fit in the run (0 <= optim.warmup_epochs <= optim.epochs)")
+    if t.zero_stage not in (0, 1, 2, 3):
+        problems.append(f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage!r}")
+    elif t.engine == "deepspeed" and t.zero_stage not in (1, 2):
+        # Stage 0 is plain data parallelism (train.engine=ddp does that); stage 3 partitions the
+        # parameters themselves, which the EMA teacher update and our pickle-free checkpoints do not handle.
+        problems.append(f"train.zero_stage={t.zero_stage} is not supported with train.engine=deepspeed; use 1 or 2 "
+                        f"(or train.engine=ddp for unpartitioned training)")
+    if cfg.model.patch_size > 0 and e.image_size % cfg.model.patch_size:
+        problems.append(f"eval.image_size={e.image_size} must be 0 or a multiple of model.patch_size")
+    if not 0 < e.test_fraction < 1:
+        problems.append(f"eval.test_fraction must be in (0, 1), got {e.test_fraction}")
+    if not e.manifests:
+        problems.append("eval.manifests is empty; name at least one held-out manifest")
+    for name, path in e.manifests.items():
+        if not path:
+            problems.append(f"eval.manifests.{name} is empty; give a manifest path or s3:// URI")
+    if not e.labels:
+        problems.append("eval.labels is empty; name at least one manifest column to predict (e.g. moa)")
+    if len(set(e.labels)) != len(e.labels):
+        problems.append(f"eval.labels names a column twice: {e.labels}")
+    return problems
+
+
+def data_config_problems(data: DataConfig) -> list[str]:
+    """The rules of the `data` section that need no manifest (also checked by the pipeline itself,
+    for a DataConfig built in code)."""
+    problems = _table_problems(data, "data")
+    if not 0 <= data.clip_low < data.clip_high <= 100:
+        problems.append(f"need 0 <= data.clip_low < data.clip_high <= 100, got {data.clip_low}, {data.clip_high}")
+    if not 0 < data.clahe_clip_limit <= 1:
+        problems.append(f"data.clahe_clip_limit must be in (0, 1], got {data.clahe_clip_limit}")
+    if data.mixed_channels == "group" and data.pad_channels_to:
+        problems.append(f"data.pad_channels_to={data.pad_channels_to} pads, but data.mixed_channels=group never pads; "
+                        f"set data.pad_channels_to=0 or data.mixed_channels=pad")
+    if data.read_actors > 0 and data.read_concurrency > 0:
+        problems.append(f"data.read_actors={data.read_actors} and data.read_concurrency={data.read_concurrency} both "
+                        f"set how many reads run at once (actors or tasks); set one of them to 0")
+    if data.transfer_dtype == "uint8" and data.normalization == "standardize":
+        problems.append("data.transfer_dtype=uint8 holds [0, 1] values only; use data.transfer_dtype=float16 "
+                        "with data.normalization=standardize")
+    return problems
+
+
+def _table_problems(section: Any, name: str) -> list[str]:
+    """The choice and range rules of one section (the _CHOICES, _POSITIVE, _NON_NEGATIVE, _UNIT keys)."""
+    problems = []
+
+    def keys(table):
+        return [(key, getattr(section, key.split(".", 1)[1])) for key in table if key.split(".", 1)[0] == name]
+
+    for key, value in keys(_CHOICES):
+        if value not in _CHOICES[key]:
+            problems.append(f"{key}={value!r} is not one of {sorted(_CHOICES[key])}")
+    problems += [f"{key} must be > 0, got {value!r}" for key, value in keys(_POSITIVE) if not value > 0]
+    problems += [f"{key} must be >= 0, got {value!r}" for key, value in keys(_NON_NEGATIVE) if value < 0]
+    problems += [f"{key} must be in [0, 1], got {value!r}" for key, value in keys(_UNIT) if not 0 <= value <= 1]
+    return problems
+
+
+def _model_problems(cfg: Config) -> list[str]:
+    m = cfg.model
+    problems = []
+    if not 0 <= m.drop_path_rate < 1:
+        problems.append(f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
+    if m.layerscale_init is not None and not m.layerscale_init > 0:
+        problems.append(f"model.layerscale_init must be > 0 or null (no LayerScale), got {m.layerscale_init}")
+    bad = {name: group for name, group in m.channel_groups.items() if group not in CHANNEL_GROUPS}
+    if bad:
+        problems.append(f"model.channel_groups values must be one of {list(CHANNEL_GROUPS)}, got {bad}")
+    if len(set(m.channel_vocabulary)) != len(m.channel_vocabulary):
+        problems.append(f"model.channel_vocabulary has duplicate names: {m.channel_vocabulary}")
+    if m.patch_size > 0:
+        for key in ("ssl.global_crop_size", "ssl.local_crop_size", "model.img_size"):
+            if _get(cfg, key) % m.patch_size:
+                problems.append(f"{key}={_get(cfg, key)} is not a multiple of model.patch_size={m.patch_size}")
+    return problems
+
+
+def _ssl_problems(cfg: Config) -> list[str]:
+    s = cfg.ssl
+    problems = []
     for key in ("ssl.global_crop_scale", "ssl.local_crop_scale"):
         lo_hi = _get(cfg, key)
         if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
-            raise ConfigError(f"{source}: {key} must be [low, high] with 0 < low <= high <= 1, got {lo_hi!r}")
-    if not 0 <= cfg.ssl.blur_probability <= 1:
-        raise ConfigError(f"{source}: ssl.blur_probability must be in [0, 1], got {cfg.ssl.blur_probability}")
-    if len(cfg.ssl.blur_sigma) != 2 or not 0 <= cfg.ssl.blur_sigma[0] <= cfg.ssl.blur_sigma[1]:
-        raise ConfigError(f"{source}: ssl.blur_sigma must be [low, high] pixels with 0 <= low <= high, "
-                          f"got {cfg.ssl.blur_sigma!r}")
-    if cfg.train.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{source}: train.zero_stage must be 0, 1, 2 or 3, got {cfg.train.zero_stage!r}")
-    if cfg.train.engine == "deepspeed" and cfg.train.zero_stage not in (1, 2):
-        # Stage 0 is plain data parallelism (train.engine=ddp does that); stage 3 partitions the
-        # parameters themselves, which the EMA teacher update and our pickle-free checkpoints do not handle.
-        raise ConfigError(f"{source}: train.zero_stage={cfg.train.zero_stage} is not supported with "
-                          f"train.engine=deepspeed; use 1 or 2 (or train.engine=ddp for unpartitioned training)")
-    if cfg.train.peak_tflops < 0:
-        raise ConfigError(f"{source}: train.peak_tflops must be >= 0, got {cfg.train.peak_tflops!r}")
-    if not 0 < cfg.eval.test_fraction < 1:
-        raise ConfigError(f"{source}: eval.test_fraction must be in (0, 1), got {cfg.eval.test_fraction}")
-    if not cfg.eval.manifests:
-        raise ConfigError(f"{source}: eval.manifests is empty; name at least one held-out manifest")
+            problems.append(f"{key} must be [low, high] with 0 < low <= high <= 1, got {lo_hi!r}")
+    if len(s.mask_ratio_min_max) != 2 or not 0 <= s.mask_ratio_min_max[0] <= s.mask_ratio_min_max[1] <= 1:
+        problems.append(f"ssl.mask_ratio_min_max must be [min, max] with 0 <= min <= max <= 1, "
+                        f"got {s.mask_ratio_min_max!r}")
+    if len(s.blur_sigma) != 2 or not 0 <= s.blur_sigma[0] <= s.blur_sigma[1]:
+        problems.append(f"ssl.blur_sigma must be [low, high] pixels with 0 <= low <= high, got {s.blur_sigma!r}")
+    if not 0 <= s.intensity_jitter < 1:
+        # >= 1 could flip a channel's sign, which is not a plausible imaging change.
+        problems.append(f"ssl.intensity_jitter must be in [0, 1), got {s.intensity_jitter}")
+    if any(k < 1 for k in s.mcd_keep_counts):
+        problems.append(f"ssl.mcd_keep_counts must all be >= 1 (a sample keeps a context channel), "
+                        f"got {s.mcd_keep_counts}")
+    if s.supcon_weight > 0 and not s.supcon_label:
+        problems.append("ssl.supcon_weight > 0 needs ssl.supcon_label (a manifest column, e.g. an antibody id)")
+    return problems
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Defaults <- YAML file <- dotted `key=value` overrides (values parsed as YAML scalars/lists)."""
+def validate(cfg: Config, source: str = "<config>") -> None:
+    """Raise `ConfigError` listing every `config_problems` line, each prefixed with `source`."""
+    problems = config_problems(cfg)
+    if problems:
+        raise ConfigError([f"{source}: {p}" for p in problems])
+
+
+def config_source(path: str | os.PathLike | None, overrides: typing.Sequence[str] = ()) -> str:
+    """How errors name a config: its file (or <defaults>), `+ overrides` when there are any."""
+    return f"{path if path is not None else '<defaults>'}{' + overrides' if overrides else ''}"
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = (),
+                check_rules: bool = True) -> Config:
+    """Defaults <- YAML file <- dotted `key=value` overrides (values parsed as YAML scalars/lists);
+    `check_rules` as in `Config.from_dict`."""
     raw: dict = {}
-    source = "<defaults>"
     if path is not None:
-        source = str(path)
         if not Path(path).is_file():
             raise ConfigError(f"config file not found: {path}")
         with open(path) as fh:
             try:
                 loaded = yaml.safe_load(fh)
             except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+                raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
         raw = loaded
+    problems = []
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        _set_nested(raw, key.strip().split("."), yaml.safe_load(value) if value != "" else "", item)
-    src = source if not overrides else f"{source} + overrides"
-    return Config.from_dict(raw, source=src)
+            problems.append(f"override {item!r} is not of the form section.key=value")
+            continue
+        try:
+            _set_nested(raw, key.strip().split("."), yaml.safe_load(value) if value != "" else "", key.strip())
+        except yaml.YAMLError:
+            problems.append(f"override {key.strip()}: value is not valid YAML")
+        except ConfigError as exc:
+            problems += exc.problems
+    if problems:
+        raise ConfigError(problems)
+    return Config.from_dict(raw, source=config_source(path, overrides), check_rules=check_rules)
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:
-    """Write the resolved config as YAML atomically (temp file in the same folder, then rename)."""
+    """Write the resolved config as YAML atomically (temp file in the same folder, then rename),
+    with credential values replaced by `CREDENTIAL_MARKER` (`saved_config_dict`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".yaml", dir=path.parent)
     with os.fdopen(fd, "w") as fh:
-        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+        yaml.safe_dump(saved_config_dict(cfg), fh, sort_keys=False)
     os.replace(tmp, path)
     return path
+
+
+def saved_config_dict(cfg: Config) -> dict:
+    """`cfg.to_dict()` fit to be written or shown anywhere: in every `*storage_options` mapping the
+    credential values (`is_credential_key`) are `CREDENTIAL_MARKER`, the other keys kept."""
+    out = cfg.to_dict()
+    for section in out.values():
+        for name, value in section.items():
+            if name.endswith("storage_options") and isinstance(value, dict):
+                section[name] = redact_credentials(value)
+    return out
+
+
+def is_credential_key(name: str) -> bool:
+    """Whether a storage option of this name holds a credential (key, secret, token, password,
+    session token, aws_* keys, ...)."""
+    lowered = str(name).lower()
+    return any(part in lowered for part in _CREDENTIAL_NAME_PARTS)
+
+
+def redact_credentials(options: dict) -> dict:
+    """A copy of `options` (nested mappings too, e.g. client_kwargs) with credential values replaced
+    by `CREDENTIAL_MARKER`."""
+    return {k: redact_credentials(v) if isinstance(v, dict)
+            else CREDENTIAL_MARKER if is_credential_key(k) and v not in (None, "") else v
+            for k, v in options.items()}
+
+
+def _without_markers(options: dict) -> dict:
+    return {k: _without_markers(v) if isinstance(v, dict) else v
+            for k, v in options.items() if v != CREDENTIAL_MARKER}
+
+
+def _drop_credential_markers(cfg: Config) -> None:
+    """A loaded saved config carries markers, not credentials: drop them, so the credentials come
+    from the environment (or from explicit `data.storage_options.*` overrides)."""
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        for f in dataclasses.fields(sub):
+            value = getattr(sub, f.name)
+            if f.name.endswith("storage_options") and isinstance(value, dict):
+                setattr(sub, f.name, _without_markers(value))
 
 
 def _set_nested(raw: dict, keys: list[str], value: Any, item: str) -> None:
@@ -373,33 +657,61 @@ def _get(cfg: Config, dotted: str) -> Any:
     return node
 
 
-def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+def _build(cls: type, raw: Any, prefix: str, source: str, problems: list[str]) -> Any:
+    """`cls` from `raw`, appending one line per unknown key or badly typed value to `problems`
+    (a bad value keeps the field's default so the rest is still checked)."""
     where = prefix.rstrip(".") or "top level"
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {where} must be a mapping, got {raw!r}")
+        problems.append(f"{source}: {where} must be a mapping, got {_shown(where, raw)}")
+        return cls()
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
     if unknown:
-        raise ConfigError(
-            f"{source}: unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-            f"valid keys under {where}: {', '.join(sorted(names))}"
-        )
+        problems.append(f"{source}: unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+                        f"valid keys under {where}: {', '.join(sorted(names))}")
     kwargs = {}
-    for name in names & set(raw):
-        kwargs[name] = _coerce(hints[name], raw[name], prefix + name, source)
+    for name in names:
+        if name not in raw:
+            continue
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], raw[name], prefix + name + ".", source, problems)
+            continue
+        try:
+            kwargs[name] = _coerce(hints[name], raw[name], prefix + name)
+        except _TypeProblem as exc:
+            problems.append(f"{source}: {exc}")
     return cls(**kwargs)
 
 
-def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key + ".", source)
+class _TypeProblem(Exception):
+    pass
+
+
+_SCALARS = {int: int, float: float, str: str, bool: bool}
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    """`value` as type `hint` (int -> float and float literals in strings accepted; list and dict
+    element types checked), or `_TypeProblem` naming `key` (`key[i]` for list elements)."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
-        hint = next(a for a in args if a is not type(None))
+        return _coerce(next(a for a in args if a is not type(None)), value, key)
+    if hint is Any:
+        return value
+    if origin is list or hint is list:
+        if not isinstance(value, list):
+            raise _TypeProblem(f"{key} must be a list, got {_shown(key, value)}")
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise _TypeProblem(f"{key} must be a mapping, got {_shown(key, value)}")
+        key_hint, value_hint = typing.get_args(hint) or (Any, Any)
+        return {_coerce(key_hint, k, f"{key} key {k!r}"): _coerce(value_hint, v, f"{key}.{k}") for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):
@@ -408,7 +720,14 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
             return float(value)
         except ValueError:
             pass
-    expected = {int: int, float: float, str: str, bool: bool, list: list, dict: dict}[hint]
-    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ConfigError(f"{source}: {key} must be {expected.__name__}, got {value!r} ({type(value).__name__})")
+    expected = _SCALARS[hint]
+    if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+        raise _TypeProblem(f"{key} must be {expected.__name__}, got {_shown(key, value)}")
     return value
+
+
+def _shown(key: str, value: Any) -> str:
+    """A value for an error message; never the value of a storage option (it may be a credential)."""
+    if "storage_options" in key:
+        return f"a {type(value).__name__}"
+    return f"{value!r} ({type(value).__name__})"

@@ -1,10 +1,30 @@
-"""Connect to a Ray cluster, or start an embedded local one when none is given."""
+"""Connect to a Ray cluster, or start an embedded local one when none is given, and keep Ray's known
+harmless messages out of the console (docs/user-guide.md, "Console output")."""
 
 from __future__ import annotations
 
 import os
 
 from cellfm.config import RayConfig
+
+# Lines Ray's own processes print that tell a cellfm user nothing, matched exactly (as substrings of
+# the forwarded line). They are dropped from the driver's console only: Ray's log files under the
+# session folder (/tmp/ray/session_*/logs) keep them. Ray 2.60.
+KNOWN_RAY_NOISE = (
+    # Ray Train's PlacementGroupCleaner actor (train/v2/_internal/execution/controller/
+    # placement_group_cleaner.py, logger warning) asks the State API every second whether the
+    # TrainController is alive; the embedded Ray runs no dashboard, so every query fails and it logs
+    # this and keeps polling (86 lines in the 6-minute demo). It matters only when the controller dies
+    # without cleaning up, and the embedded cluster then goes down with the driver anyway.
+    "Failed to query Ray Train Controller actor state. State API may be temporarily unavailable. "
+    "Continuing to monitor.",
+    # Ray core (core_worker.cc, an ERROR-level log line) when the TrainController creates its
+    # PreemptionWatcher actor with max_restarts > 0: a restart *could* fail if the constructor's
+    # arguments were lost (ray-project/ray#53727). The controller holds them for the whole run, and the
+    # line comes once per run whether anything restarts or not.
+    "has constructor arguments in the object store and max_restarts > 0",
+)
+_PRINT_HANDLER = "ray_print_logs"  # the driver's handler of forwarded worker output (ray._private.worker)
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -23,3 +43,30 @@ def init_ray(cfg: RayConfig) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
+    quiet_known_ray_noise()
+
+
+def is_known_ray_noise(line: str) -> bool:
+    return any(message in line for message in KNOWN_RAY_NOISE)
+
+
+class WithoutKnownRayNoise:
+    """Wraps the driver's printer of forwarded worker output; lines of KNOWN_RAY_NOISE are not passed on."""
+
+    def __init__(self, handler):
+        self.handler = handler
+
+    def __call__(self, data: dict) -> None:
+        lines = [line for line in data.get("lines", []) if not is_known_ray_noise(line)]
+        if lines:
+            self.handler({**data, "lines": lines})
+
+
+def quiet_known_ray_noise() -> None:
+    """Filter KNOWN_RAY_NOISE out of the worker output this driver prints (after `ray.init`)."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    for name, handler in list(dispatcher.handlers):
+        if name == _PRINT_HANDLER and not isinstance(handler, WithoutKnownRayNoise):
+            dispatcher.remove_handler(name)
+            dispatcher.add_handler(name, WithoutKnownRayNoise(handler))

@@ -48,6 +48,7 @@ import pandas as pd
 from cellfm.data.manifest import MANIFEST_COLUMNS, write_manifest
 from cellfm.data.plate import PlateError, create_plate, read_field, redact, write_field
 from cellfm.data.stores import filesystem, join
+from cellfm.progress import eta_seconds, format_duration
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +166,15 @@ def _site_key(site: Any) -> tuple:
     return (0, int(text), "") if text.isdigit() else (1, 0, text)
 
 
-def _probe(plane: Plane, storage_options) -> tuple[tuple[int, int], str]:
-    """(H, W) and dtype of a plane without decoding it (as far as the format allows)."""
-    image = _load_plane(plane, storage_options)
+def _probe(plane: Plane, where: str, storage_options) -> tuple[tuple[int, int], str]:
+    """(H, W) and dtype of a plane (the plate's first), or IngestError naming `where` (plate, well,
+    site) and the file."""
+    try:
+        image = _load_plane(plane, storage_options)
+    except Exception as exc:  # noqa: BLE001 - any decoder's error: the file is unreadable
+        raise IngestError(f"{where}, channel {plane.channel}, file {plane.uri}: cannot read the plate's first image "
+                          f"(it sets the plate's field shape and dtype): "
+                          f"{redact(f'{type(exc).__name__}: {exc}', storage_options)}") from exc
     return tuple(int(s) for s in image.shape), str(image.dtype)
 
 
@@ -208,7 +215,8 @@ def _build_plan(source: str, rows: list[dict], channel_groups: Callable[[list[st
             (row, col), n = min(fields_per_well.items(), key=lambda kv: kv[1])
             raise IngestError(f"plate {plate!r}, well {row}{col}: {n} field(s) while other wells of the plate have "
                               f"{max(fields_per_well.values())}; every well of a plate needs the same sites")
-        shape, dtype = _probe(first["planes"][0], storage_options)
+        shape, dtype = _probe(first["planes"][0], f"plate {plate!r}, well {first['row']}{first['col']}, "
+                                                  f"site {first['site']}", storage_options)
         wells = list(dict.fromkeys((r["row"], r["col"]) for r in items))
         plates[plate] = PlatePlan(plate, channels, channel_groups(channels), wells,
                                   max(fields_per_well.values()), shape, dtype)
@@ -694,8 +702,9 @@ def run_ingestion(plan: IngestPlan, out: str, manifest_path: str | Path, storage
             done += 1
             if error:
                 errors.append(error)
-        rate = done / max(time.perf_counter() - started, 1e-9)
-        say(f"[ingest] {done}/{len(pending)} fields written ({rate:.1f} fields/s, {len(errors)} error(s))")
+        elapsed = time.perf_counter() - started
+        say(f"[ingest] {done}/{len(pending)} fields written ({done / max(elapsed, 1e-9):.1f} fields/s, "
+            f"{len(errors)} error(s)) | ETA {format_duration(eta_seconds(done, len(pending), elapsed))}")
 
     if use_ray and batches:
         import ray

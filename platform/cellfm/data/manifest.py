@@ -25,6 +25,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cellfm.config import CHANNEL_GROUPS
 from cellfm.data.plate import PlateError, plate_channel_names, plate_wells
 
 MANIFEST_COLUMNS: tuple[str, ...] = ("source", "plate", "well", "row", "col", "field", "store_uri",
@@ -38,7 +39,6 @@ OPTIONAL_COLUMNS: dict[str, pa.DataType] = {
     "target": pa.string(),
     "site": pa.string(),
 }
-CHANNEL_GROUPS = ("context", "concept")
 _LIST_COLUMNS = ("channel_names", "channel_groups")
 _INT_COLUMNS = ("field", "height", "width")
 _SCHEMA = pa.schema([
@@ -139,14 +139,19 @@ def write_manifest(df: pd.DataFrame, path: str | Path, storage_options: dict | N
             raise ManifestError(f"{where}: cannot write: {redact(f'{type(exc).__name__}: {exc}', storage_options)}") from exc
         return path
     path = Path(str(path).removeprefix("file://"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise ManifestError(f"{where}: cannot write: {type(exc).__name__}: {exc}") from exc
     os.close(fd)
     try:
         pq.write_table(table, tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise ManifestError(f"{where}: cannot write: {type(exc).__name__}: {exc}") from exc
         raise
     return path
 
@@ -184,30 +189,27 @@ def read_manifest(path: str | Path, storage_options: dict | None = None) -> pd.D
 
 
 def check_manifest_against_plates(df: pd.DataFrame, storage_options=None) -> None:
-    """Verify every plate in ``df`` opens, lists each row's well and field, and has each row's channels.
+    """Verify every plate in ``df`` opens, lists each row's well and field, and has each row's channels;
+    ``PlateError`` lists every problem (one line each, naming plate/well/field).
 
     Reads only plate metadata (one plate's channel list and well list per store), so it is cheap
     enough to run on the driver before any worker starts reading pixels.
     """
-    for store_uri, rows in df.groupby("store_uri", sort=False):
-        available = plate_channel_names(store_uri, storage_options)
-        well_paths, field_count = plate_wells(store_uri, storage_options)
-        wells = set(well_paths)
-        for row in rows.itertuples(index=False):
-            where = f"plate {store_uri!r} ({row.plate}), well {row.well}, field {row.field}"
-            if f"{row.row}/{row.col}" not in wells:
-                raise PlateError(f"{where}: well not in the plate (plate lists {len(wells)} wells)")
-            if row.field < 0 or (field_count is not None and row.field >= field_count):
-                raise PlateError(f"{where}: field index outside the plate's {field_count} fields")
-            missing = [name for name in row.channel_names if name not in available]
-            if missing:
-                raise PlateError(f"{where}: channel(s) {missing} not in plate; available channels: {available}")
+    problems = manifest_problems(df, storage_options, deep=False)
+    if problems:
+        raise PlateError("\n".join(first_problems(problems)))
 
 
-def manifest_problems(df: pd.DataFrame, storage_options=None, where: str = "manifest") -> list[str]:
+def first_problems(problems: list[str], limit: int = 20) -> list[str]:
+    """At most ``limit`` problem lines, and one saying how many more there are."""
+    return problems[:limit] + ([f"... and {len(problems) - limit} more"] if len(problems) > limit else [])
+
+
+def manifest_problems(df: pd.DataFrame, storage_options=None, where: str = "manifest", deep: bool = True) -> list[str]:
     """Every inconsistency between a manifest and its plates (not just the first), as messages
     naming plate/well/field: unreadable plates, wells or fields the plate lacks, channels the
-    plate lacks, and height/width/dtype differing from the stored field arrays.
+    plate lacks, and (``deep``: opening every field's array) height/width/dtype differing from the
+    stored field arrays.
     """
     import zarr
 
@@ -233,6 +235,8 @@ def manifest_problems(df: pd.DataFrame, storage_options=None, where: str = "mani
             missing = [name for name in row.channel_names if name not in available]
             if missing:
                 problems.append(f"{at}: channel(s) {missing} not in plate; available channels: {available}")
+            if not deep:
+                continue
             try:
                 group = zarr.open_group(open_store(store_uri, "r", storage_options),
                                         path=f"{row.row}/{row.col}/{row.field}", mode="r", zarr_format=3)

@@ -30,16 +30,16 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from cellfm.config import DataConfig
+from cellfm.config import ConfigError, DataConfig, data_config_problems
 from cellfm.data.manifest import check_manifest_against_plates, read_manifest
 from cellfm.data.normalize import normalize_field, quantize_unit
 from cellfm.data.plate import PlateError, read_field
+from cellfm.preflight import field_layout_problems
 
 # Manifest columns a read task needs; the rest travel as metadata only when asked for.
 _READ_COLUMNS = ["plate", "well", "row", "col", "field", "store_uri", "channel_names", "height", "width"]
 CHANNEL_SEPARATOR = ","
 PAD_CHANNEL_NAME = ""
-MIXED_CHANNELS = ("pad", "group")
 _MB = 1024 * 1024
 
 
@@ -339,41 +339,18 @@ def ray_get(ref):
 
 
 def _layout(manifest: pd.DataFrame, cfg: DataConfig) -> _Layout:
-    if cfg.mixed_channels not in MIXED_CHANNELS:
-        raise ValueError(f"data.mixed_channels={cfg.mixed_channels!r} is not one of {MIXED_CHANNELS}")
-    if cfg.mixed_channels == "group" and cfg.pad_channels_to:
-        raise ValueError(f"data.pad_channels_to={cfg.pad_channels_to} pads, but data.mixed_channels=group never "
-                         f"pads; set data.pad_channels_to=0 or data.mixed_channels=pad")
-    counts = manifest["channel_names"].map(len)
-    channels = cfg.pad_channels_to or int(counts.max())
-    if cfg.pad_channels_to < 0 or int(counts.max()) > channels:
-        row = manifest.loc[counts.idxmax()]
-        raise ValueError(f"data.pad_channels_to={cfg.pad_channels_to} is smaller than the {counts.max()} channels of "
-                         f"plate {row['plate']!r} well {row['well']} field {row['field']}")
-    if cfg.field_size < 0:
-        raise ValueError(f"data.field_size must be >= 0, got {cfg.field_size}")
+    problems = field_layout_problems(manifest, cfg)
+    if problems:
+        raise ConfigError(problems)
+    channels = cfg.pad_channels_to or int(manifest["channel_names"].map(len).max())
     if cfg.field_size:
         height = width = int(cfg.field_size)
     else:
-        sizes = manifest.groupby(["height", "width"]).size()
-        if len(sizes) > 1:
-            examples = ", ".join(
-                f"{h}x{w} (e.g. plate {manifest.loc[(manifest.height == h) & (manifest.width == w), 'plate'].iloc[0]!r})"
-                for h, w in sizes.index[:4])
-            raise ValueError(f"fields of different sizes in one dataset: {examples}; set data.field_size "
-                             f"(with data.field_resize crop|resize) to deliver one size")
-        height, width = (int(v) for v in sizes.index[0])
+        height, width = int(manifest["height"].iloc[0]), int(manifest["width"].iloc[0])
     if cfg.normalization == "none":
-        dtypes = sorted(set(manifest["dtype"]))
-        if len(dtypes) > 1:
-            raise ValueError(f"data.normalization=none with fields of several dtypes {dtypes}; choose a normalization")
-        dtype = "float32" if cfg.field_size and cfg.field_resize == "resize" else dtypes[0]
-    elif cfg.transfer_dtype == "uint8":
-        if cfg.normalization == "standardize":
-            raise ValueError("data.transfer_dtype=uint8 holds [0, 1] values only; use float16 with normalization=standardize")
-        dtype = "uint8"
+        dtype = "float32" if cfg.field_size and cfg.field_resize == "resize" else str(manifest["dtype"].iloc[0])
     else:
-        dtype = "float16"
+        dtype = "uint8" if cfg.transfer_dtype == "uint8" else "float16"
     return _Layout(channels, height, width, dtype)
 
 
@@ -419,11 +396,9 @@ def build_field_pipeline(
     import ray
     import ray.data
 
-    if not 0.0 <= cfg.max_bad_fraction <= 1.0:
-        raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {cfg.max_bad_fraction}")
-    if cfg.read_actors > 0 and cfg.read_concurrency > 0:
-        raise ValueError(f"data.read_actors={cfg.read_actors} and data.read_concurrency={cfg.read_concurrency} both "
-                         f"set how many reads run at once (actors or tasks); set one of them to 0")
+    problems = data_config_problems(cfg)  # a DataConfig built in code has not been through load_config
+    if problems:
+        raise ConfigError(problems)
     if len(manifest) == 0:
         raise ValueError("empty manifest: no fields to read")
     eval_cfg = cfg

@@ -23,6 +23,8 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.group import GroupMetadata
 from zarr.errors import GroupNotFoundError
 
+from cellfm.config import is_credential_key
+
 OME_VERSION = "0.5"
 _IMAGE_ARRAY_PATH = "0"
 _SPATIAL_UNIT = "micrometer"
@@ -47,7 +49,6 @@ def _where(uri: str, row: str | None = None, col: str | None = None, field: int 
     return text
 
 
-_SECRET_KEYS = ("secret", "token", "password", "key", "credential", "session")
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 
 
@@ -58,7 +59,7 @@ def _secret_values(options: Any) -> list[str]:
         for name, value in options.items():
             if isinstance(value, dict):
                 found += _secret_values(value)
-            elif isinstance(value, str) and value and any(k in str(name).lower() for k in _SECRET_KEYS):
+            elif isinstance(value, str) and value and is_credential_key(name):
                 found.append(value)
     return found
 

@@ -14,17 +14,25 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
+from cellfm.config import ConfigError
+
+
+def json_object(text: str | None, flag: str) -> dict[str, Any] | None:
+    """The JSON object given to a command-line flag (None when not given); ConfigError naming the flag."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{flag} is not valid JSON: {exc.msg} at character {exc.pos}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag} must be a JSON object, got {type(value).__name__}")
+    return value
+
 
 def storage_options_from_cli(text: str | None, endpoint_url: str | None = None) -> dict[str, Any]:
     """Storage options from a JSON object string plus an optional endpoint URL shortcut."""
-    options: dict[str, Any] = {}
-    if text:
-        try:
-            options = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SystemExit(f"--storage-options is not valid JSON: {exc.msg} at character {exc.pos}") from None
-        if not isinstance(options, dict):
-            raise SystemExit("--storage-options must be a JSON object")
+    options = json_object(text, "--storage-options") or {}
     if endpoint_url:
         options["endpoint_url"] = endpoint_url
     return options

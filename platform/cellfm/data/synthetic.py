@@ -19,12 +19,11 @@ top come the nuisances a real screen has and an encoder must learn to ignore: si
 log-normal per-plate, per-well and per-field channel gains, background offsets, vignetting,
 shot/read noise, defocused fields, plate/well variation in density, and cell-to-cell variability.
 
-Run ``python -m cellfm.data.synthetic OUT_DIR --layout demo --seed 0`` to write a screen.
+Run ``cellfm synth OUT_DIR --layout demo --seed 0`` to write a screen.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import logging
@@ -923,26 +922,3 @@ def generate_family_screen(out_dir: str | Path, config: str = "hpa4", layout: st
     for split, path in manifests.items():
         write_manifest(pd.DataFrame(records[split], columns=columns), path if remote else Path(path), storage_options)
     return {k: (v if remote else Path(v)) for k, v in manifests.items()}
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write a synthetic multichannel microscopy screen.")
-    parser.add_argument("out_dir", help="output directory (plates/ and train/heldout/unseen manifests)")
-    parser.add_argument("--layout", default="demo", choices=sorted(LAYOUTS))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--family", default=None, choices=sorted(FAMILY_CONFIGS),
-                        help="write one configuration of the synthetic family instead (train/heldout manifests)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    started = time.perf_counter()
-    if args.family:
-        manifests = generate_family_screen(args.out_dir, config=args.family, layout=args.layout, seed=args.seed)
-    else:
-        manifests = generate_screen(args.out_dir, layout=args.layout, seed=args.seed)
-    print(f"done in {time.perf_counter() - started:.1f} s")
-    for split, path in manifests.items():
-        print(f"{split}: {path}")
-
-
-if __name__ == "__main__":
-    main()

@@ -95,12 +95,14 @@ class FieldEmbedder:
 
 
 def embed_manifest(manifest: pd.DataFrame, data_cfg: DataConfig, encoders: list[EncoderSpec],
-                   batch_size: int = 32, actors: int = 1, image_size: int = 0) -> pd.DataFrame:
-    """One row per field: METADATA_COLUMNS + an `embedding_<name>` array column per encoder."""
+                   batch_size: int = 32, actors: int = 1, image_size: int = 0,
+                   label_columns: list[str] = ()) -> pd.DataFrame:
+    """One row per field: METADATA_COLUMNS and `label_columns` + an `embedding_<name>` array column per encoder."""
     import ray.data
 
     from cellfm.data.pipeline import build_field_dataset
-    ds = build_field_dataset(manifest, data_cfg, training=False, keep_columns=METADATA_COLUMNS)
+    keep = list(dict.fromkeys([*METADATA_COLUMNS, *label_columns]))
+    ds = build_field_dataset(manifest, data_cfg, training=False, keep_columns=keep)
     ds = ds.map_batches(
         FieldEmbedder,
         fn_constructor_kwargs={"encoders": encoders, "image_size": image_size},

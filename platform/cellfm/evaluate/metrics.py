@@ -14,10 +14,12 @@ from sklearn.preprocessing import StandardScaler
 WELL_KEYS = ["plate", "well"]
 
 
-def aggregate_wells(fields: pd.DataFrame, embedding_column: str) -> tuple[pd.DataFrame, np.ndarray]:
-    """Mean field embedding per (plate, well); returns the well metadata and an (n_wells, D) matrix."""
+def aggregate_wells(fields: pd.DataFrame, embedding_column: str,
+                    label_columns: list[str] = ()) -> tuple[pd.DataFrame, np.ndarray]:
+    """Mean field embedding per (plate, well); returns the well metadata (perturbation, MoA, control flag
+    and `label_columns`) and an (n_wells, D) matrix."""
     grouped = fields.groupby(WELL_KEYS, sort=True)
-    meta = grouped[["perturbation_id", "moa", "is_control"]].first().reset_index()
+    meta = grouped[list(dict.fromkeys(["perturbation_id", "moa", "is_control", *label_columns]))].first().reset_index()
     features = np.stack([np.mean(np.stack(rows.to_numpy()), axis=0) for _, rows in grouped[embedding_column]])
     return meta, features
 

@@ -3,6 +3,7 @@ held-out manifest named in `eval.manifests`."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -24,7 +25,7 @@ def split_seeds(cfg: Config) -> list[int]:
 def well_scores(fields: pd.DataFrame, embedding_column: str, cfg: Config) -> tuple[int, dict]:
     """Mean embedding per well (normalized as `eval.well_normalization` says), then the probe on
     `eval.n_splits` fixed splits for each of `eval.labels`; returns (number of wells, scores per label)."""
-    meta, features = aggregate_wells(fields, embedding_column)
+    meta, features = aggregate_wells(fields, embedding_column, cfg.eval.labels)
     if cfg.eval.well_normalization == "negcon":
         features = normalize_to_controls(features, meta)
     return len(meta), {label: repeated_split_scores(features, meta[label].astype(str).to_numpy(),
@@ -65,8 +66,13 @@ def run_evaluation(cfg: Config, checkpoint_dir: str | Path) -> tuple[dict, dict[
     for name, manifest in manifests.items():
         manifest_path = cfg.eval.manifests[name]
         print(f"[cellfm] embedding {len(manifest)} fields of '{name}' ({manifest_path})", flush=True)
+        started = time.perf_counter()
         fields = embed_manifest(manifest, cfg.data, encoders, batch_size=cfg.eval.batch_size,
-                                actors=cfg.eval.embed_actors, image_size=cfg.eval.image_size)
+                                actors=cfg.eval.embed_actors, image_size=cfg.eval.image_size,
+                                label_columns=cfg.eval.labels)
+        seconds = time.perf_counter() - started
+        print(f"[cellfm] embedded {len(fields)} fields of '{name}' with {len(encoders)} encoders in {seconds:.0f} s "
+              f"({len(fields) / max(seconds, 1e-9):.1f} fields/s)", flush=True)
         scores: dict = {}
         n_wells = 0
         for spec in encoders:

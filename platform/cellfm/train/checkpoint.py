@@ -88,13 +88,28 @@ def load_inference_backbone(directory: str | Path, storage_options: dict | None 
 
     directory = Path(directory)
     _require(directory, [INFERENCE_WEIGHTS, CONFIG_FILE])
-    cfg = Config.from_dict(yaml.safe_load((directory / CONFIG_FILE).read_text()), source=str(directory / CONFIG_FILE))
+    cfg = load_checkpoint_config(directory)
     backbone = build_backbone(cfg.model)
     try:
         backbone.load_state_dict(load_file(directory / INFERENCE_WEIGHTS))
     except RuntimeError as exc:
         raise CheckpointError(f"{directory / INFERENCE_WEIGHTS} does not match model {cfg.model}: {exc}") from exc
     return backbone.eval(), cfg
+
+
+def load_checkpoint_config(directory: str | Path, storage_options: dict | None = None) -> Config:
+    """The resolved config a checkpoint (local folder or s3:// URI) was saved with, reading only its
+    config.yaml (its credentials are markers; see cellfm.config)."""
+    path = f"{str(directory).rstrip('/')}/{CONFIG_FILE}"
+    if storage.is_remote(directory):
+        try:
+            text = storage.read_text(path, storage_options)
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint {directory} is missing {CONFIG_FILE}") from None
+    else:
+        _require(Path(directory), [CONFIG_FILE])
+        text = Path(path).read_text()
+    return Config.from_dict(yaml.safe_load(text), source=path)
 
 
 def latest_checkpoint(run_dir: str | Path, storage_options: dict | None = None) -> Path | str:

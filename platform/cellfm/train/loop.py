@@ -23,6 +23,7 @@ from cellfm.ssl.schedules import cosine_schedule
 from cellfm.train.checkpoint import load_training_checkpoint, save_training_checkpoint
 from cellfm.train.engines import build_engine
 from cellfm.train.param_groups import parameter_groups
+from cellfm.train.progress import TrainingProgress
 from cellfm.train.self_distillation import build_objective, build_student_teacher, supcon_label
 from cellfm.train.telemetry import RunEvents, model_flops_utilisation, peak_flops_per_s
 
@@ -125,6 +126,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         log_progress(f"MFU not reported: no known peak FLOP/s for {device} (set train.peak_tflops on a GPU)")
 
     shard = ray.train.get_dataset_shard("train")
+    progress = TrainingProgress(cfg.optim.epochs * steps_per_epoch, batch * world * accumulate, first_step=step)
     for epoch in range(start_epoch, cfg.optim.epochs):
         # Augmentation randomness is a pure function of (seed, rank, epoch): a resumed run replays it.
         generator.manual_seed(cfg.train.seed * 1_000_003 + epoch * 1009 + rank)
@@ -183,8 +185,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     writer.add_scalar("perf/mfu", model_flops_utilisation(flops_per_image, images_per_s, world,
                                                                           peak_flops), step)
             if rank == 0 and step % cfg.train.log_every_steps == 0:
-                log_progress(f"epoch {epoch + 1}/{cfg.optim.epochs} step {step + 1}/{cfg.optim.epochs * steps_per_epoch} "
-                             f"loss {values['loss']:.4f} lr {sched.lr[step]:.2e} teacher_temp {sched.teacher_temp[step]:.3f}")
+                log_progress(progress.line(epoch=epoch, epochs=cfg.optim.epochs, step=step + 1, loss=values["loss"],
+                                           data_wait_fraction=wait_s / max(time.perf_counter() - epoch_t0, 1e-9),
+                                           lr=sched.lr[step], teacher_temp=sched.teacher_temp[step]))
             step += 1
             n_steps += 1
             t_wait = time.perf_counter()
@@ -196,6 +199,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # None (not a made-up number) where MFU cannot be measured.
         metrics["mfu"] = (None if flops_per_image is None else
                           model_flops_utilisation(flops_per_image, metrics["images_per_s"], world, peak_flops))
+        if rank == 0:
+            log_progress("end of " + progress.line(epoch=epoch, epochs=cfg.optim.epochs, step=step, loss=metrics.get("loss", float("nan")),
+                                                   data_wait_fraction=metrics["data_wait_fraction"],
+                                                   images_per_s=metrics["images_per_s"]))
         if events is not None:
             writer.add_scalar("perf/data_wait_fraction", metrics["data_wait_fraction"], step)
             writer.add_scalar("train/epoch_loss", metrics["loss"], step)
