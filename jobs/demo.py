@@ -10,7 +10,8 @@ from pathlib import Path
 
 from cellfm.cli import config_from_args, parser, run_main
 from cellfm.data.synthetic import generate_screen
-from cellfm.evaluate.run import run_evaluation, summary_lines
+from cellfm.evaluate.report import summary_lines
+from cellfm.evaluate.run import run_evaluation
 from cellfm.train.trainer import run_pretraining
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -30,7 +31,7 @@ def main() -> None:
     result = run_pretraining(cfg)
     print(f"[cellfm] pre-training done at {time.perf_counter() - t0:.0f}s; checkpoint {result.checkpoint.path}")
     report, paths = run_evaluation(cfg, result.checkpoint.path)
-    print("\n[cellfm] held-out wells, logistic regression (trained vs random-init encoder):")
+    print("\n[cellfm] held-out wells, trained encoder vs baselines (docs/evaluation.md):")
     print("\n".join(summary_lines(report)))
     print(f"\n[cellfm] report: {paths['markdown']}  (demo took {time.perf_counter() - t0:.0f}s)")
 

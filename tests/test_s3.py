@@ -165,7 +165,7 @@ def test_pretrain_and_evaluate_jobs_on_s3_storage(s3_server, smoke_overrides, tm
     assert ckpt == f"{run_dir}/checkpoint_epoch0000"
     report = json.loads((Path(cfg.eval.output_dir) / "report.json").read_text())
     assert report["checkpoint"] == ckpt and set(report["results"]) == {"seen", "unseen"}
-    assert 0.0 <= report["results"]["seen"]["scores"]["trained"]["moa"]["top1"] <= 1.0
+    assert 0.0 <= report["results"]["seen"]["metrics"]["trained"]["probe_moa_top1"] <= 1.0
 
     backbone, saved_cfg = load_inference_backbone(ckpt, so)
     assert saved_cfg.to_dict()["model"] == saved["model"]  # the run's config.yaml (manifest channels filled in)

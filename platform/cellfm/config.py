@@ -8,6 +8,7 @@ and the file it came from, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import tempfile
 import types
@@ -21,6 +22,10 @@ import yaml
 
 class ConfigError(ValueError):
     """A config file or override is malformed; the message names the dotted key at fault."""
+
+
+# Evaluation protocols, in report order (cellfm.evaluate.protocols runs them).
+EVAL_PROTOCOLS = ("probe", "compound_heldout", "nn_lopo", "replicate_map", "moa_consistency", "localization_map")
 
 
 @dataclass
@@ -194,26 +199,49 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    # Named held-out manifests: each is embedded and scored separately.
+    # Named held-out manifests (channel configurations, e.g. seen and unseen): each is embedded and
+    # scored separately.
     manifests: dict = field(
         default_factory=lambda: {
             "seen": "demo_output/screen/heldout.parquet",
             "unseen": "demo_output/screen/unseen.parquet",
         }
     )
+    # Manifest columns the fixed-split probe and the leave-one-plate-out 1-NN classify.
     labels: list = field(default_factory=lambda: ["perturbation_id", "moa"])
     # Well features normalized per plate against its negative controls (none | negcon).
     well_normalization: str = "negcon"
+    # Protocols to run (docs/evaluation.md): probe (fixed well splits), compound_heldout (MoA of
+    # unseen compounds), nn_lopo (CHAMMI 1-NN), replicate_map (JUMP replicate retrieval),
+    # moa_consistency (JUMP), localization_map (HPA-style multi-label).
+    protocols: list = field(default_factory=lambda: list(EVAL_PROTOCOLS))
+    # Fraction of wells tested in each fixed probe split, and of each MoA's compounds in each
+    # compound-held-out split.
     test_fraction: float = 0.5
+    # Seed of the first split; split k uses split_seed + k.
     split_seed: int = 0
     # Scores are the mean over this many fixed splits (seeds split_seed, split_seed + 1, ...).
     n_splits: int = 5
+    # Compound-held-out (and protein-held-out) splits per score, seeds split_seed, split_seed + 1, ...
+    n_compound_splits: int = 5
+    # Random rankings per (positives, total) configuration in copairs' null distribution (JUMP: 10000).
+    copairs_null_size: int = 10000
+    # Benjamini-Hochberg corrected p-value below which a perturbation (MoA) counts as retrieved.
+    copairs_threshold: float = 0.05
+    # Seed of copairs' null distributions.
+    copairs_seed: int = 0
+    # 2-D map of well embeddings in the report: auto (UMAP when umap-learn is installed, else PCA) | pca | umap.
+    embedding_map: str = "auto"
+    # Fields per batch in the embedding actors.
     batch_size: int = 32
     # Side length fields are resized to before embedding; 0 = as stored (native resolution; the
     # backbone interpolates its positional embedding).
     image_size: int = 0
+    # Actors embedding fields in parallel (each holds every model).
     embed_actors: int = 1
+    # Seed of the random-init baseline encoder's weights.
     random_init_seed: int = 0
+    # Folder the report (report.json, report.md, PNG plots) is written to.
     output_dir: str = "demo_output/report"
 
 
@@ -259,6 +287,7 @@ _CHOICES = {
     "train.engine": {"ddp", "deepspeed"},
     "train.mixed_precision": {"bf16", "fp32"},
     "eval.well_normalization": {"none", "negcon"},
+    "eval.embedding_map": {"auto", "pca", "umap"},
 }
 
 _POSITIVE = (
@@ -269,7 +298,7 @@ _POSITIVE = (
     "optim.layerwise_decay", "optim.patch_embed_lr_mult", "train.gpus_per_worker",
     "train.num_workers", "train.cpus_per_worker", "train.torch_threads", "train.num_to_keep",
     "data.read_cpus", "data.read_batch_size", "data.clahe_clip_limit", "data.clahe_tiles",
-    "eval.batch_size", "eval.embed_actors", "eval.n_splits",
+    "eval.batch_size", "eval.embed_actors", "eval.n_splits", "eval.n_compound_splits", "eval.copairs_null_size",
 )
 
 
@@ -317,6 +346,14 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: eval.test_fraction must be in (0, 1), got {cfg.eval.test_fraction}")
     if not cfg.eval.manifests:
         raise ConfigError(f"{source}: eval.manifests is empty; name at least one held-out manifest")
+    unknown = [p for p in cfg.eval.protocols if p not in EVAL_PROTOCOLS]
+    if unknown or not cfg.eval.protocols or len(set(cfg.eval.protocols)) != len(cfg.eval.protocols):
+        raise ConfigError(f"{source}: eval.protocols={cfg.eval.protocols!r} must list distinct protocols from "
+                          f"{list(EVAL_PROTOCOLS)}")
+    if not 0 < cfg.eval.copairs_threshold < 1:
+        raise ConfigError(f"{source}: eval.copairs_threshold must be in (0, 1), got {cfg.eval.copairs_threshold}")
+    if cfg.eval.embedding_map == "umap" and importlib.util.find_spec("umap") is None:
+        raise ConfigError(f"{source}: eval.embedding_map=umap needs umap-learn installed (or use auto / pca)")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
