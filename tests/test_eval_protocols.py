@@ -425,3 +425,18 @@ def test_checkpoint_arguments():
         checkpoints_from_args(["cellrep=/a", "cellrep=/b"])
     with pytest.raises(ConfigError, match="'random_init' is a baseline name"):
         checkpoints_from_args(["random_init=/a"])
+
+
+def test_embedded_fields_carry_the_manifests_localization_labels():
+    """`run.field_features`: embed_manifest's rows (metadata + an embedding column, any order) become
+    the seam's input; localization comes from the manifest by (plate, well, field)."""
+    from cellfm.evaluate.run import field_features
+
+    manifest = pd.DataFrame({"plate": ["P"] * 4, "well": ["A01", "A01", "B01", "B01"], "field": [0, 1, 0, 1],
+                             "perturbation_id": ["p1", "p1", "p2", "p2"], "moa": ["nucleus", "nucleus", "er", "er"],
+                             "is_control": False, "localization": ["nucleus", "nucleus", "er", "er"]})
+    fields = manifest.drop(columns="localization").iloc[[3, 0, 2, 1]].assign(
+        embedding_m=[np.full(3, float(i)) for i in (3, 0, 2, 1)])
+    meta, x = field_features(fields, manifest, "embedding_m")
+    assert meta["localization"].tolist() == ["er", "nucleus", "er", "nucleus"]
+    np.testing.assert_array_equal(x[:, 0], [3, 0, 2, 1])
