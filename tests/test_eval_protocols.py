@@ -349,8 +349,8 @@ def test_per_field_features_are_averaged_per_well():
     fields = pd.concat([meta.assign(field=0), meta.assign(field=1)], ignore_index=True)
     per_field = np.concatenate([x + noise, x - noise])  # the two fields average to x
     cfg = _fast(well_normalization="negcon")
-    from_fields = well_profiles(fields, per_field, "negcon")
-    from_wells = well_profiles(meta, x, "negcon")
+    from_fields = well_profiles(fields, per_field, "negcon", ["moa"])
+    from_wells = well_profiles(meta, x, "negcon", ["moa"])
     assert from_fields.n_fields == 2 * len(meta) and from_wells.n_fields is None
     pd.testing.assert_frame_equal(from_fields.meta, from_wells.meta)
     np.testing.assert_allclose(from_fields.features, from_wells.features, atol=1e-10)
@@ -365,6 +365,8 @@ def test_bad_inputs_name_the_model_and_the_well():
     cfg = _fast(protocols=["probe"])
     with pytest.raises(ValueError, match="model 'm': metadata lacks column\\(s\\) moa"):
         evaluate_features({"m": (meta.drop(columns="moa"), x)}, cfg)
+    with pytest.raises(ValueError, match="model 'm': metadata lacks column\\(s\\) target"):
+        evaluate_features({"m": (meta, x)}, dataclasses.replace(cfg, labels=["moa", "target"]))
     bad = x.copy()
     bad[5, 2] = np.nan
     with pytest.raises(ValueError, match=f"model 'm': non-finite features at plate P0 well {meta['well'][5]}"):
@@ -440,3 +442,8 @@ def test_embedded_fields_carry_the_manifests_localization_labels():
     meta, x = field_features(fields, manifest, "embedding_m")
     assert meta["localization"].tolist() == ["er", "nucleus", "er", "nucleus"]
     np.testing.assert_array_equal(x[:, 0], [3, 0, 2, 1])
+    # Any eval.labels column travels too, and reaches the wells the probe classifies.
+    meta, x = field_features(fields, manifest.assign(target=["t1", "t1", "t2", "t2"]), "embedding_m", ["target"])
+    assert meta["target"].tolist() == ["t2", "t1", "t2", "t1"]
+    wells = well_profiles(meta, x, "none", ["target"])
+    assert wells.meta["target"].tolist() == ["t1", "t2"] and wells.features[:, 0].tolist() == [0.5, 2.5]

@@ -4,10 +4,11 @@ feature store), the numbers are computed here and only here.
 
     block = evaluate_features({"trained": (meta, X), "random_init": (meta, X0)}, cfg.eval)
 
-`meta` holds plate, well, perturbation_id, moa, is_control (+ field for per-field rows, + optional
-localization); `X` is (rows, D). The result is JSON-ready: per-model headline metrics (`metrics`,
-their spread over splits in `spread`), every protocol's details, the 2-D map of the wells and the
-best model on MoA of held-out compounds. `cellfm.evaluate.report` renders a dict of such blocks.
+`meta` holds plate, well, perturbation_id, moa, is_control and the `eval.labels` columns (+ field for
+per-field rows, + optional localization); `X` is (rows, D). The result is JSON-ready: per-model
+headline metrics (`metrics`, their spread over splits in `spread`), every protocol's details, the 2-D
+map of the wells and the best model on MoA of held-out compounds. `cellfm.evaluate.report` renders
+a dict of such blocks.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def evaluation_settings(cfg: EvalConfig) -> dict:
         "compound_split_seeds": split_seeds(cfg, cfg.n_compound_splits),
         "copairs": {"null_size": cfg.copairs_null_size, "threshold": cfg.copairs_threshold, "seed": cfg.copairs_seed},
         "embedding_map": resolve_method(cfg.embedding_map),
-        "metric_titles": {spec.key: spec.title for spec in metric_specs(list(cfg.labels)) if spec.protocol in cfg.protocols},
+        "metric_titles": {spec.key: spec.title for spec in metric_specs(list(cfg.labels))
+                          if spec.protocol in cfg.protocols},
     }
 
 
@@ -161,7 +163,7 @@ def evaluate_features(features_by_model: Mapping[str, tuple[pd.DataFrame, np.nda
     Models keep their given order; all must cover the same wells with the same metadata."""
     if not features_by_model:
         raise ValueError("evaluate_features needs at least one model")
-    profiles = {name: well_profiles(meta, x, cfg.well_normalization, source=f"model {name!r}")
+    profiles = {name: well_profiles(meta, x, cfg.well_normalization, list(cfg.labels), source=f"model {name!r}")
                 for name, (meta, x) in features_by_model.items()}
     _check_same_wells(profiles)
     details, maps = {}, {}

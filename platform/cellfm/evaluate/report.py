@@ -89,10 +89,11 @@ def markdown_report(report: dict) -> str:
     models = _models(report)
     trained = [m for m in models if m not in report.get("baselines", [])]
     checkpoints = report.get("checkpoints", {})
+    normalized = ", normalized per plate to its negative controls" if report["well_normalization"] == "negcon" else ""
     lines = ["# cellfm evaluation", "",
              "Models: " + ", ".join(f"`{m}`" + (f" (`{checkpoints[m]}`)" if m in checkpoints else "") for m in trained)
              + "; baselines: " + ", ".join(f"`{m}`" for m in models if m not in trained) + ".", "",
-             f"Wells: mean over fields{', normalized per plate to its negative controls' if report['well_normalization'] == 'negcon' else ''}. "
+             f"Wells: mean over fields{normalized}. "
              f"Fixed-split probe: {len(report['split_seeds'])} stratified well splits (test fraction "
              f"{report['test_fraction']}); compound-held-out probes: {len(report['compound_split_seeds'])} splits; "
              f"copairs null size {report['copairs']['null_size']}, corrected p < {report['copairs']['threshold']}. "
@@ -114,7 +115,8 @@ def markdown_report(report: dict) -> str:
         if block.get("best_model"):
             lines += [f"![MoA confusion matrix of {block['best_model']}, {name}](confusion_{_file_name(name)}.png)", ""]
     lines += ["## Metrics across models", ""]
-    lines += [f"![{report['metric_titles'][key]}](metric_{key}.png)" for key in _metric_keys(report, computed_only=True)]
+    lines += [f"![{report['metric_titles'][key]}](metric_{key}.png)"
+              for key in _metric_keys(report, computed_only=True)]
     return "\n".join(lines) + "\n"
 
 

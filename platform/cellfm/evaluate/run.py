@@ -50,10 +50,12 @@ def _named(value: str) -> bool:
     return bool(sep) and _MODEL_NAME.fullmatch(name) is not None
 
 
-def field_features(fields: pd.DataFrame, manifest: pd.DataFrame, embedding_column: str) -> tuple[pd.DataFrame, np.ndarray]:
+def field_features(fields: pd.DataFrame, manifest: pd.DataFrame, embedding_column: str,
+                   label_columns: Sequence[str] = ()) -> tuple[pd.DataFrame, np.ndarray]:
     """The per-field (metadata, features) that `evaluate_features` takes, from `embed_manifest`'s
-    output; optional label columns (localization) come from the manifest."""
-    optional = [c for c in OPTIONAL_COLUMNS if c in manifest.columns]
+    output; `label_columns` (eval.labels) and the optional columns (localization) come from the manifest."""
+    optional = [c for c in dict.fromkeys([*OPTIONAL_COLUMNS, *label_columns])
+                if c in manifest.columns and c not in METADATA_COLUMNS]
     meta = fields[METADATA_COLUMNS]
     if optional:
         keys = ["plate", "well", "field"]
@@ -104,7 +106,8 @@ def run_evaluation(cfg: Config, checkpoints: str | Path | Mapping[str, str | Pat
               f"{len(encoders)} models", flush=True)
         fields = embed_manifest(manifest, cfg.data, encoders, batch_size=cfg.eval.batch_size,
                                 actors=cfg.eval.embed_actors, image_size=cfg.eval.image_size)
-        block = evaluate_features({spec.name: field_features(fields, manifest, f"embedding_{spec.name}")
+        block = evaluate_features({spec.name: field_features(fields, manifest, f"embedding_{spec.name}",
+                                                             cfg.eval.labels)
                                    for spec in encoders}, cfg.eval)
         report["results"][name] = {"manifest": str(manifest_path), "channels": list(manifest["channel_names"].iloc[0]),
                                    **block}

@@ -38,11 +38,11 @@ def _row_name(row: pd.Series) -> str:
     return f"plate {row['plate']} well {row['well']}{field}"
 
 
-def _validate(meta: pd.DataFrame, features: np.ndarray, source: str) -> None:
-    missing = [c for c in REQUIRED_COLUMNS if c not in meta.columns]
+def _validate(meta: pd.DataFrame, features: np.ndarray, label_columns: list[str], source: str) -> None:
+    missing = [c for c in dict.fromkeys([*REQUIRED_COLUMNS, *label_columns]) if c not in meta.columns]
     if missing:
-        raise ValueError(f"{source}: metadata lacks column(s) {', '.join(missing)} "
-                         f"(needs {', '.join(REQUIRED_COLUMNS)}, and field for per-field features)")
+        raise ValueError(f"{source}: metadata lacks column(s) {', '.join(missing)} (needs "
+                         f"{', '.join(REQUIRED_COLUMNS)}, the eval.labels columns, and field for per-field features)")
     if features.ndim != 2 or len(features) != len(meta):
         raise ValueError(f"{source}: features must be (rows, D) with one row per metadata row; "
                          f"got shape {features.shape} for {len(meta)} rows")
@@ -55,20 +55,23 @@ def _validate(meta: pd.DataFrame, features: np.ndarray, source: str) -> None:
         raise ValueError(f"{source}: {_row_name(meta[duplicated].iloc[0])} appears more than once")
 
 
-def well_profiles(meta: pd.DataFrame, features: np.ndarray, normalization: str,
+def well_profiles(meta: pd.DataFrame, features: np.ndarray, normalization: str, label_columns: list[str] = (),
                   source: str = "features") -> WellProfiles:
     """Sort, validate, average fields per well (mean, as `aggregate_wells`) and normalize (`none` or
-    `negcon`: per plate against its negative controls). `source` names the input in errors."""
+    `negcon`: per plate against its negative controls). `label_columns` (eval.labels) must be columns
+    and are kept per well, as are the OPTIONAL_COLUMNS present. `source` names the input in errors."""
     meta, features = meta.reset_index(drop=True), np.asarray(features)
-    _validate(meta, features, source)
-    optional = [c for c in OPTIONAL_COLUMNS if c in meta.columns]
+    _validate(meta, features, list(label_columns), source)
+    optional = [c for c in dict.fromkeys([*OPTIONAL_COLUMNS, *label_columns])
+                if c in meta.columns and c not in REQUIRED_COLUMNS]
     per_field = "field" in meta.columns
     order = meta.sort_values(WELL_KEYS + (["field"] if per_field else []), kind="mergesort").index.to_numpy()
     rows, rows_features = meta.loc[order].reset_index(drop=True), features[order].astype(np.float64)
     if per_field:
         wells, well_features = aggregate_wells(rows.assign(_features=list(rows_features)), "_features")
         if optional:
-            wells = wells.merge(rows.groupby(WELL_KEYS, sort=True)[optional].first().reset_index(), on=WELL_KEYS, how="left")
+            first_values = rows.groupby(WELL_KEYS, sort=True)[optional].first().reset_index()
+            wells = wells.merge(first_values, on=WELL_KEYS, how="left")
     else:
         wells, well_features = rows[list(REQUIRED_COLUMNS) + optional], rows_features
     wells = wells.astype({"plate": str, "well": str, "perturbation_id": str, "moa": str, "is_control": bool})
