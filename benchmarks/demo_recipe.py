@@ -17,6 +17,7 @@ intensity statistics are scored once. Writes benchmarks/results/demo_recipe.json
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -34,7 +35,7 @@ from cellfm.data.normalize import normalize_field
 from cellfm.data.plate import read_field
 from cellfm.data.synthetic import generate_screen
 from cellfm.evaluate.embed import IntensityStatistics, field_embedding
-from cellfm.evaluate.run import well_scores
+from cellfm.evaluate.protocols import evaluate_features
 from cellfm.models.registry import build_backbone
 from cellfm.ssl.ema import update_ema
 from cellfm.train.engines import DDPEngine
@@ -69,12 +70,14 @@ def load_fields(manifest: pd.DataFrame, cfg: Config) -> torch.Tensor:
 
 
 def probe(encoder: torch.nn.Module, manifest: pd.DataFrame, fields: torch.Tensor, cfg: Config) -> dict:
-    """Top-1 of the demo's probe (`cellfm.evaluate.run.well_scores`) for each label."""
+    """Top-1 of the demo's fixed-split probe (`cellfm.evaluate.protocols`, protocol `probe`) for each label."""
     with torch.no_grad():
         embedding = torch.cat([field_embedding(encoder, fields[i:i + 64], cfg.eval.image_size)
                                for i in range(0, len(fields), 64)]).numpy()
-    _, scores = well_scores(manifest.assign(embedding=list(embedding)), "embedding", cfg)
-    return {label: {"top1": round(s["top1"], 3), "top1_sd": round(s["top1_sd"], 3)} for label, s in scores.items()}
+    eval_cfg = dataclasses.replace(cfg.eval, protocols=["probe"])
+    block = evaluate_features({"encoder": (manifest, embedding)}, eval_cfg)
+    return {label: {"top1": round(s["top1"], 3), "top1_sd": round(s["top1_sd"], 3)}
+            for label, s in block["details"]["encoder"]["probe"].items()}
 
 
 def relative_change(model: torch.nn.Module, init: dict[str, torch.Tensor]) -> float:

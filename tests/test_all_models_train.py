@@ -74,6 +74,6 @@ def test_every_model_pretrains_lowers_loss_and_evaluates(model, ray_session, smo
 
     ckpt = latest_checkpoint(run_directory(cfg))
     report, paths = run_evaluation(cfg, ckpt)
-    scores = report["results"]["unseen"]["scores"]["trained"]
-    assert all(0.0 <= scores[label]["top1"] <= 1.0 for label in cfg.eval.labels)
+    probe = report["results"]["unseen"]["details"]["trained"]["probe"]
+    assert all(0.0 <= probe[label]["top1"] <= 1.0 for label in cfg.eval.labels)
     assert json.loads(paths["json"].read_text())["model"]["name"] == model

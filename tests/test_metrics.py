@@ -6,7 +6,6 @@ import pytest
 
 from cellfm.evaluate.metrics import (aggregate_wells, fixed_well_split, logistic_regression_scores, normalize_to_controls,
                                      repeated_split_scores)
-from cellfm.evaluate.report import markdown_report
 
 
 def _wells(n_per_class: int = 8, n_classes: int = 4, separation: float = 10.0, seed: int = 0):
@@ -47,16 +46,6 @@ def test_normalize_to_controls_standardizes_each_plate_by_its_controls():
     np.testing.assert_allclose(out[:, 0], [-1, 1, 3, 0, -1, 1, 0, 4], atol=1e-5)
     with pytest.raises(ValueError, match="plate A"):
         normalize_to_controls(features[:4], meta.iloc[:4].assign(is_control=[True, False, False, False]))
-
-
-def test_markdown_report_shows_mean_and_spread():
-    features, labels = _wells()
-    scores = repeated_split_scores(features, labels, 0.5, [0, 1])
-    report = {"checkpoint": "ckpt", "well_normalization": "negcon", "test_fraction": 0.5, "split_seeds": [0, 1],
-              "results": {"seen": {"manifest": "m.parquet", "channels": ["DNA"], "n_wells": 32, "n_fields": 64,
-                                   "scores": {"trained": {"moa": scores}}}}}
-    text = markdown_report(report)
-    assert "2 fixed stratified splits" in text and f"{scores['top1']:.3f} ± {scores['top1_sd']:.3f}" in text
 
 
 def test_wells_carry_every_label_column_asked_for():

@@ -16,6 +16,7 @@ so credentials then come from the environment (AWS_ACCESS_KEY_ID, ...) or explic
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import tempfile
 import types
@@ -44,6 +45,10 @@ CREDENTIAL_MARKER = "<redacted>"
 _CREDENTIAL_NAME_PARTS = ("secret", "token", "password", "key", "credential", "session")
 # The two channel groups of C3R and of the manifest's `channel_groups` column.
 CHANNEL_GROUPS = ("context", "concept")
+
+
+# Evaluation protocols, in report order (cellfm.evaluate.protocols runs them).
+EVAL_PROTOCOLS = ("probe", "compound_heldout", "nn_lopo", "replicate_map", "moa_consistency", "localization_map")
 
 
 @dataclass
@@ -307,35 +312,51 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation on held-out plates: which manifests, which labels, the probe's splits, and the embedding run."""
+    """Evaluation on held-out plates: which manifests, which labels, the protocols and their splits, and the embedding run."""
 
-    # Named held-out manifests: each is embedded and scored separately.
+    # Named held-out manifests (channel configurations, e.g. seen and unseen): each is embedded and
+    # scored separately.
     manifests: dict[str, str] = field(
         default_factory=lambda: {
             "seen": "demo_output/screen/heldout.parquet",
             "unseen": "demo_output/screen/unseen.parquet",
         }
     )
-    # Manifest columns the probe predicts (each a column of every eval manifest).
+    # Manifest columns the fixed-split probe and the leave-one-plate-out 1-NN classify.
     labels: list[str] = field(default_factory=lambda: ["perturbation_id", "moa"])
     # Well features normalized per plate against its negative controls (none | negcon).
     well_normalization: str = "negcon"
-    # Fraction of wells in each split's test set, in (0, 1).
+    # Protocols to run (docs/evaluation.md): probe (fixed well splits), compound_heldout (MoA of
+    # unseen compounds), nn_lopo (CHAMMI 1-NN), replicate_map (JUMP replicate retrieval),
+    # moa_consistency (JUMP), localization_map (HPA-style multi-label).
+    protocols: list[str] = field(default_factory=lambda: list(EVAL_PROTOCOLS))
+    # Fraction of wells tested in each fixed probe split, and of each MoA's compounds in each
+    # compound-held-out split.
     test_fraction: float = 0.5
-    # Seed of the first fixed well split.
+    # Seed of the first split; split k uses split_seed + k.
     split_seed: int = 0
     # Scores are the mean over this many fixed splits (seeds split_seed, split_seed + 1, ...).
     n_splits: int = 5
-    # Fields per embedding batch.
+    # Compound-held-out (and protein-held-out) splits per score, seeds split_seed, split_seed + 1, ...
+    n_compound_splits: int = 5
+    # Random rankings per (positives, total) configuration in copairs' null distribution (JUMP: 10000).
+    copairs_null_size: int = 10000
+    # Benjamini-Hochberg corrected p-value below which a perturbation (MoA) counts as retrieved.
+    copairs_threshold: float = 0.05
+    # Seed of copairs' null distributions.
+    copairs_seed: int = 0
+    # 2-D map of well embeddings in the report: auto (UMAP when umap-learn is installed, else PCA) | pca | umap.
+    embedding_map: str = "auto"
+    # Fields per batch in the embedding actors.
     batch_size: int = 32
     # Side length fields are resized to before embedding; 0 = as stored (native resolution; the
     # backbone interpolates its positional embedding).
     image_size: int = 0
-    # Embedding actors (each holds every encoder).
+    # Actors embedding fields in parallel (each holds every model).
     embed_actors: int = 1
-    # Seed of the random-init baseline encoder.
+    # Seed of the random-init baseline encoder's weights.
     random_init_seed: int = 0
-    # Folder of report.{json,md,png}.
+    # Folder the report (report.json, report.md, PNG plots) is written to.
     output_dir: str = "demo_output/report"
 
 
@@ -393,6 +414,7 @@ _CHOICES = {
     "train.engine": {"ddp", "deepspeed"},
     "train.mixed_precision": {"bf16", "fp32"},
     "eval.well_normalization": {"none", "negcon"},
+    "eval.embedding_map": {"auto", "pca", "umap"},
 }
 
 _POSITIVE = (
@@ -406,7 +428,8 @@ _POSITIVE = (
     "train.num_workers", "train.cpus_per_worker", "train.torch_threads", "train.num_to_keep",
     "train.log_every_steps",
     "data.read_cpus", "data.read_batch_size", "data.clahe_tiles",
-    "eval.batch_size", "eval.embed_actors", "eval.n_splits", "ray.num_cpus",
+    "eval.batch_size", "eval.embed_actors", "eval.n_splits", "eval.n_compound_splits", "eval.copairs_null_size",
+    "ray.num_cpus",
 )
 
 _NON_NEGATIVE = (
@@ -417,7 +440,7 @@ _NON_NEGATIVE = (
     "ssl.warmup_teacher_temp_epochs", "ssl.freeze_last_layer_epochs", "ssl.n_local_crops",
     "optim.min_lr", "optim.warmup_epochs", "optim.weight_decay", "optim.weight_decay_end",
     "train.max_failures", "train.seed", "train.peak_tflops",
-    "eval.split_seed", "eval.random_init_seed", "eval.image_size",
+    "eval.split_seed", "eval.random_init_seed", "eval.image_size", "eval.copairs_seed",
 )
 
 # Closed interval [0, 1].
@@ -459,6 +482,13 @@ def config_problems(cfg: Config) -> list[str]:
         problems.append("eval.labels is empty; name at least one manifest column to predict (e.g. moa)")
     if len(set(e.labels)) != len(e.labels):
         problems.append(f"eval.labels names a column twice: {e.labels}")
+    unknown = [p for p in e.protocols if p not in EVAL_PROTOCOLS]
+    if unknown or not e.protocols or len(set(e.protocols)) != len(e.protocols):
+        problems.append(f"eval.protocols={e.protocols!r} must list distinct protocols from {list(EVAL_PROTOCOLS)}")
+    if not 0 < e.copairs_threshold < 1:
+        problems.append(f"eval.copairs_threshold must be in (0, 1), got {e.copairs_threshold}")
+    if e.embedding_map == "umap" and importlib.util.find_spec("umap") is None:
+        problems.append("eval.embedding_map=umap needs umap-learn installed (or use auto / pca)")
     return problems
 
 

@@ -43,19 +43,41 @@ def fixed_well_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     return train_test_split(index, test_size=test_fraction, random_state=seed, stratify=labels)
 
 
-def logistic_regression_scores(features: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
-                               test_idx: np.ndarray) -> dict:
+def probe_predictions(features: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
+                      test_idx: np.ndarray) -> np.ndarray:
+    """The linear probe (standardized features, multinomial logistic regression) trained on the
+    train wells; its predicted labels for the test wells."""
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
     probe.fit(features[train_idx], labels[train_idx])
-    predicted = probe.predict(features[test_idx])
-    truth = labels[test_idx]
+    return probe.predict(features[test_idx])
+
+
+def classification_scores(truth: np.ndarray, predicted: np.ndarray) -> dict:
+    """Seed 000 Table 1's two numbers: top-1 accuracy and precision averaged over classes weighted
+    by their number of test wells."""
     return {
         "top1": float(accuracy_score(truth, predicted)),
         "weighted_precision": float(precision_score(truth, predicted, average="weighted", zero_division=0)),
+    }
+
+
+def logistic_regression_scores(features: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
+                               test_idx: np.ndarray) -> dict:
+    predicted = probe_predictions(features, labels, train_idx, test_idx)
+    return {
+        **classification_scores(labels[test_idx], predicted),
         "n_train_wells": int(len(train_idx)),
         "n_test_wells": int(len(test_idx)),
         "n_classes": int(len(np.unique(labels))),
     }
+
+
+def split_summary(runs: list[dict], keys: tuple[str, ...] = ("top1", "weighted_precision")) -> dict:
+    """Mean and standard deviation over splits of each score in `keys`, and the first key per split."""
+    summary = {key: float(np.mean([r[key] for r in runs])) for key in keys}
+    summary.update({f"{key}_sd": float(np.std([r[key] for r in runs])) for key in keys})
+    summary[f"{keys[0]}_per_split"] = [r[keys[0]] for r in runs]
+    return summary
 
 
 def repeated_split_scores(features: np.ndarray, labels: np.ndarray, test_fraction: float,
@@ -65,8 +87,6 @@ def repeated_split_scores(features: np.ndarray, labels: np.ndarray, test_fractio
     splits (with its standard deviation) is what encoders are compared on."""
     runs = [logistic_regression_scores(features, labels, *fixed_well_split(labels, test_fraction, seed))
             for seed in seeds]
-    summary = {key: float(np.mean([r[key] for r in runs])) for key in ("top1", "weighted_precision")}
-    summary.update({f"{key}_sd": float(np.std([r[key] for r in runs])) for key in ("top1", "weighted_precision")})
+    summary = split_summary(runs)
     summary.update({key: runs[0][key] for key in ("n_train_wells", "n_test_wells", "n_classes")})
-    summary["top1_per_split"] = [r["top1"] for r in runs]
     return summary
