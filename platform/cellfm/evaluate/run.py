@@ -9,7 +9,7 @@ import pandas as pd
 
 from cellfm.config import Config
 from cellfm.data.pipeline import load_manifests
-from cellfm.evaluate.embed import EncoderSpec, embed_manifest
+from cellfm.features.embed import EncoderSpec, embed_manifest
 from cellfm.evaluate.metrics import aggregate_wells, normalize_to_controls, repeated_split_scores
 from cellfm.evaluate.report import write_report
 from cellfm.runtime import init_ray
