@@ -1,11 +1,9 @@
-"""The evaluation probe: negative-control normalization and scores over repeated fixed splits."""
+"""The evaluation probe: scores over repeated fixed splits."""
 
 import numpy as np
-import pandas as pd
 import pytest
 
-from cellfm.evaluate.metrics import (fixed_well_split, logistic_regression_scores, normalize_to_controls,
-                                     repeated_split_scores)
+from cellfm.evaluate.metrics import fixed_well_split, logistic_regression_scores, repeated_split_scores
 from cellfm.evaluate.report import markdown_report
 
 
@@ -37,16 +35,6 @@ def test_probe_separates_separable_wells_and_not_shuffled_labels():
     assert repeated_split_scores(features, labels, 0.5, [0, 1, 2])["top1"] == 1.0
     shuffled = np.random.default_rng(1).permutation(labels)
     assert repeated_split_scores(features, shuffled, 0.5, list(range(10)))["top1"] < 0.5
-
-
-def test_normalize_to_controls_standardizes_each_plate_by_its_controls():
-    meta = pd.DataFrame({"plate": ["A"] * 4 + ["B"] * 4, "is_control": [True, True, False, False] * 2})
-    features = np.array([[1.0], [3.0], [5.0], [2.0], [10.0], [14.0], [12.0], [20.0]])
-    out = normalize_to_controls(features, meta)
-    # Plate A controls: mean 2, sd 1; plate B controls: mean 12, sd 2.
-    np.testing.assert_allclose(out[:, 0], [-1, 1, 3, 0, -1, 1, 0, 4], atol=1e-5)
-    with pytest.raises(ValueError, match="plate A"):
-        normalize_to_controls(features[:4], meta.iloc[:4].assign(is_control=[True, False, False, False]))
 
 
 def test_markdown_report_shows_mean_and_spread():

@@ -218,6 +218,48 @@ class EvalConfig:
 
 
 @dataclass
+class FeaturesConfig:
+    # Feature store root: a local folder or s3://bucket/prefix (s3 read and written with data.storage_options).
+    store: str = "demo_output/features"
+    # Named manifests whose plates the store keeps embedded (`cellfm refresh` embeds what is missing).
+    manifests: dict = field(
+        default_factory=lambda: {
+            "heldout": "demo_output/screen/heldout.parquet",
+            "unseen": "demo_output/screen/unseen.parquet",
+        }
+    )
+    # Checkpoint folder or s3:// URI to embed with; "latest" = the newest checkpoint of
+    # train.storage_path/train.run_name, resolved at every refresh (a new checkpoint gets its own key).
+    checkpoint: str = "latest"
+    # Per-well aggregates of the field embeddings stored beside them: any of mean, median.
+    aggregations: list = field(default_factory=lambda: ["mean", "median"])
+    # Per-plate normalization of the well aggregates against the plate's negative-control wells, stored
+    # as extra variables <aggregation>_<normalization>: none | standardize | robust_mad | spherize.
+    normalization: str = "none"
+    # Spherize (ZCA on negative controls): the control covariance's eigenvalues are raised by this
+    # fraction of their mean, so plates with fewer control wells than features stay well-conditioned.
+    spherize_regularization: float = 0.1
+    # Fields per inference batch (also the fields per read task; a batch never spans two plates).
+    batch_size: int = 32
+    # Inference actors, each holding the model.
+    actors: int = 1
+    # CPUs Ray reserves for each inference actor.
+    cpus_per_actor: float = 1.0
+    # PyTorch threads each inference actor computes with.
+    torch_threads: int = 1
+    # Inference actors on GPUs; null = as train.use_gpu.
+    use_gpu: typing.Optional[bool] = None
+    # GPUs each inference actor holds when it runs on GPUs.
+    gpus_per_actor: float = 1.0
+    # Side length fields are resized to before embedding; 0 = as stored.
+    image_size: int = 0
+    # An unmarked run folder (a refresh killed while writing a plate, or one that lost a race) none of
+    # whose files changed for this many seconds is deleted by the next refresh; keep it well above the
+    # time one plate takes to write.
+    stale_run_s: float = 3600.0
+
+
+@dataclass
 class RayConfig:
     # None: connect to RAY_ADDRESS if set (e.g. under `ray job submit`), else start an embedded local Ray.
     address: typing.Optional[str] = None
@@ -233,6 +275,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict:
@@ -317,6 +360,39 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: eval.test_fraction must be in (0, 1), got {cfg.eval.test_fraction}")
     if not cfg.eval.manifests:
         raise ConfigError(f"{source}: eval.manifests is empty; name at least one held-out manifest")
+    validate_features(cfg.features, cfg.model.patch_size, source)
+
+
+FEATURE_AGGREGATIONS = ("mean", "median")
+FEATURE_NORMALIZATIONS = ("none", "standardize", "robust_mad", "spherize")
+
+
+def validate_features(features: "FeaturesConfig", patch_size: int, source: str) -> None:
+    """The `features` section's rules."""
+    if features.normalization not in FEATURE_NORMALIZATIONS:
+        raise ConfigError(f"{source}: features.normalization={features.normalization!r} is not one of "
+                          f"{list(FEATURE_NORMALIZATIONS)}")
+    for key in ("batch_size", "actors", "cpus_per_actor", "torch_threads", "gpus_per_actor"):
+        if not getattr(features, key) > 0:
+            raise ConfigError(f"{source}: features.{key} must be > 0, got {getattr(features, key)!r}")
+    if not features.store:
+        raise ConfigError(f"{source}: features.store is empty; give a local folder or an s3:// URI")
+    if not features.checkpoint:
+        raise ConfigError(f"{source}: features.checkpoint is empty; give a checkpoint folder, an s3:// URI or 'latest'")
+    for name, path in features.manifests.items():
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"{source}: features.manifests.{name} must be a manifest path, got {path!r}")
+    if not features.aggregations or len(set(features.aggregations)) != len(features.aggregations) or \
+            not set(features.aggregations) <= set(FEATURE_AGGREGATIONS):
+        raise ConfigError(f"{source}: features.aggregations must list distinct items of {list(FEATURE_AGGREGATIONS)}, "
+                          f"got {features.aggregations!r}")
+    if features.spherize_regularization < 0:
+        raise ConfigError(f"{source}: features.spherize_regularization must be >= 0, got {features.spherize_regularization!r}")
+    if features.stale_run_s < 0:
+        raise ConfigError(f"{source}: features.stale_run_s must be >= 0, got {features.stale_run_s!r}")
+    if features.image_size < 0 or features.image_size % patch_size:
+        raise ConfigError(f"{source}: features.image_size={features.image_size} must be 0 or a multiple of "
+                          f"model.patch_size={patch_size}")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:

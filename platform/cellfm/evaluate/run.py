@@ -9,9 +9,10 @@ import pandas as pd
 
 from cellfm.config import Config
 from cellfm.data.pipeline import load_manifests
-from cellfm.features.embed import EncoderSpec, embed_manifest
-from cellfm.evaluate.metrics import aggregate_wells, normalize_to_controls, repeated_split_scores
+from cellfm.evaluate.metrics import repeated_split_scores
 from cellfm.evaluate.report import write_report
+from cellfm.features.aggregate import aggregate_wells, normalize_to_controls
+from cellfm.features.embed import EncoderSpec, embed_manifest
 from cellfm.runtime import init_ray
 from cellfm.train.checkpoint import load_inference_backbone
 from cellfm.train.storage import is_remote
