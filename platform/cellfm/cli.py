@@ -22,15 +22,26 @@ COMMON_FLAGS = {
 SWITCHES = {"--use-gpu": "train.use_gpu"}
 
 
-def parser(description: str, flags: Sequence[str] = tuple(COMMON_FLAGS)) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description,
-                                epilog="Any config key can be overridden as section.key=value, e.g. optim.epochs=3")
-    p.add_argument("--config", default=None, help="YAML experiment config (defaults: cellfm.config)")
+OVERRIDES_EPILOG = "Any config key can be overridden as section.key=value, e.g. optim.epochs=3"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None = None,
+                         flags: Sequence[str] = tuple(COMMON_FLAGS)) -> None:
+    """`--config`, the common flags (`flags` of COMMON_FLAGS, and SWITCHES) and free
+    `section.key=value` overrides, on an existing parser (a command's)."""
+    parser.add_argument("--config", default=default_config,
+                        help=f"YAML experiment config (default: {default_config or 'the defaults of cellfm.config'})")
     for flag in flags:
-        p.add_argument(flag, default=None, help=f"sets {COMMON_FLAGS[flag]}")
+        parser.add_argument(flag, default=None, help=f"sets {COMMON_FLAGS[flag]}")
     for flag, key in SWITCHES.items():
-        p.add_argument(flag, action="store_true", help=f"sets {key}=true")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+        parser.add_argument(flag, action="store_true", help=f"sets {key}=true")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    parser.epilog = "\n\n".join(text for text in (parser.epilog, OVERRIDES_EPILOG) if text)
+
+
+def parser(description: str, flags: Sequence[str] = tuple(COMMON_FLAGS)) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    add_config_arguments(p, flags=flags)
     return p
 
 
@@ -50,11 +61,12 @@ def run_main(main) -> None:
     """Run a job's main; configuration and input errors end with one clear line and exit code 2."""
     from cellfm.data.manifest import ManifestError
     from cellfm.data.plate import PlateError
+    from cellfm.features.store import StoreError
     from cellfm.train.checkpoint import CheckpointError
 
     try:
         main()
-    except (ConfigError, ManifestError, PlateError, CheckpointError) as exc:
+    except (ConfigError, ManifestError, PlateError, CheckpointError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 

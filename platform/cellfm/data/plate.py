@@ -74,6 +74,15 @@ def redact(text: str, storage_options: dict | None = None) -> str:
     return text
 
 
+def redact_options(options: Any) -> Any:
+    """A copy of ``options`` (nested dicts) with every value under a credential-like key replaced by
+    ``"<redacted>"``: what may be written beside results (lineage) or shown."""
+    if not isinstance(options, dict):
+        return options
+    return {name: "<redacted>" if not isinstance(value, dict) and any(k in str(name).lower() for k in _SECRET_KEYS)
+            else redact_options(value) for name, value in options.items()}
+
+
 def _exc_text(exc: BaseException, storage_options: dict | None) -> str:
     return redact(f"{type(exc).__name__}: {exc}", storage_options)
 
