@@ -222,8 +222,10 @@ def test_feature_config_errors_name_the_key():
         load_config(SMOKE_CONFIG, ["features.normalization=zca"])
     with pytest.raises(ConfigError, match="features.aggregations"):
         load_config(SMOKE_CONFIG, ["features.aggregations=[mean, max]"])
-    with pytest.raises(ConfigError, match="features.actors must be > 0"):
-        load_config(SMOKE_CONFIG, ["features.actors=0"])
+    with pytest.raises(ConfigError, match="features.actors must be >= 0"):
+        load_config(SMOKE_CONFIG, ["features.actors=-1"])
+    with pytest.raises(ConfigError, match="features.torch_threads must be > 0"):
+        load_config(SMOKE_CONFIG, ["features.torch_threads=0"])
 
 
 def test_refresh_job_rejects_bad_input_before_ray(tmp_path, tiny_screen):

@@ -241,8 +241,9 @@ class FeaturesConfig:
     spherize_regularization: float = 0.1
     # Fields per inference batch (also the fields per read task; a batch never spans two plates).
     batch_size: int = 32
-    # Inference actors, each holding the model.
-    actors: int = 1
+    # Inference actors, each holding the model (on CPU each also reads and normalizes its fields); 0 = one
+    # per GPU (GPU actors), else one per two CPUs of the Ray cluster (benchmarks/embed_throughput.py).
+    actors: int = 0
     # CPUs Ray reserves for each inference actor.
     cpus_per_actor: float = 1.0
     # PyTorch threads each inference actor computes with.
@@ -372,9 +373,11 @@ def validate_features(features: "FeaturesConfig", patch_size: int, source: str) 
     if features.normalization not in FEATURE_NORMALIZATIONS:
         raise ConfigError(f"{source}: features.normalization={features.normalization!r} is not one of "
                           f"{list(FEATURE_NORMALIZATIONS)}")
-    for key in ("batch_size", "actors", "cpus_per_actor", "torch_threads", "gpus_per_actor"):
+    for key in ("batch_size", "cpus_per_actor", "torch_threads", "gpus_per_actor"):
         if not getattr(features, key) > 0:
             raise ConfigError(f"{source}: features.{key} must be > 0, got {getattr(features, key)!r}")
+    if features.actors < 0:
+        raise ConfigError(f"{source}: features.actors must be >= 0 (0 = sized from the cluster), got {features.actors!r}")
     if not features.store:
         raise ConfigError(f"{source}: features.store is empty; give a local folder or an s3:// URI")
     if not features.checkpoint:

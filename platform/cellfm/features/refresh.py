@@ -225,10 +225,15 @@ def _check_manifest(df: pd.DataFrame, cfg: Config) -> None:
         raise ConfigError(f"features.manifests: {exc}") from exc
 
 
-def inference_data_config(cfg: Config):
-    """The data section as the embedding stream uses it: no padding (blocks of one channel count), and one
-    read block = one inference batch of features.batch_size fields."""
-    return dataclasses.replace(cfg.data, mixed_channels="group", pad_channels_to=0, read_batch_size=cfg.features.batch_size)
+def inference_data_config(cfg: Config, use_gpu: bool = False):
+    """The data section as the embedding stream uses it: no padding (blocks of one channel count), one read
+    block = one inference batch of features.batch_size fields, and on CPU read tasks asking for what an
+    inference actor asks for, so Ray Data fuses reading into the actors: each reads, normalizes and embeds
+    its blocks (only embeddings cross the object store, and a refresh's actors never wait on read tasks
+    that other work on the cluster keeps from starting). GPU actors are fed by separate read tasks."""
+    read_cpus = cfg.data.read_cpus if use_gpu else cfg.features.cpus_per_actor
+    return dataclasses.replace(cfg.data, mixed_channels="group", pad_channels_to=0, read_batch_size=cfg.features.batch_size,
+                               read_cpus=read_cpus)
 
 
 def plan_refresh(cfg: Config, manifests: dict[str, str] | None = None, checkpoint: str | None = None) -> RefreshPlan:
@@ -284,8 +289,10 @@ class RefreshSummary:
     up_to_date: list[str]
     removed_runs: list[str]
     fields: int
-    seconds: float
+    seconds: float  # the whole refresh, planning included
     started_ray: bool
+    startup_s: float = 0.0  # from the start of planning to the first embeddings (Ray, actors, first reads)
+    sustained_fields_per_s: float = 0.0  # fields after the first batch / the time they took
 
 
 def build_plate_features(fields: pd.DataFrame, embeddings: np.ndarray, features: FeaturesConfig, model_name: str,
@@ -317,9 +324,14 @@ class _PlateWriter:
         self.written_by_other: list[str] = []
         self.fields_done = 0
         self.t0 = time.monotonic()
+        self.first_batch: tuple[float, int] | None = None  # (time, fields) of the first embeddings
+        self.last_batch = self.t0
         self.plates_done = 0
 
     def add(self, positions: np.ndarray, embeddings: np.ndarray) -> None:
+        self.last_batch = time.monotonic()
+        if self.first_batch is None:
+            self.first_batch = (self.last_batch, len(positions))
         plates = self.rows["plate"].to_numpy()[positions]
         for plate in pd.unique(plates):
             mine = plates == plate
@@ -328,6 +340,12 @@ class _PlateWriter:
             self.fields_done += int(mine.sum())
             if self.received[plate] == self.expected[plate]:
                 self.write(plate)
+
+    def sustained_rate(self) -> float:
+        """Fields/s after the first batch arrived: what a long stream sees once actors are up."""
+        if self.first_batch is None or self.last_batch <= self.first_batch[0]:
+            return 0.0
+        return (self.fields_done - self.first_batch[1]) / (self.last_batch - self.first_batch[0])
 
     def finish(self) -> None:
         """After a complete stream: plates short of fields lost them to data.bad_field_policy=skip."""
@@ -393,6 +411,9 @@ def run_refresh(plan: RefreshPlan, dry_run: bool = False) -> RefreshSummary:
         writer = _embed(plan)
         summary.embedded, summary.written_by_other = writer.embedded, writer.written_by_other
         summary.fields, summary.started_ray = writer.fields_done, True
+        if writer.first_batch is not None:
+            summary.startup_s = writer.first_batch[0] - plan.started
+        summary.sustained_fields_per_s = writer.sustained_rate()
         store.update_index(plan.key)
     else:
         store.update_index(plan.key, plan.state)
@@ -402,7 +423,8 @@ def run_refresh(plan: RefreshPlan, dry_run: bool = False) -> RefreshSummary:
              f"({summary.seconds:.1f} s, no embedding)")
     else:
         _log(f"features: embedded {len(summary.embedded)} plate(s) ({summary.fields} fields) in "
-             f"{_duration(summary.seconds)} ({summary.fields / max(summary.seconds, 1e-9):.1f} fields/s); "
+             f"{_duration(summary.seconds)} ({summary.fields / max(summary.seconds, 1e-9):.1f} fields/s; first "
+             f"embeddings after {summary.startup_s:.0f} s, then {summary.sustained_fields_per_s:.1f} fields/s); "
              f"{len(summary.written_by_other)} stored first by a concurrent refresh; {len(plan.up_to_date)} up to date; "
              f"{len(summary.removed_runs)} stale run folder(s) removed; store {store.uri}, key {plan.key}")
     return summary
@@ -418,10 +440,13 @@ def _embed(plan: RefreshPlan) -> _PlateWriter:
     writer = _PlateWriter(plan, rows, new_run_id())
     init_ray(cfg.ray)
     use_gpu = cfg.train.use_gpu if f.use_gpu is None else f.use_gpu
+    actors = f.actors or inference_actors(use_gpu, f.gpus_per_actor, f.cpus_per_actor)
+    _log(f"features: {len(rows)} fields of {len(plan.todo)} plate(s) through {actors} inference actor(s) "
+         f"({'GPU' if use_gpu else f'{f.torch_threads} thread(s)'} each{', sized from the cluster' if not f.actors else ''})")
     spec = EncoderSpec(ENCODER, checkpoint_dir=plan.checkpoint, channel_groups=cfg.model.channel_groups or None,
                        storage_options=cfg.data.storage_options or None)
-    ds = embedding_dataset(rows, inference_data_config(cfg), [spec], keep_columns=[ROW], batch_size=f.batch_size,
-                           actors=f.actors, image_size=f.image_size, cpus_per_actor=f.cpus_per_actor,
+    ds = embedding_dataset(rows, inference_data_config(cfg, use_gpu), [spec], keep_columns=[ROW], batch_size=f.batch_size,
+                           actors=actors, image_size=f.image_size, cpus_per_actor=f.cpus_per_actor,
                            torch_threads=f.torch_threads, gpus_per_actor=f.gpus_per_actor if use_gpu else 0.0,
                            one_batch_per_block=True)
     writer.t0 = time.monotonic()  # rates and ETA from here: Ray's start-up is not embedding
@@ -429,6 +454,17 @@ def _embed(plan: RefreshPlan) -> _PlateWriter:
         writer.add(np.asarray(batch[ROW], dtype=np.int64), np.asarray(batch[f"embedding_{ENCODER}"]))
     writer.finish()
     return writer
+
+
+def inference_actors(use_gpu: bool, gpus_per_actor: float, cpus_per_actor: float) -> int:
+    """features.actors=0: one actor per GPU share with GPU actors; else one per two of the cluster's CPUs
+    (the embedded Ray counts twice the cores: one actor per core)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    if use_gpu:
+        return max(1, int(resources.get("GPU", 0) // gpus_per_actor))
+    return max(1, int(resources.get("CPU", 1) // (2 * cpus_per_actor)))
 
 
 def refresh(cfg: Config, manifests: dict[str, str] | None = None, checkpoint: str | None = None,

@@ -31,7 +31,6 @@ leaves at most an unmarked run folder, invisible to readers and deleted by a lat
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tempfile
@@ -200,19 +199,18 @@ class FeatureStore:
         if self.exists(f"{entry_dir}/{MARKER}"):
             return False
         try:
-            fields_ds.to_zarr(self.zarr_store(f"{run_dir}/fields.zarr", "w"), mode="w", zarr_format=3, consolidated=True)
-            wells_ds.to_zarr(self.zarr_store(f"{run_dir}/wells.zarr", "w"), mode="w", zarr_format=3, consolidated=True)
-            lineage = json.dumps(entry.lineage, sort_keys=True)
-            self.write_bytes(f"{run_dir}/fields.parquet",
-                             parquet_bytes(entry.meta, entry.embeddings, entry.feature_names, lineage, level="field"))
-            for name, matrix in entry.well_features.items():
-                self.write_bytes(f"{run_dir}/wells_{name}.parquet",
-                                 parquet_bytes(entry.wells, matrix, entry.feature_names, lineage, level="well"))
+            if self.local:
+                _write_run_files(Path(self.path(run_dir)), entry, fields_ds, wells_ds)
+            else:
+                # Staged locally, then uploaded in parallel: writing Zarr through the object store puts its
+                # small files one at a time.
+                with tempfile.TemporaryDirectory(prefix="cellfm-entry-") as staging:
+                    _write_run_files(Path(staging), entry, fields_ds, wells_ds)
+                    files = sorted(str(f) for f in Path(staging).rglob("*") if f.is_file())
+                    self.fs.put(files, [self.path(run_dir, str(Path(f).relative_to(staging))) for f in files])
             created = self.create_exclusive(f"{entry_dir}/{MARKER}", json.dumps(marker, indent=1, sort_keys=True).encode())
         except Exception as exc:
             self.remove_tree(run_dir)
-            if isinstance(exc, StoreError):
-                raise
             raise self._fail(f"write {entry_dir}", exc) from exc
         if not created:
             self.remove_tree(run_dir)
@@ -404,17 +402,29 @@ def metadata_columns(meta: pd.DataFrame, level: str) -> pd.DataFrame:
     return out
 
 
-def parquet_bytes(meta: pd.DataFrame, features: np.ndarray, feature_names: list[str], lineage: str, level: str) -> bytes:
+def write_parquet(path: Path, meta: pd.DataFrame, features: np.ndarray, feature_names: list[str], lineage: str,
+                  level: str) -> None:
+    """The pycytominer/copairs table: metadata_columns + one float32 column per feature, lineage in the
+    schema metadata."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pandas(metadata_columns(meta, level), preserve_index=False)
     for i, name in enumerate(feature_names):
         table = table.append_column(name, pa.array(features[:, i].astype(np.float32)))
-    table = table.replace_schema_metadata({b"cellfm": lineage.encode()})
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    return buffer.getvalue()
+    pq.write_table(table.replace_schema_metadata({b"cellfm": lineage.encode()}), path)
+
+
+def _write_run_files(folder: Path, entry: PlateFeatures, fields_ds, wells_ds) -> None:
+    """An entry's files in a local folder: the two Zarr Datasets and the Parquet exports."""
+    import zarr.storage
+
+    fields_ds.to_zarr(zarr.storage.LocalStore(folder / "fields.zarr"), mode="w", zarr_format=3, consolidated=True)
+    wells_ds.to_zarr(zarr.storage.LocalStore(folder / "wells.zarr"), mode="w", zarr_format=3, consolidated=True)
+    lineage = json.dumps(entry.lineage, sort_keys=True)
+    write_parquet(folder / "fields.parquet", entry.meta, entry.embeddings, entry.feature_names, lineage, level="field")
+    for name, matrix in entry.well_features.items():
+        write_parquet(folder / f"wells_{name}.parquet", entry.wells, matrix, entry.feature_names, lineage, level="well")
 
 
 def _frame(ds, dim: str) -> pd.DataFrame:
