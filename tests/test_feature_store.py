@@ -21,7 +21,7 @@ from cellfm.data.plate import read_field, write_field
 from cellfm.features.aggregate import normalize_to_controls
 from cellfm.features.refresh import (build_plate_features, checkpoint_identity, embedding_recipe, feature_key,
                                      plate_content_version)
-from cellfm.features.store import MARKER, FeatureStore, StoreError, list_entries, read_features
+from cellfm.features.store import MARKER, FeatureStore, StoreError, list_entries, open_features, read_features
 from cellfm.models.registry import build_backbone
 from cellfm.train.checkpoint import save_inference_checkpoint
 from tests.conftest import REPO, SMOKE_CONFIG
@@ -79,8 +79,9 @@ def test_entry_round_trip(where, tiny_screen, tmp_path, s3_server, s3_store):
     np.testing.assert_array_equal(table[[f"cellrep_{i}" for i in range(6)]].to_numpy(), mean)
     assert {"Metadata_Plate", "Metadata_Well", "Metadata_pert_type", "Metadata_moa"} <= set(table.columns)
     assert set(table.loc[table["Metadata_is_control"], "Metadata_pert_type"]) == {"negcon"}
-    ds = store.open_entry(marker, "field")
+    ds = open_features(uri, KEY, entry.plate, level="field", storage_options=options)
     assert ds["embedding"].dims == ("field", "feature") and ds.attrs["cellfm"]["checkpoint"]["hash"] == "h"
+    assert list(ds["feature"].values[:2]) == ["cellrep_0", "cellrep_1"] and ds.attrs["plate_version"] == "v1"
     index = list_entries(uri, options)
     assert index[["key", "plate", "plate_version", "n_fields", "n_wells"]].values.tolist() == [
         [KEY, entry.plate, "v1", 52, 26]]

@@ -40,7 +40,10 @@ def test_aggregate_wells_of_an_embedding_column():
     wells, mean = aggregate_wells(fields, "embedding")
     assert list(wells.columns) == ["plate", "well", "perturbation_id", "moa", "is_control"]
     np.testing.assert_allclose(mean, [[4.0, 20.0], [1.0, 5.0], [7.0, 7.0]])
-    np.testing.assert_allclose(aggregate_wells(fields, "embedding", "median")[1][0], [2.0, 20.0])
+    np.testing.assert_allclose(aggregate_wells(fields, "embedding", method="median")[1][0], [2.0, 20.0])
+    labelled, _ = aggregate_wells(fields, "embedding", ["dose", "moa"])
+    assert list(labelled.columns) == ["plate", "well", "perturbation_id", "moa", "is_control", "dose"]
+    assert labelled["dose"].tolist() == [2.0, 0.0, 1.0]
 
 
 def test_standardize_each_plate_by_its_controls():

@@ -31,10 +31,13 @@ def well_aggregates(meta: pd.DataFrame, features: np.ndarray, methods: tuple[str
     return well_meta, out
 
 
-def aggregate_wells(fields: pd.DataFrame, embedding_column: str, method: str = "mean") -> tuple[pd.DataFrame, np.ndarray]:
+def aggregate_wells(fields: pd.DataFrame, embedding_column: str, label_columns: list[str] = (),
+                    method: str = "mean") -> tuple[pd.DataFrame, np.ndarray]:
     """Mean (or median) field embedding per (plate, well) of a frame holding one embedding array per
-    row in `embedding_column`; returns the well metadata and an (n_wells, D) matrix."""
-    meta, matrices = well_aggregates(fields, np.stack(fields[embedding_column].to_numpy()), (method,))
+    row in `embedding_column`; returns the well metadata (perturbation, MoA, control flag and
+    `label_columns`) and an (n_wells, D) matrix."""
+    well_columns = tuple(dict.fromkeys([*WELL_LABELS, *label_columns]))
+    meta, matrices = well_aggregates(fields, np.stack(fields[embedding_column].to_numpy()), (method,), well_columns)
     return meta, matrices[method]
 
 

@@ -129,7 +129,9 @@ def embedding_dataset(manifest: pd.DataFrame, data_cfg: DataConfig, encoders: li
 
 
 def embed_manifest(manifest: pd.DataFrame, data_cfg: DataConfig, encoders: list[EncoderSpec],
-                   batch_size: int = 32, actors: int = 1, image_size: int = 0) -> pd.DataFrame:
-    """One row per field: METADATA_COLUMNS + an `embedding_<name>` array column per encoder."""
-    return embedding_dataset(manifest, data_cfg, encoders, keep_columns=METADATA_COLUMNS, batch_size=batch_size,
-                             actors=actors, image_size=image_size).to_pandas()
+                   batch_size: int = 32, actors: int = 1, image_size: int = 0,
+                   label_columns: list[str] = ()) -> pd.DataFrame:
+    """One row per field: METADATA_COLUMNS and `label_columns` + an `embedding_<name>` array column per encoder."""
+    keep = list(dict.fromkeys([*METADATA_COLUMNS, *label_columns]))
+    return embedding_dataset(manifest, data_cfg, encoders, keep_columns=keep, batch_size=batch_size, actors=actors,
+                             image_size=image_size).to_pandas()

@@ -467,6 +467,14 @@ def read_features(store_uri: str, checkpoint_key: str, level: str = "well", vari
     return pd.concat(metas, ignore_index=True), np.concatenate(matrices)
 
 
+def open_features(store_uri: str, checkpoint_key: str, plate: str, level: str = "well",
+                  storage_options: dict | None = None):
+    """One plate's entry (its newest content version) as the stored xarray Dataset: dims (field|well,
+    feature), manifest coordinates, lineage in attrs["cellfm"]."""
+    store = FeatureStore(store_uri, storage_options)
+    return store.open_entry(store.current_entries(checkpoint_key, [plate])[0], level)
+
+
 def list_entries(store_uri: str, storage_options: dict | None = None) -> pd.DataFrame:
     """The consolidated index of a store: one row per entry of every key (from each key's index.json)."""
     store = FeatureStore(store_uri, storage_options)
