@@ -1,1 +1,1 @@
-"""One module per `cellfm` subcommand: DESCRIPTION, add_arguments(parser), run(args) -> exit code."""
+"""One module per `cellfm` subcommand (see cellfm.cli for the interface and the registry)."""
