@@ -28,8 +28,8 @@ import hashlib
 import json
 import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,7 +43,7 @@ from cellfm.data.manifest import ManifestError
 from cellfm.data.plate import redact, redact_options
 from cellfm.data.stores import filesystem
 from cellfm.features.aggregate import normalize_to_controls, well_aggregates
-from cellfm.features.store import FIELD_COORDS, FIELD_ONLY, FeatureStore, KeyState, PlateFeatures, _mtime
+from cellfm.features.store import FIELD_COORDS, FIELD_ONLY, FeatureStore, KeyState, PlateFeatures, modified_time
 from cellfm.train.checkpoint import CONFIG_FILE, INFERENCE_WEIGHTS, CheckpointError
 
 ENCODER = "checkpoint"  # the FieldEmbedder column is embedding_<ENCODER>
@@ -73,7 +73,8 @@ def plate_content_version(plate_uri: str, rows: pd.DataFrame, storage_options: d
     try:
         infos = fs.find(root, detail=True)
     except Exception as exc:
-        raise ManifestError(f"plate {plate_uri}: cannot list: {redact(f'{type(exc).__name__}: {exc}', storage_options)}") from exc
+        reason = redact(f"{type(exc).__name__}: {exc}", storage_options)
+        raise ManifestError(f"plate {plate_uri}: cannot list: {reason}") from exc
     if not infos:
         raise ManifestError(f"plate {plate_uri}: no files (the manifest names a plate that is not there)")
     digest = hashlib.sha256(b"cellfm plate content version 1\n")
@@ -81,7 +82,7 @@ def plate_content_version(plate_uri: str, rows: pd.DataFrame, storage_options: d
         info = infos[name]
         if info.get("type") == "directory":
             continue
-        stamp = info.get("ETag") or repr(_mtime(info))
+        stamp = info.get("ETag") or repr(modified_time(info))
         digest.update(f"{name[len(root) + 1:]}\t{info.get('size')}\t{stamp}\n".encode())
     annotations = rows.drop(columns=["store_uri", ROW], errors="ignore").sort_values(["well", "field"])
     digest.update(json.dumps(annotations.to_dict("records"), sort_keys=True, default=str).encode())
@@ -384,7 +385,8 @@ class _PlateWriter:
         how = "stored" if won else "already stored by another refresh (identical; this copy discarded)"
         extra = f", {len(skipped)} bad field(s) skipped" if len(skipped) else ""
         _log(f"features: plate {self.plates_done}/{len(self.expected)} {plate} {how} ({len(entry.meta)} fields, "
-             f"{len(entry.wells)} wells{extra}); {self.fields_done}/{total} fields, {rate:.1f} fields/s, ETA {_duration(eta)}")
+             f"{len(entry.wells)} wells{extra}); {self.fields_done}/{total} fields, {rate:.1f} fields/s, "
+             f"ETA {_duration(eta)}")
 
 
 def new_run_id() -> str:
@@ -442,7 +444,8 @@ def _embed(plan: RefreshPlan) -> _PlateWriter:
     use_gpu = cfg.train.use_gpu if f.use_gpu is None else f.use_gpu
     actors = f.actors or inference_actors(use_gpu, f.gpus_per_actor, f.cpus_per_actor)
     _log(f"features: {len(rows)} fields of {len(plan.todo)} plate(s) through {actors} inference actor(s) "
-         f"({'GPU' if use_gpu else f'{f.torch_threads} thread(s)'} each{', sized from the cluster' if not f.actors else ''})")
+         f"({'GPU' if use_gpu else f'{f.torch_threads} thread(s)'} each"
+         f"{', sized from the cluster' if not f.actors else ''})")
     spec = EncoderSpec(ENCODER, checkpoint_dir=plan.checkpoint, channel_groups=cfg.model.channel_groups or None,
                        storage_options=cfg.data.storage_options or None)
     ds = embedding_dataset(rows, inference_data_config(cfg, use_gpu), [spec], keep_columns=[ROW], batch_size=f.batch_size,

@@ -174,7 +174,8 @@ class FeatureStore:
             infos = self.fs.find(prefix, detail=True)
         except FileNotFoundError:
             return {}
-        return {name[len(self.root) + 1:]: _mtime(info) for name, info in infos.items() if info.get("type") != "directory"}
+        return {name[len(self.root) + 1:]: modified_time(info) for name, info in infos.items()
+                if info.get("type") != "directory"}
 
     def zarr_store(self, rel: str, mode: str):
         from cellfm.data.plate import open_store
@@ -192,7 +193,8 @@ class FeatureStore:
         fields_ds, wells_ds = entry_datasets(key, entry)
         marker = {
             "format": FORMAT, "key": key, "plate": entry.plate, "plate_version": entry.plate_version, "run": run_id,
-            "n_fields": int(len(entry.meta)), "n_wells": int(len(entry.wells)), "feature_dim": int(entry.embeddings.shape[1]),
+            "n_fields": int(len(entry.meta)), "n_wells": int(len(entry.wells)),
+            "feature_dim": int(entry.embeddings.shape[1]),
             "well_variables": sorted(entry.well_features), "digest": entry_digest(fields_ds, wells_ds),
             "completed_at": utc_now(), "lineage": entry.lineage,
         }
@@ -333,7 +335,8 @@ class KeyState:
     runs: dict[tuple[str, str, str], float]
 
 
-def _mtime(info: dict) -> float:
+def modified_time(info: dict) -> float:
+    """An fsspec file info's modification time in seconds since the epoch (local mtime, S3 LastModified)."""
     value = info.get("mtime", info.get("LastModified"))
     if isinstance(value, datetime):
         return value.timestamp()
@@ -372,7 +375,8 @@ def entry_datasets(key: str, entry: PlateFeatures):
                         coords={"field": entry.meta["field"].to_numpy(), "feature": features, **field_coords}, attrs=attrs)
     well_coords = {c: ("well", _coordinate_values(entry.wells[c])) for c in FIELD_COORDS
                    if c in entry.wells.columns and c not in FIELD_ONLY and c != "well"}
-    wells = xr.Dataset({name: (("well", "feature"), matrix.astype(np.float32)) for name, matrix in entry.well_features.items()},
+    well_variables = {name: (("well", "feature"), matrix.astype(np.float32)) for name, matrix in entry.well_features.items()}
+    wells = xr.Dataset(well_variables,
                        coords={"well": _coordinate_values(entry.wells["well"]), "feature": features, **well_coords},
                        attrs=attrs)
     return fields, wells
