@@ -48,6 +48,8 @@ CHANNEL_GROUPS = ("context", "concept")
 
 
 # Evaluation protocols, in report order (cellfm.evaluate.protocols runs them).
+FEATURE_AGGREGATIONS = ("mean", "median")
+FEATURE_NORMALIZATIONS = ("none", "standardize", "robust_mad", "spherize")
 EVAL_PROTOCOLS = ("probe", "compound_heldout", "nn_lopo", "replicate_map", "moa_consistency", "localization_map")
 
 
@@ -361,6 +363,51 @@ class EvalConfig:
 
 
 @dataclass
+class FeaturesConfig:
+    """The feature store and what `cellfm embed` / `cellfm refresh` keep in it."""
+
+    # Feature store root: a local folder or s3://bucket/prefix (s3 read and written with data.storage_options).
+    store: str = "demo_output/features"
+    # Named manifests whose plates the store keeps embedded (`cellfm refresh` embeds what is missing).
+    manifests: dict[str, str] = field(
+        default_factory=lambda: {
+            "heldout": "demo_output/screen/heldout.parquet",
+            "unseen": "demo_output/screen/unseen.parquet",
+        }
+    )
+    # Checkpoint folder or s3:// URI to embed with; "latest" = the newest checkpoint of
+    # train.storage_path/train.run_name, resolved at every refresh (a new checkpoint gets its own key).
+    checkpoint: str = "latest"
+    # Per-well aggregates of the field embeddings stored beside them: any of mean, median.
+    aggregations: list[str] = field(default_factory=lambda: list(FEATURE_AGGREGATIONS))
+    # Per-plate normalization of the well aggregates against the plate's negative-control wells, stored
+    # as extra variables <aggregation>_<normalization>: none | standardize | robust_mad | spherize.
+    normalization: str = "none"
+    # Spherize (ZCA on negative controls): the control covariance's eigenvalues are raised by this
+    # fraction of their mean, so plates with fewer control wells than features stay well-conditioned.
+    spherize_regularization: float = 0.1
+    # Fields per inference batch (also the fields per read task; a batch never spans two plates).
+    batch_size: int = 32
+    # Inference actors, each holding the model (on CPU each also reads and normalizes its fields); 0 = one
+    # per GPU (GPU actors), else one per two CPUs of the Ray cluster (benchmarks/embed_throughput.py).
+    actors: int = 0
+    # CPUs Ray reserves for each inference actor.
+    cpus_per_actor: float = 1.0
+    # PyTorch threads each inference actor computes with.
+    torch_threads: int = 1
+    # Inference actors on GPUs; null = as train.use_gpu.
+    use_gpu: Optional[bool] = None
+    # GPUs each inference actor holds when it runs on GPUs.
+    gpus_per_actor: float = 1.0
+    # Side length fields are resized to before embedding; 0 = as stored.
+    image_size: int = 0
+    # An unmarked run folder (a refresh killed while writing a plate, or one that lost a race) none of
+    # whose files changed for this many seconds is deleted by the next refresh; keep it well above the
+    # time one plate takes to write.
+    stale_run_s: float = 3600.0
+
+
+@dataclass
 class RayConfig:
     """Which Ray cluster a job uses."""
 
@@ -380,6 +427,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict:
@@ -415,6 +463,7 @@ _CHOICES = {
     "train.mixed_precision": {"bf16", "fp32"},
     "eval.well_normalization": {"none", "negcon"},
     "eval.embedding_map": {"auto", "pca", "umap"},
+    "features.normalization": set(FEATURE_NORMALIZATIONS),
 }
 
 _POSITIVE = (
@@ -430,6 +479,7 @@ _POSITIVE = (
     "data.read_cpus", "data.read_batch_size", "data.clahe_tiles",
     "eval.batch_size", "eval.embed_actors", "eval.n_splits", "eval.n_compound_splits", "eval.copairs_null_size",
     "ray.num_cpus",
+    "features.batch_size", "features.cpus_per_actor", "features.torch_threads", "features.gpus_per_actor",
 )
 
 _NON_NEGATIVE = (
@@ -441,6 +491,7 @@ _NON_NEGATIVE = (
     "optim.min_lr", "optim.warmup_epochs", "optim.weight_decay", "optim.weight_decay_end",
     "train.max_failures", "train.seed", "train.peak_tflops",
     "eval.split_seed", "eval.random_init_seed", "eval.image_size", "eval.copairs_seed",
+    "features.actors", "features.spherize_regularization", "features.stale_run_s", "features.image_size",
 )
 
 # Closed interval [0, 1].
@@ -489,6 +540,26 @@ def config_problems(cfg: Config) -> list[str]:
         problems.append(f"eval.copairs_threshold must be in (0, 1), got {e.copairs_threshold}")
     if e.embedding_map == "umap" and importlib.util.find_spec("umap") is None:
         problems.append("eval.embedding_map=umap needs umap-learn installed (or use auto / pca)")
+    return problems + _features_problems(cfg)
+
+
+def _features_problems(cfg: Config) -> list[str]:
+    f = cfg.features
+    problems = []
+    if not f.store:
+        problems.append("features.store is empty; give a local folder or an s3:// URI")
+    if not f.checkpoint:
+        problems.append("features.checkpoint is empty; give a checkpoint folder, an s3:// URI or 'latest'")
+    for name, path in f.manifests.items():
+        if not path:
+            problems.append(f"features.manifests.{name} is empty; give a manifest path or s3:// URI")
+    if not f.aggregations or len(set(f.aggregations)) != len(f.aggregations) or \
+            not set(f.aggregations) <= set(FEATURE_AGGREGATIONS):
+        problems.append(f"features.aggregations must list distinct items of {list(FEATURE_AGGREGATIONS)}, "
+                        f"got {f.aggregations!r}")
+    if cfg.model.patch_size > 0 and f.image_size % cfg.model.patch_size:
+        problems.append(f"features.image_size={f.image_size} must be 0 or a multiple of "
+                        f"model.patch_size={cfg.model.patch_size}")
     return problems
 
 

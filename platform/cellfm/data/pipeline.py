@@ -417,13 +417,14 @@ def build_field_pipeline(
         monitor = DataMonitor(actor_cls.remote(len(table), max_bad, cfg.progress_interval_s, name))
     # One block per few consecutive fields (same plate: read locality) so reads spread over tasks and
     # memory stays bounded. (Split here: Ray 2.60's own `override_num_blocks` split breaks on pandas 3 frames.)
-    # mixed_channels=group: blocks are cut per channel count, so every block has one image shape.
+    # Blocks never span two plates, so a plate's blocks are the same whatever else is read (batch
+    # inference embeds a block as one batch: its numbers do not depend on the other plates of a run);
+    # mixed_channels=group: nor two channel counts, so every block has one image shape.
     step = max(1, cfg.read_batch_size)
+    block_key = table["plate"].astype(str)
     if cfg.mixed_channels == "group":
-        counts = table["channel_names"].map(len)
-        groups = [table[counts == c] for c in counts.unique()]
-    else:
-        groups = [table]
+        block_key = block_key + "/" + table["channel_names"].map(len).astype(str)
+    groups = [g for _, g in table.groupby(block_key, sort=False)]
     ds = ray.data.from_pandas([g.iloc[i : i + step] for g in groups for i in range(0, len(g), step)])
     if training:
         ds = ds.randomize_block_order(seed=seed)

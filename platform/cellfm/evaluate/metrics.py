@@ -1,40 +1,14 @@
-"""Well-level aggregation, negative-control normalization and the logistic-regression probe
-(seed 000 Table 1: top-1 accuracy and weighted precision on held-out wells)."""
+"""The logistic-regression probe (seed 000 Table 1: top-1 accuracy and weighted precision on held-out
+wells). Well aggregation and negative-control normalization live in cellfm.features.aggregate."""
 
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, precision_score
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-
-WELL_KEYS = ["plate", "well"]
-
-
-def aggregate_wells(fields: pd.DataFrame, embedding_column: str,
-                    label_columns: list[str] = ()) -> tuple[pd.DataFrame, np.ndarray]:
-    """Mean field embedding per (plate, well); returns the well metadata (perturbation, MoA, control flag
-    and `label_columns`) and an (n_wells, D) matrix."""
-    grouped = fields.groupby(WELL_KEYS, sort=True)
-    meta = grouped[list(dict.fromkeys(["perturbation_id", "moa", "is_control", *label_columns]))].first().reset_index()
-    features = np.stack([np.mean(np.stack(rows.to_numpy()), axis=0) for _, rows in grouped[embedding_column]])
-    return meta, features
-
-
-def normalize_to_controls(features: np.ndarray, meta: pd.DataFrame, eps: float = 1e-6) -> np.ndarray:
-    """Per plate, standardize each feature by the plate's negative-control wells (pycytominer's
-    'normalize to negcon'): removes plate effects that would otherwise leak into the probe."""
-    out = np.empty_like(features, dtype=np.float64)
-    for plate, idx in meta.groupby("plate").indices.items():
-        controls = features[idx][meta["is_control"].to_numpy()[idx]]
-        if len(controls) < 2:
-            raise ValueError(f"plate {plate}: need at least 2 negative-control wells to normalize, found {len(controls)}")
-        mu, sd = controls.mean(axis=0), controls.std(axis=0)
-        out[idx] = (features[idx] - mu) / (sd + eps)
-    return out
 
 
 def fixed_well_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

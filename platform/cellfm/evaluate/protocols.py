@@ -22,11 +22,12 @@ import pandas as pd
 
 from cellfm.config import EVAL_PROTOCOLS, EvalConfig
 from cellfm.evaluate.embedding_map import embedding_map, resolve_method
-from cellfm.evaluate.metrics import WELL_KEYS, repeated_split_scores
+from cellfm.evaluate.metrics import repeated_split_scores
 from cellfm.evaluate.neighbors import nn_lopo_scores
 from cellfm.evaluate.probes import compound_held_out_scores, localization_map_scores
 from cellfm.evaluate.retrieval import moa_consistency, replicate_retrieval
 from cellfm.evaluate.wells import REQUIRED_COLUMNS, WellProfiles, well_profiles
+from cellfm.features.aggregate import WELL_KEYS
 
 # The label the compound-held-out probe and MoA consistency use, and the HPA-style label column.
 MOA_COLUMN, LOCALIZATION_COLUMN = "moa", "localization"

@@ -15,10 +15,10 @@ import pandas as pd
 
 from cellfm.config import Config, ConfigError
 from cellfm.data.pipeline import load_manifests
-from cellfm.evaluate.embed import METADATA_COLUMNS, EncoderSpec, embed_manifest
 from cellfm.evaluate.protocols import evaluate_features, evaluation_settings
 from cellfm.evaluate.report import write_report
 from cellfm.evaluate.wells import OPTIONAL_COLUMNS
+from cellfm.features.embed import METADATA_COLUMNS, EncoderSpec, embed_manifest
 from cellfm.runtime import init_ray
 from cellfm.train.checkpoint import load_inference_backbone
 from cellfm.train.storage import is_remote

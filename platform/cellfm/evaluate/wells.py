@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from cellfm.evaluate.metrics import WELL_KEYS, aggregate_wells, normalize_to_controls
+from cellfm.features.aggregate import WELL_KEYS, aggregate_wells, normalize_to_controls
 
 # Metadata every protocol needs, per well.
 REQUIRED_COLUMNS = ("plate", "well", "perturbation_id", "moa", "is_control")

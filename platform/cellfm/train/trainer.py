@@ -11,15 +11,9 @@ from cellfm.config import Config, ConfigError, save_config
 from cellfm.data.pipeline import build_field_pipeline, ingest_execution_options, load_manifests
 from cellfm.runtime import init_ray
 from cellfm.train import storage
+from cellfm.train.storage import run_directory  # noqa: F401 - also imported from here
 from cellfm.train.loop import train_loop_per_worker
 from cellfm.train.self_distillation import supcon_label
-
-
-def run_directory(cfg: Config) -> Path | str:
-    """The run's folder: a local path, or an s3:// URI when `train.storage_path` is one."""
-    if storage.is_remote(cfg.train.storage_path):
-        return f"{cfg.train.storage_path.rstrip('/')}/{cfg.train.run_name}"
-    return Path(cfg.train.storage_path).expanduser().resolve() / cfg.train.run_name
 
 
 def record_channel_metadata(cfg: Config, manifest) -> None:
