@@ -113,6 +113,10 @@ class SSLConfig:
     # from this set (empty: {1..C1}); the teacher sees all; concept channels are never dropped.
     mcd: bool = False
     mcd_keep_counts: list = field(default_factory=list)
+    # Hierarchical channel sampling (ChannelViT): per sample the student sees m ~ U{1..n} of its n real
+    # channels (the teacher all of them; never at evaluation). auto = hcs for model.name=channelvit, else
+    # none; hcs and ssl.mcd both choose the student's channels, so they exclude each other.
+    channel_sampling: str = "auto"
     # Weakly supervised SupCon on a manifest label column (e.g. an antibody id); 0 disables it.
     supcon_weight: float = 0.0
     supcon_temperature: float = 0.1
@@ -253,6 +257,7 @@ _CHOICES = {
     "data.mixed_channels": {"pad", "group"},
     "model.name": {"cellrep", "c3r", "vit_rgb", "channelvit", "single_channel"},
     "ssl.objective": {"dino", "ibot"},
+    "ssl.channel_sampling": {"auto", "none", "hcs"},
     "model.input_norm": {"none", "percentile", "adaptive_hist"},
     "model.size": {"tiny", "small", "base", "large"},
     "ssl.centering": {"centering", "sinkhorn_knopp"},
@@ -311,12 +316,27 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         # parameters themselves, which the EMA teacher update and our pickle-free checkpoints do not handle.
         raise ConfigError(f"{source}: train.zero_stage={cfg.train.zero_stage} is not supported with "
                           f"train.engine=deepspeed; use 1 or 2 (or train.engine=ddp for unpartitioned training)")
+    if cfg.train.seed < 0:
+        raise ConfigError(f"{source}: train.seed must be >= 0, got {cfg.train.seed}")
+    if cfg.ssl.mcd and student_channel_sampling(cfg) == "hcs":
+        raise ConfigError(f"{source}: ssl.mcd=true and hierarchical channel sampling (ssl.channel_sampling="
+                          f"{cfg.ssl.channel_sampling} with model.name={cfg.model.name}) both choose the student's "
+                          f"channels; set ssl.channel_sampling=none or ssl.mcd=false")
     if cfg.train.peak_tflops < 0:
         raise ConfigError(f"{source}: train.peak_tflops must be >= 0, got {cfg.train.peak_tflops!r}")
     if not 0 < cfg.eval.test_fraction < 1:
         raise ConfigError(f"{source}: eval.test_fraction must be in (0, 1), got {cfg.eval.test_fraction}")
     if not cfg.eval.manifests:
         raise ConfigError(f"{source}: eval.manifests is empty; name at least one held-out manifest")
+
+
+def student_channel_sampling(cfg: Config) -> str:
+    """How the training step chooses the channels the student sees, besides MCD: "hcs" (hierarchical
+    channel sampling) or "none". `ssl.channel_sampling: auto` means hcs for ChannelViT (its paper trains
+    with it), none for every other model."""
+    if cfg.ssl.channel_sampling == "auto":
+        return "hcs" if cfg.model.name == "channelvit" else "none"
+    return cfg.ssl.channel_sampling
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:

@@ -15,7 +15,10 @@ WELL_KEYS = ["plate", "well"]
 
 
 def aggregate_wells(fields: pd.DataFrame, embedding_column: str) -> tuple[pd.DataFrame, np.ndarray]:
-    """Mean field embedding per (plate, well); returns the well metadata and an (n_wells, D) matrix."""
+    """Mean field embedding per (plate, well); returns the well metadata and an (n_wells, D) matrix.
+    Fields are summed in (plate, well, field) order, so the result does not depend on the order the rows
+    arrived in (a float sum does)."""
+    fields = fields.sort_values([*WELL_KEYS, "field"], kind="stable")
     grouped = fields.groupby(WELL_KEYS, sort=True)
     meta = grouped[["perturbation_id", "moa", "is_control"]].first().reset_index()
     features = np.stack([np.mean(np.stack(rows.to_numpy()), axis=0) for _, rows in grouped[embedding_column]])
