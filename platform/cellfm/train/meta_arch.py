@@ -159,6 +159,8 @@ class SSLMetaArch:
         """forward, then the engine's backward (gradients all-reduced on the step's last micro-batch only)."""
         if not 0 <= micro < self.accumulate_steps:
             raise ValueError(f"micro-batch {micro} is not one of optim.accumulate_steps={self.accumulate_steps}")
+        if not 0 <= step < len(self.schedules.lr):
+            raise ValueError(f"step {step} is outside the run's {len(self.schedules.lr)} steps (optim.epochs)")
         last = micro == self.accumulate_steps - 1
         with self.engine.micro_batch(last=last, freeze_last_layer=self.last_layer_frozen(step)):
             losses = self.forward(batch, epoch=epoch, step=step, micro=micro)
