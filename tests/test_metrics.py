@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellfm.evaluate.metrics import (fixed_well_split, logistic_regression_scores, normalize_to_controls,
-                                     repeated_split_scores)
+from cellfm.evaluate.metrics import (aggregate_wells, fixed_well_split, logistic_regression_scores,
+                                     normalize_to_controls, repeated_split_scores)
 from cellfm.evaluate.report import markdown_report
 
 
@@ -57,3 +57,19 @@ def test_markdown_report_shows_mean_and_spread():
                                    "scores": {"trained": {"moa": scores}}}}}
     text = markdown_report(report)
     assert "2 fixed stratified splits" in text and f"{scores['top1']:.3f} ± {scores['top1_sd']:.3f}" in text
+
+
+def test_well_means_do_not_depend_on_the_order_rows_arrive_in():
+    """Ray Data returns embedded fields in any order; a float sum depends on its order (here catastrophically:
+    1e16 + 1 - 1e16). Wells are averaged in (plate, well, field) order, so every row order gives the same
+    bits."""
+    values = [1e16, 1.0, -1e16]
+    fields = pd.DataFrame({"plate": ["P"] * 3, "well": ["A01"] * 3, "field": [0, 1, 2],
+                           "perturbation_id": ["x"] * 3, "moa": ["m"] * 3, "is_control": [False] * 3,
+                           "emb": [np.array([v]) for v in values]})
+    _, in_order = aggregate_wells(fields, "emb")
+    for order in ([2, 0, 1], [1, 2, 0], [0, 2, 1]):
+        _, shuffled = aggregate_wells(fields.iloc[order], "emb")
+        assert shuffled.tobytes() == in_order.tobytes(), order
+    unsorted = [np.mean(np.stack(fields.iloc[order]["emb"].to_numpy()), axis=0) for order in ([0, 1, 2], [0, 2, 1])]
+    assert unsorted[0].tobytes() != unsorted[1].tobytes()  # without the sort these orders disagree
