@@ -185,6 +185,10 @@ class SSLConfig:
     mcd: bool = False
     # MCD: the set k is drawn from (each >= 1; empty: {1..C1}, C1 = the sample's context channels).
     mcd_keep_counts: list[int] = field(default_factory=list)
+    # Hierarchical channel sampling (ChannelViT): per sample the student sees m ~ U{1..n} of its n real
+    # channels (the teacher all of them; never at evaluation). auto = hcs for model.name=channelvit, else
+    # none; hcs and ssl.mcd both choose the student's channels, so they exclude each other.
+    channel_sampling: str = "auto"
     # Weight of the weakly supervised SupCon term on the `supcon_label` column (0 = off).
     supcon_weight: float = 0.0
     # SupCon temperature.
@@ -456,6 +460,7 @@ _CHOICES = {
     "data.mixed_channels": {"pad", "group"},
     "model.name": {"cellrep", "c3r", "vit_rgb", "channelvit", "single_channel"},
     "ssl.objective": {"dino", "ibot"},
+    "ssl.channel_sampling": {"auto", "none", "hcs"},
     "model.input_norm": {"none", "percentile", "adaptive_hist"},
     "model.size": {"tiny", "small", "base", "large"},
     "ssl.centering": {"centering", "sinkhorn_knopp"},
@@ -638,7 +643,20 @@ def _ssl_problems(cfg: Config) -> list[str]:
                         f"got {s.mcd_keep_counts}")
     if s.supcon_weight > 0 and not s.supcon_label:
         problems.append("ssl.supcon_weight > 0 needs ssl.supcon_label (a manifest column, e.g. an antibody id)")
+    if s.mcd and student_channel_sampling(cfg) == "hcs":
+        problems.append(f"ssl.mcd=true and hierarchical channel sampling (ssl.channel_sampling={s.channel_sampling} "
+                        f"with model.name={cfg.model.name}) both choose the student's channels; "
+                        f"set ssl.channel_sampling=none or ssl.mcd=false")
     return problems
+
+
+def student_channel_sampling(cfg: Config) -> str:
+    """How the training step chooses the channels the student sees, besides MCD: "hcs" (hierarchical
+    channel sampling) or "none". `ssl.channel_sampling: auto` means hcs for ChannelViT (its paper trains
+    with it), none for every other model."""
+    if cfg.ssl.channel_sampling == "auto":
+        return "hcs" if cfg.model.name == "channelvit" else "none"
+    return cfg.ssl.channel_sampling
 
 
 def validate(cfg: Config, source: str = "<config>") -> None:

@@ -1,5 +1,6 @@
-"""Driver side of pre-training: validate inputs, build the streaming dataset, and run the
-per-worker loop under Ray Train's `TorchTrainer` (Train V2). Relaunching with the same
+"""Driver side of pre-training: validate inputs, then run the per-worker loop under Ray Train's
+`TorchTrainer` (Train V2); each worker streams its own share of every epoch (`cellfm.data.pipeline.
+epoch_shard`), so the run is a function of (config, seed, worker count). Relaunching with the same
 `train.storage_path` + `train.run_name` resumes from that run's latest checkpoint."""
 
 from __future__ import annotations
@@ -8,11 +9,12 @@ import tempfile
 from pathlib import Path
 
 from cellfm.config import Config, ConfigError, save_config
-from cellfm.data.pipeline import build_field_pipeline, ingest_execution_options, load_manifests
+from cellfm.data.pipeline import check_pipeline_config, create_monitor, load_manifests
 from cellfm.runtime import init_ray
 from cellfm.train import storage
 from cellfm.train.storage import run_directory  # noqa: F401 - also imported from here
 from cellfm.train.loop import train_loop_per_worker
+from cellfm.train.meta_arch import check_training_config
 from cellfm.train.self_distillation import supcon_label
 
 
@@ -38,6 +40,14 @@ def run_pretraining(cfg: Config):
 
     manifest = load_manifests([cfg.data.train_manifest], storage_options=cfg.data.storage_options or None)
     record_channel_metadata(cfg, manifest)
+    check_training_config(cfg)
+    try:
+        check_pipeline_config(manifest, cfg.data)
+    except ValueError as exc:
+        raise ConfigError(f"{cfg.data.train_manifest}: {exc}") from exc
+    label = supcon_label(cfg)
+    if label and label not in manifest.columns:
+        raise ConfigError(f"ssl.supcon_label={label!r} is not a column of {cfg.data.train_manifest}")
     run_dir = run_directory(cfg)
     # The resolved config lives beside the run (and inside every checkpoint).
     if storage.is_remote(run_dir):
@@ -53,16 +63,15 @@ def run_pretraining(cfg: Config):
     # Ray starts only after the inputs are known to be good: bad input fails in a second, not after start-up.
     init_ray(cfg.ray)
 
-    label = supcon_label(cfg)
-    if label and label not in manifest.columns:
-        raise ConfigError(f"ssl.supcon_label={label!r} is not a column of {cfg.data.train_manifest}")
-    pipeline = build_field_pipeline(manifest, cfg.data, training=True, seed=cfg.train.seed, name="train",
-                                    keep_columns=[label] if label else [])
+    # One monitor for every rank's stream: bad fields are counted (and limited) over the whole run.
+    per_epoch = len(manifest) // cfg.train.num_workers * cfg.train.num_workers
+    monitor = create_monitor(cfg.data, len(manifest), name="train", fields_per_pass=per_epoch)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.to_dict(),
-            "n_train_fields": len(manifest),
+            "manifest": ray.put(manifest),
+            "monitor": monitor,
             "tensorboard_dir": f"{run_dir}/tensorboard",
         },
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
@@ -80,13 +89,10 @@ def run_pretraining(cfg: Config):
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg.train.torch_threads)}},
         ),
-        datasets={"train": pipeline.dataset},
-        # Ray Train replaces a dataset's own execution options: pass the memory bounds here.
-        dataset_config=ray.train.DataConfig(execution_options=ingest_execution_options(cfg.data)),
     )
     result = trainer.fit()
-    if pipeline.monitor is not None:
-        summary = pipeline.monitor.summary()
+    if monitor is not None:
+        summary = monitor.summary()
         if summary["bad_fields"]:
             print(f"[cellfm] {len(summary['bad_fields'])} unreadable field(s) skipped: "
                   + "; ".join(b["error"] for b in summary["bad_fields"][:10]), flush=True)
