@@ -40,10 +40,10 @@ def filled(tiny_screen, tmp_path_factory, ray_session):
     return {"root": root, "overrides": overrides, "checkpoint": str(root / "ckpt"), "key": summary.key}
 
 
-def _evaluate_job(filled, *extra: str) -> subprocess.CompletedProcess:
+def _evaluate_job(filled, *overrides: str, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     # --address points nowhere: the store path must never need Ray.
     return subprocess.run([sys.executable, str(REPO / "jobs" / "evaluate.py"), "--config", str(SMOKE_CONFIG),
-                           "--from-store", "--address=127.0.0.1:1", *filled["overrides"], *extra],
+                           "--from-store", "--address=127.0.0.1:1", *flags, *filled["overrides"], *overrides],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
@@ -88,8 +88,8 @@ def test_missing_plate_key_or_changed_plate_is_one_line_each(filled, tiny_screen
     cfg = load_config(SMOKE_CONFIG)
     torch.manual_seed(1)
     save_inference_checkpoint(other, cfg=cfg, backbone=build_backbone(cfg.model).eval())
-    done = _evaluate_job(filled, "--checkpoint", f"first={filled['checkpoint']}", "--checkpoint", f"second={other}",
-                         f"eval.output_dir={root / 'd'}")
+    done = _evaluate_job(filled, f"eval.output_dir={root / 'd'}",
+                         flags=("--checkpoint", f"first={filled['checkpoint']}", "--checkpoint", f"second={other}"))
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert "has no features of model 'second'" in lines[0] and "run `cellfm refresh`" in lines[0]
