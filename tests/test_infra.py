@@ -69,6 +69,7 @@ TEMPLATE_VALUES = {
     "CELLFM_AMI": "ami-0123456789abcdef0",
     "CELLFM_HEAD_PROFILE_ARN": "arn:aws:iam::123456789012:instance-profile/cellfm-ray-head",
     "CELLFM_WORKER_PROFILE_ARN": "arn:aws:iam::123456789012:instance-profile/cellfm-ray-worker",
+    "CELLFM_KUBECTL_IMAGE": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/kubectl:1.33",
 }
 # KubeRay v1.7.0 (utils/constant.go): a RayJob's cluster is named <job>-<5 chars>, a RayCronJob's RayJob
 # <cronjob>-<minutes since epoch>.
@@ -120,13 +121,21 @@ def all_documents() -> list[dict]:
     return [copy.deepcopy(doc) for path in manifest_files() for doc in rendered_documents(path)]
 
 
+def embedded_rayjobs(doc: dict) -> list[dict]:
+    """The RayJob manifests a ConfigMap carries as *.yaml data (a template a scheduled pod creates)."""
+    if doc.get("kind") != "ConfigMap":
+        return []
+    return [item for key, text in sorted((doc.get("data") or {}).items()) if key.endswith(".yaml")
+            for item in _documents(text) if item.get("kind") == "RayJob"]
+
+
 def job_specs(doc: dict) -> list[dict]:
-    """The RayJob specs an object holds: a RayJob's own, a RayCronJob's template."""
+    """The RayJob specs an object holds: a RayJob's own, a RayCronJob's template, a ConfigMap's RayJobs."""
     if doc.get("kind") == "RayJob":
         return [doc["spec"]]
     if doc.get("kind") == "RayCronJob":
         return [doc["spec"]["jobTemplate"]]
-    return []
+    return [job["spec"] for job in embedded_rayjobs(doc)]
 
 
 def cluster_specs(doc: dict) -> list[dict]:
@@ -355,6 +364,13 @@ def _cluster_operator_problems(cluster: dict) -> list[str]:
 @pytest.mark.parametrize("path,index", _document_params(set(KUBERAY_CRDS)))
 def test_kuberay_object_passes_operator_validation(path, index):
     assert operator_problems(document(path, index)) == []
+
+
+@needs_kuberay_schemas
+@pytest.mark.parametrize("path,index", _document_params({"ConfigMap"}))
+def test_rayjob_template_in_a_configmap_is_a_valid_rayjob(path, index):
+    jobs = embedded_rayjobs(document(path, index))
+    assert [problem for job in jobs for problem in crd_problems(job) + operator_problems(job)] == []
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -849,6 +865,226 @@ def test_image_holds_the_paths_entrypoints_name():
     assert ("WORKDIR", IMAGE_APP_DIR) in instructions
     copies = {tuple(args.split()[-2:]) for keyword, args in instructions if keyword == "COPY"}
     assert {("jobs", f"{IMAGE_APP_DIR}/jobs"), ("configs", f"{IMAGE_APP_DIR}/configs")} <= copies
+
+
+# ----------------------------------------------------------------------------------------------------
+# The nightly feature refresh: a RayCronJob, or a CronJob whose pod creates a RayJob and waits for it
+
+REFRESH_RAYCRONJOB = KUBERAY_DIR / "refresh-raycronjob.yaml"
+REFRESH_CRONJOB = KUBERAY_DIR / "refresh-cronjob.yaml"
+# The RayJob verbs the CronJob's pod needs: create the run's RayJob, poll its status, delete it when stopped.
+SCHEDULER_VERBS = ["create", "delete", "get"]
+# Kubernetes names a CronJob's Job <cronjob>-<minutes since the epoch> (8 digits until the year 2160).
+SCHEDULED_SUFFIX = len("-29000000")
+# run-refresh.sh names the run's RayJob <Job>-ray: the RayJob's submitter Job carries the RayJob's name.
+RAYJOB_SUFFIX = "-ray"
+CRON_FIELDS = [("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12), ("day of week", 0, 7)]
+CRON_NAMES = {3: ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"],
+              4: ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]}
+
+
+def cron_problems(schedule: str) -> list[str]:
+    """A standard 5-field cron schedule (what Kubernetes' CronJob and KubeRay's RayCronJob parse, via
+    robfig/cron's standard parser): each field *, a value, a range a-b, any of them with /step, or a
+    comma list; month and weekday names allowed; no macros, no seconds, no TZ= prefix."""
+    fields = schedule.split()
+    if len(fields) != 5:
+        return [f"schedule {schedule!r} has {len(fields)} fields; cron needs 5 (minute hour day month weekday)"]
+    problems = []
+    for index, (text, (name, low, high)) in enumerate(zip(fields, CRON_FIELDS)):
+        names = CRON_NAMES.get(index, [])
+
+        def value(word: str) -> int | None:
+            if word.lower() in names:
+                return names.index(word.lower()) + (1 if index == 3 else 0)
+            return int(word) if word.isdigit() else None
+
+        for part in text.split(","):
+            span, _, step = part.partition("/")
+            bounds = [low, high] if span == "*" else [value(w) for w in span.split("-", 1)]
+            if step and (not step.isdigit() or int(step) == 0):
+                problems.append(f"schedule {schedule!r}: {name} step {step!r} is not a positive number")
+            if None in bounds or not all(low <= b <= high for b in bounds) or bounds[0] > bounds[-1]:
+                problems.append(f"schedule {schedule!r}: {name} {part!r} is not within {low}-{high}")
+    return problems
+
+
+def _refresh_docs() -> dict[str, dict]:
+    docs = {doc["kind"]: doc for doc in rendered_documents(REFRESH_CRONJOB)}
+    (docs["RayCronJob"],) = rendered_documents(REFRESH_RAYCRONJOB)
+    return copy.deepcopy(docs)
+
+
+def refresh_schedule_problems(docs: dict[str, dict]) -> list[str]:
+    """Both schedulers: a valid schedule and time zone, the same RayJob, names within the limits of the
+    RayJobs they create; the CronJob forbids overlap, waits for its RayJob, and may do nothing else."""
+    cron_job, ray_cron_job, config_map = docs["CronJob"], docs["RayCronJob"], docs["ConfigMap"]
+    problems = []
+    for doc in (cron_job, ray_cron_job):
+        problems += cron_problems(doc["spec"]["schedule"])
+        try:
+            zoneinfo.ZoneInfo(doc["spec"].get("timeZone", ""))
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            problems.append(f"{_named(doc)}: timeZone {doc['spec'].get('timeZone')!r} is not a known time zone")
+    (template,) = embedded_rayjobs(config_map) or [None]
+    if template is None or template["spec"] != ray_cron_job["spec"]["jobTemplate"]:
+        problems.append("the CronJob's RayJob template differs from the RayCronJob's jobTemplate")
+    if cron_job["spec"].get("concurrencyPolicy") != "Forbid":
+        problems.append("CronJob concurrencyPolicy is not Forbid: two refreshes could run at once")
+    job_name = len(cron_job["metadata"]["name"]) + SCHEDULED_SUFFIX + len(RAYJOB_SUFFIX)
+    if job_name > NAME_LIMITS["RayJob"]:
+        problems.append(f"CronJob name gives RayJob names of {job_name} characters; KubeRay allows {NAME_LIMITS['RayJob']}")
+    pod = cron_job["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {var["name"]: var for var in container.get("env", [])}
+    if env.get("JOB_NAME", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != \
+            "metadata.labels['batch.kubernetes.io/job-name']":
+        problems.append("the pod does not name its RayJob after its Job (JOB_NAME from the job-name label)")
+    mounted = {v["name"]: v.get("configMap", {}).get("name") for v in pod.get("volumes", [])}
+    script = next((m["mountPath"] + "/run-refresh.sh" for m in container.get("volumeMounts", [])
+                   if mounted.get(m["name"]) == config_map["metadata"]["name"]), None)
+    if script is None or container.get("command") != ["/bin/sh", script]:
+        problems.append(f"the pod does not run run-refresh.sh of ConfigMap {config_map['metadata']['name']}")
+    account = pod.get("serviceAccountName")
+    bound = [b["roleRef"]["name"] for b in [docs["RoleBinding"]]
+             if {"kind": "ServiceAccount", "name": account} in b["subjects"] and b["roleRef"]["kind"] == "Role"]
+    rules = docs["Role"]["rules"] if docs["Role"]["metadata"]["name"] in bound else []
+    if [(r["apiGroups"], r["resources"], sorted(r["verbs"])) for r in rules] != [(["ray.io"], ["rayjobs"], SCHEDULER_VERBS)]:
+        problems.append(f"ServiceAccount {account!r} must be bound to exactly {SCHEDULER_VERBS} on ray.io rayjobs, "
+                        f"got {rules}")
+    if docs["ServiceAccount"]["metadata"].get("annotations"):
+        problems.append("the scheduler's ServiceAccount carries annotations (an IAM role?); it needs no AWS access")
+    return problems
+
+
+def test_refresh_schedulers_run_the_same_waited_for_refresh():
+    docs = _refresh_docs()
+    assert refresh_schedule_problems(docs) == []
+    assert len(docs["RayCronJob"]["metadata"]["name"]) <= NAME_LIMITS["RayCronJob"]
+    # The refresh: jobs/refresh.py parsed by cellfm's own parser, into an s3:// store and s3:// manifests.
+    from cellfm.commands.refresh import feature_config
+
+    spec = docs["RayCronJob"]["spec"]["jobTemplate"]
+    words = shlex.split(spec["entrypoint"])
+    assert words[:2] == ["python", f"{IMAGE_APP_DIR}/jobs/refresh.py"] and entrypoint_problems(spec) == []
+    cfg = feature_config(parse_job_arguments(REPO / "jobs" / "refresh.py", [image_path_to_repo(w) for w in words[2:]]))
+    assert cfg.features.store.startswith("s3://") and cfg.train.storage_path.startswith("s3://")
+    assert cfg.features.manifests and all(path.startswith("s3://") for path in cfg.features.manifests.values())
+    assert cfg.features.checkpoint == "latest"  # the newest checkpoint of the run, found at every tick
+    assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    assert spec["shutdownAfterJobFinishes"] and spec["ttlSecondsAfterFinished"] > 0
+    assert spec["preRunningDeadlineSeconds"] > 0 and spec["activeDeadlineSeconds"] > 0
+    # The CronJob's Job outlives every attempt of the RayJob, so its deadline never cuts a refresh short.
+    attempts = spec.get("backoffLimit", 0) + 1
+    job = docs["CronJob"]["spec"]["jobTemplate"]["spec"]
+    assert job["activeDeadlineSeconds"] > attempts * (spec["preRunningDeadlineSeconds"] + spec["activeDeadlineSeconds"])
+
+
+@pytest.mark.parametrize("schedule,expected", [
+    ("0 2 * * *", []), ("*/15 1-5 * jan-mar mon,fri", []), ("30 23 1,15 * 0", []),
+    ("0 2 * *", ["has 4 fields"]), ("TZ=UTC 0 2 * * *", ["has 6 fields"]), ("61 2 * * *", ["minute '61'"]),
+    ("0 2 * * 8", ["day of week '8'"]), ("*/0 * * * *", ["step '0'"]), ("@daily", ["has 1 fields"])])
+def test_cron_check(schedule, expected):
+    problems = cron_problems(schedule)
+    assert len(problems) == len(expected) and all(e in p for e, p in zip(expected, problems)), problems
+
+
+REFRESH_BREAKS = [
+    pytest.param(lambda d: _set(d["CronJob"], "spec.concurrencyPolicy", "Allow"), "not Forbid", id="overlap"),
+    pytest.param(lambda d: d["Role"]["rules"][0]["verbs"].append("list"), "exactly", id="rbac-too-wide"),
+    pytest.param(lambda d: _set(d["RoleBinding"]["subjects"][0], "name", "default"), "exactly", id="rbac-unbound"),
+    pytest.param(lambda d: _set(d["RayCronJob"], "spec.schedule", "0 2 * * * *"), "has 6 fields", id="schedule"),
+    pytest.param(lambda d: _set(d["RayCronJob"]["spec"]["jobTemplate"], "backoffLimit", 5), "differs", id="drift"),
+    pytest.param(lambda d: _set(d["CronJob"]["metadata"], "name", "cellfm-" + "r" * 28), "KubeRay allows 47",
+                 id="name-length"),
+    pytest.param(lambda d: d["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["env"].pop(),
+                 "JOB_NAME", id="name-not-from-job"),
+]
+
+
+@pytest.mark.parametrize("mutate,expected", REFRESH_BREAKS)
+def test_refresh_check_rejects_a_broken_scheduler(mutate, expected):
+    docs = _refresh_docs()
+    mutate(docs)
+    problems = refresh_schedule_problems(docs)
+    assert any(expected in problem for problem in problems), problems
+
+
+FAKE_KUBECTL = """#!/bin/sh
+# A stand-in for kubectl: records each call, "creates" from stdin, answers status reads from a list.
+echo "$*" >> "$FAKE_DIR/calls"
+case "$*" in
+  "get rayjob "*" -o name") test -f "$FAKE_DIR/exists" ;;
+  "create -f -") cat > "$FAKE_DIR/created.yaml" && touch "$FAKE_DIR/exists" ;;
+  "get rayjob "*" -o jsonpath="*)
+    line=$(head -n 1 "$FAKE_DIR/statuses"); sed -i 1d "$FAKE_DIR/statuses"
+    test "$line" != ERROR && printf %s "$line" ;;
+  "delete rayjob "*) ;;
+  *) echo "unexpected kubectl $*" >&2; exit 3 ;;
+esac
+"""
+
+
+def _run_refresh_script(tmp_path: Path, statuses: list[str], job_name: str = "cellfm-refresh-29123456",
+                        exists: bool = False) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """The CronJob's own run-refresh.sh and RayJob template (from the rendered ConfigMap) against a fake
+    kubectl that reports `statuses` one per poll."""
+    config_map = _refresh_docs()["ConfigMap"]
+    for name, text in config_map["data"].items():
+        (tmp_path / name).write_text(text)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "kubectl").write_text(FAKE_KUBECTL)
+    (bin_dir / "kubectl").chmod(0o755)
+    (tmp_path / "statuses").write_text("".join(f"{line}\n" for line in statuses))
+    if exists:
+        (tmp_path / "exists").touch()
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_DIR": str(tmp_path), "JOB_NAME": job_name, "POLL_SECONDS": "0",
+           "MAX_GET_FAILURES": "3", "RAYJOB_TEMPLATE": str(tmp_path / "rayjob.yaml")}
+    done = subprocess.run(["/bin/sh", str(tmp_path / "run-refresh.sh")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    calls = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() else []
+    return done, calls
+
+
+def test_refresh_script_creates_the_runs_rayjob_and_waits_for_success(tmp_path):
+    done, calls = _run_refresh_script(tmp_path, ["/", "Initializing/", "Running/RUNNING", "Running/RUNNING",
+                                                 "Complete/SUCCEEDED", "Complete/SUCCEEDED"])
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    assert calls[:2] == ["get rayjob cellfm-refresh-29123456-ray -o name", "create -f -"]
+    assert len(calls) == 2 + 5  # polled until the RayJob completed, then stopped
+    created = yaml.safe_load((tmp_path / "created.yaml").read_text())
+    template = embedded_rayjobs(_refresh_docs()["ConfigMap"])[0]
+    assert created["metadata"]["name"] == "cellfm-refresh-29123456-ray"
+    assert {**created, "metadata": template["metadata"]} == template  # only the name differs
+    assert "RayJob cellfm-refresh-29123456-ray succeeded" in done.stdout
+
+
+@pytest.mark.parametrize("final", ["Failed/FAILED", "Complete/FAILED", "Complete/STOPPED", "ValidationFailed/"])
+def test_refresh_script_fails_when_the_rayjob_failed(tmp_path, final):
+    done, calls = _run_refresh_script(tmp_path, ["Running/RUNNING", final])
+    assert done.returncode == 1 and f"ended as {final}" in done.stderr, (done.returncode, done.stderr)
+    assert calls.count("create -f -") == 1 and len(calls) == 4
+
+
+def test_refresh_script_retried_pod_waits_for_the_existing_rayjob(tmp_path):
+    done, calls = _run_refresh_script(tmp_path, ["Running/RUNNING", "Complete/SUCCEEDED"], exists=True)
+    assert done.returncode == 0 and "create -f -" not in calls and "exists (a retried pod)" in done.stdout
+
+
+def test_refresh_script_gives_up_when_the_rayjob_cannot_be_read(tmp_path):
+    (tmp_path / "lost").mkdir()
+    done, _ = _run_refresh_script(tmp_path / "lost", ["Running/RUNNING", "ERROR", "ERROR", "ERROR"])
+    assert done.returncode == 1 and "3 attempts in a row" in done.stderr
+    # Failed reads between successful ones do not add up.
+    (tmp_path / "flaky").mkdir()
+    done, _ = _run_refresh_script(tmp_path / "flaky", ["ERROR", "ERROR", "Running/RUNNING", "ERROR", "Complete/SUCCEEDED"])
+    assert done.returncode == 0, done.stderr
+
+
+def test_refresh_script_rejects_a_rayjob_name_over_kuberays_limit(tmp_path):
+    done, calls = _run_refresh_script(tmp_path, ["Complete/SUCCEEDED"], job_name="cellfm-refresh-manual-" + "x" * 22)
+    assert done.returncode == 2 and "KubeRay allows 47" in done.stderr and calls == []
 
 
 # ----------------------------------------------------------------------------------------------------

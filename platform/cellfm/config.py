@@ -364,6 +364,13 @@ class EvalConfig:
     random_init_seed: int = 0
     # Folder the report (report.json, report.md, PNG plots) is written to.
     output_dir: str = "demo_output/report"
+    # Score the well features features.store already holds for each checkpoint (filled by `cellfm refresh` /
+    # `cellfm embed` with this config's features.* and data.* settings) instead of embedding eval.manifests:
+    # nothing is embedded, Ray is not started, and the baselines (which the store does not hold) are left out.
+    from_store: bool = False
+    # The stored well variable scored with eval.from_store: an aggregation of features.aggregations (mean,
+    # median) or, with features.normalization, <aggregation>_<normalization> (e.g. mean_robust_mad).
+    store_variable: str = "mean"
 
 
 @dataclass
@@ -565,7 +572,18 @@ def _features_problems(cfg: Config) -> list[str]:
     if cfg.model.patch_size > 0 and f.image_size % cfg.model.patch_size:
         problems.append(f"features.image_size={f.image_size} must be 0 or a multiple of "
                         f"model.patch_size={cfg.model.patch_size}")
+    stored = stored_well_variables(f)
+    if cfg.eval.from_store and cfg.eval.store_variable not in stored:
+        problems.append(f"eval.store_variable={cfg.eval.store_variable!r} is not a well variable the store holds "
+                        f"with these features.* settings; choose from {stored}")
     return problems
+
+
+def stored_well_variables(f: FeaturesConfig) -> list[str]:
+    """The well variables `cellfm refresh` stores under `f`: each aggregation and, with a normalization,
+    <aggregation>_<normalization>."""
+    normalized = [f"{a}_{f.normalization}" for a in f.aggregations] if f.normalization != "none" else []
+    return [*f.aggregations, *normalized]
 
 
 def data_config_problems(data: DataConfig) -> list[str]:

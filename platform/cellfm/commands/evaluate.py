@@ -12,7 +12,8 @@ EXAMPLES = """examples:
   cellfm evaluate --config configs/demo.yaml                      # latest checkpoint of train.run_name
   cellfm evaluate --config configs/demo.yaml --checkpoint demo_output/runs/cellrep-demo/checkpoint_epoch0011
   cellfm evaluate --config configs/demo.yaml --checkpoint cellrep=RUN1/checkpoint_epoch0011 --checkpoint vit_rgb=RUN2/checkpoint_epoch0011
-  cellfm evaluate --config runs/my-run/config.yaml 'eval.manifests={plate9: /shared/screens/plate9.parquet}'"""
+  cellfm evaluate --config runs/my-run/config.yaml 'eval.manifests={plate9: /shared/screens/plate9.parquet}'
+  cellfm evaluate --config configs/demo.yaml --from-store         # the features `cellfm refresh` stored (no embedding)"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,23 +22,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", action="append", default=None, metavar="[NAME=]PATH",
                         help="checkpoint folder or s3:// URI (default: the latest of the configured run); repeat "
                              "as NAME=PATH to compare several models in one report")
+    parser.add_argument("--from-store", action="store_true",
+                        help="sets eval.from_store=true: score the well features features.store holds for each "
+                             "checkpoint (default features.checkpoint) instead of embedding; no baselines, no Ray")
 
 
 def run(args: argparse.Namespace) -> int:
+    from cellfm.evaluate.run import DEFAULT_MODEL_NAME, checkpoints_from_args
+    from cellfm.features.refresh import resolve_checkpoint
     from cellfm.preflight import PreflightError, path_problem
-    from cellfm.train.checkpoint import latest_checkpoint
-    from cellfm.train.trainer import run_directory
 
+    if args.from_store:
+        args.overrides.append("eval.from_store=true")
     cfg = config_from_args(args, check_rules=False)
-    from cellfm.evaluate.run import checkpoints_from_args
-
-    if args.checkpoint is None:
-        problem = path_problem("train.storage_path", cfg.train.storage_path)
+    if args.checkpoint is not None:
+        checkpoints = checkpoints_from_args(args.checkpoint)
+    else:
+        # From the store: the checkpoint `cellfm refresh` keeps it fresh with; else the run's newest.
+        checkpoint = cfg.features.checkpoint if cfg.eval.from_store else "latest"
+        problem = path_problem("train.storage_path", cfg.train.storage_path) if checkpoint == "latest" else None
         if problem:
             raise PreflightError(problem)
-        checkpoints = {"trained": str(latest_checkpoint(run_directory(cfg), cfg.data.storage_options or None))}
-    else:
-        checkpoints = checkpoints_from_args(args.checkpoint)
+        checkpoints = {DEFAULT_MODEL_NAME: resolve_checkpoint(cfg, checkpoint)}
     for checkpoint in checkpoints.values():
         checked_config(args, cfg, evaluate=True, checkpoint=str(checkpoint))
 

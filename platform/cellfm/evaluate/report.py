@@ -85,6 +85,16 @@ def _skipped(block: dict) -> list[str]:
     return out
 
 
+def _store_lines(report: dict) -> list[str]:
+    """Where the features came from when they were read from the feature store (eval.from_store)."""
+    source = report.get("feature_store")
+    if not source:
+        return []
+    keys = ", ".join(f"`{model}`: `{key}`" for model, key in source["keys"].items())
+    return [f"Features read from the feature store `{source['store']}` (well variable `{source['variable']}`; "
+            f"keys {keys}), not embedded for this report.", ""]
+
+
 def markdown_report(report: dict) -> str:
     models = _models(report)
     trained = [m for m in models if m not in report.get("baselines", [])]
@@ -92,7 +102,8 @@ def markdown_report(report: dict) -> str:
     normalized = ", normalized per plate to its negative controls" if report["well_normalization"] == "negcon" else ""
     lines = ["# cellfm evaluation", "",
              "Models: " + ", ".join(f"`{m}`" + (f" (`{checkpoints[m]}`)" if m in checkpoints else "") for m in trained)
-             + "; baselines: " + ", ".join(f"`{m}`" for m in models if m not in trained) + ".", "",
+             + "; baselines: " + (", ".join(f"`{m}`" for m in models if m not in trained) or "none") + ".", "",
+             *_store_lines(report),
              f"Wells: mean over fields{normalized}. "
              f"Fixed-split probe: {len(report['split_seeds'])} stratified well splits (test fraction "
              f"{report['test_fraction']}); compound-held-out probes: {len(report['compound_split_seeds'])} splits; "

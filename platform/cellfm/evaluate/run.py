@@ -1,6 +1,7 @@
 """Evaluate one or more checkpoints side by side, with a random-init encoder (the first checkpoint's
 architecture) and intensity statistics as baselines, on every held-out manifest named in
-`eval.manifests`: embed the fields with Ray Data, then score them with
+`eval.manifests`: embed the fields with Ray Data (or, with `eval.from_store`, read the features the
+feature store holds: `cellfm.evaluate.stored`), then score them with
 `cellfm.evaluate.protocols.evaluate_features` and write the report."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from cellfm.config import Config, ConfigError
 from cellfm.data.pipeline import load_manifests
 from cellfm.evaluate.protocols import evaluate_features, evaluation_settings
 from cellfm.evaluate.report import write_report
+from cellfm.evaluate.stored import StoredFeatures
 from cellfm.evaluate.wells import OPTIONAL_COLUMNS
 from cellfm.features.embed import METADATA_COLUMNS, EncoderSpec, embed_manifest
 from cellfm.runtime import init_ray
@@ -67,7 +69,10 @@ def field_features(fields: pd.DataFrame, manifest: pd.DataFrame, embedding_colum
 def run_evaluation(cfg: Config, checkpoints: str | Path | Mapping[str, str | Path]) -> tuple[dict, dict[str, Path]]:
     """`checkpoints`: one checkpoint (reported as 'trained') or {model name: checkpoint}; each a local
     folder or an s3:// URI (read with `data.storage_options`). Returns the report dict and the paths
-    of the written JSON / Markdown / PNG files."""
+    of the written JSON / Markdown / PNG files. With `eval.from_store` the checkpoints' features are read
+    from `features.store` (`cellfm.evaluate.stored`; a missing plate or key raises `PreflightError`
+    before anything is read) and scored without baselines; otherwise every model and baseline embeds
+    the manifests on Ray."""
     if not isinstance(checkpoints, Mapping):
         checkpoints = {DEFAULT_MODEL_NAME: checkpoints}
     clash = [name for name in checkpoints if name in BASELINES]
@@ -77,33 +82,54 @@ def run_evaluation(cfg: Config, checkpoints: str | Path | Mapping[str, str | Pat
     resolved = {name: str(path) if is_remote(path) else str(Path(path).resolve()) for name, path in checkpoints.items()}
     trained_cfgs = {name: load_inference_backbone(path, storage_options)[1] for name, path in resolved.items()}
     first = next(iter(trained_cfgs.values()))
-    encoders = [
-        # model.channel_groups of the evaluation config extends/overrides each checkpoint's mapping,
-        # e.g. to place a stain the model never saw into the context or concept group.
-        *(EncoderSpec(name, checkpoint_dir=path, channel_groups=cfg.model.channel_groups,
-                      storage_options=storage_options) for name, path in resolved.items()),
-        # The random baseline uses the first checkpoint's architecture, not the evaluation config's.
-        EncoderSpec("random_init", model={**first.to_dict()["model"],
-                                          "channel_groups": {**first.model.channel_groups, **cfg.model.channel_groups}},
-                    seed=cfg.eval.random_init_seed),
-        EncoderSpec("intensity_stats", intensity=True),
-    ]
     manifests = {name: load_manifests([path], storage_options=storage_options)
                  for name, path in cfg.eval.manifests.items()}
-    init_ray(cfg.ray)
+    if cfg.eval.from_store:
+        features_of, baselines = StoredFeatures(cfg, resolved, manifests), []
+    else:
+        features_of, baselines = EmbeddedFeatures(cfg, resolved, first), list(BASELINES)
     report = {
         "checkpoint": next(iter(resolved.values())),
         "model": first.to_dict()["model"],
         "checkpoints": resolved,
         "model_configs": {name: c.to_dict()["model"] for name, c in trained_cfgs.items()},
-        "baselines": list(BASELINES),
-        "image_size": cfg.eval.image_size or "native",
+        "baselines": baselines,
+        "image_size": (cfg.features.image_size if cfg.eval.from_store else cfg.eval.image_size) or "native",
         **evaluation_settings(cfg.eval),
         "results": {},
     }
+    if cfg.eval.from_store:
+        report["feature_store"] = {"store": cfg.features.store, "variable": cfg.eval.store_variable,
+                                   "keys": features_of.keys}
     for name, manifest in manifests.items():
-        manifest_path = cfg.eval.manifests[name]
-        print(f"[cellfm] embedding {len(manifest)} fields of '{name}' ({manifest_path}) with "
+        block = evaluate_features(features_of(name, manifest), cfg.eval)
+        report["results"][name] = {"manifest": str(cfg.eval.manifests[name]),
+                                   "channels": list(manifest["channel_names"].iloc[0]), **block}
+    return report, write_report(report, cfg.eval.output_dir)
+
+
+class EmbeddedFeatures:
+    """Per manifest, every model's and baseline's field features, embedded on Ray (started here)."""
+
+    def __init__(self, cfg: Config, resolved: Mapping[str, str], first: Config):
+        storage_options = cfg.data.storage_options or None
+        self.cfg = cfg
+        self.encoders = [
+            # model.channel_groups of the evaluation config extends/overrides each checkpoint's mapping,
+            # e.g. to place a stain the model never saw into the context or concept group.
+            *(EncoderSpec(name, checkpoint_dir=path, channel_groups=cfg.model.channel_groups,
+                          storage_options=storage_options) for name, path in resolved.items()),
+            # The random baseline uses the first checkpoint's architecture, not the evaluation config's.
+            EncoderSpec("random_init", model={**first.to_dict()["model"],
+                                              "channel_groups": {**first.model.channel_groups, **cfg.model.channel_groups}},
+                        seed=cfg.eval.random_init_seed),
+            EncoderSpec("intensity_stats", intensity=True),
+        ]
+        init_ray(cfg.ray)
+
+    def __call__(self, name: str, manifest: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, np.ndarray]]:
+        cfg, encoders = self.cfg, self.encoders
+        print(f"[cellfm] embedding {len(manifest)} fields of '{name}' ({cfg.eval.manifests[name]}) with "
               f"{len(encoders)} models", flush=True)
         started = time.perf_counter()
         fields = embed_manifest(manifest, cfg.data, encoders, batch_size=cfg.eval.batch_size,
@@ -111,9 +137,5 @@ def run_evaluation(cfg: Config, checkpoints: str | Path | Mapping[str, str | Pat
         seconds = time.perf_counter() - started
         print(f"[cellfm] embedded {len(fields)} fields of '{name}' with {len(encoders)} models in {seconds:.0f} s "
               f"({len(fields) / max(seconds, 1e-9):.1f} fields/s)", flush=True)
-        block = evaluate_features({spec.name: field_features(fields, manifest, f"embedding_{spec.name}",
-                                                             cfg.eval.labels)
-                                   for spec in encoders}, cfg.eval)
-        report["results"][name] = {"manifest": str(manifest_path), "channels": list(manifest["channel_names"].iloc[0]),
-                                   **block}
-    return report, write_report(report, cfg.eval.output_dir)
+        return {spec.name: field_features(fields, manifest, f"embedding_{spec.name}", cfg.eval.labels)
+                for spec in encoders}
