@@ -148,7 +148,8 @@ class ModelConfig:
     layerscale_init: Optional[float] = 0.1
     # In-model per-channel preprocessing (CellRep): none | percentile | adaptive_hist.
     input_norm: str = "none"
-    # C3R: depth of the per-group branch encoders f_c (the joint encoder gets depth - n_pre // 2 blocks).
+    # C3R: depth of the per-group branch encoders f_c (the joint encoder gets depth - ceil(n_pre / 2) blocks:
+    # even n_pre keeps the ViT's parameter budget, odd n_pre is half a block under it).
     n_pre: int = 2
     # C3R: channel name -> "context" | "concept". Overrides the manifest's channel_groups, e.g. at
     # inference for stains never seen in training.

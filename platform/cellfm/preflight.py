@@ -172,13 +172,14 @@ def _load(path: str, storage_options: dict | None) -> tuple[pd.DataFrame | None,
 
 def model_size_problems(cfg: Config) -> list[str]:
     """Rules tying the model to its size ladder (cellfm.models.registry.SIZES)."""
+    from cellfm.models.c3r import c3r_joint_depth
     from cellfm.models.registry import SIZES
 
     size = SIZES.get(cfg.model.size)
     problems = []
-    if cfg.model.name == "c3r" and size is not None and size.depth - cfg.model.n_pre // 2 < 1:
+    if cfg.model.name == "c3r" and size is not None and c3r_joint_depth(size.depth, cfg.model.n_pre) < 1:
         problems.append(f"model.n_pre={cfg.model.n_pre} leaves no joint block at model.size={cfg.model.size} "
-                        f"(depth {size.depth}; the joint encoder gets depth - n_pre // 2 blocks)")
+                        f"(depth {size.depth}; the joint encoder gets depth - ceil(n_pre / 2) blocks)")
     return problems
 
 
