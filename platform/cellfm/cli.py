@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "validate": "cellfm.commands.validate",
     "synth": "cellfm.commands.synth",
     "demo": "cellfm.commands.demo",
+    "sweep": "cellfm.commands.sweep",
 }
 
 # Flag -> dotted config key, for the settings people change most from the command line.

@@ -80,7 +80,7 @@ def preflight_problems(cfg: Config, *, train: bool = False, evaluate: bool = Fal
         if problem:
             problems.append(problem)
             continue
-        manifest, errors = _load(path, cfg.data.storage_options or None)
+        manifest, errors = load_checked_manifest(path, cfg.data.storage_options or None)
         problems += [f"{key}={path}: {line}" for line in errors]
         if manifest is not None:
             loaded[key] = manifest
@@ -155,7 +155,7 @@ def path_problem(key: str, path: str, *, output: bool = False) -> str | None:
             f"directory {os.getcwd()} ({uploaded}); {instead}")
 
 
-def _load(path: str, storage_options: dict | None) -> tuple[pd.DataFrame | None, list[str]]:
+def load_checked_manifest(path: str, storage_options: dict | None) -> tuple[pd.DataFrame | None, list[str]]:
     """A manifest with its plates checked (`load_manifests`), or the problem lines why not."""
     from cellfm.data.manifest import ManifestError
     from cellfm.data.pipeline import load_manifests

@@ -76,6 +76,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg = Config.from_dict(loop_config["config"], source="train_loop_config")
     n_fields: int = loop_config["n_train_fields"]
     tensorboard_dir: str | None = loop_config.get("tensorboard_dir")
+    epoch_evaluator = loop_config.get("epoch_evaluator")  # e.g. a sweep's objective (cellfm.tune.objective)
     torch.set_num_threads(cfg.train.torch_threads)
 
     ctx = ray.train.get_context()
@@ -199,6 +200,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # None (not a made-up number) where MFU cannot be measured.
         metrics["mfu"] = (None if flops_per_image is None else
                           model_flops_utilisation(flops_per_image, metrics["images_per_s"], world, peak_flops))
+        # --- epoch evaluator hook (issue 16): rank 0 scores the teacher; Ray Tune forwards rank 0's metrics.
+        if epoch_evaluator is not None and rank == 0:
+            evaluated = epoch_evaluator(teacher.backbone)
+            metrics.update(evaluated)
+            if writer is not None:
+                for name, value in evaluated.items():
+                    writer.add_scalar(f"eval/{name}", value, step)
+        # --- end of the epoch evaluator hook
         if rank == 0:
             log_progress("end of " + progress.line(epoch=epoch, epochs=cfg.optim.epochs, step=step, loss=metrics.get("loss", float("nan")),
                                                    data_wait_fraction=metrics["data_wait_fraction"],
