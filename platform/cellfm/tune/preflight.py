@@ -139,8 +139,7 @@ def spec_problems(plan: SweepPlan) -> list[str]:
             if s.algorithm == "grid" and dim.kind not in LISTED_KINDS:
                 problems.append(f"{at} {dim.where}: search.algorithm=grid enumerates grid and choice values only, "
                                 f"not a {dim.kind} range; use search.algorithm=random or optuna")
-    dims = [(dim, arm) for arm in plan.arms for dim in arm.dimensions]
-    keys = [(dim.where, dim.key) for dim, _ in dims] + [
+    keys = [(dim.where, dim.key) for arm in plan.arms for dim in arm.dimensions] + [
         (f"arms.{arm.name}.overrides.{key}", key) for arm in plan.arms for key in arm.overrides]
     for where, key in dict.fromkeys(keys):
         reason = FIXED_KEYS.get(key) or FIXED_KEYS.get(key.split(".", 1)[0])
@@ -248,8 +247,9 @@ def trial_config_problems(plan: SweepPlan) -> list[str]:
             continue
         cfg.eval.labels = [plan.spec.objective.label]
         lines = config_problems(cfg) + model_size_problems(cfg)
-        lines += [f"{plan.arm(arm_name).dimension(key).where}: {key} does not apply to trials with model.name={cfg.model.name}, ssl.objective={cfg.ssl.objective}, "
-                  f"ssl.mcd={str(cfg.ssl.mcd).lower()}; it needs {APPLIES_TO[key][1]}"
+        lines += [f"{plan.arm(arm_name).dimension(key).where}: {key} does not apply to trials with "
+                  f"model.name={cfg.model.name}, ssl.objective={cfg.ssl.objective}, ssl.mcd={str(cfg.ssl.mcd).lower()}; "
+                  f"it needs {APPLIES_TO[key][1]}"
                   for key in values if key in APPLIES_TO and not APPLIES_TO[key][0](cfg)]
         train = manifest("data.train_manifest", cfg.data.train_manifest)
         trained = cfg
