@@ -17,6 +17,7 @@ intensity statistics are scored once. Writes benchmarks/results/demo_recipe.json
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -31,15 +32,14 @@ import torch
 from cellfm.config import Config, load_config
 from cellfm.data.manifest import read_manifest
 from cellfm.data.normalize import normalize_field
+from cellfm.data.pipeline import FieldBatch
 from cellfm.data.plate import read_field
 from cellfm.data.synthetic import generate_screen
-from cellfm.evaluate.embed import IntensityStatistics, field_embedding
-from cellfm.evaluate.run import well_scores
+from cellfm.evaluate.protocols import evaluate_features
+from cellfm.features.embed import IntensityStatistics, field_embedding
 from cellfm.models.registry import build_backbone
-from cellfm.ssl.ema import update_ema
-from cellfm.train.engines import DDPEngine
-from cellfm.train.loop import Schedules, build_multicrop, parameter_groups, set_step_hyperparameters
-from cellfm.train.self_distillation import build_objective, build_student_teacher
+from cellfm.seeding import Stream, torch_generator
+from cellfm.train.meta_arch import SSLMetaArch
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "demo_recipe.json"
@@ -69,12 +69,14 @@ def load_fields(manifest: pd.DataFrame, cfg: Config) -> torch.Tensor:
 
 
 def probe(encoder: torch.nn.Module, manifest: pd.DataFrame, fields: torch.Tensor, cfg: Config) -> dict:
-    """Top-1 of the demo's probe (`cellfm.evaluate.run.well_scores`) for each label."""
+    """Top-1 of the demo's fixed-split probe (`cellfm.evaluate.protocols`, protocol `probe`) for each label."""
     with torch.no_grad():
         embedding = torch.cat([field_embedding(encoder, fields[i:i + 64], cfg.eval.image_size)
                                for i in range(0, len(fields), 64)]).numpy()
-    _, scores = well_scores(manifest.assign(embedding=list(embedding)), "embedding", cfg)
-    return {label: {"top1": round(s["top1"], 3), "top1_sd": round(s["top1_sd"], 3)} for label, s in scores.items()}
+    eval_cfg = dataclasses.replace(cfg.eval, protocols=["probe"])
+    block = evaluate_features({"encoder": (manifest, embedding)}, eval_cfg)
+    return {label: {"top1": round(s["top1"], 3), "top1_sd": round(s["top1_sd"], 3)}
+            for label, s in block["details"]["encoder"]["probe"].items()}
 
 
 def relative_change(model: torch.nn.Module, init: dict[str, torch.Tensor]) -> float:
@@ -83,28 +85,22 @@ def relative_change(model: torch.nn.Module, init: dict[str, torch.Tensor]) -> fl
     return (moved / sum(float(v.float().norm() ** 2) for v in init.values())) ** 0.5
 
 
-def train_teacher(cfg: Config, train_fields: torch.Tensor, log) -> tuple[torch.nn.Module, float]:
-    """cellfm.train.loop's step on one process: same seeds, schedules, multi-crop and engine step."""
+def train_teacher(cfg: Config, train_fields: torch.Tensor, channel_names: list[str], log
+                  ) -> tuple[torch.nn.Module, float]:
+    """The training step of every run (cellfm.train.meta_arch.SSLMetaArch) on one process, one batch of
+    BATCH per step (the config's batch_size_per_worker must be BATCH: it sets the schedules' global batch)."""
     steps_per_epoch = len(train_fields) // BATCH
-    sched = Schedules(cfg, steps_per_epoch, BATCH)
-    torch.manual_seed(cfg.train.seed)
-    student, teacher = build_student_teacher(cfg)
+    meta_arch = SSLMetaArch(cfg, steps_per_epoch=steps_per_epoch, rank=0, world_size=1, device=torch.device("cpu"),
+                            prepare_model=lambda model: model)
+    teacher = meta_arch.teacher
     init = {k: v.clone() for k, v in teacher.backbone.state_dict().items()}
-    objective = build_objective(cfg)
-    engine = DDPEngine(cfg, student, parameter_groups(student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult),
-                       prepare_model=lambda model: model)
-    multicrop, generator = build_multicrop(cfg), torch.Generator()
     step = 0
     for epoch in range(cfg.optim.epochs):
-        generator.manual_seed(cfg.train.seed * 1_000_003 + epoch * 1009)
-        order = torch.randperm(len(train_fields), generator=generator)
+        order = torch.randperm(len(train_fields), generator=torch_generator(cfg.train.seed, Stream.FIELD_ORDER, epoch))
         for i in range(steps_per_epoch):
-            set_step_hyperparameters(engine.param_groups, sched, step)
-            global_crops, local_crops = multicrop(train_fields[order[i * BATCH:(i + 1) * BATCH]], generator=generator)
-            losses = objective(engine.model, teacher, global_crops, local_crops, float(sched.teacher_temp[step]))
-            engine.backward(losses.total)
-            engine.step(freeze_last_layer=step < sched.last_layer_frozen_steps)
-            update_ema(teacher, engine.student, float(sched.momentum[step]))
+            batch = FieldBatch(train_fields[order[i * BATCH:(i + 1) * BATCH]], [list(channel_names)] * BATCH)
+            losses = meta_arch.forward_backward(batch, epoch=epoch, step=step, micro=0)
+            meta_arch.optimizer_step(step)
             step += 1
         log(f"  epoch {epoch + 1}/{cfg.optim.epochs} loss {losses.total.item():.3f}")
     return teacher.backbone.eval(), relative_change(teacher.backbone, init)
@@ -123,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
     def log(message: str) -> None:
         print(f"[demo_recipe {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
-    base = load_config(CONFIG, [] if args.epochs is None else [f"optim.epochs={args.epochs}"])
+    common = [f"optim.batch_size_per_worker={BATCH}", *([] if args.epochs is None else [f"optim.epochs={args.epochs}"])]
+    base = load_config(CONFIG, common)
     manifests = generate_screen(Path(args.screen_dir).resolve(), base.data.synthetic_layout, base.data.synthetic_seed)
     frames = {split: read_manifest(path) for split, path in manifests.items()}
     fields = {split: load_fields(frame, base) for split, frame in frames.items()}
@@ -143,10 +140,10 @@ def main(argv: list[str] | None = None) -> dict:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     for name in args.settings:
-        cfg = load_config(CONFIG, SETTINGS[name] + ([] if args.epochs is None else [f"optim.epochs={args.epochs}"]))
+        cfg = load_config(CONFIG, SETTINGS[name] + common)
         log(f"{name}: {' '.join(SETTINGS[name]) or 'configs/demo.yaml as is'}")
         started = time.perf_counter()
-        teacher, moved = train_teacher(cfg, fields["train"], log)
+        teacher, moved = train_teacher(cfg, fields["train"], list(frames["train"]["channel_names"].iloc[0]), log)
         results["settings"][name] = {"overrides": SETTINGS[name], "teacher_relative_weight_change": round(moved, 4),
                                      "train_seconds": round(time.perf_counter() - started, 1), **scores(teacher)}
         log(f"{name}: moved {moved:.3f}, " + ", ".join(

@@ -1,4 +1,5 @@
-"""Baselines: RGB-composite ViT, ChannelViT (+ hierarchical channel sampling), single-channel ViT."""
+"""Baselines: RGB-composite ViT, ChannelViT, single-channel ViT. (ChannelViT's hierarchical channel sampling:
+tests/test_channel_sampling.py.)"""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from cellfm.config import ModelConfig
-from cellfm.models.channelvit import ChannelViT, hierarchical_channel_mask
+from cellfm.models.channelvit import ChannelViT
 from cellfm.models.registry import build_backbone
 from cellfm.models.single_channel import SingleChannelViT
 from cellfm.models.vit_rgb import RGBCompositeViT, hue_colors, rgb_composite
@@ -120,36 +121,6 @@ def test_channelvit_patch_mask():
     y = x.clone()
     y[0, :, 8:16, 0:8] = torch.randn(3, 8, 8)  # grid position 4 = row 1, col 0
     torch.testing.assert_close(model(y, channel_names=names, patch_mask=mask)["patch"], b["patch"], **TOL)
-
-
-def test_hierarchical_channel_sampling():
-    g = torch.Generator().manual_seed(0)
-    keeps = hierarchical_channel_mask(4000, 5, generator=g)
-    counts = keeps.sum(dim=1)
-    assert counts.min() == 1 and counts.max() == 5
-    freq = torch.bincount(counts, minlength=6)[1:].float() / 4000
-    assert torch.allclose(freq, torch.full((5,), 0.2), atol=0.03)  # k uniform in 1..5
-    assert torch.allclose(keeps.float().mean(0), keeps.float().mean(), atol=0.04)  # no channel favoured
-    # With padding: only real channels are kept, at least one per sample.
-    pad = torch.tensor([[True, True, False, False, False]] * 500)
-    keep = hierarchical_channel_mask(500, 5, generator=g, channel_mask=pad)
-    assert not (keep & ~pad).any() and keep.any(dim=1).all()
-
-    x = torch.randn(3, 5, IMG, IMG)
-    names = [VOCAB] * 3
-    ks = set()
-    for seed in range(30):
-        sub, sub_names, sub_mask = ChannelViT.sample_channels(x, names, torch.Generator().manual_seed(seed))
-        C = sub.shape[1]
-        ks.add(C)
-        assert 1 <= C <= 5 and sub_mask is None and all(len(row) == C for row in sub_names)
-        idx = [VOCAB.index(n) for n in sub_names[0]]
-        torch.testing.assert_close(sub, x[:, idx])
-    assert len(ks) >= 4
-    _, _, per_sample = ChannelViT.sample_channels(x, names, torch.Generator().manual_seed(0), per_sample=True)
-    assert per_sample.shape == (3, 5) and per_sample.any(dim=1).all()
-    model = tiny_channelvit()
-    assert model(x, channel_names=names, channel_mask=per_sample)["cls"].shape == (3, D)
 
 
 @pytest.mark.parametrize("C", [1, 2, 5])

@@ -173,7 +173,7 @@ def test_evaluation_can_assign_an_unseen_stain_to_a_group(tmp_path):
     import torch
 
     from cellfm.config import load_config
-    from cellfm.evaluate.embed import EncoderSpec, field_embedding
+    from cellfm.features.embed import EncoderSpec, field_embedding
     from cellfm.models.registry import build_backbone
     from cellfm.train.checkpoint import save_inference_checkpoint
 

@@ -1,8 +1,10 @@
-"""Training engines outside Ray: DeepSpeed ZeRO-1/2 optimizer partitions saved without pickle restore
-exactly (a restored engine takes the same next step as the one that kept going), on 2 gloo processes."""
+"""Training engines outside Ray, on 2 gloo processes: DDP gradient accumulation all-reduces on the step's last
+micro-batch only, and DeepSpeed ZeRO-1/2 optimizer partitions saved without pickle restore exactly (a
+restored engine takes the same next step as the one that kept going)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -14,7 +16,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from cellfm.config import load_config
-from cellfm.train.engines import DeepSpeedEngine, OptimizerStateError, deepspeed_config
+from cellfm.train.engines import DDPEngine, DeepSpeedEngine, OptimizerStateError, deepspeed_config
 from cellfm.train.param_groups import parameter_groups
 from tests.conftest import SMOKE_CONFIG
 
@@ -34,6 +36,65 @@ class TinyNet(torch.nn.Module):
 
     def forward(self, x):
         return self.head.last_layer(torch.relu(self.body(x)))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_accumulation_worker(rank: int, port: int, results) -> None:
+    """3 micro-batches per step through DDPEngine: count the all-reduces DDP launches during each backward
+    (a communication hook that counts, then all-reduces as DDP's default does), and compare the synced
+    gradient with the mean over ranks of each rank's locally accumulated gradient (a plain copy of the model)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    accumulate = 3
+    cfg = load_config(SMOKE_CONFIG, [f"optim.accumulate_steps={accumulate}", "optim.clip_grad=1e9"])
+    torch.manual_seed(0)
+    model = TinyNet()
+    local = copy.deepcopy(model)
+    engine = DDPEngine(cfg, model, parameter_groups(model), prepare_model=DistributedDataParallel)
+    launched: list[int] = []
+
+    def counting_allreduce(state, bucket):
+        launched.append(1)
+        return allreduce_hook(state, bucket)
+
+    engine.model.register_comm_hook(None, counting_allreduce)
+    per_micro_batch = []
+    for micro in range(accumulate):
+        gen = torch.Generator().manual_seed(10 * micro + rank)
+        x, y = torch.randn(4, 6, generator=gen), torch.randn(4, 3, generator=gen)
+        with engine.micro_batch(last=micro == accumulate - 1, freeze_last_layer=False):
+            engine.backward(torch.nn.functional.mse_loss(engine.model(x), y))
+        per_micro_batch.append(len(launched))
+        (torch.nn.functional.mse_loss(local(x), y) / accumulate).backward()
+    expected = [p.grad.clone() for p in local.parameters()]
+    for grad in expected:
+        dist.all_reduce(grad)
+        grad /= WORLD
+    synced = all(torch.allclose(p.grad, e, rtol=1e-6, atol=1e-7) for p, e in zip(model.parameters(), expected))
+    before = [p.detach().clone() for p in model.parameters()]
+    for group in engine.param_groups:  # as the step's owner sets them before every step
+        group["lr"] = 0.05
+    engine.step(freeze_last_layer=False)
+    stepped = all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    results[rank] = {"launched_after_each_micro_batch": per_micro_batch, "synced": synced, "stepped": stepped,
+                     "grads_cleared": all(p.grad is None for p in model.parameters())}
+    dist.destroy_process_group()
+
+
+def test_ddp_accumulation_all_reduces_only_on_the_last_micro_batch():
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_accumulation_worker, args=(_free_port(), results), nprocs=WORLD)
+    for rank in range(WORLD):
+        launched = results[rank]["launched_after_each_micro_batch"]
+        assert launched[0] == launched[1] == 0 and launched[2] > 0, launched  # no_sync for the first two
+        assert results[rank]["synced"] and results[rank]["stepped"] and results[rank]["grads_cleared"], rank
 
 
 def _engine(stage: int, seed: int) -> DeepSpeedEngine:
@@ -87,11 +148,8 @@ def _worker(rank: int, port: int, directory: str, stage: int, results) -> None:
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_partitions_restore_exactly_without_pickle(tmp_path, stage):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(port, str(tmp_path), stage, results), nprocs=WORLD)
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), stage, results), nprocs=WORLD)
     for rank in range(WORLD):
         assert results[rank]["same_params"], rank
         assert results[rank]["norms"][0] == pytest.approx(results[rank]["norms"][1], rel=0, abs=0)

@@ -1,12 +1,11 @@
-"""The evaluation probe: negative-control normalization and scores over repeated fixed splits."""
+"""The evaluation probe: scores over repeated fixed splits."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from cellfm.evaluate.metrics import (aggregate_wells, fixed_well_split, logistic_regression_scores, normalize_to_controls,
-                                     repeated_split_scores)
-from cellfm.evaluate.report import markdown_report
+from cellfm.evaluate.metrics import fixed_well_split, logistic_regression_scores, repeated_split_scores
+from cellfm.evaluate.wells import well_profiles
 
 
 def _wells(n_per_class: int = 8, n_classes: int = 4, separation: float = 10.0, seed: int = 0):
@@ -39,32 +38,17 @@ def test_probe_separates_separable_wells_and_not_shuffled_labels():
     assert repeated_split_scores(features, shuffled, 0.5, list(range(10)))["top1"] < 0.5
 
 
-def test_normalize_to_controls_standardizes_each_plate_by_its_controls():
-    meta = pd.DataFrame({"plate": ["A"] * 4 + ["B"] * 4, "is_control": [True, True, False, False] * 2})
-    features = np.array([[1.0], [3.0], [5.0], [2.0], [10.0], [14.0], [12.0], [20.0]])
-    out = normalize_to_controls(features, meta)
-    # Plate A controls: mean 2, sd 1; plate B controls: mean 12, sd 2.
-    np.testing.assert_allclose(out[:, 0], [-1, 1, 3, 0, -1, 1, 0, 4], atol=1e-5)
-    with pytest.raises(ValueError, match="plate A"):
-        normalize_to_controls(features[:4], meta.iloc[:4].assign(is_control=[True, False, False, False]))
-
-
-def test_markdown_report_shows_mean_and_spread():
-    features, labels = _wells()
-    scores = repeated_split_scores(features, labels, 0.5, [0, 1])
-    report = {"checkpoint": "ckpt", "well_normalization": "negcon", "test_fraction": 0.5, "split_seeds": [0, 1],
-              "results": {"seen": {"manifest": "m.parquet", "channels": ["DNA"], "n_wells": 32, "n_fields": 64,
-                                   "scores": {"trained": {"moa": scores}}}}}
-    text = markdown_report(report)
-    assert "2 fixed stratified splits" in text and f"{scores['top1']:.3f} ± {scores['top1_sd']:.3f}" in text
-
-
-def test_wells_carry_every_label_column_asked_for():
-    # eval.labels may name any manifest column (e.g. HPA's localization), not only perturbation/MoA.
-    fields = pd.DataFrame({"plate": ["P"] * 4, "well": ["A01", "A01", "B02", "B02"],
-                           "perturbation_id": ["x", "x", "y", "y"], "moa": ["m", "m", "n", "n"],
-                           "is_control": [False] * 4, "localization": ["er", "er", "nucleus", "nucleus"],
-                           "emb": [np.array([1.0, 0.0]), np.array([3.0, 2.0]), np.array([0.0, 1.0]), np.array([0.0, 3.0])]})
-    meta, features = aggregate_wells(fields, "emb", ["localization", "moa"])
-    assert meta["localization"].tolist() == ["er", "nucleus"] and meta["moa"].tolist() == ["m", "n"]
-    np.testing.assert_allclose(features, [[2.0, 1.0], [0.0, 2.0]])
+def test_well_means_do_not_depend_on_the_order_rows_arrive_in():
+    """Ray Data returns embedded fields in any order; a float sum depends on its order (here catastrophically:
+    1e16 + 1 - 1e16). Wells are averaged in (plate, well, field) order, so every row order gives the same
+    bits."""
+    values = [1e16, 1.0, -1e16]
+    meta = pd.DataFrame({"plate": ["P"] * 3, "well": ["A01"] * 3, "field": [0, 1, 2],
+                         "perturbation_id": ["x"] * 3, "moa": ["m"] * 3, "is_control": [False] * 3})
+    features = np.array(values)[:, None]
+    in_order = well_profiles(meta, features, "none").features
+    for order in ([2, 0, 1], [1, 2, 0], [0, 2, 1]):
+        shuffled = well_profiles(meta.iloc[order], features[order], "none").features
+        assert shuffled.tobytes() == in_order.tobytes(), order
+    unsorted = [np.mean(features[order], axis=0) for order in ([0, 1, 2], [0, 2, 1])]
+    assert unsorted[0].tobytes() != unsorted[1].tobytes()  # without the sort these orders disagree

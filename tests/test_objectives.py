@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cellfm.config import load_config
+from cellfm.config import ConfigError, load_config
 from cellfm.models.heads import DINOHead
 from cellfm.ssl.ibot_loss import IBOTPatchLoss
 from cellfm.ssl.koleo import KoLeoLoss
@@ -24,9 +24,11 @@ from cellfm.train.self_distillation import (
     EncoderWithHead,
     IbotObjective,
     StepLosses,
+    StepViews,
     build_objective,
     build_student_teacher,
 )
+from cellfm.train.meta_arch import check_training_config
 
 LN2 = math.log(2)
 REPO = Path(__file__).resolve().parent.parent
@@ -179,7 +181,7 @@ def test_mcd_default_keep_counts_uniform_over_1_to_c1_and_concept_never_dropped(
     n = 6000
     is_ctx = context_channel_mask([CP5] * n, GROUPS)
     assert is_ctx[0].tolist() == [True, True, True, False, False]
-    keep = MCDSampler()(is_ctx, generator=torch.Generator().manual_seed(0))
+    keep = MCDSampler()(is_ctx, torch.ones(n, 5, dtype=torch.bool), generator=torch.Generator().manual_seed(0))
     assert bool(keep[:, 3:].all())  # concept channels always kept
     k = keep[:, :3].sum(dim=1)
     freq = torch.bincount(k, minlength=4).float() / n
@@ -196,16 +198,31 @@ def test_mcd_configured_set_clipped_to_c1_and_per_sample():
     # Channel order differs per sample (channel permutation): groups follow the names, not the index.
     names = [CP5 if i % 2 else list(reversed(CP5)) for i in range(n)]
     is_ctx = context_channel_mask(names, GROUPS)
-    keep = MCDSampler([1, 5])(is_ctx, generator=torch.Generator().manual_seed(1))
+    keep = MCDSampler([1, 5])(is_ctx, torch.ones(n, 5, dtype=torch.bool), generator=torch.Generator().manual_seed(1))
     assert bool(keep[~is_ctx].all())
     k = (keep & is_ctx).sum(dim=1)
     assert set(k.unique().tolist()) == {1, 3}  # 5 clipped to C1 = 3
     assert (k == 1).float().mean().item() == pytest.approx(0.5, abs=0.03)
     # A sample without any context channel keeps everything.
     only_concept = context_channel_mask([["AGP", "Mito"]], GROUPS)
-    assert MCDSampler()(only_concept).all()
+    assert MCDSampler()(only_concept, torch.ones(1, 2, dtype=torch.bool)).all()
     with pytest.raises(ValueError, match="keep counts"):
         MCDSampler([0, 1])
+
+
+def test_mcd_padding_is_never_kept_and_changes_no_draw():
+    """A padded batch (names "" where the mask is False) keeps exactly the channels of the unpadded batch
+    under the same generator state; padded slots are never looked up in the groups nor kept."""
+    n = 500
+    names = [CP5 if i % 2 else list(reversed(CP5)) for i in range(n)]
+    plain = MCDSampler()(context_channel_mask(names, GROUPS), torch.ones(n, 5, dtype=torch.bool),
+                         generator=torch.Generator().manual_seed(3))
+    padded_names = [row + ["", ""] for row in names]
+    valid = torch.tensor([[True] * 5 + [False] * 2] * n)
+    is_ctx = context_channel_mask(padded_names, GROUPS, valid)
+    assert not is_ctx[:, 5:].any()
+    padded = MCDSampler()(is_ctx, valid, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(padded[:, :5], plain) and not padded[:, 5:].any()
 
 
 def test_context_channel_mask_names_missing_channel():
@@ -265,9 +282,21 @@ def stand_in_pair(cfg, separate_ibot_head: bool = True):
     return student, teacher
 
 
-def crops(batch: int = 4, channels: int = 5, seed: int = 0):
+def views(batch: int = 4, channels: int = 5, seed: int = 0, local: bool = True, patches: bool = True,
+          teacher_channels=None, student_channels=None, labels=None, names=None) -> StepViews:
+    """A micro-batch's views as the step's owner hands them over: 2 global crops of 16 px (4 patches of 8),
+    3 local crops of 8 px, patch masks of 1 masked patch in every global crop when `patches`."""
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(2, batch, channels, 16, 16, generator=g), torch.rand(3, batch, channels, 8, 8, generator=g)
+    global_crops = torch.rand(2, batch, channels, 16, 16, generator=g)
+    local_crops = torch.rand(3, batch, channels, 8, 8, generator=g) if local else None
+    patch_mask = None
+    if patches:
+        patch_mask = torch.zeros(2, batch, 4, dtype=torch.bool)
+        patch_mask[..., 1] = True
+    return StepViews(global_crops=global_crops, local_crops=local_crops,
+                     channel_names=names if names is not None else [CP5[:channels]] * batch,
+                     teacher_channels=teacher_channels, student_channels=student_channels, patch_mask=patch_mask,
+                     labels=labels)
 
 
 def count_calls(module: nn.Module) -> list:
@@ -277,17 +306,16 @@ def count_calls(module: nn.Module) -> list:
 
 
 def test_ibot_objective_terms_backward_and_one_student_call():
-    cfg = small_cfg("ssl.objective=ibot", "ssl.koleo_weight=0.1", "ssl.mask_sample_probability=1.0")
+    cfg = small_cfg("ssl.objective=ibot", "ssl.koleo_weight=0.1")
     objective = build_objective(cfg)
     assert isinstance(objective, IbotObjective)
     student, teacher = stand_in_pair(cfg)
     calls = count_calls(student)
-    g, loc = crops()
-    losses = objective(student, teacher, g, loc, teacher_temp=0.04, channel_names=[CP5] * 4)
+    losses = objective(student, teacher, views(), teacher_temp=0.04)
     assert isinstance(losses, StepLosses) and len(calls) == 1
     assert {"dino_global", "dino_local", "ibot", "kl_uniform", "koleo", "mask_ratio"} <= set(losses.terms)
-    assert "supcon" not in losses.terms and "mcd_channels_seen" not in losses.terms
-    assert 0.1 <= losses.terms["mask_ratio"].item() <= 0.5
+    assert "supcon" not in losses.terms
+    assert losses.terms["mask_ratio"].item() == 0.25
     assert torch.isfinite(losses.total) and losses.terms["ibot"].item() > 0
     s = cfg.ssl
     expected = ((losses.terms["dino_global"] * 2 + losses.terms["dino_local"] * 6) / 8
@@ -304,47 +332,48 @@ def test_ibot_objective_terms_backward_and_one_student_call():
     assert st_local["patch_mask"] is None
     assert teacher.backbone.calls[0]["patch_mask"] is None
     assert st_global["channel_names"] == [CP5] * 8  # per image, view-major
+    with pytest.raises(ValueError, match="patch masks"):
+        objective(student, teacher, views(patches=False), teacher_temp=0.04)
 
 
 def test_ibot_objective_shared_head_and_centers_checkpointed():
     cfg = small_cfg("ssl.objective=ibot")
     objective = build_objective(cfg)
     student, teacher = stand_in_pair(cfg, separate_ibot_head=False)
-    g, loc = crops()
-    objective(student, teacher, g, None, teacher_temp=0.04).total.backward()
+    objective(student, teacher, views(local=False), teacher_temp=0.04).total.backward()
     assert student.head.mlp[0].weight.grad is not None
     assert set(objective.dino_loss.state_dict()) == {"dino.center", "ibot.center"}
 
 
-def test_ibot_objective_mcd_student_mask_teacher_all_channels():
-    cfg = small_cfg("ssl.objective=ibot", "ssl.mcd=true",
-                    "model.channel_groups={DNA: context, ER: context, RNA: context, AGP: context, Mito: concept}")
+@pytest.mark.parametrize("objective_name", ["dino", "ibot"])
+def test_objectives_give_the_teacher_the_padding_mask_and_the_student_its_own(objective_name):
+    """The teacher's backbone gets the real channels (padding mask), the student's the channels it may see
+    (here a subset of the real ones), in every crop of a sample, for both objectives."""
+    cfg = small_cfg(f"ssl.objective={objective_name}")
     objective = build_objective(cfg)
     student, teacher = stand_in_pair(cfg)
-    g, loc = crops(batch=6)
-    losses = objective(student, teacher, g, loc, 0.04, channel_names=[CP5] * 6)
+    padding = torch.tensor([[True] * 5 + [False], [True] * 4 + [False] * 2, [True] + [False] * 5])
+    seen = padding & torch.tensor([[True, False, True, True, True, False]] * 3)
+    names = [CP5 + [""], CP5[:4] + ["", ""], CP5[:1] + [""] * 5]
+    step_views = views(batch=3, channels=6, names=names, teacher_channels=padding, student_channels=seen,
+                       patches=objective_name == "ibot")
+    objective(student, teacher, step_views, 0.04).total.backward()
     st_global, st_local = student.backbone.calls
-    mask = st_global["channel_mask"]
-    assert mask.shape == (12, 5) and bool(mask[:, 4].all()) and bool((mask[:, :4].sum(1) >= 1).all())
-    assert torch.equal(st_local["channel_mask"][:6], mask[:6])  # same channels in every crop of a sample
-    assert all(c["channel_mask"] is None for c in teacher.backbone.calls)
-    assert 2 <= losses.terms["mcd_channels_seen"].item() <= 5
-    with pytest.raises(ValueError, match="'Mito'"):
-        IbotObjective(small_cfg("ssl.objective=ibot", "ssl.mcd=true", "model.channel_groups={DNA: context}"))(
-            student, teacher, g, loc, 0.04, channel_names=[CP5] * 6)
-    with pytest.raises(ValueError, match="channel_groups"):
-        IbotObjective(small_cfg("ssl.objective=ibot", "ssl.mcd=true"))
+    assert torch.equal(st_global["channel_mask"], seen.repeat(2, 1))
+    assert torch.equal(st_local["channel_mask"], seen.repeat(3, 1))
+    [t_global] = teacher.backbone.calls
+    assert torch.equal(t_global["channel_mask"], padding.repeat(2, 1))
+    assert t_global["channel_names"] == names * 2
 
 
 def test_ibot_objective_supcon_only_with_labels():
     cfg = small_cfg("ssl.objective=ibot", "ssl.supcon_weight=0.5", "ssl.supcon_label=antibody")
     objective = build_objective(cfg)
     student, teacher = stand_in_pair(cfg)
-    g, loc = crops()
-    with_labels = objective(student, teacher, g, loc, 0.04, labels=["a", "b", "a", "c"])
+    with_labels = objective(student, teacher, views(labels=["a", "b", "a", "c"]), 0.04)
     assert with_labels.terms["supcon"].item() > 0
     with_labels.total.backward()
-    assert "supcon" not in objective(student, teacher, g, loc, 0.04, labels=None).terms
+    assert "supcon" not in objective(student, teacher, views(labels=None), 0.04).terms
 
 
 def test_dino_objective_keeps_its_terms_and_one_student_call():
@@ -353,11 +382,12 @@ def test_dino_objective_keeps_its_terms_and_one_student_call():
     assert isinstance(objective, DinoObjective)
     student, teacher = stand_in_pair(cfg, separate_ibot_head=False)
     calls = count_calls(student)
-    g, loc = crops()
-    losses = objective(student, teacher, g, loc, 0.04, channel_names=[CP5] * 4, labels=["x"] * 4)
+    losses = objective(student, teacher, views(patches=False, labels=["x"] * 4), 0.04)
     assert set(losses.terms) == {"dino_global", "dino_local", "kl_uniform"} and len(calls) == 1
-    assert all(c["patch_mask"] is None and c["channel_mask"] is None for c in student.backbone.calls)
+    assert all(c["patch_mask"] is None for c in student.backbone.calls)
     losses.total.backward()
+    with pytest.raises(ValueError, match="masked-patch"):
+        objective(student, teacher, views(), 0.04)
 
 
 def test_build_student_teacher_heads_per_objective():
@@ -390,4 +420,10 @@ def test_head_use_bn_makes_teacher_targets_differ_between_nearly_identical_image
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_loads(path):
     cfg = load_config(path)
-    build_objective(cfg)  # objective settings are consistent (e.g. MCD has channel groups)
+    build_objective(cfg)
+    check_training_config(cfg)  # objective settings are consistent (e.g. MCD has channel groups)
+
+
+def test_mcd_without_channel_groups_is_refused_before_training():
+    with pytest.raises(ConfigError, match="model.channel_groups"):
+        check_training_config(small_cfg("ssl.objective=ibot", "ssl.mcd=true"))

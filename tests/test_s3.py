@@ -187,7 +187,7 @@ def test_pretrain_and_evaluate_jobs_on_s3_storage(s3_server, smoke_overrides, tm
     assert ckpt == f"{run_dir}/checkpoint_epoch0000"
     report = json.loads((Path(cfg.eval.output_dir) / "report.json").read_text())
     assert report["checkpoint"] == ckpt and set(report["results"]) == {"seen", "unseen"}
-    moa = report["results"]["seen"]["scores"]["trained"]["moa"]
+    moa = report["results"]["seen"]["details"]["trained"]["probe"]["moa"]
     assert (moa["n_classes"], moa["n_train_wells"], moa["n_test_wells"]) == (6, 13, 13)
     assert len(moa["top1_per_split"]) == cfg.eval.n_splits
 

@@ -1,6 +1,6 @@
 """End to end on real components: a 2-worker DDP run on the tiny screen writes a checkpoint,
-evaluation loads it through Ray Data batch inference and writes a report; relaunching the same
-run name resumes it."""
+evaluation loads it through Ray Data batch inference and writes the report of every protocol;
+relaunching the same run name resumes it."""
 
 import json
 
@@ -41,16 +41,29 @@ def test_pretrain_checkpoint_evaluate_resume(ray_session, smoke_overrides, tiny_
         out = backbone(torch.rand(2, 3, 32, 32))
     assert out["cls"].shape == (2, backbone.embed_dim)
 
-    report, paths = run_evaluation(cfg, ckpt)
+    # The same checkpoint under two names beside the baselines: one report, every metric per model and
+    # channel configuration, and identical numbers for identical features.
+    report, paths = run_evaluation(cfg, {"cellrep": ckpt, "again": ckpt})
+    models = ["cellrep", "again", "random_init", "intensity_stats"]
     assert set(report["results"]) == {"seen", "unseen"}
     assert report["results"]["unseen"]["channels"] != report["results"]["seen"]["channels"]
     for block in report["results"].values():
-        for encoder in ("trained", "random_init"):
-            for label in ("perturbation_id", "moa"):
-                s = block["scores"][encoder][label]
-                assert 0.0 <= s["top1"] <= 1.0 and s["n_test_wells"] > 0
+        assert block["models"] == models and block["n_fields"] == 2 * block["n_wells"]  # tiny: 2 fields/well
+        assert block["metrics"]["cellrep"] == block["metrics"]["again"]
+        for model in models:
+            metrics = block["metrics"][model]
+            assert set(metrics) == set(report["metric_titles"])
+            # The tiny screen has one plate per configuration and no localization labels; every other
+            # protocol runs on it.
+            assert [k for k, v in metrics.items() if v is None] == [
+                "nn_lopo_perturbation_id_macro_f1", "nn_lopo_moa_macro_f1", "localization_map"]
+            assert block["details"][model]["probe"]["moa"]["n_test_wells"] > 0
+    assert paths["json"].is_file() and paths["markdown"].is_file()
+    assert {p.name for p in paths.values() if p.suffix == ".png"} >= {
+        "map_seen.png", "map_unseen.png", "confusion_seen.png", "metric_heldout_moa_top1.png", "metric_replicate_map.png"}
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths.values())
-    assert json.loads(paths["json"].read_text())["checkpoint"] == str(ckpt.resolve())
+    saved = json.loads(paths["json"].read_text())
+    assert saved["checkpoint"] == str(ckpt.resolve()) and saved["checkpoints"]["again"] == str(ckpt.resolve())
 
     # Relaunch with the same run name and one more epoch: resumes at the saved step.
     resumed = run_pretraining(load_config(SMOKE_CONFIG, smoke_overrides + ["train.run_name=e2e", "optim.epochs=2"]))

@@ -32,6 +32,8 @@ COMMANDS: dict[str, str] = {
     "validate": "cellfm.commands.validate",
     "synth": "cellfm.commands.synth",
     "demo": "cellfm.commands.demo",
+    "embed": "cellfm.commands.embed",
+    "refresh": "cellfm.commands.refresh",
     "sweep": "cellfm.commands.sweep",
 }
 
@@ -126,11 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _input_errors() -> tuple[type[ValueError], ...]:
-    """The errors that mean bad input (manifest, plate, checkpoint, ingestion), not a bug. Imported only
+    """The errors that mean bad input (manifest, plate, checkpoint, ingestion, feature store), not a bug. Imported only
     when needed: their modules pull in pandas, zarr and torch."""
     from cellfm.data.ingest import IngestError
     from cellfm.data.manifest import ManifestError
     from cellfm.data.plate import PlateError
+    from cellfm.features.store import StoreError
     from cellfm.train.checkpoint import CheckpointError
 
-    return ManifestError, PlateError, CheckpointError, IngestError
+    return ManifestError, PlateError, CheckpointError, IngestError, StoreError

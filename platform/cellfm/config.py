@@ -16,6 +16,7 @@ so credentials then come from the environment (AWS_ACCESS_KEY_ID, ...) or explic
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import tempfile
 import types
@@ -44,6 +45,12 @@ CREDENTIAL_MARKER = "<redacted>"
 _CREDENTIAL_NAME_PARTS = ("secret", "token", "password", "key", "credential", "session")
 # The two channel groups of C3R and of the manifest's `channel_groups` column.
 CHANNEL_GROUPS = ("context", "concept")
+
+
+# Evaluation protocols, in report order (cellfm.evaluate.protocols runs them).
+FEATURE_AGGREGATIONS = ("mean", "median")
+FEATURE_NORMALIZATIONS = ("none", "standardize", "robust_mad", "spherize")
+EVAL_PROTOCOLS = ("probe", "compound_heldout", "nn_lopo", "replicate_map", "moa_consistency", "localization_map")
 
 
 @dataclass
@@ -179,6 +186,10 @@ class SSLConfig:
     mcd: bool = False
     # MCD: the set k is drawn from (each >= 1; empty: {1..C1}, C1 = the sample's context channels).
     mcd_keep_counts: list[int] = field(default_factory=list)
+    # Hierarchical channel sampling (ChannelViT): per sample the student sees m ~ U{1..n} of its n real
+    # channels (the teacher all of them; never at evaluation). auto = hcs for model.name=channelvit, else
+    # none; hcs and ssl.mcd both choose the student's channels, so they exclude each other.
+    channel_sampling: str = "auto"
     # Weight of the weakly supervised SupCon term on the `supcon_label` column (0 = off).
     supcon_weight: float = 0.0
     # SupCon temperature.
@@ -308,36 +319,97 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation on held-out plates: which manifests, which labels, the probe's splits, and the embedding run."""
+    """Evaluation on held-out plates: which manifests, which labels, the protocols and their splits, and the embedding run."""
 
-    # Named held-out manifests: each is embedded and scored separately.
+    # Named held-out manifests (channel configurations, e.g. seen and unseen): each is embedded and
+    # scored separately.
     manifests: dict[str, str] = field(
         default_factory=lambda: {
             "seen": "demo_output/screen/heldout.parquet",
             "unseen": "demo_output/screen/unseen.parquet",
         }
     )
-    # Manifest columns the probe predicts (each a column of every eval manifest).
+    # Manifest columns the fixed-split probe and the leave-one-plate-out 1-NN classify.
     labels: list[str] = field(default_factory=lambda: ["perturbation_id", "moa"])
     # Well features normalized per plate against its negative controls (none | negcon).
     well_normalization: str = "negcon"
-    # Fraction of wells in each split's test set, in (0, 1).
+    # Protocols to run (docs/evaluation.md): probe (fixed well splits), compound_heldout (MoA of
+    # unseen compounds), nn_lopo (CHAMMI 1-NN), replicate_map (JUMP replicate retrieval),
+    # moa_consistency (JUMP), localization_map (HPA-style multi-label).
+    protocols: list[str] = field(default_factory=lambda: list(EVAL_PROTOCOLS))
+    # Fraction of wells tested in each fixed probe split, and of each MoA's compounds in each
+    # compound-held-out split.
     test_fraction: float = 0.5
-    # Seed of the first fixed well split.
+    # Seed of the first split; split k uses split_seed + k.
     split_seed: int = 0
     # Scores are the mean over this many fixed splits (seeds split_seed, split_seed + 1, ...).
     n_splits: int = 5
-    # Fields per embedding batch.
+    # Compound-held-out (and protein-held-out) splits per score, seeds split_seed, split_seed + 1, ...
+    n_compound_splits: int = 5
+    # Random rankings per (positives, total) configuration in copairs' null distribution (JUMP: 10000).
+    copairs_null_size: int = 10000
+    # Benjamini-Hochberg corrected p-value below which a perturbation (MoA) counts as retrieved.
+    copairs_threshold: float = 0.05
+    # Seed of copairs' null distributions.
+    copairs_seed: int = 0
+    # 2-D map of well embeddings in the report: auto (UMAP when umap-learn is installed, else PCA) | pca | umap.
+    embedding_map: str = "auto"
+    # Fields per batch in the embedding actors.
     batch_size: int = 32
     # Side length fields are resized to before embedding; 0 = as stored (native resolution; the
     # backbone interpolates its positional embedding).
     image_size: int = 0
-    # Embedding actors (each holds every encoder).
+    # Actors embedding fields in parallel (each holds every model).
     embed_actors: int = 1
-    # Seed of the random-init baseline encoder.
+    # Seed of the random-init baseline encoder's weights.
     random_init_seed: int = 0
-    # Folder of report.{json,md,png}.
+    # Folder the report (report.json, report.md, PNG plots) is written to.
     output_dir: str = "demo_output/report"
+
+
+@dataclass
+class FeaturesConfig:
+    """The feature store and what `cellfm embed` / `cellfm refresh` keep in it."""
+
+    # Feature store root: a local folder or s3://bucket/prefix (s3 read and written with data.storage_options).
+    store: str = "demo_output/features"
+    # Named manifests whose plates the store keeps embedded (`cellfm refresh` embeds what is missing).
+    manifests: dict[str, str] = field(
+        default_factory=lambda: {
+            "heldout": "demo_output/screen/heldout.parquet",
+            "unseen": "demo_output/screen/unseen.parquet",
+        }
+    )
+    # Checkpoint folder or s3:// URI to embed with; "latest" = the newest checkpoint of
+    # train.storage_path/train.run_name, resolved at every refresh (a new checkpoint gets its own key).
+    checkpoint: str = "latest"
+    # Per-well aggregates of the field embeddings stored beside them: any of mean, median.
+    aggregations: list[str] = field(default_factory=lambda: list(FEATURE_AGGREGATIONS))
+    # Per-plate normalization of the well aggregates against the plate's negative-control wells, stored
+    # as extra variables <aggregation>_<normalization>: none | standardize | robust_mad | spherize.
+    normalization: str = "none"
+    # Spherize (ZCA on negative controls): the control covariance's eigenvalues are raised by this
+    # fraction of their mean, so plates with fewer control wells than features stay well-conditioned.
+    spherize_regularization: float = 0.1
+    # Fields per inference batch (also the fields per read task; a batch never spans two plates).
+    batch_size: int = 32
+    # Inference actors, each holding the model (on CPU each also reads and normalizes its fields); 0 = one
+    # per GPU (GPU actors), else one per two CPUs of the Ray cluster (benchmarks/embed_throughput.py).
+    actors: int = 0
+    # CPUs Ray reserves for each inference actor.
+    cpus_per_actor: float = 1.0
+    # PyTorch threads each inference actor computes with.
+    torch_threads: int = 1
+    # Inference actors on GPUs; null = as train.use_gpu.
+    use_gpu: Optional[bool] = None
+    # GPUs each inference actor holds when it runs on GPUs.
+    gpus_per_actor: float = 1.0
+    # Side length fields are resized to before embedding; 0 = as stored.
+    image_size: int = 0
+    # An unmarked run folder (a refresh killed while writing a plate, or one that lost a race) none of
+    # whose files changed for this many seconds is deleted by the next refresh; keep it well above the
+    # time one plate takes to write.
+    stale_run_s: float = 3600.0
 
 
 @dataclass
@@ -360,6 +432,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict:
@@ -388,12 +461,15 @@ _CHOICES = {
     "data.mixed_channels": {"pad", "group"},
     "model.name": {"cellrep", "c3r", "vit_rgb", "channelvit", "single_channel"},
     "ssl.objective": {"dino", "ibot"},
+    "ssl.channel_sampling": {"auto", "none", "hcs"},
     "model.input_norm": {"none", "percentile", "adaptive_hist"},
     "model.size": {"tiny", "small", "base", "large"},
     "ssl.centering": {"centering", "sinkhorn_knopp"},
     "train.engine": {"ddp", "deepspeed"},
     "train.mixed_precision": {"bf16", "fp32"},
     "eval.well_normalization": {"none", "negcon"},
+    "eval.embedding_map": {"auto", "pca", "umap"},
+    "features.normalization": set(FEATURE_NORMALIZATIONS),
 }
 
 _POSITIVE = (
@@ -407,7 +483,9 @@ _POSITIVE = (
     "train.num_workers", "train.cpus_per_worker", "train.torch_threads", "train.num_to_keep",
     "train.log_every_steps",
     "data.read_cpus", "data.read_batch_size", "data.clahe_tiles",
-    "eval.batch_size", "eval.embed_actors", "eval.n_splits", "ray.num_cpus",
+    "eval.batch_size", "eval.embed_actors", "eval.n_splits", "eval.n_compound_splits", "eval.copairs_null_size",
+    "ray.num_cpus",
+    "features.batch_size", "features.cpus_per_actor", "features.torch_threads", "features.gpus_per_actor",
 )
 
 _NON_NEGATIVE = (
@@ -418,7 +496,8 @@ _NON_NEGATIVE = (
     "ssl.warmup_teacher_temp_epochs", "ssl.freeze_last_layer_epochs", "ssl.n_local_crops",
     "optim.min_lr", "optim.warmup_epochs", "optim.weight_decay", "optim.weight_decay_end",
     "train.max_failures", "train.seed", "train.peak_tflops",
-    "eval.split_seed", "eval.random_init_seed", "eval.image_size",
+    "eval.split_seed", "eval.random_init_seed", "eval.image_size", "eval.copairs_seed",
+    "features.actors", "features.spherize_regularization", "features.stale_run_s", "features.image_size",
 )
 
 # Closed interval [0, 1].
@@ -460,6 +539,33 @@ def config_problems(cfg: Config) -> list[str]:
         problems.append("eval.labels is empty; name at least one manifest column to predict (e.g. moa)")
     if len(set(e.labels)) != len(e.labels):
         problems.append(f"eval.labels names a column twice: {e.labels}")
+    unknown = [p for p in e.protocols if p not in EVAL_PROTOCOLS]
+    if unknown or not e.protocols or len(set(e.protocols)) != len(e.protocols):
+        problems.append(f"eval.protocols={e.protocols!r} must list distinct protocols from {list(EVAL_PROTOCOLS)}")
+    if not 0 < e.copairs_threshold < 1:
+        problems.append(f"eval.copairs_threshold must be in (0, 1), got {e.copairs_threshold}")
+    if e.embedding_map == "umap" and importlib.util.find_spec("umap") is None:
+        problems.append("eval.embedding_map=umap needs umap-learn installed (or use auto / pca)")
+    return problems + _features_problems(cfg)
+
+
+def _features_problems(cfg: Config) -> list[str]:
+    f = cfg.features
+    problems = []
+    if not f.store:
+        problems.append("features.store is empty; give a local folder or an s3:// URI")
+    if not f.checkpoint:
+        problems.append("features.checkpoint is empty; give a checkpoint folder, an s3:// URI or 'latest'")
+    for name, path in f.manifests.items():
+        if not path:
+            problems.append(f"features.manifests.{name} is empty; give a manifest path or s3:// URI")
+    if not f.aggregations or len(set(f.aggregations)) != len(f.aggregations) or \
+            not set(f.aggregations) <= set(FEATURE_AGGREGATIONS):
+        problems.append(f"features.aggregations must list distinct items of {list(FEATURE_AGGREGATIONS)}, "
+                        f"got {f.aggregations!r}")
+    if cfg.model.patch_size > 0 and f.image_size % cfg.model.patch_size:
+        problems.append(f"features.image_size={f.image_size} must be 0 or a multiple of "
+                        f"model.patch_size={cfg.model.patch_size}")
     return problems
 
 
@@ -538,7 +644,20 @@ def _ssl_problems(cfg: Config) -> list[str]:
                         f"got {s.mcd_keep_counts}")
     if s.supcon_weight > 0 and not s.supcon_label:
         problems.append("ssl.supcon_weight > 0 needs ssl.supcon_label (a manifest column, e.g. an antibody id)")
+    if s.mcd and student_channel_sampling(cfg) == "hcs":
+        problems.append(f"ssl.mcd=true and hierarchical channel sampling (ssl.channel_sampling={s.channel_sampling} "
+                        f"with model.name={cfg.model.name}) both choose the student's channels; "
+                        f"set ssl.channel_sampling=none or ssl.mcd=false")
     return problems
+
+
+def student_channel_sampling(cfg: Config) -> str:
+    """How the training step chooses the channels the student sees, besides MCD: "hcs" (hierarchical
+    channel sampling) or "none". `ssl.channel_sampling: auto` means hcs for ChannelViT (its paper trains
+    with it), none for every other model."""
+    if cfg.ssl.channel_sampling == "auto":
+        return "hcs" if cfg.model.name == "channelvit" else "none"
+    return cfg.ssl.channel_sampling
 
 
 def validate(cfg: Config, source: str = "<config>") -> None:

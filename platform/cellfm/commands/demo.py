@@ -45,13 +45,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"[cellfm] screen ready in {time.perf_counter() - t0:.0f}s: {', '.join(str(m) for m in manifests.values())}")
     preflight(cfg, train=True, evaluate=True)
 
-    from cellfm.evaluate.run import run_evaluation, summary_lines
+    from cellfm.evaluate.report import summary_lines
+    from cellfm.evaluate.run import run_evaluation
     from cellfm.train.trainer import run_pretraining
 
     result = run_pretraining(cfg)
     print(f"[cellfm] pre-training done at {time.perf_counter() - t0:.0f}s; checkpoint {result.checkpoint.path}")
     report, paths = run_evaluation(cfg, result.checkpoint.path)
-    print("\n[cellfm] held-out wells, logistic regression (trained vs random-init encoder):")
+    print("\n[cellfm] held-out wells, trained encoder vs baselines (docs/evaluation.md):")
     print("\n".join(summary_lines(report)))
     print(f"\n[cellfm] report: {paths['markdown']}  (demo took {time.perf_counter() - t0:.0f}s)")
     return 0

@@ -2,6 +2,13 @@
 channel permutation -> fields padded to one channel count with a channel mask, or grouped by
 channel count -> batches.
 
+- Determinism: a training epoch's order is built here, not left to Ray Data: ``epoch_shard`` permutes
+  the manifest's read blocks with a seed of (``train.seed``, epoch) and gives each rank its own equal,
+  contiguous share; each rank streams its share in that order (``preserve_order``), its local shuffle
+  buffer seeded by (seed, epoch, rank), and a field's channel permutation is seeded by (seed, epoch,
+  field). So the fields, their order and their channel orders are a function of (seed, epoch, rank,
+  worker count), whatever the timing of the read tasks. Evaluation streams keep the manifest's order.
+
 - Read locality: a read task reads whole fields (one Zarr shard each, all channels) for a block of
   consecutive manifest rows (same plate), optionally through the Rust ``zarrs`` codec pipeline; a
   ``data.field_size`` centre crop reads only the tiles it covers.
@@ -35,9 +42,12 @@ from cellfm.data.manifest import check_manifest_against_plates, read_manifest
 from cellfm.data.normalize import normalize_field, quantize_unit
 from cellfm.data.plate import PlateError, read_field
 from cellfm.preflight import field_layout_problems
+from cellfm.seeding import Stream, numpy_rng
 
 # Manifest columns a read task needs; the rest travel as metadata only when asked for.
 _READ_COLUMNS = ["plate", "well", "row", "col", "field", "store_uri", "channel_names", "height", "width"]
+# A field's position in the training manifest (its index label): what its channel permutation is seeded by.
+FIELD_INDEX = "field_index"
 CHANNEL_SEPARATOR = ","
 PAD_CHANNEL_NAME = ""
 _MB = 1024 * 1024
@@ -143,10 +153,13 @@ class PipelineMonitor:
 
 class DataMonitor:
     """Driver-side handle on a dataset's ``PipelineMonitor`` actor (Ray actor handles pickle, so the
-    same handle may be passed to Ray Train workers)."""
+    same handle may be passed to Ray Train workers). ``max_bad``: the most bad fields allowed;
+    ``total``: the distinct fields monitored."""
 
-    def __init__(self, actor):
+    def __init__(self, actor, max_bad: int, total: int):
         self.actor = actor
+        self.max_bad = max_bad
+        self.total = total
 
     def summary(self) -> dict[str, Any]:
         """Fields and bytes read, rates, and the bad fields skipped (plate, well, field, error)."""
@@ -214,24 +227,29 @@ class FieldLoader:
     padded count, padded channels zero, or with ``mixed_channels=group`` the block's one channel
     count), ``channel_mask`` (N, C) bool, ``channel_names`` (N,) comma-joined names in the
     image's channel order (after permutation, when enabled; ``""`` for padding), plus ``keep_columns``.
+    With ``permute_channels``, a field's channel order is drawn from (``seed``, ``epoch``, its
+    ``field_index``): the same in every rerun, a new one every epoch.
     """
 
     def __init__(self, cfg: DataConfig, permute_channels: bool, keep_columns: Sequence[str] = (),
-                 layout: _Layout | None = None, monitor=None, max_bad: int = 0, total: int = 0):
+                 layout: _Layout | None = None, monitor=None, max_bad: int = 0, total: int = 0,
+                 seed: int = 0, epoch: int = 0):
         self.cfg = cfg
         self.permute_channels = permute_channels
+        self.seed = seed
+        self.epoch = epoch
         self.keep_columns = list(keep_columns)
         self.layout = layout
         self.monitor = monitor
         self.max_bad = max_bad
         self.total = total
 
-    def _read_into(self, row: dict, out: np.ndarray, rng: np.random.Generator | None) -> list[str]:
+    def _read_into(self, row: dict, out: np.ndarray, field_index: int) -> list[str]:
         """Read one field and write it, normalized, into ``out`` (this sample's slot of the batch:
         (C_padded, H, W) in the transfer dtype); returns its channel names in the order written.
 
-        Channels are permuted (``rng`` given) by reading them in the permuted order, and percentile
-        clipping writes straight into ``out``: a field crosses memory once after decoding.
+        Channels are permuted (``permute_channels``) by reading them in the permuted order, and
+        percentile clipping writes straight into ``out``: a field crosses memory once after decoding.
         """
         cfg, layout = self.cfg, self.layout
         where = (str(row["store_uri"]), str(row["row"]), str(row["col"]), int(row["field"]))
@@ -242,7 +260,8 @@ class FieldLoader:
             y0, x0 = (height - layout.height) // 2, (width - layout.width) // 2
             region = (y0, y0 + layout.height, x0, x0 + layout.width)
         names = list(row["channel_names"])
-        if rng is not None:
+        if self.permute_channels:
+            rng = numpy_rng(self.seed, Stream.CHANNEL_PERMUTATION, self.epoch, field_index)
             names = [names[j] for j in rng.permutation(len(names))]
         image, channels = read_field(*where, channels=names, storage_options=cfg.storage_options or None, region=region)
         dest = out[: len(channels)]
@@ -289,9 +308,6 @@ class FieldLoader:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         _ensure_codec_pipeline(self.cfg.use_zarrs)
-        # Fresh entropy per call: the loader is pickled into every task, so a generator created in
-        # __init__ would replay the same permutations in every task and every epoch.
-        rng = np.random.default_rng() if self.permute_channels else None
         layout = self.layout
         n = len(batch["plate"])
         channels = self._batch_channels(batch)
@@ -302,7 +318,7 @@ class FieldLoader:
             row = {k: batch[k][i] for k in _READ_COLUMNS}
             k = len(kept)
             try:
-                field_channels = self._read_into(row, images[k], rng)
+                field_channels = self._read_into(row, images[k], int(batch[FIELD_INDEX][i]))
             except PlateError as exc:
                 if self.cfg.bad_field_policy == "fail":
                     raise BadFieldError(f"{exc} [data.bad_field_policy=fail; set data.bad_field_policy=skip to skip "
@@ -365,17 +381,80 @@ class FieldPipeline:
     field_shape: tuple[int, int]
 
 
-def ingest_execution_options(cfg: DataConfig):
-    """Ray Data ExecutionOptions bounding this pipeline's object-store use, for
-    ``ray.train.DataConfig(execution_options=...)`` (Ray Train replaces a dataset's own execution
-    options with these, or with the driver's global DataContext's when none are given)."""
+def _execution_options(cfg: DataConfig):
+    """Ray Data ExecutionOptions of a field stream: rows in the order of its manifest (a fixed order,
+    whatever the timing of the read tasks) and, with ``data.object_store_limit_mb``, a bounded
+    object-store budget."""
     from ray.data import ExecutionOptions
     from ray.data.context import DataContext
 
-    options = ExecutionOptions(resource_limits=DataContext.get_current().execution_options.resource_limits)
+    options = ExecutionOptions(resource_limits=DataContext.get_current().execution_options.resource_limits,
+                               preserve_order=True)
     if cfg.object_store_limit_mb > 0:
         options.resource_limits = options.resource_limits.copy(object_store_memory=cfg.object_store_limit_mb * _MB)
     return options
+
+
+def check_pipeline_config(manifest: pd.DataFrame, cfg: DataConfig) -> _Layout:
+    """Every check a field stream of ``manifest`` makes before reading (run it on the driver, before Ray
+    starts, for a stream built later elsewhere); returns the stream's layout."""
+    problems = data_config_problems(cfg)  # a DataConfig built in code has not been through load_config
+    if problems:
+        raise ConfigError(problems)
+    if len(manifest) == 0:
+        raise ValueError("empty manifest: no fields to read")
+    return _layout(manifest, cfg)
+
+
+def create_monitor(cfg: DataConfig, total_fields: int, name: str = "fields",
+                   fields_per_pass: int | None = None) -> DataMonitor | None:
+    """The ``PipelineMonitor`` actor of a stream of ``total_fields`` distinct fields (``fields_per_pass``
+    read per pass, default all of them), or None when neither bad-field skipping nor progress logs need
+    one. One monitor may serve several streams (every rank's shard of a training run)."""
+    import ray
+
+    if cfg.bad_field_policy != "skip" and cfg.progress_interval_s <= 0:
+        return None
+    max_bad = int(np.floor(cfg.max_bad_fraction * total_fields)) if cfg.bad_field_policy == "skip" else 0
+    actor_cls = ray.remote(num_cpus=0, max_restarts=0)(PipelineMonitor)
+    return DataMonitor(actor_cls.remote(fields_per_pass or total_fields, max_bad, cfg.progress_interval_s, name),
+                       max_bad, total_fields)
+
+
+def _read_blocks(table: pd.DataFrame, cfg: DataConfig) -> list[pd.DataFrame]:
+    """Consecutive rows cut into read blocks of at most ``data.read_batch_size`` fields, cut where the
+    plate changes (read locality; a block never spans two plates) and, with ``mixed_channels=group``,
+    where the channel count changes, so every block has one image shape."""
+    step = max(1, cfg.read_batch_size)
+    plates = table["plate"].astype(str).to_numpy()
+    changes = plates[1:] != plates[:-1]
+    if cfg.mixed_channels == "group":
+        counts = table["channel_names"].map(len).to_numpy()
+        changes |= counts[1:] != counts[:-1]
+    cuts = [0, *np.flatnonzero(changes) + 1, len(table)]
+    return [table.iloc[i:min(i + step, b)] for a, b in zip(cuts[:-1], cuts[1:]) for i in range(a, b, step)]
+
+
+def epoch_shard(manifest: pd.DataFrame, cfg: DataConfig, *, seed: int, epoch: int, rank: int,
+                world_size: int) -> pd.DataFrame:
+    """The fields rank ``rank`` of ``world_size`` trains on in ``epoch``, in the order it reads them: the
+    manifest's read blocks (``_read_blocks``; with ``mixed_channels=group``, after sorting by channel
+    count) in an order drawn from (seed, epoch), flattened, then cut into ``world_size`` equal contiguous
+    shares of ``len(manifest) // world_size`` fields (the epoch's last few fields wait for another epoch).
+    Keeps the manifest's index labels (``FIELD_INDEX``). Equal shares: every rank runs the same number of
+    steps, as DDP needs."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not one of {world_size} workers")
+    table = manifest
+    if cfg.mixed_channels == "group":
+        table = manifest.iloc[np.argsort(manifest["channel_names"].map(len).to_numpy(), kind="stable")]
+    blocks = _read_blocks(table, cfg)
+    order = numpy_rng(seed, Stream.BLOCK_ORDER, epoch).permutation(len(blocks))
+    shuffled = pd.concat([blocks[i] for i in order])
+    share = len(manifest) // world_size
+    if share == 0:
+        raise ValueError(f"{len(manifest)} fields cannot be shared among {world_size} workers")
+    return shuffled.iloc[rank * share:(rank + 1) * share]
 
 
 def build_field_pipeline(
@@ -384,52 +463,46 @@ def build_field_pipeline(
     *,
     training: bool,
     keep_columns: Sequence[str] = (),
-    seed: int | None = None,
+    seed: int = 0,
+    epoch: int = 0,
     name: str = "fields",
+    monitor: DataMonitor | None = None,
 ) -> FieldPipeline:
     """A streaming Ray Dataset of normalized fields for the rows of ``manifest`` (one or several
-    manifests concatenated by ``load_manifests``: several plates, sources, channel counts).
+    manifests concatenated by ``load_manifests``: several plates, sources, channel counts; or one rank's
+    ``epoch_shard``), in the manifest's order.
 
-    training=True shuffles block order (seeded) and permutes channels per sample (if enabled in
-    config); evaluation keeps channel order and carries ``keep_columns`` along.
+    training=True permutes channels per field (if ``data.channel_permutation``), seeded by (seed, epoch,
+    the row's index label); evaluation keeps channel order and carries ``keep_columns`` along.
+    ``monitor``: an existing monitor to report to (default: a new one, when one is needed).
     """
     import ray
     import ray.data
 
-    problems = data_config_problems(cfg)  # a DataConfig built in code has not been through load_config
-    if problems:
-        raise ConfigError(problems)
-    if len(manifest) == 0:
-        raise ValueError("empty manifest: no fields to read")
     eval_cfg = cfg
     if not training and cfg.transfer_dtype == "uint8":
         # Evaluation consumers (batch inference) expect float images: keep float16 there.
         import dataclasses
 
         eval_cfg = dataclasses.replace(cfg, transfer_dtype="float16")
-    layout = _layout(manifest, eval_cfg)
+    layout = check_pipeline_config(manifest, eval_cfg)
     columns = list(dict.fromkeys(_READ_COLUMNS + list(keep_columns)))
-    table = manifest[columns].reset_index(drop=True)
-    max_bad = int(np.floor(cfg.max_bad_fraction * len(table))) if cfg.bad_field_policy == "skip" else 0
-    monitor = None
-    if cfg.bad_field_policy == "skip" or cfg.progress_interval_s > 0:
-        actor_cls = ray.remote(num_cpus=0, max_restarts=0)(PipelineMonitor)
-        monitor = DataMonitor(actor_cls.remote(len(table), max_bad, cfg.progress_interval_s, name))
+    index = pd.to_numeric(pd.Series(manifest.index), errors="coerce")
+    if index.isna().any() or (index < 0).any() or not index.is_unique:
+        raise ValueError("the manifest's index must hold unique non-negative integers (its rows' positions in "
+                         "the training manifest); reset_index(drop=True) a frame that lost them")
+    table = manifest[columns].assign(**{FIELD_INDEX: index.to_numpy(dtype=np.int64)}).reset_index(drop=True)
+    if monitor is None:
+        monitor = create_monitor(cfg, len(table), name)
     # One block per few consecutive fields (same plate: read locality) so reads spread over tasks and
     # memory stays bounded. (Split here: Ray 2.60's own `override_num_blocks` split breaks on pandas 3 frames.)
-    # mixed_channels=group: blocks are cut per channel count, so every block has one image shape.
-    step = max(1, cfg.read_batch_size)
-    if cfg.mixed_channels == "group":
-        counts = table["channel_names"].map(len)
-        groups = [table[counts == c] for c in counts.unique()]
-    else:
-        groups = [table]
-    ds = ray.data.from_pandas([g.iloc[i : i + step] for g in groups for i in range(0, len(g), step)])
-    if training:
-        ds = ds.randomize_block_order(seed=seed)
+    # Blocks never span two plates, so a plate's blocks are the same whatever else is read (batch
+    # inference embeds a block as one batch: its numbers do not depend on the other plates of a run).
+    ds = ray.data.from_pandas(_read_blocks(table, cfg))
     loader_kwargs = dict(cfg=eval_cfg, permute_channels=training and cfg.channel_permutation,
                          keep_columns=keep_columns, layout=layout, monitor=monitor.actor if monitor else None,
-                         max_bad=max_bad, total=len(table))
+                         max_bad=monitor.max_bad if monitor else 0, total=monitor.total if monitor else len(table),
+                         seed=seed, epoch=epoch)
     kwargs: dict[str, Any] = {}
     if cfg.read_actors > 0:
         # Two blocks queued per actor: the next block is already there when one finishes.
@@ -440,12 +513,11 @@ def build_field_pipeline(
         loader = FieldLoader(**loader_kwargs)
         if cfg.read_concurrency > 0:
             kwargs["compute"] = ray.data.TaskPoolStrategy(size=cfg.read_concurrency)
-    # batch_size=None hands each block to the loader as it is: a batch of `step` rows could otherwise
-    # span two blocks of different channel counts.
-    ds = ds.map_batches(loader, batch_size=None if cfg.mixed_channels == "group" else step, num_cpus=cfg.read_cpus,
-                        batch_format="numpy", **kwargs)
-    if cfg.object_store_limit_mb > 0:
-        ds.context.execution_options = ingest_execution_options(cfg)
+    # batch_size=None hands each block to the loader as it is: a batch of `read_batch_size` rows could
+    # otherwise span two blocks of different channel counts.
+    ds = ds.map_batches(loader, batch_size=None if cfg.mixed_channels == "group" else max(1, cfg.read_batch_size),
+                        num_cpus=cfg.read_cpus, batch_format="numpy", **kwargs)
+    ds.context.execution_options = _execution_options(cfg)
     return FieldPipeline(ds, monitor, layout.channels, (layout.height, layout.width))
 
 
@@ -455,25 +527,57 @@ def build_field_dataset(
     *,
     training: bool,
     keep_columns: Sequence[str] = (),
-    seed: int | None = None,
+    seed: int = 0,
+    epoch: int = 0,
 ):
     """``build_field_pipeline(...).dataset`` (the monitor actor lives as long as the dataset: the
     read tasks hold its handle, and it logs progress and a summary per pass by itself)."""
-    return build_field_pipeline(manifest, cfg, training=training, keep_columns=keep_columns, seed=seed).dataset
+    return build_field_pipeline(manifest, cfg, training=training, keep_columns=keep_columns, seed=seed,
+                                epoch=epoch).dataset
 
 
 # ---------------------------------------------------------------------------------------- consumer
 
 
-@dataclass
+@dataclass(frozen=True)
 class FieldBatch:
-    """What the trainer receives per step: images on the training device, each sample's channel
-    names in channel order ("" for padding), and which channels are real (None when no sample is padded)."""
+    """What the training step (``cellfm.train.meta_arch.SSLMetaArch``) takes per micro-batch: images on
+    the training device, each sample's channel names in channel order ("" for padding), which channels
+    are real (None when no sample is padded) and the per-sample weak labels. Checked on creation."""
 
     images: "torch.Tensor"  # (B, C, H, W) float32
     channel_names: list[list[str]]
     channel_mask: "torch.Tensor | None" = None  # (B, C) bool, True = real channel
     labels: list[str] | None = None  # per sample, the weak label column (ssl.supcon_label) when carried
+
+    def __post_init__(self):
+        import torch
+
+        if self.images.ndim != 4 or not self.images.is_floating_point():
+            raise ValueError(f"FieldBatch.images must be float (B, C, H, W), got {self.images.dtype} "
+                             f"{tuple(self.images.shape)}")
+        B, C = self.images.shape[:2]
+        if len(self.channel_names) != B or any(len(names) != C for names in self.channel_names):
+            raise ValueError(f"FieldBatch.channel_names must be {B} lists of {C} names, got "
+                             f"{[len(names) for names in self.channel_names]}")
+        mask = self.channel_mask
+        if mask is not None:
+            if mask.shape != (B, C) or mask.dtype != torch.bool:
+                raise ValueError(f"FieldBatch.channel_mask must be a ({B}, {C}) bool tensor, got {mask.dtype} "
+                                 f"{tuple(mask.shape)}")
+            if not bool(mask.any(dim=1).all()):
+                raise ValueError("FieldBatch.channel_mask has a sample with no real channel")
+        if self.labels is not None and len(self.labels) != B:
+            raise ValueError(f"FieldBatch.labels has {len(self.labels)} labels for {B} samples")
+
+    @property
+    def real_channels(self) -> "torch.Tensor":
+        """(B, C) bool, True = real channel (all True when nothing is padded)."""
+        import torch
+
+        if self.channel_mask is not None:
+            return self.channel_mask
+        return torch.ones(self.images.shape[:2], dtype=torch.bool, device=self.images.device)
 
 
 def to_float_images(images: np.ndarray):
@@ -486,11 +590,13 @@ def to_float_images(images: np.ndarray):
     return tensor.to(torch.float32)
 
 
-def iter_training_batches(shard, cfg: DataConfig, batch_size: int, device,
-                          label_column: str = "") -> Iterator[FieldBatch]:
-    """One epoch of a Ray Train dataset shard as FieldBatches of exactly `batch_size` samples,
-    floor(samples / batch_size) of them, so every rank runs the same number of steps. `label_column`:
-    a manifest column carried by the dataset (keep_columns) to hand out as per-sample labels.
+def iter_training_batches(stream, cfg: DataConfig, batch_size: int, device, label_column: str = "",
+                          shuffle_seed: int | None = None) -> Iterator[FieldBatch]:
+    """One epoch of a rank's field stream (a Ray Dataset or DataIterator) as FieldBatches of exactly
+    `batch_size` samples, floor(samples / batch_size) of them, so every rank runs the same number of steps.
+    `label_column`: a manifest column carried by the dataset (keep_columns) to hand out as per-sample
+    labels. `shuffle_seed`: the seed of the local shuffle buffer (`data.shuffle_buffer`); with a stream in
+    a fixed order, the batches are then the same in every rerun.
 
     ``data.mixed_channels=pad``: the remainder is dropped. ``group``: each batch holds fields of one
     channel count (no padding; ``channel_mask`` None); an epoch's leftovers of each count (fewer than
@@ -498,8 +604,8 @@ def iter_training_batches(shard, cfg: DataConfig, batch_size: int, device,
     of batches as ``pad`` (DDP ranks must step together).
     """
     group = cfg.mixed_channels == "group"
-    batches = shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=not group,
-                                 local_shuffle_buffer_size=cfg.shuffle_buffer or None)
+    batches = stream.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=not group,
+                                  local_shuffle_buffer_size=cfg.shuffle_buffer or None, local_shuffle_seed=shuffle_seed)
     if group:
         batches = _group_by_channel_count(batches, batch_size)
     for data in batches:

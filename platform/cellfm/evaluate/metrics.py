@@ -1,40 +1,14 @@
-"""Well-level aggregation, negative-control normalization and the logistic-regression probe
-(seed 000 Table 1: top-1 accuracy and weighted precision on held-out wells)."""
+"""The logistic-regression probe (seed 000 Table 1: top-1 accuracy and weighted precision on held-out
+wells). Well aggregation and negative-control normalization live in cellfm.features.aggregate."""
 
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, precision_score
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-
-WELL_KEYS = ["plate", "well"]
-
-
-def aggregate_wells(fields: pd.DataFrame, embedding_column: str,
-                    label_columns: list[str] = ()) -> tuple[pd.DataFrame, np.ndarray]:
-    """Mean field embedding per (plate, well); returns the well metadata (perturbation, MoA, control flag
-    and `label_columns`) and an (n_wells, D) matrix."""
-    grouped = fields.groupby(WELL_KEYS, sort=True)
-    meta = grouped[list(dict.fromkeys(["perturbation_id", "moa", "is_control", *label_columns]))].first().reset_index()
-    features = np.stack([np.mean(np.stack(rows.to_numpy()), axis=0) for _, rows in grouped[embedding_column]])
-    return meta, features
-
-
-def normalize_to_controls(features: np.ndarray, meta: pd.DataFrame, eps: float = 1e-6) -> np.ndarray:
-    """Per plate, standardize each feature by the plate's negative-control wells (pycytominer's
-    'normalize to negcon'): removes plate effects that would otherwise leak into the probe."""
-    out = np.empty_like(features, dtype=np.float64)
-    for plate, idx in meta.groupby("plate").indices.items():
-        controls = features[idx][meta["is_control"].to_numpy()[idx]]
-        if len(controls) < 2:
-            raise ValueError(f"plate {plate}: need at least 2 negative-control wells to normalize, found {len(controls)}")
-        mu, sd = controls.mean(axis=0), controls.std(axis=0)
-        out[idx] = (features[idx] - mu) / (sd + eps)
-    return out
 
 
 def fixed_well_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -43,19 +17,41 @@ def fixed_well_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     return train_test_split(index, test_size=test_fraction, random_state=seed, stratify=labels)
 
 
-def logistic_regression_scores(features: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
-                               test_idx: np.ndarray) -> dict:
+def probe_predictions(features: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
+                      test_idx: np.ndarray) -> np.ndarray:
+    """The linear probe (standardized features, multinomial logistic regression) trained on the
+    train wells; its predicted labels for the test wells."""
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
     probe.fit(features[train_idx], labels[train_idx])
-    predicted = probe.predict(features[test_idx])
-    truth = labels[test_idx]
+    return probe.predict(features[test_idx])
+
+
+def classification_scores(truth: np.ndarray, predicted: np.ndarray) -> dict:
+    """Seed 000 Table 1's two numbers: top-1 accuracy and precision averaged over classes weighted
+    by their number of test wells."""
     return {
         "top1": float(accuracy_score(truth, predicted)),
         "weighted_precision": float(precision_score(truth, predicted, average="weighted", zero_division=0)),
+    }
+
+
+def logistic_regression_scores(features: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
+                               test_idx: np.ndarray) -> dict:
+    predicted = probe_predictions(features, labels, train_idx, test_idx)
+    return {
+        **classification_scores(labels[test_idx], predicted),
         "n_train_wells": int(len(train_idx)),
         "n_test_wells": int(len(test_idx)),
         "n_classes": int(len(np.unique(labels))),
     }
+
+
+def split_summary(runs: list[dict], keys: tuple[str, ...] = ("top1", "weighted_precision")) -> dict:
+    """Mean and standard deviation over splits of each score in `keys`, and the first key per split."""
+    summary = {key: float(np.mean([r[key] for r in runs])) for key in keys}
+    summary.update({f"{key}_sd": float(np.std([r[key] for r in runs])) for key in keys})
+    summary[f"{keys[0]}_per_split"] = [r[keys[0]] for r in runs]
+    return summary
 
 
 def repeated_split_scores(features: np.ndarray, labels: np.ndarray, test_fraction: float,
@@ -65,8 +61,6 @@ def repeated_split_scores(features: np.ndarray, labels: np.ndarray, test_fractio
     splits (with its standard deviation) is what encoders are compared on."""
     runs = [logistic_regression_scores(features, labels, *fixed_well_split(labels, test_fraction, seed))
             for seed in seeds]
-    summary = {key: float(np.mean([r[key] for r in runs])) for key in ("top1", "weighted_precision")}
-    summary.update({f"{key}_sd": float(np.std([r[key] for r in runs])) for key in ("top1", "weighted_precision")})
+    summary = split_summary(runs)
     summary.update({key: runs[0][key] for key in ("n_train_wells", "n_test_wells", "n_classes")})
-    summary["top1_per_split"] = [r["top1"] for r in runs]
     return summary

@@ -1,8 +1,8 @@
 """Baseline: ChannelViT (Bao et al., ICLR 2024; reference github insitro/ChannelViT): one shared
 single-channel patch embedding, a learned embedding per known channel name, the same positional
 embedding for every channel, and a ViT over all L*C patch tokens + CLS. Cost grows super-linearly in
-C (attention over L*C tokens). Training uses hierarchical channel sampling (HCS): draw k uniformly in
-1..C, then k of the C channels."""
+C (attention over L*C tokens). Training uses hierarchical channel sampling (HCS,
+`cellfm.ssl.channel_sampling`, applied by the training step as the student's channel mask)."""
 
 from __future__ import annotations
 
@@ -21,19 +21,6 @@ from cellfm.models.layers import (
     normalize_channel_names,
     zero_padding,
 )
-
-
-def hierarchical_channel_mask(B: int, C: int, generator: torch.Generator | None = None,
-                              channel_mask: Tensor | None = None) -> Tensor:
-    """Per-sample hierarchical channel sampling as a (B, C) bool keep-mask: for each sample with n real
-    channels, k ~ Uniform{1..n}, then k of its real channels uniformly without replacement."""
-    valid = torch.ones(B, C, dtype=torch.bool) if channel_mask is None else channel_mask.cpu()
-    n = valid.sum(dim=1)
-    k = (torch.rand(B, generator=generator) * n).floor().long() + 1  # uniform in 1..n
-    scores = torch.rand(B, C, generator=generator).masked_fill(~valid, 2.0)  # padding sorts last
-    rank = scores.argsort(dim=1).argsort(dim=1)
-    keep = (rank < k[:, None]) & valid
-    return keep if channel_mask is None else keep.to(channel_mask.device)
 
 
 class ChannelViT(ViTTrunk):
@@ -101,28 +88,6 @@ class ChannelViT(ViTTrunk):
                     )
             ids.append(out)
         return torch.tensor(ids, dtype=torch.long, device=device)
-
-    @staticmethod
-    def sample_channels(x: Tensor, channel_names, generator: torch.Generator | None = None,
-                        channel_mask: Tensor | None = None, per_sample: bool = False):
-        """Hierarchical channel sampling for training.
-
-        per_sample=False (cheap: the dropped channels are not computed): one k ~ U{1..C} and one subset
-        for the whole batch -> (x[:, keep], names restricted to keep, channel_mask[:, keep] or None).
-        per_sample=True: a different k and subset per sample, expressed as a channel mask ->
-        (x, names, keep-mask (B, C)); dropped channels still cost compute (masked keys)."""
-        B, C, _, _ = check_image(x, "ChannelViT.sample_channels")
-        names = normalize_channel_names(channel_names, B, C, "ChannelViT.sample_channels")
-        if per_sample:
-            return x, names, hierarchical_channel_mask(B, C, generator, channel_mask)
-        k = int(torch.randint(1, C + 1, (1,), generator=generator))
-        keep = torch.randperm(C, generator=generator)[:k].sort().values
-        sub_mask = None if channel_mask is None else channel_mask[:, keep.to(channel_mask.device)]
-        if sub_mask is not None and not bool(sub_mask.any(dim=1).all()):
-            # A sample lost all its real channels: fall back to per-sample sampling for this batch.
-            return x, names, hierarchical_channel_mask(B, C, generator, channel_mask)
-        sub_names = None if names is None else [[row[i] for i in keep.tolist()] for row in names]
-        return x[:, keep.to(x.device)], sub_names, sub_mask
 
     def forward(self, x: Tensor, channel_names=None, channel_mask: Tensor | None = None,
                 patch_mask: Tensor | None = None) -> dict[str, Tensor]:

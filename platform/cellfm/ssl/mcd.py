@@ -9,17 +9,20 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from cellfm.ssl.channel_sampling import check_valid_channels, keep_random_channels, uniform_counts
+
 CONTEXT = "context"
 CONCEPT = "concept"
 GROUPS = (CONTEXT, CONCEPT)
 
 
 def context_channel_mask(channel_names: Sequence[Sequence[str]], channel_groups: Mapping[str, str],
-                         device: torch.device | str | None = None) -> Tensor:
-    """Per-sample channel names (B lists of C names) -> (B, C) bool, True = context channel, False = concept.
+                         channel_mask: Tensor | None = None, device: torch.device | str | None = None) -> Tensor:
+    """Per-sample channel names (B lists of C names) -> (B, C) bool, True = context channel, False = concept
+    or padding (channel_mask (B, C) False: the name, "" from the pipeline, is not looked up).
 
-    Raises ValueError naming the channel (and the known ones) when a name has no group, or a group is
-    neither "context" nor "concept"."""
+    Raises ValueError naming the channel (and the known ones) when a real channel's name has no group, or a
+    group is neither "context" nor "concept"."""
     if not channel_names:
         raise ValueError("channel_names is empty: MCD needs the channel names of every sample")
     widths = {len(names) for names in channel_names}
@@ -28,22 +31,26 @@ def context_channel_mask(channel_names: Sequence[Sequence[str]], channel_groups:
     bad = sorted({g for g in channel_groups.values() if g not in GROUPS})
     if bad:
         raise ValueError(f"model.channel_groups values must be {GROUPS}, got {bad}")
+    real = None if channel_mask is None else channel_mask.tolist()
     rows = []
-    for names in channel_names:
-        missing = [n for n in names if n not in channel_groups]
+    for b, names in enumerate(channel_names):
+        names = [n if real is None or real[b][c] else None for c, n in enumerate(names)]
+        missing = [n for n in names if n is not None and n not in channel_groups]
         if missing:
             raise ValueError(
                 f"channel(s) {missing} have no group in model.channel_groups (known: {sorted(channel_groups)}); "
                 f"add them as context or concept, e.g. model.channel_groups={{{missing[0]}: context, ...}}"
             )
-        rows.append([channel_groups[n] == CONTEXT for n in names])
+        rows.append([n is not None and channel_groups[n] == CONTEXT for n in names])
     return torch.tensor(rows, dtype=torch.bool, device=device)
 
 
 class MCDSampler:
-    """Student channel mask for MCD. For each sample with C1 context channels, draw k uniformly from
+    """Student channel mask for MCD. For each sample with C1 real context channels, draw k uniformly from
     `keep_counts` (empty: from {1, ..., C1}), clip it to C1, and keep k context channels chosen uniformly
-    at random plus every concept channel. A sample with no context channel keeps everything."""
+    without replacement plus every real concept channel; padding is never kept. A sample with no context
+    channel keeps every real channel. Draws are per real context channel
+    (`cellfm.ssl.channel_sampling`), so padding does not change them."""
 
     def __init__(self, keep_counts: Sequence[int] = ()):
         counts = [int(k) for k in keep_counts]
@@ -51,24 +58,25 @@ class MCDSampler:
             raise ValueError(f"MCD keep counts must be >= 1 (a sample must keep a context channel), got {counts}")
         self.keep_counts = counts
 
-    def __call__(self, is_context: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """is_context (B, C) bool -> keep (B, C) bool (True = the student sees the channel). Drawn on the
-        generator's device (CPU by default) and returned on is_context's device."""
+    def __call__(self, is_context: Tensor, valid: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """is_context (B, C) bool, valid (B, C) bool (True = real channel) -> keep (B, C) bool (True = the
+        student sees the channel). Drawn on the generator's device (CPU by default), returned on
+        is_context's device."""
         if is_context.ndim != 2 or is_context.dtype != torch.bool:
             raise ValueError(f"is_context must be a (B, C) bool tensor, got {is_context.dtype} {tuple(is_context.shape)}")
+        check_valid_channels(valid)
+        if valid.shape != is_context.shape:
+            raise ValueError(f"channel mask {tuple(valid.shape)} does not match is_context {tuple(is_context.shape)}")
         gen_device = generator.device if generator is not None else torch.device("cpu")
-        ctx = is_context.to(gen_device)
-        B, C = ctx.shape
+        real = valid.to(gen_device)
+        ctx = is_context.to(gen_device) & real
         n_context = ctx.sum(dim=1)  # (B,) = C1 per sample
-        u = torch.rand(B, generator=generator, device=gen_device)
         if self.keep_counts:
+            u = torch.rand(ctx.shape[0], generator=generator, device=gen_device)
             choices = torch.tensor(self.keep_counts, device=gen_device)
             k = choices[(u * len(choices)).long().clamp_max(len(choices) - 1)]
         else:
-            k = 1 + (u * n_context.clamp_min(1)).long().clamp_max(n_context.clamp_min(1) - 1)
-        k = torch.minimum(k, n_context)
-        # Random order among context channels; concept channels sort last and are kept regardless.
-        scores = torch.rand(B, C, generator=generator, device=gen_device).masked_fill(~ctx, float("inf"))
-        rank = scores.argsort(dim=1).argsort(dim=1)
-        keep = ~ctx | (rank < k[:, None])
+            k = uniform_counts(n_context.clamp_min(1), generator)
+        kept_context = keep_random_channels(ctx, torch.minimum(k, n_context), generator)
+        keep = real & (~ctx | kept_context)
         return keep.to(is_context.device)

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cellfm.ssl.channel_sampling import spread_over_real_channels
+
 # Rejection-sampling attempts per box before falling back to the whole image (as torchvision does).
 _BOX_ATTEMPTS = 10
 # Bytes of input images, views and sampling grid handled at a time on CPU, per intra-op thread: a
@@ -137,14 +139,12 @@ class MultiCrop:
             raise ValueError(f"channel_mask must be a bool tensor of shape {tuple(images.shape[:2])}, "
                              f"got {channel_mask.dtype} {tuple(channel_mask.shape)}")
         B, C, H, W = images.shape
-        keep = None
-        if channel_mask is not None and not bool(channel_mask.all()):
-            keep = channel_mask.to(device=images.device, dtype=images.dtype)
+        valid = torch.ones(B, C, dtype=torch.bool) if channel_mask is None else channel_mask
         # Every draw happens here, globals then locals, so the views depend on the generator only,
-        # not on how the batch is split into blocks below.
-        view_sets = [self._view_set(images, 2, self.global_size, self.global_scale, generator, keep)]
+        # not on how the batch is split into blocks below, nor on padding (jitter is drawn per real channel).
+        view_sets = [self._view_set(images, 2, self.global_size, self.global_scale, generator, valid)]
         if self.n_local > 0:
-            view_sets.append(self._view_set(images, self.n_local, self.local_size, self.local_scale, generator, keep))
+            view_sets.append(self._view_set(images, self.n_local, self.local_size, self.local_scale, generator, valid))
         sigmas = [self._blur_sigmas(view_set.out.shape[:2], gen=generator) for view_set in view_sets]
         block = self._images_per_block(images)
         for start in range(0, B, block):
@@ -179,8 +179,9 @@ class MultiCrop:
         return max(1, min(B, _CPU_BLOCK_BYTES_PER_THREAD * torch.get_num_threads() // bytes_per_image))
 
     def _view_set(self, images: Tensor, n_views: int, size: int, scale: tuple[float, float],
-                  gen: torch.Generator | None, keep: Tensor | None) -> _ViewSet:
-        """Draws the boxes and intensity jitter of n_views views of every image."""
+                  gen: torch.Generator | None, valid: Tensor) -> _ViewSet:
+        """Draws the boxes and intensity jitter of n_views views of every image; valid (B, C) bool marks
+        the real channels (padding comes out zero)."""
         B, C, H, W = images.shape
         theta = self._sample_theta(B * n_views, H, W, scale, gen)
         # The grid is built in complex numbers (see resample): in float32 for half-precision images,
@@ -194,23 +195,28 @@ class MultiCrop:
         theta = torch.complex(theta[:, :, 0], theta[:, :, 1])[..., None, None, :]  # (B, n_views, 1, 1, 3): x + iy
         grid_column = theta[..., 0] * centres + theta[..., 2]
         grid_row = (theta[..., 1] * centres).transpose(-2, -1)
-        slope, mean_weight = self._intensity_affine(n_views, B, C, gen, images)
-        if keep is not None:
+        slope, mean_weight = self._intensity_affine(n_views, valid, gen, images)
+        if not bool(valid.all()):
+            keep = valid.to(device=images.device, dtype=images.dtype)
             slope = slope * keep
             mean_weight = None if mean_weight is None else mean_weight * keep
         out = torch.empty((n_views, B, C, size, size), dtype=images.dtype, device=images.device)
         return _ViewSet(grid_column, grid_row, slope, mean_weight, out)
 
-    def _intensity_affine(self, n_views: int, B: int, C: int, gen: torch.Generator | None, like: Tensor
+    def _intensity_affine(self, n_views: int, valid: Tensor, gen: torch.Generator | None, like: Tensor
                           ) -> tuple[Tensor, Tensor | None]:
         """Per-(view, image, channel) brightness gain g then contrast k around the view's channel mean m
         as one affine map: k * (g * x - g * m) + g * m = (g * k) * x + g * (1 - k) * m. Returns the
-        slope g * k and the mean weight g * (1 - k), each (n_views, B, C); (ones, None) without jitter."""
+        slope g * k and the mean weight g * (1 - k), each (n_views, B, C); (ones, None) without jitter.
+        Drawn per real channel (valid (B, C)), so padding leaves the real channels' jitter unchanged."""
+        B, C = valid.shape
         if self.intensity_jitter <= 0:
             return torch.ones((n_views, B, C), dtype=like.dtype, device=like.device), None
         j = self.intensity_jitter
-        gain = self._uniform((n_views, B, C), 1 - j, 1 + j, gen).to(like)
-        contrast = self._uniform((n_views, B, C), 1 - j, 1 + j, gen).to(like)
+        n_real = int(valid.sum(dim=1).max())
+        gain = self._uniform((n_views, B, n_real), 1 - j, 1 + j, gen)
+        contrast = self._uniform((n_views, B, n_real), 1 - j, 1 + j, gen)
+        gain, contrast = (spread_over_real_channels(d, valid, fill=1.0).to(like) for d in (gain, contrast))
         return gain * contrast, gain * (1 - contrast)
 
     def _sample_theta(

@@ -1,7 +1,8 @@
 """Training engines: the parts of a step that differ between PyTorch DDP and DeepSpeed ZeRO, behind one
 interface so that `train_loop_per_worker` stays a single loop.
 
-An engine owns the wrapped model and the optimizer. Per micro-batch the loop runs
+An engine owns the wrapped model and the optimizer. Per micro-batch the training step
+(`cellfm.train.meta_arch.SSLMetaArch`) runs
 
     with engine.micro_batch(last=..., freeze_last_layer=...):
         loss = objective(engine.model, ...)
@@ -223,8 +224,10 @@ class DeepSpeedEngine:
 TrainingEngine = DDPEngine | DeepSpeedEngine
 
 
-def build_engine(cfg: Config, student: nn.Module, param_groups: list[dict], world_size: int) -> TrainingEngine:
-    """The engine named by `train.engine`, wrapping `student` (already on the same seed on every rank)."""
+def build_engine(cfg: Config, student: nn.Module, param_groups: list[dict], world_size: int,
+                 prepare_model: Callable[[nn.Module], nn.Module] | None = None) -> TrainingEngine:
+    """The engine named by `train.engine`, wrapping `student` (already on the same seed on every rank);
+    `prepare_model` as in DDPEngine (DeepSpeed wraps the model itself)."""
     if cfg.train.engine == "deepspeed":
         return DeepSpeedEngine(cfg, student, param_groups, world_size)
-    return DDPEngine(cfg, student, param_groups)
+    return DDPEngine(cfg, student, param_groups, prepare_model)

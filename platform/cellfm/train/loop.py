@@ -1,30 +1,27 @@
-"""The per-worker training loop run by Ray Train: DINO self-distillation with DINOv2 schedules on the
-configured engine (DDP or DeepSpeed ZeRO, cellfm.train.engines), EMA teacher, batched multi-crop on the
-worker's device, an epoch checkpoint through Ray Train, TensorBoard events and a progress line from rank 0."""
+"""The per-worker training loop run by Ray Train: each epoch, this rank's fields of the epoch
+(`cellfm.data.pipeline.epoch_shard`, streamed in a fixed order) through the one training step
+(`cellfm.train.meta_arch.SSLMetaArch`), an epoch checkpoint through Ray Train, TensorBoard events and a
+progress line from rank 0."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cellfm.config import Config
-from cellfm.data.pipeline import iter_training_batches
-from cellfm.ssl.ema import update_ema
-from cellfm.ssl.multicrop import MultiCrop
-from cellfm.ssl.schedules import cosine_schedule
-from cellfm.train.checkpoint import load_training_checkpoint, save_training_checkpoint
-from cellfm.train.engines import build_engine
-from cellfm.train.param_groups import parameter_groups
+from cellfm.data.pipeline import DataMonitor, build_field_pipeline, epoch_shard, iter_training_batches
+from cellfm.seeding import Stream, derive_seed
+from cellfm.train.meta_arch import SSLMetaArch
 from cellfm.train.progress import TrainingProgress
-from cellfm.train.self_distillation import build_objective, build_student_teacher, supcon_label
+from cellfm.train.self_distillation import supcon_label
 from cellfm.train.telemetry import RunEvents, model_flops_utilisation, peak_flops_per_s
 
 
@@ -35,87 +32,50 @@ def log_progress(message: str) -> None:
     sys.stdout.flush()
 
 
-class Schedules:
-    """Per-step values of every scheduled hyperparameter (DINOv2 recipe)."""
-
-    def __init__(self, cfg: Config, steps_per_epoch: int, global_batch: int):
-        o, s = cfg.optim, cfg.ssl
-        total = o.epochs * steps_per_epoch
-        peak_lr = o.base_lr * math.sqrt(global_batch / 1024)
-        self.lr = cosine_schedule(peak_lr, o.min_lr, total, warmup_steps=o.warmup_epochs * steps_per_epoch)
-        self.wd = cosine_schedule(o.weight_decay, o.weight_decay_end, total)
-        self.momentum = cosine_schedule(s.ema_momentum_start, s.ema_momentum_end, total)
-        warm = min(s.warmup_teacher_temp_epochs * steps_per_epoch, total)
-        self.teacher_temp = np.concatenate(
-            [np.linspace(s.warmup_teacher_temp, s.teacher_temp, warm), np.full(total - warm, s.teacher_temp)]
-        )
-        self.last_layer_frozen_steps = s.freeze_last_layer_epochs * steps_per_epoch
-
-
-def build_multicrop(cfg: Config) -> MultiCrop:
-    s = cfg.ssl
-    return MultiCrop(
-        s.global_crop_size, s.local_crop_size, s.n_local_crops, global_scale=tuple(s.global_crop_scale),
-        local_scale=tuple(s.local_crop_scale), intensity_jitter=s.intensity_jitter, flip=s.flip, rot90=s.rot90,
-        blur_probability=s.blur_probability, blur_sigma=tuple(s.blur_sigma),
-    )
-
-
-def set_step_hyperparameters(param_groups: list[dict], sched: Schedules, step: int) -> None:
-    """The scheduled lr (times each group's `lr_scale`) and weight decay (where it applies) of `step`."""
-    for group in param_groups:
-        group["lr"] = float(sched.lr[step]) * group["lr_scale"]
-        if group["apply_wd"]:
-            group["weight_decay"] = float(sched.wd[step])
-
-
 def train_loop_per_worker(loop_config: dict) -> None:
+    import ray
     import ray.train
     import ray.train.torch
+    from ray.data.context import DataContext
 
     cfg = Config.from_dict(loop_config["config"], source="train_loop_config")
-    n_fields: int = loop_config["n_train_fields"]
+    manifest = ray.get(loop_config["manifest"])
+    monitor: DataMonitor | None = loop_config["monitor"]
     tensorboard_dir: str | None = loop_config.get("tensorboard_dir")
     epoch_evaluator = loop_config.get("epoch_evaluator")  # e.g. a sweep's objective (cellfm.tune.objective)
     torch.set_num_threads(cfg.train.torch_threads)
+    device = ray.train.torch.get_device()
+    # Bit-identical reruns on CPU (same config, seed and worker count): no op may pick a nondeterministic
+    # kernel. (CUDA has no deterministic kernel for some ops we use; GPU runs are reproducible only closely.)
+    torch.use_deterministic_algorithms(device.type == "cpu")
+    # ...but without filling every new empty tensor with NaN (that mode's default, a debugging aid): nothing
+    # reads memory before writing it, and the fill made DeepSpeed's flat buffers ~6x slower on CPU.
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    # Our own progress lines instead of Ray Data's bars and per-epoch "starting execution" messages.
+    DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     batch, accumulate = cfg.optim.batch_size_per_worker, cfg.optim.accumulate_steps
-    # Streaming split is equal across workers and batches drop the remainder, so every rank
-    # runs the same number of steps (a rank with one step more would hang DDP).
-    steps_per_epoch = (n_fields // world) // batch // accumulate
+    # epoch_shard gives every rank len(manifest) // world fields and batches drop the remainder, so every
+    # rank runs the same number of steps (a rank with one step more would hang DDP).
+    steps_per_epoch = (len(manifest) // world) // batch // accumulate
     if steps_per_epoch < 1:
         raise ValueError(
-            f"{n_fields} training fields over {world} workers cannot fill one step of "
+            f"{len(manifest)} training fields over {world} workers cannot fill one step of "
             f"optim.batch_size_per_worker={batch} x optim.accumulate_steps={accumulate}; lower them or add plates"
         )
-    sched = Schedules(cfg, steps_per_epoch, batch * world * accumulate)
-
-    # Same seed on every rank for initialization (the teacher is a copy of the student, and DDP
-    # only broadcasts the student), then a per-rank seed for augmentation.
-    torch.manual_seed(cfg.train.seed)
-    student, teacher = build_student_teacher(cfg)
-    objective = build_objective(cfg)
-    device = ray.train.torch.get_device()
-    engine = build_engine(cfg, student, parameter_groups(student, cfg.optim.layerwise_decay,
-                                                         cfg.optim.patch_embed_lr_mult), world)
-    teacher.to(device)
-    objective.to(device)
+    meta_arch = SSLMetaArch(cfg, steps_per_epoch=steps_per_epoch, rank=rank, world_size=world, device=device)
     start_epoch, step = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            state = load_training_checkpoint(Path(ckpt_dir), teacher=teacher, dino_loss=objective.dino_loss,
-                                             engine=engine, rank=rank)
+            state = meta_arch.load(Path(ckpt_dir))
         start_epoch, step = state["epoch"] + 1, state["step"]
         if rank == 0:
             log_progress(f"resumed from epoch {state['epoch']} step {step}")
 
-    generator = torch.Generator(device=device)
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                              enabled=device.type == "cuda" and cfg.train.mixed_precision == "bf16")
-    multicrop = build_multicrop(cfg)
     # MFU only where a peak is known (GPUs); the FLOPs of one training image (student forward + backward
     # over all crops, teacher forward) are counted on the first micro-batch.
     peak_flops = peak_flops_per_s(device, cfg.train.peak_tflops)
@@ -126,34 +86,31 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank == 0 and peak_flops is None:
         log_progress(f"MFU not reported: no known peak FLOP/s for {device} (set train.peak_tflops on a GPU)")
 
-    shard = ray.train.get_dataset_shard("train")
     progress = TrainingProgress(cfg.optim.epochs * steps_per_epoch, batch * world * accumulate, first_step=step)
+    sched = meta_arch.schedules
+    label = supcon_label(cfg)
     for epoch in range(start_epoch, cfg.optim.epochs):
-        # Augmentation randomness is a pure function of (seed, rank, epoch): a resumed run replays it.
-        generator.manual_seed(cfg.train.seed * 1_000_003 + epoch * 1009 + rank)
+        # This rank's fields of the epoch in a fixed order, each with its seeded channel order (data.pipeline).
+        shard = epoch_shard(manifest, cfg.data, seed=cfg.train.seed, epoch=epoch, rank=rank, world_size=world)
+        stream = build_field_pipeline(shard, cfg.data, training=True, keep_columns=[label] if label else [],
+                                      seed=cfg.train.seed, epoch=epoch, monitor=monitor).dataset
+        shuffle_seed = derive_seed(cfg.train.seed, Stream.SHUFFLE_BUFFER, epoch, rank)
         sums: dict[str, float] = {}
         n_steps, micro, wait_s, epoch_t0 = 0, 0, 0.0, time.perf_counter()
         t_wait = time.perf_counter()
-        for fields in iter_training_batches(shard, cfg.data, batch, device, label_column=supcon_label(cfg)):
+        for fields in iter_training_batches(stream, cfg.data, batch, device, label_column=label,
+                                            shuffle_seed=shuffle_seed):
             t_step = time.perf_counter()
             wait_s += t_step - t_wait
             if n_steps == steps_per_epoch:
                 t_wait = time.perf_counter()
                 continue  # remainder micro-batches that cannot fill an accumulation step
-            last_micro = micro == accumulate - 1
             if micro == 0:
                 step_started = t_wait  # the step's first wait for data counts toward its time
-                set_step_hyperparameters(engine.param_groups, sched, step)
-            global_crops, local_crops = multicrop(fields.images, generator=generator, channel_mask=fields.channel_mask)
-            frozen = step < sched.last_layer_frozen_steps
             count_flops = peak_flops is not None and flops_per_image is None
             flop_counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
-            with engine.micro_batch(last=last_micro, freeze_last_layer=frozen), flop_counter:
-                with autocast:
-                    losses = objective(engine.model, teacher, global_crops, local_crops, float(sched.teacher_temp[step]),
-                                       channel_names=fields.channel_names, channel_mask=fields.channel_mask,
-                                       labels=fields.labels)
-                engine.backward(losses.total)
+            with flop_counter:
+                losses = meta_arch.forward_backward(fields, epoch=epoch, step=step, micro=micro)
             if count_flops:
                 flops_per_image = flop_counter.get_total_flops() / batch
             values = {"loss": losses.total.item(), **{k: v.item() for k, v in losses.terms.items()}}
@@ -162,14 +119,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v / accumulate
             micro += 1
-            if not last_micro:
+            if micro < accumulate:
                 t_wait = time.perf_counter()
                 continue
             micro = 0
-
-            # DINO: keeping the prototypes (of every head) fixed at first stabilizes early training.
-            grad_norm = engine.step(freeze_last_layer=frozen)
-            update_ema(teacher, engine.student, float(sched.momentum[step]))
+            grad_norm = meta_arch.optimizer_step(step)
 
             step_s = time.perf_counter() - step_started
             if writer is not None:
@@ -200,14 +154,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # None (not a made-up number) where MFU cannot be measured.
         metrics["mfu"] = (None if flops_per_image is None else
                           model_flops_utilisation(flops_per_image, metrics["images_per_s"], world, peak_flops))
-        # --- epoch evaluator hook (issue 16): rank 0 scores the teacher; Ray Tune forwards rank 0's metrics.
+        # A sweep's objective: rank 0 scores the teacher (Ray Tune forwards rank 0's metrics only).
         if epoch_evaluator is not None and rank == 0:
-            evaluated = epoch_evaluator(teacher.backbone)
+            evaluated = epoch_evaluator(meta_arch.teacher.backbone)
             metrics.update(evaluated)
             if writer is not None:
                 for name, value in evaluated.items():
                     writer.add_scalar(f"eval/{name}", value, step)
-        # --- end of the epoch evaluator hook
         if rank == 0:
             log_progress("end of " + progress.line(epoch=epoch, epochs=cfg.optim.epochs, step=step, loss=metrics.get("loss", float("nan")),
                                                    data_wait_fraction=metrics["data_wait_fraction"],
@@ -220,8 +173,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             events.flush()
         # Every rank writes its part (if any) into a folder of the same name; Ray Train merges them.
         with tempfile.TemporaryDirectory() as tmp:
-            save_training_checkpoint(Path(tmp), cfg=cfg, student=engine.student, teacher=teacher,
-                                     dino_loss=objective.dino_loss, engine=engine, rank=rank, epoch=epoch, step=step)
+            meta_arch.save(Path(tmp), epoch=epoch, step=step)
             part = ray.train.Checkpoint.from_directory(tmp) if any(Path(tmp).iterdir()) else None
             ray.train.report(metrics, checkpoint=part, checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}")
     if events is not None:

@@ -4,21 +4,19 @@
   Sinkhorn-Knopp) sharpened distribution, plus the KL-to-uniform regulariser. No iBOT.
 - `ibot` (C3R, baselines; DINOv2 recipe): the DINO CLS loss + the iBOT masked-patch loss on the global
   crops (the student sees block-masked global crops, the teacher the unmasked ones), with optional KoLeo on
-  the student's global CLS, Masked Context Distillation (the student sees a subset of the context
-  channels, the teacher all) and a weakly supervised SupCon term on per-sample labels.
+  the student's global CLS and a weakly supervised SupCon term on per-sample labels.
 
-`build_objective(cfg)` picks the objective from `ssl.objective`. Every objective calls the student
-exactly once per step (the student may be DDP-wrapped: one forward per backward)."""
+An objective computes the loss of one micro-batch from its `StepViews` (crops, channel names, the
+teacher's and the student's channel masks, iBOT patch masks, labels), all drawn by the training step's
+owner (`cellfm.train.meta_arch.SSLMetaArch`); it calls the student exactly once (the student may be
+DDP-wrapped: one forward per backward) and the teacher once, without gradients."""
 
 from __future__ import annotations
 
 import copy
-import functools
-import inspect
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from cellfm.config import Config, ConfigError
@@ -28,15 +26,7 @@ from cellfm.ssl.dino_loss import DINOLoss
 from cellfm.ssl.ibot_loss import IBOTPatchLoss
 from cellfm.ssl.kl_uniform import KLUniformLoss
 from cellfm.ssl.koleo import KoLeoLoss
-from cellfm.ssl.masking import BlockMaskGenerator
-from cellfm.ssl.mcd import MCDSampler, context_channel_mask
 from cellfm.ssl.supcon import SupConLoss, label_ids
-
-
-@functools.lru_cache(maxsize=None)
-def _forward_accepts(cls: type, name: str) -> bool:
-    params = inspect.signature(cls.forward).parameters
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def supcon_label(cfg: Config) -> str:
@@ -51,10 +41,8 @@ class EncoderWithHead(nn.Module):
     so DDP sees one graph per step.
 
     The backbone follows the common interface
-        backbone(x (N, C, H, W), channel_names=None, channel_mask=None, patch_mask=None)
-            -> {"cls": (N, D), "patch": (N, P, D), "registers": (N, R, D)}.
-    `channel_names` is left out for a backbone whose forward does not take it (one that ignores channel
-    identity); every other argument is passed only when given."""
+        backbone(x (N, C, H, W), channel_names, channel_mask=None, patch_mask=None)
+            -> {"cls": (N, D), "patch": (N, P, D), "registers": (N, R, D)}."""
 
     def __init__(self, backbone: nn.Module, head: DINOHead, ibot_head: DINOHead | None = None):
         super().__init__()
@@ -66,31 +54,31 @@ class EncoderWithHead(nn.Module):
     def forward(
         self,
         global_crops: Tensor,
-        local_crops: Tensor | None = None,
+        local_crops: Tensor | None,
         *,
-        channel_names: list[list[str]] | None = None,
-        channel_mask: Tensor | None = None,
+        channel_names: list[list[str]],
+        channel_mask: Tensor | None,
         patch_mask: Tensor | None = None,
         predict_patches: Tensor | None = None,
         return_cls: bool = False,
     ) -> dict[str, Tensor]:
-        """global_crops (G, B, C, g, g) (or (B, C, g, g) for one view), local_crops (L, B, C, l, l) or None.
+        """global_crops (G, B, C, g, g), local_crops (L, B, C, l, l) or None.
 
-        channel_names: B per-sample name lists; channel_mask (B, C) bool (True = the channel is seen), applied
-        to every crop of a sample; patch_mask (G, B, P) bool: global-crop patches the backbone replaces by its
-        mask token; predict_patches (G, B, P) bool: global-crop patch tokens to send through the patch head.
+        channel_names: B per-sample name lists; channel_mask (B, C) bool (True = the channel is seen) or
+        None (every channel is), applied to every crop of a sample; patch_mask (G, B, P) bool: global-crop
+        patches the backbone replaces by its mask token; predict_patches (G, B, P) bool: global-crop patch
+        tokens to send through the patch head.
 
         Returns {"global": (G*B, K) CLS logits, "local": (L*B, K) if local crops,
                  "global_cls": (G*B, D) backbone CLS if return_cls,
                  "patch": (M, K') patch logits at the M True entries of predict_patches (row-major order of
                           predict_patches.flatten(0, 1).nonzero())}.
         Rows are view-major: row v*B + b is view v of sample b."""
-        if global_crops.ndim == 4:
-            global_crops = global_crops[None]
         n_global, batch = global_crops.shape[:2]
         out: dict[str, Tensor] = {}
-        g = self.backbone(global_crops.flatten(0, 1),
-                          **self._backbone_kwargs(n_global, channel_names, channel_mask, patch_mask))
+        g = self.backbone(global_crops.flatten(0, 1), channel_names=channel_names * n_global,
+                          channel_mask=_per_view(channel_mask, n_global),
+                          patch_mask=None if patch_mask is None else patch_mask.flatten(0, 1))
         out["global"] = self.head(g["cls"])
         if return_cls:
             out["global_cls"] = g["cls"]
@@ -108,21 +96,15 @@ class EncoderWithHead(nn.Module):
             n_local = local_crops.shape[0]
             if local_crops.shape[1] != batch:
                 raise ValueError(f"local crops have batch {local_crops.shape[1]}, global crops {batch}")
-            loc = self.backbone(local_crops.flatten(0, 1),
-                                **self._backbone_kwargs(n_local, channel_names, channel_mask, None))
+            loc = self.backbone(local_crops.flatten(0, 1), channel_names=channel_names * n_local,
+                                channel_mask=_per_view(channel_mask, n_local), patch_mask=None)
             out["local"] = self.head(loc["cls"])
         return out
 
-    def _backbone_kwargs(self, n_views: int, channel_names: list[list[str]] | None, channel_mask: Tensor | None,
-                         patch_mask: Tensor | None) -> dict:
-        kwargs: dict = {}
-        if channel_names is not None and _forward_accepts(type(self.backbone), "channel_names"):
-            kwargs["channel_names"] = [list(names) for _ in range(n_views) for names in channel_names]
-        if channel_mask is not None:
-            kwargs["channel_mask"] = channel_mask.repeat(n_views, 1)
-        if patch_mask is not None:
-            kwargs["patch_mask"] = patch_mask.flatten(0, 1)
-        return kwargs
+
+def _per_view(channel_mask: Tensor | None, n_views: int) -> Tensor | None:
+    """(B, C) -> (n_views * B, C), view-major like the crops."""
+    return None if channel_mask is None else channel_mask.repeat(n_views, 1)
 
 
 def _separate_ibot_head(cfg: Config) -> bool:
@@ -155,6 +137,25 @@ def build_student_teacher(cfg: Config) -> tuple[EncoderWithHead, EncoderWithHead
     for p in teacher.parameters():
         p.requires_grad_(False)
     return student, teacher
+
+
+@dataclass(frozen=True)
+class StepViews:
+    """Everything one micro-batch feeds the networks, drawn by the step's owner.
+
+    global_crops (G, B, C, g, g); local_crops (L, B, C, l, l) or None; channel_names: B lists of C names
+    ("" for padding); teacher_channels (B, C) bool: the real channels (None: all are real);
+    student_channels (B, C) bool: the real channels the student sees (MCD / hierarchical channel
+    sampling; never a padded one), None: all; patch_mask (G, B, P) bool: the iBOT-masked global-crop
+    patches of the student (None without iBOT); labels: B weak labels for SupCon, or None."""
+
+    global_crops: Tensor
+    local_crops: Tensor | None
+    channel_names: list[list[str]]
+    teacher_channels: Tensor | None
+    student_channels: Tensor | None
+    patch_mask: Tensor | None
+    labels: list[str] | None
 
 
 @dataclass
@@ -211,19 +212,21 @@ class DinoObjective(nn.Module):
         self.dino_loss = DINOLoss(cfg.ssl.head_out_dim, cfg.ssl.student_temp, cfg.ssl.center_momentum)
         self.kl_uniform = KLUniformLoss()
 
-    def forward(self, student: nn.Module, teacher: EncoderWithHead, global_crops: Tensor,
-                local_crops: Tensor | None, teacher_temp: float,
-                channel_names: list[list[str]] | None = None, **kwargs) -> StepLosses:
-        """channel_names: per sample, the names of its channels in order (passed to backbones that take
-        them; CellRep computes its channel embedding from content). Other keyword arguments (labels, ...)
-        are ignored."""
+    def forward(self, student: nn.Module, teacher: EncoderWithHead, views: StepViews, teacher_temp: float
+                ) -> StepLosses:
+        """One micro-batch's loss. `views.patch_mask` must be None (no iBOT); labels are not used."""
+        if views.patch_mask is not None:
+            raise ValueError("the dino objective has no masked-patch term; got iBOT patch masks")
+        global_crops = views.global_crops
         n_global, batch = global_crops.shape[:2]
         with torch.no_grad():
-            teacher_logits = teacher(global_crops, channel_names=channel_names)["global"]
+            teacher_logits = teacher(global_crops, None, channel_names=views.channel_names,
+                                     channel_mask=views.teacher_channels)["global"]
             teacher_probs = _teacher_targets(self.dino_loss, teacher_logits, teacher_temp, self.cfg.ssl.centering)
             teacher_probs = teacher_probs.view(n_global, batch, -1)
 
-        out = student(global_crops, local_crops, channel_names=channel_names)
+        out = student(global_crops, views.local_crops, channel_names=views.channel_names,
+                      channel_mask=views.student_channels)
         dino, dino_global, dino_local = _dino_cls_terms(self.dino_loss, out, teacher_probs, n_global, batch)
         kl = _kl_uniform_term(self.kl_uniform, out, self.cfg.ssl.student_temp)
         total = dino + self.cfg.ssl.kl_uniform_weight * kl
@@ -231,15 +234,14 @@ class DinoObjective(nn.Module):
 
 
 class IbotObjective(nn.Module):
-    """DINO CLS loss + iBOT masked-patch loss (+ KoLeo, MCD, SupCon, KL-uniform when configured).
+    """DINO CLS loss + iBOT masked-patch loss (+ KoLeo, SupCon, KL-uniform when configured).
 
-    Per step, with global_crops (G=2, B, C, g, g) and local_crops (L, B, C, l, l) or None:
-    - block masks (G, B, P) for the global crops, P = (g / patch_size)^2 (`ssl.mask_sample_probability`,
-      `ssl.mask_ratio_min_max`);
-    - with `ssl.mcd`, a student channel mask (B, C) from the channel groups of `model.channel_groups`
-      (every crop of a sample gets the same one); the teacher sees all channels;
-    - teacher (no grad): unmasked global crops -> CLS targets and patch targets at the masked positions;
-    - student (one call): masked global crops + local crops -> CLS logits, patch logits at masked positions;
+    Per micro-batch, with global crops (G=2, B, C, g, g), local crops (L, B, C, l, l) or None and block
+    masks (G, B, P) for the global crops:
+    - teacher (no grad): unmasked global crops with every real channel -> CLS targets and patch targets at
+      the masked positions;
+    - student (one call): masked global crops + local crops with the student's channels -> CLS logits,
+      patch logits at the masked positions;
     - total = dino + ibot_loss_weight * ibot + kl_uniform_weight * kl + koleo_weight * koleo
               + supcon_weight * supcon.
     KoLeo is summed over the global crops, each on its B student CLS tokens (DINOv2); SupCon runs on the
@@ -258,17 +260,6 @@ class IbotObjective(nn.Module):
         self.kl_uniform = KLUniformLoss()
         self.koleo = KoLeoLoss()
         self.supcon = SupConLoss(s.supcon_temperature)
-        if s.global_crop_size % cfg.model.patch_size:
-            raise ValueError(f"ssl.global_crop_size={s.global_crop_size} is not a multiple of "
-                             f"model.patch_size={cfg.model.patch_size}")
-        self.grid = s.global_crop_size // cfg.model.patch_size
-        self.masking = BlockMaskGenerator(self.grid, tuple(s.mask_ratio_min_max), s.mask_sample_probability)
-        self.mcd: MCDSampler | None = None
-        if s.mcd:
-            if not cfg.model.channel_groups:
-                raise ValueError("ssl.mcd=true needs model.channel_groups (channel name -> context | concept)")
-            self.mcd = MCDSampler(s.mcd_keep_counts)
-        self._generator: torch.Generator | None = None
 
     @property
     def dino_loss(self) -> nn.Module:
@@ -276,45 +267,27 @@ class IbotObjective(nn.Module):
         checkpoint saves as dino_loss.safetensors and restores on resume."""
         return self.losses
 
-    def generator(self) -> torch.Generator:
-        """CPU generator for masks and MCD, seeded per rank from train.seed (differs from multi-crop's)."""
-        if self._generator is None:
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-            self._generator = torch.Generator().manual_seed(self.cfg.train.seed * 1000 + rank + 500_009)
-        return self._generator
-
-    def forward(self, student: nn.Module, teacher: EncoderWithHead, global_crops: Tensor,
-                local_crops: Tensor | None, teacher_temp: float,
-                channel_names: list[list[str]] | None = None, labels: list[str] | None = None,
-                generator: torch.Generator | None = None, **kwargs) -> StepLosses:
-        """channel_names: B per-sample channel-name lists (needed by MCD and name-aware backbones);
-        labels: B per-sample weak labels for SupCon (skipped when None); generator: overrides the
-        objective's own CPU generator for masks and MCD."""
+    def forward(self, student: nn.Module, teacher: EncoderWithHead, views: StepViews, teacher_temp: float
+                ) -> StepLosses:
+        """One micro-batch's loss; `views.patch_mask` is required, `views.labels` feed SupCon (skipped when
+        None)."""
         s = self.cfg.ssl
-        gen = generator if generator is not None else self.generator()
-        device = global_crops.device
+        patch_mask = views.patch_mask
+        if patch_mask is None:
+            raise ValueError("the ibot objective needs the global crops' patch masks (views.patch_mask)")
+        global_crops = views.global_crops
         n_global, batch = global_crops.shape[:2]
-        patch_mask = self.masking(n_global * batch, generator=gen).to(device).view(n_global, batch, -1)
-
-        channel_mask = None
-        if self.mcd is not None:
-            if channel_names is None:
-                raise ValueError("ssl.mcd=true needs the per-sample channel_names")
-            is_context = context_channel_mask(channel_names, self.cfg.model.channel_groups)
-            if is_context.shape != (batch, global_crops.shape[2]):
-                raise ValueError(f"channel_names give {tuple(is_context.shape)} (samples, channels), "
-                                 f"crops have {(batch, global_crops.shape[2])}")
-            channel_mask = self.mcd(is_context, generator=gen).to(device)
-
         with torch.no_grad():
-            t = teacher(global_crops, channel_names=channel_names, predict_patches=patch_mask)
+            t = teacher(global_crops, None, channel_names=views.channel_names, channel_mask=views.teacher_channels,
+                        predict_patches=patch_mask)
             cls_probs = _teacher_targets(self.losses["dino"], t["global"], teacher_temp, s.centering)
             cls_probs = cls_probs.view(n_global, batch, -1)
             patch_probs = _teacher_targets(self.losses["ibot"], t["patch"], teacher_temp, s.centering)
 
+        labels = views.labels
         use_supcon = s.supcon_weight > 0 and labels is not None
-        out = student(global_crops, local_crops, channel_names=channel_names, channel_mask=channel_mask,
-                      patch_mask=patch_mask, predict_patches=patch_mask,
+        out = student(global_crops, views.local_crops, channel_names=views.channel_names,
+                      channel_mask=views.student_channels, patch_mask=patch_mask, predict_patches=patch_mask,
                       return_cls=s.koleo_weight > 0 or use_supcon)
         dino, dino_global, dino_local = _dino_cls_terms(self.losses["dino"], out, cls_probs, n_global, batch)
         ibot = self.losses["ibot"](out["patch"], patch_probs, patch_mask.flatten(0, 1))
@@ -329,12 +302,10 @@ class IbotObjective(nn.Module):
         if use_supcon:
             if len(labels) != batch:
                 raise ValueError(f"got {len(labels)} labels for a batch of {batch}")
-            supcon = self.supcon(out["global_cls"], label_ids(labels, device).repeat(n_global))
+            supcon = self.supcon(out["global_cls"], label_ids(labels, global_crops.device).repeat(n_global))
             total = total + s.supcon_weight * supcon
             terms["supcon"] = supcon
         terms["mask_ratio"] = patch_mask.float().mean()
-        if channel_mask is not None:
-            terms["mcd_channels_seen"] = channel_mask.float().sum(dim=1).mean()
         return StepLosses(total=total, terms=terms)
 
 

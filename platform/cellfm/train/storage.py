@@ -8,11 +8,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cellfm.config import ConfigError
+from cellfm.config import Config, ConfigError
 
 
 def is_remote(path: str | os.PathLike) -> bool:
     return "://" in str(path)
+
+
+def run_directory(cfg: Config) -> Path | str:
+    """The run's folder: a local path, or an s3:// URI when `train.storage_path`
+    is one. Here, not in the trainer, so finding a run's checkpoints imports no training code."""
+    if is_remote(cfg.train.storage_path):
+        return f"{cfg.train.storage_path.rstrip('/')}/{cfg.train.run_name}"
+    return Path(cfg.train.storage_path).expanduser().resolve() / cfg.train.run_name
 
 
 def _split_s3(uri: str) -> str:

@@ -1,5 +1,6 @@
-"""Driver side of pre-training: validate inputs, build the streaming dataset, and run the
-per-worker loop under Ray Train's `TorchTrainer` (Train V2). Relaunching with the same
+"""Driver side of pre-training: validate inputs, then run the per-worker loop under Ray Train's
+`TorchTrainer` (Train V2); each worker streams its own share of every epoch (`cellfm.data.pipeline.
+epoch_shard`), so the run is a function of (config, seed, worker count). Relaunching with the same
 `train.storage_path` + `train.run_name` resumes from that run's latest checkpoint."""
 
 from __future__ import annotations
@@ -9,18 +10,13 @@ from pathlib import Path
 from typing import Sequence
 
 from cellfm.config import Config, ConfigError, save_config
-from cellfm.data.pipeline import build_field_pipeline, ingest_execution_options, load_manifests
+from cellfm.data.pipeline import check_pipeline_config, create_monitor, load_manifests
 from cellfm.runtime import init_ray
 from cellfm.train import storage
+from cellfm.train.storage import run_directory  # noqa: F401 - also imported from here
 from cellfm.train.loop import train_loop_per_worker
+from cellfm.train.meta_arch import check_training_config
 from cellfm.train.self_distillation import supcon_label
-
-
-def run_directory(cfg: Config) -> Path | str:
-    """The run's folder: a local path, or an s3:// URI when `train.storage_path` is one."""
-    if storage.is_remote(cfg.train.storage_path):
-        return f"{cfg.train.storage_path.rstrip('/')}/{cfg.train.run_name}"
-    return Path(cfg.train.storage_path).expanduser().resolve() / cfg.train.run_name
 
 
 def record_channel_metadata(cfg: Config, manifest) -> None:
@@ -48,6 +44,14 @@ def run_pretraining(cfg: Config, *, callbacks: Sequence = (), epoch_evaluator=No
 
     manifest = load_manifests([cfg.data.train_manifest], storage_options=cfg.data.storage_options or None)
     record_channel_metadata(cfg, manifest)
+    check_training_config(cfg)
+    try:
+        check_pipeline_config(manifest, cfg.data)
+    except ValueError as exc:
+        raise ConfigError(f"{cfg.data.train_manifest}: {exc}") from exc
+    label = supcon_label(cfg)
+    if label and label not in manifest.columns:
+        raise ConfigError(f"ssl.supcon_label={label!r} is not a column of {cfg.data.train_manifest}")
     run_dir = run_directory(cfg)
     # The resolved config lives beside the run (and inside every checkpoint).
     if storage.is_remote(run_dir):
@@ -63,16 +67,15 @@ def run_pretraining(cfg: Config, *, callbacks: Sequence = (), epoch_evaluator=No
     # Ray starts only after the inputs are known to be good: bad input fails in a second, not after start-up.
     init_ray(cfg.ray)
 
-    label = supcon_label(cfg)
-    if label and label not in manifest.columns:
-        raise ConfigError(f"ssl.supcon_label={label!r} is not a column of {cfg.data.train_manifest}")
-    pipeline = build_field_pipeline(manifest, cfg.data, training=True, seed=cfg.train.seed, name="train",
-                                    keep_columns=[label] if label else [])
+    # One monitor for every rank's stream: bad fields are counted (and limited) over the whole run.
+    per_epoch = len(manifest) // cfg.train.num_workers * cfg.train.num_workers
+    monitor = create_monitor(cfg.data, len(manifest), name="train", fields_per_pass=per_epoch)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.to_dict(),
-            "n_train_fields": len(manifest),
+            "manifest": ray.put(manifest),
+            "monitor": monitor,
             "tensorboard_dir": f"{run_dir}/tensorboard",
             "epoch_evaluator": epoch_evaluator,
         },
@@ -92,13 +95,10 @@ def run_pretraining(cfg: Config, *, callbacks: Sequence = (), epoch_evaluator=No
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg.train.torch_threads)}},
             callbacks=list(callbacks),
         ),
-        datasets={"train": pipeline.dataset},
-        # Ray Train replaces a dataset's own execution options: pass the memory bounds here.
-        dataset_config=ray.train.DataConfig(execution_options=ingest_execution_options(cfg.data)),
     )
     result = trainer.fit()
-    if pipeline.monitor is not None:
-        summary = pipeline.monitor.summary()
+    if monitor is not None:
+        summary = monitor.summary()
         if summary["bad_fields"]:
             print(f"[cellfm] {len(summary['bad_fields'])} unreadable field(s) skipped: "
                   + "; ".join(b["error"] for b in summary["bad_fields"][:10]), flush=True)

@@ -4,8 +4,8 @@ plates (by default including a channel configuration training never saw), not th
 The sweep's driver reads the held-out fields once (`read_held_out`, through the same Ray Data read and
 normalization as evaluation) and puts them in Ray's object store. Each trial's training loop calls a
 `HeldOutObjective` on rank 0 after every epoch with its teacher's backbone (Ray Tune's report callback
-forwards rank 0's metrics only): it embeds the fields (`cellfm.evaluate.embed.field_embedding`), averages
-them per well and scores the probe on the fixed splits (`cellfm.evaluate.run.well_scores`), and returns
+forwards rank 0's metrics only): it embeds the fields (`cellfm.features.embed.field_embedding`), averages
+them per well and scores the probe on the fixed splits (`cellfm.evaluate.protocols.fixed_split_probe`), and returns
 
     objective             the mean over the held-out sets of `objective.score` of `objective.label`
     objective/<set>       each set's score
@@ -45,7 +45,7 @@ def read_held_out(cfg: Config, manifests: dict[str, str], label: str) -> dict[st
     """The fields of each named manifest (local or s3://), read and normalized with `cfg.data` by Ray Data
     (call after `init_ray`)."""
     from cellfm.data.pipeline import CHANNEL_SEPARATOR, build_field_dataset, load_manifests
-    from cellfm.evaluate.embed import METADATA_COLUMNS
+    from cellfm.features.embed import METADATA_COLUMNS
 
     keep = list(dict.fromkeys([*METADATA_COLUMNS, label]))
     sets = {}
@@ -79,7 +79,8 @@ class HeldOutObjective:
         self.flops_per_image: float | None = None
 
     def __call__(self, backbone) -> dict[str, float]:
-        from cellfm.evaluate.run import well_scores
+        from cellfm.evaluate.protocols import fixed_split_probe
+        from cellfm.evaluate.wells import well_profiles
 
         started = time.perf_counter()
         sets = self._sets()
@@ -90,9 +91,12 @@ class HeldOutObjective:
                 self.flops_per_image = self._flops_per_image(backbone, next(iter(sets.values())))
             scores = {}
             for name, held_out in sets.items():
-                fields = held_out.fields.assign(embedding=list(self._embed(backbone, held_out)))
-                _, per_label = well_scores(fields, "embedding", self.cfg)
-                scores[f"objective/{name}"] = per_label[self.label][self.score]
+                profiles = well_profiles(held_out.fields, self._embed(backbone, held_out),
+                                         self.cfg.eval.well_normalization, [self.label], source=name)
+                probe = fixed_split_probe(profiles, self.label, self.cfg.eval)
+                if "skipped" in probe:
+                    raise ValueError(f"objective on {name}: {probe['skipped']}")
+                scores[f"objective/{name}"] = probe[self.score]
         finally:
             backbone.train(was_training)
         metrics = {"objective": float(np.mean(list(scores.values()))), **scores,
@@ -115,7 +119,7 @@ class HeldOutObjective:
         import torch
 
         from cellfm.data.pipeline import to_float_images
-        from cellfm.evaluate.embed import field_embedding
+        from cellfm.features.embed import field_embedding
 
         device = next(backbone.parameters()).device
         n = len(held_out.images) if limit is None else limit

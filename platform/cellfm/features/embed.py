@@ -1,5 +1,6 @@
 """Field embeddings by Ray Data batch inference: fields stream through the same read+normalize
-step as training (no channel permutation) into an actor pool holding the encoders."""
+step as training (no channel permutation) into an actor pool holding the encoders. Used by the
+feature store (cellfm.features.refresh) and by evaluation."""
 
 from __future__ import annotations
 
@@ -76,39 +77,61 @@ def field_embedding(backbone: torch.nn.Module, images: torch.Tensor, image_size:
 
 
 class FieldEmbedder:
-    """Actor-pool UDF: loads every encoder once per actor, adds an `embedding_<name>` column each."""
+    """Actor-pool UDF: loads every encoder once per actor (on `device`), adds an `embedding_<name>`
+    column (float32) per encoder to each batch and drops the images."""
 
-    def __init__(self, encoders: list[EncoderSpec], image_size: int = 0, torch_threads: int = 1):
+    def __init__(self, encoders: list[EncoderSpec], image_size: int = 0, torch_threads: int = 1,
+                 device: str = "cpu"):
         torch.set_num_threads(torch_threads)
         self.image_size = image_size
-        self.encoders = {spec.name: spec.build() for spec in encoders}
+        self.device = torch.device(device)
+        self.encoders = {spec.name: spec.build().to(self.device) for spec in encoders}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = torch.from_numpy(batch.pop("image")).float()
+        # A float32 copy: the batch's arrays are read-only views of Ray's object store.
+        images = torch.from_numpy(np.array(batch.pop("image"), dtype=np.float32)).to(self.device)
         # Channel names drive C3R's grouping and ChannelViT's channel embeddings.
         names = [n.split(CHANNEL_SEPARATOR) for n in batch.pop("channel_names")]
-        mask = torch.from_numpy(batch.pop("channel_mask")) if "channel_mask" in batch else None
+        mask = torch.from_numpy(batch.pop("channel_mask")).to(self.device) if "channel_mask" in batch else None
         with torch.inference_mode():
             for name, backbone in self.encoders.items():
-                batch[f"embedding_{name}"] = field_embedding(backbone, images, self.image_size, names, mask).numpy()
+                embedding = field_embedding(backbone, images, self.image_size, names, mask)
+                batch[f"embedding_{name}"] = embedding.float().cpu().numpy()
         return batch
+
+
+def embedding_dataset(manifest: pd.DataFrame, data_cfg: DataConfig, encoders: list[EncoderSpec], *,
+                      keep_columns: list[str], batch_size: int = 32, actors: int = 1, image_size: int = 0,
+                      cpus_per_actor: float = 1.0, torch_threads: int = 1, gpus_per_actor: float = 0.0,
+                      one_batch_per_block: bool = False):
+    """A streaming Ray Dataset of `keep_columns` + one `embedding_<name>` column per encoder, one row
+    per field of `manifest`, computed by `actors` FieldEmbedder actors (each on a GPU when
+    gpus_per_actor > 0).
+
+    one_batch_per_block: each read block (at most data.read_batch_size fields of one plate) is embedded
+    as one batch, so a field's embedding does not depend on what else the run reads; otherwise the
+    embedder's batches hold `batch_size` fields, possibly of several plates."""
+    import ray.data
+
+    from cellfm.data.pipeline import build_field_dataset
+
+    ds = build_field_dataset(manifest, data_cfg, training=False, keep_columns=keep_columns)
+    return ds.map_batches(
+        FieldEmbedder,
+        fn_constructor_kwargs={"encoders": encoders, "image_size": image_size, "torch_threads": torch_threads,
+                               "device": "cuda" if gpus_per_actor > 0 else "cpu"},
+        batch_size=None if one_batch_per_block else batch_size,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cpus_per_actor,
+        num_gpus=gpus_per_actor,
+        batch_format="numpy",
+    )
 
 
 def embed_manifest(manifest: pd.DataFrame, data_cfg: DataConfig, encoders: list[EncoderSpec],
                    batch_size: int = 32, actors: int = 1, image_size: int = 0,
                    label_columns: list[str] = ()) -> pd.DataFrame:
     """One row per field: METADATA_COLUMNS and `label_columns` + an `embedding_<name>` array column per encoder."""
-    import ray.data
-
-    from cellfm.data.pipeline import build_field_dataset
     keep = list(dict.fromkeys([*METADATA_COLUMNS, *label_columns]))
-    ds = build_field_dataset(manifest, data_cfg, training=False, keep_columns=keep)
-    ds = ds.map_batches(
-        FieldEmbedder,
-        fn_constructor_kwargs={"encoders": encoders, "image_size": image_size},
-        batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=1,
-        batch_format="numpy",
-    )
-    return ds.to_pandas()
+    return embedding_dataset(manifest, data_cfg, encoders, keep_columns=keep, batch_size=batch_size, actors=actors,
+                             image_size=image_size).to_pandas()
