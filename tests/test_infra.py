@@ -512,13 +512,23 @@ def entrypoint_problems(spec: dict) -> list[str]:
     if getattr(namespace, "config", None) is None:
         return []
     try:
-        cfg = config_from_args(namespace)
+        if script.stem == "sweep":
+            # A sweep file, not a training config: its plan holds the base config every trial trains with
+            # (its resources applied) and where the sweep and its trials' runs live.
+            from cellfm.commands.sweep import plan_from_args
+
+            plan = plan_from_args(namespace)
+            cfg, stored = plan.base, [("storage", plan.spec.storage), *(
+                (f"eval.manifests.{name}", path) for name, path in plan.objective_manifests().items())]
+        else:
+            cfg = config_from_args(namespace)
+            stored = [("train.storage_path", cfg.train.storage_path)]
     except ConfigError as exc:
         return [f"{script.name}: {exc}"]
     problems = []
     if script.stem in TRAINING_JOBS:
         # Each retry of a RayJob is a new cluster: only remote storage carries the data and the run across.
-        for key, value in (("train.storage_path", cfg.train.storage_path), ("data.train_manifest", cfg.data.train_manifest)):
+        for key, value in (*stored, ("data.train_manifest", cfg.data.train_manifest)):
             if not value.startswith("s3://"):
                 problems.append(f"{key}={value!r} is not on s3://")
         if "rayClusterSpec" in spec:

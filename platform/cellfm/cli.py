@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "demo": "cellfm.commands.demo",
     "embed": "cellfm.commands.embed",
     "refresh": "cellfm.commands.refresh",
+    "sweep": "cellfm.commands.sweep",
 }
 
 # Flag -> dotted config key, for the settings people change most from the command line.

@@ -155,7 +155,8 @@ class ModelConfig:
     layerscale_init: Optional[float] = 0.1
     # In-model per-channel preprocessing (CellRep): none | percentile | adaptive_hist.
     input_norm: str = "none"
-    # C3R: depth of the per-group branch encoders f_c (the joint encoder gets depth - n_pre // 2 blocks).
+    # C3R: depth of the per-group branch encoders f_c (the joint encoder gets depth - ceil(n_pre / 2) blocks:
+    # even n_pre keeps the ViT's parameter budget, odd n_pre is half a block under it).
     n_pre: int = 2
     # C3R: channel name -> "context" | "concept". Overrides the manifest's channel_groups, e.g. at
     # inference for stains never seen in training.
@@ -690,24 +691,16 @@ def config_source(path: str | os.PathLike | None, overrides: typing.Sequence[str
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = (),
-                check_rules: bool = True) -> Config:
-    """Defaults <- YAML file <- dotted `key=value` overrides (values parsed as YAML scalars/lists);
-    `check_rules` as in `Config.from_dict`."""
-    raw: dict = {}
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file not found: {path}")
-        with open(path) as fh:
-            try:
-                loaded = yaml.safe_load(fh)
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
-        raw = loaded
+                check_rules: bool = True, presets: typing.Mapping[str, Any] | None = None) -> Config:
+    """Defaults <- YAML file <- `presets` (dotted key -> value, e.g. a sweep file's overrides) <- dotted
+    `key=value` overrides (values parsed as YAML scalars/lists); `check_rules` as in `Config.from_dict`."""
+    raw = read_yaml_mapping(path) if path is not None else {}
     problems = []
+    for key, value in (presets or {}).items():
+        try:
+            _set_nested(raw, str(key).split("."), value, str(key))
+        except ConfigError as exc:
+            problems += exc.problems
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -722,6 +715,35 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
     if problems:
         raise ConfigError(problems)
     return Config.from_dict(raw, source=config_source(path, overrides), check_rules=check_rules)
+
+
+def read_yaml_mapping(path: str | os.PathLike) -> dict:
+    """The top-level mapping of a YAML file (an empty file is {}); `ConfigError` naming the file when it is
+    missing, not YAML, or not a mapping."""
+    if not Path(path).is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as fh:
+        try:
+            loaded = yaml.safe_load(fh)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
+def typed_from_mapping(cls: type, raw: Any, source: str, prefix: str = "") -> Any:
+    """The dataclass `cls` (fields of the kinds Config's sections use: scalars, lists, mappings, nested
+    dataclasses) from the mapping `raw` under `load_config`'s rules: `ConfigError` with one line per unknown
+    key or badly typed value, each naming `source` and the dotted key (`prefix` + field). For other typed
+    YAML files, e.g. sweep files (cellfm.tune.sweep_config)."""
+    problems: list[str] = []
+    built = _build(cls, raw, prefix=prefix, source=source, problems=problems)
+    if problems:
+        raise ConfigError(problems)
+    return built
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:

@@ -80,7 +80,7 @@ def preflight_problems(cfg: Config, *, train: bool = False, evaluate: bool = Fal
         if problem:
             problems.append(problem)
             continue
-        manifest, errors = _load(path, cfg.data.storage_options or None)
+        manifest, errors = load_checked_manifest(path, cfg.data.storage_options or None)
         problems += [f"{key}={path}: {line}" for line in errors]
         if manifest is not None:
             loaded[key] = manifest
@@ -155,7 +155,7 @@ def path_problem(key: str, path: str, *, output: bool = False) -> str | None:
             f"directory {os.getcwd()} ({uploaded}); {instead}")
 
 
-def _load(path: str, storage_options: dict | None) -> tuple[pd.DataFrame | None, list[str]]:
+def load_checked_manifest(path: str, storage_options: dict | None) -> tuple[pd.DataFrame | None, list[str]]:
     """A manifest with its plates checked (`load_manifests`), or the problem lines why not."""
     from cellfm.data.manifest import ManifestError
     from cellfm.data.pipeline import load_manifests
@@ -172,13 +172,14 @@ def _load(path: str, storage_options: dict | None) -> tuple[pd.DataFrame | None,
 
 def model_size_problems(cfg: Config) -> list[str]:
     """Rules tying the model to its size ladder (cellfm.models.registry.SIZES)."""
+    from cellfm.models.c3r import c3r_joint_depth
     from cellfm.models.registry import SIZES
 
     size = SIZES.get(cfg.model.size)
     problems = []
-    if cfg.model.name == "c3r" and size is not None and size.depth - cfg.model.n_pre // 2 < 1:
+    if cfg.model.name == "c3r" and size is not None and c3r_joint_depth(size.depth, cfg.model.n_pre) < 1:
         problems.append(f"model.n_pre={cfg.model.n_pre} leaves no joint block at model.size={cfg.model.size} "
-                        f"(depth {size.depth}; the joint encoder gets depth - n_pre // 2 blocks)")
+                        f"(depth {size.depth}; the joint encoder gets depth - ceil(n_pre / 2) blocks)")
     return problems
 
 

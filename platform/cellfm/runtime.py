@@ -27,10 +27,13 @@ KNOWN_RAY_NOISE = (
 _PRINT_HANDLER = "ray_print_logs"  # the driver's handler of forwarded worker output (ray._private.worker)
 
 
-def init_ray(cfg: RayConfig) -> None:
+def init_ray(cfg: RayConfig, dashboard: bool = False) -> None:
     """`ray.address` or RAY_ADDRESS (set by `ray job submit`) -> join that cluster; else start
     Ray in-process with `ray.num_cpus` logical CPUs (more than the cores on small machines, so
-    Ray Data always has CPU left beside the training workers)."""
+    Ray Data always has CPU left beside the training workers). `dashboard`: the embedded Ray runs its
+    dashboard too (on a free loopback port): Ray Train's PlacementGroupCleaner asks its State API whether a
+    run's controller is alive, and only then frees the workers of a run whose controller was killed, as
+    Ray Tune kills a trial that ASHA stops (without it the stopped trial's CPUs stay reserved)."""
     import ray
     import ray.data
 
@@ -42,8 +45,17 @@ def init_ray(cfg: RayConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
+        ports = {"dashboard_port": _free_port()} if dashboard else {}
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=dashboard, log_to_driver=True, **ports)
     quiet_known_ray_noise()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def is_known_ray_noise(line: str) -> bool:

@@ -91,7 +91,9 @@ def evaluation_settings(cfg: EvalConfig) -> dict:
     }
 
 
-def _fixed_split_probe(profiles: WellProfiles, label: str, cfg: EvalConfig) -> dict:
+def fixed_split_probe(profiles: WellProfiles, label: str, cfg: EvalConfig) -> dict:
+    """The well-level logistic-regression probe of `label` over eval.n_splits fixed stratified splits, or
+    {"skipped": reason} when the wells cannot be split so."""
     counts = profiles.meta[label].astype(str).value_counts()
     if counts.min() < 2:
         return {"skipped": f"{label} {counts.idxmin()!r} has one well; stratified splits need two per class"}
@@ -111,7 +113,7 @@ def protocol_scores(profiles: WellProfiles, cfg: EvalConfig) -> dict:
     compound_seeds = split_seeds(cfg, cfg.n_compound_splits)
     copairs_args = {"null_size": cfg.copairs_null_size, "threshold": cfg.copairs_threshold, "seed": cfg.copairs_seed}
     run = {
-        "probe": lambda: {label: _fixed_split_probe(profiles, label, cfg) for label in cfg.labels},
+        "probe": lambda: {label: fixed_split_probe(profiles, label, cfg) for label in cfg.labels},
         "compound_heldout": lambda: compound_held_out_scores(x, meta, MOA_COLUMN, cfg.test_fraction, compound_seeds),
         "nn_lopo": lambda: {label: nn_lopo_scores(x, meta[label].to_numpy(), meta["plate"].to_numpy())
                             for label in cfg.labels},

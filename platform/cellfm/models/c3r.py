@@ -8,6 +8,7 @@ its group's weights (cost linear in C), the channels of a group are averaged, an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -31,6 +32,12 @@ from cellfm.models.layers import (
 GROUPS = ("context", "concept")
 
 
+def c3r_joint_depth(depth: int, n_pre: int) -> int:
+    """Blocks of the joint encoder f_s of a C3R with the trunk depth of a `depth`-block ViT and `n_pre` branch
+    depths: the whole blocks left after the branches (each branch depth costs half a block), never more."""
+    return depth - math.ceil(n_pre / 2)
+
+
 class C3R(ViTTrunk):
     """Context-concept channel-adaptive ViT.
 
@@ -42,12 +49,13 @@ class C3R(ViTTrunk):
       f_c       n_pre pre-norm blocks at width D/2, run on every channel independently
     combiner g  per sample and group: mean over that group's real channels (CLS and patch tokens),
                 concat(context mean, concept mean) -> LayerNorm(D)
-    f_s         the ViT trunk: depth - n_pre // 2 blocks at width D (+ optional registers), final LayerNorm;
-                its CLS input is the combined CLS.
+    f_s         the ViT trunk: `c3r_joint_depth(depth, n_pre)` blocks at width D (+ optional registers), final
+                LayerNorm; its CLS input is the combined CLS.
 
-    Two f_c blocks at D/2 (x 2 groups) hold as many weights as one block at D, so with n_pre = 2 the
-    model has the parameter count of a `depth`-block ViT of width D (the C3R rule: joint depth 11 for
-    ViT-S/B).
+    Parameter budget. One branch depth (a D/2 block per group, x 2 groups) holds half the weights of one block
+    at D. The joint trunk gets the whole blocks left after the branches, never more (the C3R code's rule):
+    depth - ceil(n_pre / 2). Even n_pre: exactly a `depth`-block ViT's worth of blocks (n_pre = 2: joint depth
+    11 at ViT-S/B, within 2% of the ViT's parameters); odd n_pre: half a block under it.
 
     Missing group. The reference code assumes both groups present (an empty group's mean is over zero
     channels: NaN / shape error). Here a sample whose group has no real channel (a 1-channel brightfield
@@ -80,9 +88,10 @@ class C3R(ViTTrunk):
             raise ValueError(f"C3R needs an even embed_dim (two halves of D/2), got {embed_dim}")
         if n_pre < 0:
             raise ValueError(f"n_pre must be >= 0, got {n_pre}")
-        joint_depth = depth - n_pre // 2
+        joint_depth = c3r_joint_depth(depth, n_pre)
         if joint_depth < 1:
-            raise ValueError(f"depth={depth} leaves no joint block for n_pre={n_pre} (joint depth = depth - n_pre // 2)")
+            raise ValueError(f"depth={depth} leaves no joint block for n_pre={n_pre} "
+                             f"(joint depth = depth - ceil(n_pre / 2))")
         # One stochastic-depth ramp over the whole path of a token: branch blocks first, then the joint trunk.
         drop_rates = drop_path_rates(drop_path_rate, n_pre + joint_depth)
         super().__init__(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, num_heads=num_heads,

@@ -42,6 +42,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     manifest = ray.get(loop_config["manifest"])
     monitor: DataMonitor | None = loop_config["monitor"]
     tensorboard_dir: str | None = loop_config.get("tensorboard_dir")
+    epoch_evaluator = loop_config.get("epoch_evaluator")  # e.g. a sweep's objective (cellfm.tune.objective)
     torch.set_num_threads(cfg.train.torch_threads)
     device = ray.train.torch.get_device()
     # Bit-identical reruns on CPU (same config, seed and worker count): no op may pick a nondeterministic
@@ -153,6 +154,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # None (not a made-up number) where MFU cannot be measured.
         metrics["mfu"] = (None if flops_per_image is None else
                           model_flops_utilisation(flops_per_image, metrics["images_per_s"], world, peak_flops))
+        # A sweep's objective: rank 0 scores the teacher (Ray Tune forwards rank 0's metrics only).
+        if epoch_evaluator is not None and rank == 0:
+            evaluated = epoch_evaluator(meta_arch.teacher.backbone)
+            metrics.update(evaluated)
+            if writer is not None:
+                for name, value in evaluated.items():
+                    writer.add_scalar(f"eval/{name}", value, step)
         if rank == 0:
             log_progress("end of " + progress.line(epoch=epoch, epochs=cfg.optim.epochs, step=step, loss=metrics.get("loss", float("nan")),
                                                    data_wait_fraction=metrics["data_wait_fraction"],

@@ -93,3 +93,29 @@ def list_folders(uri: str, storage_options: dict | None) -> list[str]:
     fs, path = filesystem_and_path(uri, storage_options)
     infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
     return [f"s3://{info.path}" for info in infos if info.type == pyarrow.fs.FileType.Directory]
+
+
+def filesystem_of(path: str | os.PathLike, storage_options: dict | None):
+    """(pyarrow filesystem, path on it) of a local path (made absolute) or an s3:// URI."""
+    import pyarrow.fs
+
+    if is_remote(path):
+        return filesystem_and_path(str(path), storage_options)
+    return pyarrow.fs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+
+
+def write_file(fs, path: str, data: bytes) -> None:
+    """Write `data` to `path` on `fs` whole: locally through a temporary file renamed into place, on S3 as
+    one object (a PUT is all or nothing), so a reader never sees half a file."""
+    import pyarrow.fs
+
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):
+        tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.{os.getpid()}.tmp"
+        with fs.open_output_stream(tmp) as out:
+            out.write(data)
+        fs.move(tmp, path)
+    else:
+        with fs.open_output_stream(path) as out:
+            out.write(data)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 from cellfm.config import Config, ConfigError, save_config
 from cellfm.data.pipeline import check_pipeline_config, create_monitor, load_manifests
@@ -33,8 +34,11 @@ def record_channel_metadata(cfg: Config, manifest) -> None:
         cfg.model.channel_vocabulary = sorted(groups)
 
 
-def run_pretraining(cfg: Config):
-    """Train and return the Ray Train `Result` (its `.checkpoint` is the latest epoch's)."""
+def run_pretraining(cfg: Config, *, callbacks: Sequence = (), epoch_evaluator=None):
+    """Train and return the Ray Train `Result` (its `.checkpoint` is the latest epoch's). `callbacks`: Ray
+    Train callbacks of the run (a sweep's trial forwards its reports to Tune); `epoch_evaluator`: called by
+    rank 0 with the teacher's backbone at every epoch report, its metrics reported with the epoch's (a
+    sweep's objective, `cellfm.tune.objective.HeldOutObjective`)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -73,6 +77,7 @@ def run_pretraining(cfg: Config):
             "manifest": ray.put(manifest),
             "monitor": monitor,
             "tensorboard_dir": f"{run_dir}/tensorboard",
+            "epoch_evaluator": epoch_evaluator,
         },
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -88,6 +93,7 @@ def run_pretraining(cfg: Config):
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg.train.torch_threads)}},
+            callbacks=list(callbacks),
         ),
     )
     result = trainer.fit()

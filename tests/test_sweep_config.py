@@ -1,0 +1,447 @@
+"""Sweep files without Ray: loading, the preflight (every bad input one line naming the key, exit code 2,
+before Ray starts), the search space Tune and Optuna get, the results table and outputs, and the
+held-out objective on hand-made wells."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellfm.cli import main
+from cellfm.config import CREDENTIAL_MARKER, load_config
+from cellfm.tune.preflight import ClusterCapacity, check_sweep, sweep_problems
+from cellfm.tune.sweep_config import load_sweep
+from tests.conftest import REPO
+
+SMOKE_SWEEP = REPO / "configs" / "sweeps" / "smoke.yaml"
+PAPER_SWEEP = REPO / "configs" / "sweeps" / "paper_dimensions.yaml"
+FOUR_CPUS = ClusterCapacity(cpus=4, gpus=0, described="the test cluster")
+
+
+@pytest.fixture
+def screen_overrides(tiny_screen, tmp_path) -> list[str]:
+    return [f"data.train_manifest={tiny_screen['train']}",
+            f"eval.manifests={{seen: {tiny_screen['heldout']}, unseen: {tiny_screen['unseen']}}}"]
+
+
+def write_sweep(tmp_path: Path, text: str, base: str = "configs/smoke.yaml") -> Path:
+    """A sweep file from YAML text with `base` filled in (relative to the repository)."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(textwrap.dedent(text).replace("BASE", str(REPO / base)))
+    return path
+
+
+def problems_of(path: Path, overrides: list[str], tmp_path: Path, capacity=FOUR_CPUS) -> list[str]:
+    plan = load_sweep(str(path), overrides=overrides, storage=str(tmp_path / "sweeps"))
+    return sweep_problems(plan, capacity)[0]
+
+
+# ------------------------------------------------------------------------------------- the shipped sweeps
+
+
+def test_smoke_sweep_passes_preflight_and_covers_the_three_dimensions(screen_overrides, tmp_path):
+    plan = load_sweep(str(SMOKE_SWEEP), overrides=screen_overrides, storage=str(tmp_path))
+    resources = check_sweep(plan, FOUR_CPUS)
+    assert {"model.pooling_ratio", "model.n_pre", "ssl.mcd_keep_counts"} <= set(plan.swept_keys())
+    assert plan.grid_size() == 6 and plan.spec.asha.enabled
+    # 1 worker x 1 CPU + the driver's 0.01 per trial, one whole CPU left to Ray Data: 2 trials on 4 CPUs.
+    assert (resources.cpus, resources.data_cpus, resources.concurrent) == (1.01, 1.0, 2)
+
+
+def test_paper_sweep_runs_every_setting_with_two_seeds_and_passes_preflight(tmp_path):
+    from cellfm.data.synthetic import generate_family_screen
+
+    cp5 = generate_family_screen(tmp_path / "cp5", "cp5", "tiny", seed=0)
+    novel4 = generate_family_screen(tmp_path / "novel4", "novel4", "tiny", seed=1)
+    overrides = [f"data.train_manifest={cp5['train']}",
+                 f"eval.manifests={{cp5: {cp5['heldout']}, novel4: {novel4['heldout']}}}"]
+    plan = load_sweep(str(PAPER_SWEEP), overrides=overrides, storage=str(tmp_path / "sweeps"))
+    check_sweep(plan, FOUR_CPUS)
+    from cellfm.tune.search import param_space
+
+    points = param_space(plan)["grid"]["grid_search"]
+    settings = [plan.values_of({"grid": p}) for p in points]
+    assert len(points) == plan.grid_size() == 2 * (3 + 3 * 4)
+    cellrep = {(v["model.pooling_ratio"], v["train.seed"]) for arm, v in settings if arm == "cellrep"}
+    c3r = {(v["model.n_pre"], tuple(v["ssl.mcd_keep_counts"]), v["train.seed"]) for arm, v in settings if arm == "c3r"}
+    assert cellrep == {(k, s) for k in (1, 2, 4) for s in (0, 1)}
+    assert c3r == {(n, keep, s) for n in (0, 2, 4) for keep in ((5,), (), (1,), (2,)) for s in (0, 1)}
+    assert not plan.spec.asha.enabled  # every setting trains its whole budget: the comparison is the point
+
+
+# ------------------------------------------------------------------------------------- bad sweep files
+
+
+BAD_SWEEPS = [
+    ("unknown key in the space",
+     "space: {model.pooling_ration: {grid: [1, 2]}}",
+     "space.model.pooling_ration: unknown config key 'model.pooling_ration'; valid keys under model:"),
+    ("empty choice",
+     "space: {model.pooling_ratio: {choice: []}}",
+     "space.model.pooling_ratio: choice is empty; give at least one value"),
+    ("more CPUs per trial than the cluster",
+     "resources: {num_workers: 8, cpus_per_worker: 1}",
+     "resources: a trial needs 9.01 CPUs (resources.num_workers=8 x resources.cpus_per_worker=1 + 0.01 for its "
+     "driver + 1 left to Ray Data) but the embedded Ray (ray.num_cpus=4, 0 local GPU(s)) has 4"),
+    ("GPUs the cluster does not have",
+     "resources: {num_workers: 2, gpus_per_worker: 1}",
+     "resources: a trial needs 2 GPUs (resources.num_workers=2 x resources.gpus_per_worker=1) but the embedded "
+     "Ray (ray.num_cpus=4, 0 local GPU(s)) has 0"),
+    ("more trials at once than fit",
+     "search: {max_concurrent_trials: 3}\nresources: {num_workers: 1, cpus_per_worker: 1}",
+     "search.max_concurrent_trials=3: trials at once take 1.01 CPUs each and must leave 1 CPU to Ray Data"),
+    ("a dimension of another model",
+     "space: {model.n_pre: {grid: [0, 2]}}",
+     "space.model.n_pre: model.n_pre does not apply to trials with model.name=cellrep, ssl.objective=dino, "
+     "ssl.mcd=false; it needs model.name=c3r"),
+    ("a key that cannot vary",
+     "space: {optim.epochs: {grid: [1, 2]}}",
+     "space.optim.epochs: optim.epochs cannot vary between trials: ASHA divides one epoch budget"),
+    ("a value of the wrong type",
+     "space: {model.pooling_ratio: {grid: [1, 1.5]}}",
+     "model.pooling_ratio must be int, got 1.5 (float)"),
+    ("a range on an integer key",
+     "space: {model.pooling_ratio: {uniform: [1, 4]}}",
+     "space.model.pooling_ratio: uniform draws floats but model.pooling_ratio is int; use grid, choice or randint"),
+    ("a grid under Optuna",
+     "search: {algorithm: optuna}\nspace: {model.pooling_ratio: {grid: [1, 2]}}",
+     "space.model.pooling_ratio: search.algorithm=optuna proposes every value itself and cannot enumerate a grid"),
+    ("a typo in the sweep file itself",
+     "serach: {algorithm: random}",
+     "unknown config key(s) serach; valid keys under top level:"),
+    ("an objective set that does not exist",
+     "objective: {manifests: [seen, unsen]}",
+     "objective.manifests names ['unsen'], which are not in eval.manifests ['seen', 'unseen']"),
+]
+
+
+@pytest.mark.parametrize("text,expected", [case[1:] for case in BAD_SWEEPS], ids=[case[0] for case in BAD_SWEEPS])
+def test_bad_sweep_file_fails_before_ray_with_one_line_naming_the_key(text, expected, screen_overrides, tmp_path,
+                                                                       monkeypatch, capsys):
+    import ray
+
+    import cellfm.tune.driver
+
+    def started(*_, **__):
+        raise AssertionError("the sweep started despite a bad sweep file")
+
+    monkeypatch.setattr(cellfm.tune.driver, "run_sweep", started)
+    path = write_sweep(tmp_path, f"base: BASE\n{text}\n")
+    code = main(["sweep", "--config", str(path), "--storage", str(tmp_path / "sweeps"), *screen_overrides])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith(f"error: {path}") and expected in err[0], err
+    assert not ray.is_initialized()
+
+
+def test_every_problem_is_reported_at_once(screen_overrides, tmp_path):
+    path = write_sweep(tmp_path, """
+        base: BASE
+        asha: {grace_period: 0}
+        objective: {mode: maximum, metric: accuracy}
+        resources: {num_workers: 8}
+        arms:
+          c3r:
+            overrides: {model.name: c3r}
+            space: {model.n_pre: {grid: [2, 10]}}
+    """)
+    problems = problems_of(path, screen_overrides, tmp_path)
+    text = "\n".join(problems)
+    assert len(problems) == 5, text
+    for part in ("asha.grace_period=0", "objective.mode='maximum'", "objective.metric='accuracy'",
+                 "resources: a trial needs 9.01 CPUs",
+                 # only the n_pre=10 trial config has it: the line names that trial
+                 "(arm c3r: model.n_pre=10): model.n_pre=10 leaves no joint block at model.size=tiny"):
+        assert part in text
+
+
+def test_dimension_applies_only_where_its_model_is(screen_overrides, tmp_path):
+    """pooling_ratio in the shared space of a CellRep and a C3R arm: wrong for the C3R trials only."""
+    path = write_sweep(tmp_path, """
+        base: BASE
+        space: {model.pooling_ratio: {grid: [1, 2]}}
+        arms:
+          cellrep: {}
+          c3r: {overrides: {model.name: c3r}}
+    """)
+    problems = problems_of(path, screen_overrides, tmp_path)
+    assert problems == [f"{path} + overrides (arm c3r: model.pooling_ratio=1): space.model.pooling_ratio: "
+                        f"model.pooling_ratio does not apply to trials with model.name=c3r, ssl.objective=dino, "
+                        f"ssl.mcd=false; it needs model.name=cellrep (a CellRep setting) [and 1 more trial config(s)]"]
+
+
+def test_mcd_keep_counts_need_mcd_and_ibot(screen_overrides, tmp_path):
+    path = write_sweep(tmp_path, """
+        base: BASE
+        arms:
+          c3r:
+            overrides: {model.name: c3r, ssl.objective: ibot}
+            space: {ssl.mcd_keep_counts: {grid: [[1], [2]]}}
+    """)
+    (problem,) = problems_of(path, screen_overrides, tmp_path)
+    assert "it needs ssl.mcd=true with ssl.objective=ibot" in problem
+
+
+def test_a_changed_sweep_is_refused_in_the_old_sweeps_folder(screen_overrides, tmp_path):
+    from cellfm.tune.driver import record_sweep
+
+    first = load_sweep(str(SMOKE_SWEEP), overrides=screen_overrides, storage=str(tmp_path))
+    record_sweep(first)
+    assert sweep_problems(first, FOUR_CPUS)[0] == []
+    changed = load_sweep(str(SMOKE_SWEEP), overrides=[*screen_overrides, "optim.base_lr=0.01"], storage=str(tmp_path))
+    (problem,) = sweep_problems(changed, FOUR_CPUS)[0]
+    assert "holds another sweep of this name (it differs in base.optim.base_lr)" in problem
+    # More trials at once is not another sweep.
+    assert sweep_problems(dataclasses.replace(
+        first, spec=dataclasses.replace(first.spec, search=dataclasses.replace(first.spec.search,
+                                                                              max_concurrent_trials=1))),
+        FOUR_CPUS)[0] == []
+
+
+def test_cluster_size_comes_from_the_sweep_file_when_given(screen_overrides, tmp_path):
+    from cellfm.tune.preflight import cluster_capacity
+
+    path = write_sweep(tmp_path, """
+        base: BASE
+        cluster: {cpus: 64, gpus: 8}
+        resources: {num_workers: 2, cpus_per_worker: 8, gpus_per_worker: 1}
+    """)
+    plan = load_sweep(str(path), overrides=screen_overrides, storage=str(tmp_path))
+    capacity = cluster_capacity(plan)
+    assert (capacity.cpus, capacity.gpus) == (64, 8)
+    resources = check_sweep(plan, capacity)
+    assert plan.base.train.use_gpu and plan.base.train.gpus_per_worker == 1
+    # (64 - 1 for Ray Data) // 16.01 = 3 by CPUs, 8 // 2 = 4 by GPUs; 1 trial in the whole (empty) space.
+    assert resources.concurrent == 1 and resources.gpus == 2
+
+
+# ------------------------------------------------------------------------------------- search space
+
+
+ARMS = """
+    base: BASE
+    space: {optim.base_lr: {loguniform: [1.0e-4, 1.0e-2]}, train.seed: {grid: [0, 1]}}
+    arms:
+      cellrep:
+        space: {model.pooling_ratio: {choice: [1, 2, 4]}}
+      c3r:
+        overrides: {model.name: c3r, ssl.objective: ibot, ssl.mcd: true}
+        space: {model.n_pre: {grid: [0, 2]}, ssl.mcd_keep_counts: {choice: [[5], [], [1]]}}
+"""
+
+
+def test_random_search_enumerates_the_grid_per_arm_and_draws_the_rest(screen_overrides, tmp_path):
+    from ray import tune
+
+    from cellfm.tune.search import param_space
+
+    plan = load_sweep(str(write_sweep(tmp_path, ARMS)), overrides=screen_overrides, num_samples=3)
+    space = param_space(plan)
+    points = space["grid"]["grid_search"]
+    assert points == [{"arm": "cellrep", "train.seed": 0}, {"arm": "cellrep", "train.seed": 1},
+                      *({"arm": "c3r", "train.seed": s, "c3r/model.n_pre": n} for s in (0, 1) for n in (0, 2))]
+    assert plan.grid_size() == 3 * 6
+    assert isinstance(space["optim.base_lr"], tune.search.sample.Float)
+    assert space["cellrep/model.pooling_ratio"].categories == [1, 2, 4]
+    assert space["c3r/ssl.mcd_keep_counts"].categories == [[5], [], [1]]
+    # A resolved trial config: the arm's keys only, each at its config key.
+    arm, values = plan.values_of({"grid": points[3], "optim.base_lr": 0.001, "cellrep/model.pooling_ratio": 4,
+                                  "c3r/ssl.mcd_keep_counts": [1]})
+    assert (arm, values) == ("c3r", {"optim.base_lr": 0.001, "train.seed": 0, "model.n_pre": 2,
+                                     "ssl.mcd_keep_counts": [1]})
+    cfg = plan.trial_config(arm, values, run_name="trial-x")
+    assert (cfg.model.name, cfg.model.n_pre, cfg.ssl.mcd_keep_counts, cfg.optim.base_lr) == ("c3r", 2, [1], 0.001)
+    assert cfg.train.run_name == "trial-x" and cfg.train.storage_path == plan.runs_dir
+
+
+def test_grid_search_enumerates_choices_too(screen_overrides, tmp_path):
+    from cellfm.tune.search import param_space
+
+    text = ARMS.replace("optim.base_lr: {loguniform: [1.0e-4, 1.0e-2]}, ", "")
+    plan = load_sweep(str(write_sweep(tmp_path, text + "    search: {algorithm: grid}\n")), overrides=screen_overrides)
+    assert len(param_space(plan)["grid"]["grid_search"]) == plan.grid_size() == 2 * 3 + 2 * 2 * 3
+
+
+def test_optuna_suggests_the_arm_then_only_its_dimensions(screen_overrides, tmp_path):
+    import optuna
+
+    from cellfm.tune.search import optuna_define_by_run
+
+    text = ARMS.replace("train.seed: {grid: [0, 1]}", "train.seed: {choice: [0, 1]}").replace(
+        "{grid: [0, 2]}", "{randint: [0, 5]}")
+    plan = load_sweep(str(write_sweep(tmp_path, text + "    search: {algorithm: optuna, num_samples: 30}\n")),
+                      overrides=screen_overrides)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0), direction="maximize")
+    define = optuna_define_by_run(plan)
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        define(trial)
+        arm, values = plan.values_of(dict(trial.params))
+        seen.add(arm)
+        expected = {"optim.base_lr", "train.seed"} | ({"model.pooling_ratio"} if arm == "cellrep" else
+                                                     {"model.n_pre", "ssl.mcd_keep_counts"})
+        assert set(values) == expected
+        assert 1e-4 <= values["optim.base_lr"] <= 1e-2
+        if arm == "c3r":
+            # Lists are suggested by index and read back as the listed value; randint excludes its high end.
+            assert values["ssl.mcd_keep_counts"] in ([5], [], [1]) and 0 <= values["model.n_pre"] <= 4
+        study.tell(trial, float(values["train.seed"]))
+    assert seen == {"cellrep", "c3r"}
+
+
+# ------------------------------------------------------------------------------------- results
+
+
+def smoke_plan(screen_overrides, tmp_path, extra: list[str] = ()):
+    return load_sweep(str(SMOKE_SWEEP), overrides=[*screen_overrides, *extra], storage=str(tmp_path / "sweeps"))
+
+
+def records(plan):
+    from cellfm.tune.results import TrialRecord
+
+    def rec(trial, point, metrics, error=None):
+        return TrialRecord(trial, {"grid": point}, metrics, error)
+
+    done = {"epochs_done": 2, "loss": 5.0, "images_per_s": 10.0, "forward_flops_per_image": 2e8}
+    return [
+        rec("trial-a", {"arm": "cellrep", "cellrep/model.pooling_ratio": 1}, {**done, "objective": 0.30,
+            "objective/seen": 0.4, "objective/unseen": 0.2, "checkpoint_path": "/x/a"}),
+        # Highest objective, but ASHA stopped it after epoch 1: not the best trial.
+        rec("trial-b", {"arm": "cellrep", "cellrep/model.pooling_ratio": 2}, {**done, "epochs_done": 1,
+            "objective": 0.50, "checkpoint_path": "/x/b"}),
+        rec("trial-c", {"arm": "c3r", "c3r/model.n_pre": 2, "c3r/ssl.mcd_keep_counts": [1]},
+            {**done, "objective": 0.40, "forward_flops_per_image": 1e8, "checkpoint_path": "/x/c"}),
+        rec("trial-d", {"arm": "c3r", "c3r/model.n_pre": 0, "c3r/ssl.mcd_keep_counts": []}, {},
+            error="Traceback ...\nFloatingPointError: loss is nan at epoch 0 step 3"),
+    ]
+
+
+def test_results_table_is_sorted_with_status_and_best_is_the_best_completed(screen_overrides, tmp_path):
+    from cellfm.tune.results import best_row, results_table
+
+    plan = smoke_plan(screen_overrides, tmp_path)
+    table = results_table(plan, records(plan))
+    assert list(table["trial"]) == ["trial-b", "trial-c", "trial-a", "trial-d"]
+    assert list(table["rank"]) == [1, 2, 3, 4]
+    assert list(table["status"]) == ["stopped early", "completed", "completed", "error"]
+    assert table.loc[1, "gflops_per_image"] == pytest.approx(0.1)
+    assert table.loc[1, "ssl.mcd_keep_counts"] == [1] and pd.isna(table.loc[1, "model.pooling_ratio"])
+    assert table.loc[3, "error"] == "FloatingPointError: loss is nan at epoch 0 step 3"
+    assert best_row(table, "objective")["trial"] == "trial-c"
+
+
+def test_outputs_best_config_is_ready_to_run_with_credentials_redacted(screen_overrides, tmp_path):
+    from cellfm.tune.results import results_table, tidy_stopped_runs, write_outputs
+
+    secret = "sweep-secret-value-123"
+    plan = smoke_plan(screen_overrides, tmp_path, [f"data.storage_options={{key: AKIDTEST, secret: {secret}}}"])
+    for trial in ("trial-a", "trial-b"):
+        (Path(plan.runs_dir) / trial / "checkpoint_epoch0000").mkdir(parents=True)
+    table = tidy_stopped_runs(plan, results_table(plan, records(plan)))
+    outputs = write_outputs(plan, table, records(plan))
+    sweep = Path(plan.sweep_dir)
+    assert set(outputs) == {"results.parquet", "results.md", "best.yaml", "best.json",
+                            "objective_vs_dimensions.png", "objective_vs_flops.png"}
+    assert (Path(plan.runs_dir) / "trial-b" / "STOPPED_EARLY.json").is_file()
+    assert not (Path(plan.runs_dir) / "trial-a" / "STOPPED_EARLY.json").exists()
+    assert list(pd.read_parquet(sweep / "results.parquet")["trial"]) == ["trial-b", "trial-c", "trial-a", "trial-d"]
+    markdown = (sweep / "results.md").read_text()
+    assert markdown.index("| 1 | trial-b") < markdown.index("| 2 | trial-c") < markdown.index("| 4 | trial-d")
+    assert "**Best:** `trial-c` (arm c3r: model.n_pre=2, ssl.mcd_keep_counts=[1]), objective 0.4" in markdown
+    text = (sweep / "best.yaml").read_text()
+    assert secret not in text and CREDENTIAL_MARKER in text
+    best = load_config(sweep / "best.yaml")
+    assert (best.model.name, best.model.n_pre, best.ssl.mcd_keep_counts, best.ssl.mcd) == ("c3r", 2, [1], True)
+    assert best.train.run_name == "smoke-best" and best.train.storage_path == plan.base.train.storage_path
+    assert best.optim.epochs == 2 and best.train.num_workers == 1
+    assert json.loads((sweep / "best.json").read_text())["checkpoint"] == "/x/c"
+    for png in ("objective_vs_dimensions.png", "objective_vs_flops.png"):
+        assert (sweep / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_remove_deletes_stopped_runs(screen_overrides, tmp_path):
+    from cellfm.tune.results import results_table, tidy_stopped_runs
+
+    plan = smoke_plan(screen_overrides, tmp_path)
+    plan.spec.asha.stopped_runs = "remove"
+    for trial in ("trial-a", "trial-b"):
+        (Path(plan.runs_dir) / trial / "checkpoint_epoch0000").mkdir(parents=True)
+    table = tidy_stopped_runs(plan, results_table(plan, records(plan)))
+    assert not (Path(plan.runs_dir) / "trial-b").exists() and (Path(plan.runs_dir) / "trial-a").exists()
+    assert table.set_index("trial").loc["trial-b", "checkpoint"] == ""
+
+
+# ------------------------------------------------------------------------------------- the objective
+
+
+def held_out_set(name: str, informative: bool, seed: int):
+    """12 wells of 3 classes (4 each), 2 fields per well, 3 channels of 16 x 16. Informative: a class sets the
+    fields' brightness; otherwise the labels are shuffled against the images."""
+    from cellfm.tune.objective import HeldOutFields
+
+    rng = np.random.default_rng(seed)
+    classes = np.repeat(["a", "b", "c"], 4)
+    brightness = np.repeat([0.2, 0.5, 0.8], 4)
+    labels = classes if informative else rng.permutation(classes)
+    wells = [f"A{i:02d}" for i in range(12)]
+    images = np.stack([np.clip(b + 0.02 * rng.standard_normal((3, 16, 16)), 0, 1)
+                       for b in brightness for _ in range(2)]).astype(np.float16)
+    fields = pd.DataFrame({"plate": "P", "well": np.repeat(wells, 2), "field": np.tile([0, 1], 12),
+                           "perturbation_id": np.repeat(labels, 2), "moa": np.repeat(labels, 2),
+                           "is_control": False})
+    return HeldOutFields(name, images, [["DNA", "ER", "Mito"]] * 24, np.ones((24, 3), bool), fields)
+
+
+def test_held_out_objective_scores_the_wells_and_counts_forward_flops():
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cellfm.models.registry import build_backbone
+    from cellfm.tune.objective import HeldOutObjective
+
+    cfg = load_config(None, ["model.size=tiny", "model.img_size=16", "model.patch_size=8",
+                             "eval.well_normalization=none", "eval.n_splits=3", "eval.batch_size=5"])
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg.model).train()
+    sets = {"easy": held_out_set("easy", True, 0), "shuffled": held_out_set("shuffled", False, 1)}
+    metrics = HeldOutObjective(sets, cfg, label="moa", score="top1")(backbone)
+    # Brightness separates the classes even through a random-init encoder; shuffled labels cannot be learned.
+    assert metrics["objective/easy"] == 1.0
+    assert metrics["objective/shuffled"] < 0.7
+    assert metrics["objective"] == pytest.approx((metrics["objective/easy"] + metrics["objective/shuffled"]) / 2)
+    assert backbone.training  # the trial's mode is restored
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        backbone(torch.rand(1, 3, 16, 16), channel_names=[["DNA", "ER", "Mito"]])
+    assert metrics["forward_flops_per_image"] == counter.get_total_flops() > 0
+
+
+def test_sweep_help_lists_its_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for flag in ("--config", "--name", "--storage", "--address", "--max-concurrent-trials", "--num-samples",
+                 "section.key=value", "configs/sweeps/smoke.yaml"):
+        assert flag in out
+
+
+def test_sweep_file_keys_are_all_documented():
+    """docs/sweeps.md names every key of the sweep file (`section.key` for the sections)."""
+    from cellfm.tune.sweep_config import SweepConfig
+
+    docs = (REPO / "docs" / "sweeps.md").read_text()
+    keys = []
+    for f in dataclasses.fields(SweepConfig):
+        section = f.default_factory() if callable(f.default_factory) else None
+        if dataclasses.is_dataclass(section):
+            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(section)]
+        else:
+            keys.append(f.name)
+    assert len(keys) > 20 and [key for key in keys if f"`{key}`" not in docs] == []
