@@ -70,6 +70,11 @@ class DataConfig:
     read_cpus: float = 0.5
     read_batch_size: int = 8
     shuffle_buffer: int = 64
+    # Training only: read and normalize every field once, before the first epoch, and keep them in Ray's
+    # object store (cellfm.data.pipeline.FieldCache); every epoch then takes its fields from memory
+    # instead of the plates. For screens that fit: the run refuses one above cache_max_mb.
+    cache_fields: bool = False
+    cache_max_mb: int = 4096
     storage_options: dict = field(default_factory=dict)
 
 
@@ -273,7 +278,7 @@ _POSITIVE = (
     "optim.epochs", "optim.batch_size_per_worker", "optim.base_lr", "optim.accumulate_steps",
     "optim.layerwise_decay", "optim.patch_embed_lr_mult", "train.gpus_per_worker",
     "train.num_workers", "train.cpus_per_worker", "train.torch_threads", "train.num_to_keep",
-    "data.read_cpus", "data.read_batch_size", "data.clahe_clip_limit", "data.clahe_tiles",
+    "data.read_cpus", "data.read_batch_size", "data.clahe_clip_limit", "data.clahe_tiles", "data.cache_max_mb",
     "eval.batch_size", "eval.embed_actors", "eval.n_splits",
 )
 

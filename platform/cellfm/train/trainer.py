@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from cellfm.config import Config, ConfigError, save_config
-from cellfm.data.pipeline import check_pipeline_config, create_monitor, load_manifests
+from cellfm.data.pipeline import cache_size_mb, check_pipeline_config, create_monitor, fill_field_cache, load_manifests
 from cellfm.runtime import init_ray
 from cellfm.train import storage
 from cellfm.train.loop import train_loop_per_worker
@@ -51,6 +51,10 @@ def run_pretraining(cfg: Config):
         check_pipeline_config(manifest, cfg.data)
     except ValueError as exc:
         raise ConfigError(f"{cfg.data.train_manifest}: {exc}") from exc
+    if cfg.data.cache_fields and (size := cache_size_mb(manifest, cfg.data)) > cfg.data.cache_max_mb:
+        raise ConfigError(f"data.cache_fields: the {len(manifest)} training fields of {cfg.data.train_manifest} need "
+                          f"{size:.0f} MB of object store, more than data.cache_max_mb={cfg.data.cache_max_mb}; "
+                          f"raise the limit or set data.cache_fields=false")
     label = supcon_label(cfg)
     if label and label not in manifest.columns:
         raise ConfigError(f"ssl.supcon_label={label!r} is not a column of {cfg.data.train_manifest}")
@@ -72,12 +76,15 @@ def run_pretraining(cfg: Config):
     # One monitor for every rank's stream: bad fields are counted (and limited) over the whole run.
     per_epoch = len(manifest) // cfg.train.num_workers * cfg.train.num_workers
     monitor = create_monitor(cfg.data, len(manifest), name="train", fields_per_pass=per_epoch)
+    # Held here, so the cached fields live in the object store until training ends.
+    cache = fill_field_cache(manifest, cfg.data, monitor=monitor) if cfg.data.cache_fields else None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.to_dict(),
             "manifest": ray.put(manifest),
             "monitor": monitor,
+            "cache": cache,
             "tensorboard_dir": f"{run_dir}/tensorboard",
         },
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
