@@ -119,6 +119,12 @@ class DataConfig:
     read_batch_size: int = 8
     # Rows of the local shuffle buffer of each training worker (0 = no local shuffle).
     shuffle_buffer: int = 64
+    # Training only: read and normalize every field once, before the first epoch, and keep them in Ray's
+    # object store (cellfm.data.pipeline.FieldCache); every epoch then takes its fields from memory
+    # instead of the plates. For screens that fit: the run refuses one above cache_max_mb.
+    cache_fields: bool = False
+    # Largest field cache (MB of normalized fields) data.cache_fields may build.
+    cache_max_mb: int = 4096
     # fsspec/s3fs options for manifests, plates and s3:// runs (endpoint_url, key, secret, token,
     # client_kwargs.region_name, ...). Saved configs hold CREDENTIAL_MARKER in place of credentials;
     # prefer the AWS environment variables for those.
@@ -489,7 +495,7 @@ _POSITIVE = (
     "optim.layerwise_decay", "optim.patch_embed_lr_mult", "train.gpus_per_worker",
     "train.num_workers", "train.cpus_per_worker", "train.torch_threads", "train.num_to_keep",
     "train.log_every_steps",
-    "data.read_cpus", "data.read_batch_size", "data.clahe_tiles",
+    "data.read_cpus", "data.read_batch_size", "data.clahe_tiles", "data.cache_max_mb",
     "eval.batch_size", "eval.embed_actors", "eval.n_splits", "eval.n_compound_splits", "eval.copairs_null_size",
     "ray.num_cpus",
     "features.batch_size", "features.cpus_per_actor", "features.torch_threads", "features.gpus_per_actor",

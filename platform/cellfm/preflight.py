@@ -214,10 +214,13 @@ def field_layout_problems(manifest: pd.DataFrame, data: DataConfig, source: str 
 def training_manifest_problems(cfg: Config, manifest: pd.DataFrame) -> list[str]:
     """The training manifest against the config: layout, channel groups, the SupCon label column,
     ChannelViT's vocabulary, and at least one optimizer step per epoch."""
+    from cellfm.data.pipeline import field_cache_problem
     from cellfm.train.trainer import record_channel_metadata
 
     source = f"data.train_manifest={cfg.data.train_manifest}"
     problems = field_layout_problems(manifest, cfg.data, source)
+    if not problems and (cache := field_cache_problem(manifest, cfg.data, source)):
+        problems.append(cache)
     try:
         record_channel_metadata(copy.deepcopy(cfg), manifest)
     except ConfigError as exc:

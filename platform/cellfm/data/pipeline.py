@@ -228,13 +228,16 @@ class FieldLoader:
     count), ``channel_mask`` (N, C) bool, ``channel_names`` (N,) comma-joined names in the
     image's channel order (after permutation, when enabled; ``""`` for padding), plus ``keep_columns``.
     With ``permute_channels``, a field's channel order is drawn from (``seed``, ``epoch``, its
-    ``field_index``): the same in every rerun, a new one every epoch.
+    ``field_index``): the same in every rerun, a new one every epoch. With a ``cache`` (``FieldCache``)
+    the normalized fields come from Ray's object store instead of the plates, bit for bit the same rows.
     """
 
     def __init__(self, cfg: DataConfig, permute_channels: bool, keep_columns: Sequence[str] = (),
                  layout: _Layout | None = None, monitor=None, max_bad: int = 0, total: int = 0,
-                 seed: int = 0, epoch: int = 0):
+                 seed: int = 0, epoch: int = 0, cache: "FieldCache | None" = None):
         self.cfg = cfg
+        self.cache = cache
+        self._cached_blocks: dict[int, dict[str, np.ndarray]] = {}
         self.permute_channels = permute_channels
         self.seed = seed
         self.epoch = epoch
@@ -260,9 +263,16 @@ class FieldLoader:
             y0, x0 = (height - layout.height) // 2, (width - layout.width) // 2
             region = (y0, y0 + layout.height, x0, x0 + layout.width)
         names = list(row["channel_names"])
+        order = np.arange(len(names))
         if self.permute_channels:
-            rng = numpy_rng(self.seed, Stream.CHANNEL_PERMUTATION, self.epoch, field_index)
-            names = [names[j] for j in rng.permutation(len(names))]
+            order = numpy_rng(self.seed, Stream.CHANNEL_PERMUTATION, self.epoch, field_index).permutation(len(names))
+            names = [names[j] for j in order]
+        if self.cache is not None:
+            # Normalization, cropping and resizing act on each channel alone, so permuting the cached
+            # channels gives what reading them in the permuted order gives.
+            image, cached_names = self.cache.field(field_index, self._cached_blocks, row)
+            out[: len(order)] = image[order]
+            return [cached_names[j] for j in order]
         image, channels = read_field(*where, channels=names, storage_options=cfg.storage_options or None, region=region)
         dest = out[: len(channels)]
         resized = image.shape[1:] != (layout.height, layout.width)
@@ -311,6 +321,8 @@ class FieldLoader:
         layout = self.layout
         n = len(batch["plate"])
         channels = self._batch_channels(batch)
+        if self.cache is not None:
+            self._cached_blocks = self.cache.fetch(batch[FIELD_INDEX])
         images = np.zeros((n, channels, layout.height, layout.width), dtype=layout.dtype)
         masks = np.zeros((n, channels), dtype=bool)
         names, kept, bad = [], [], []
@@ -339,6 +351,7 @@ class FieldLoader:
                     raise BadFieldError(_too_many_bad_message(n_bad, self.total, self.max_bad, bad))
         elif bad:  # the skip policy always has a monitor; defensive
             raise BadFieldError(bad[0]["error"])
+        self._cached_blocks = {}
         out = {"image": images, "channel_mask": masks, "channel_names": np.asarray(names, dtype=object)}
         for col in self.keep_columns:
             out[col] = np.asarray(batch[col])[kept]
@@ -435,6 +448,16 @@ def _read_blocks(table: pd.DataFrame, cfg: DataConfig) -> list[pd.DataFrame]:
     return [table.iloc[i:min(i + step, b)] for a, b in zip(cuts[:-1], cuts[1:]) for i in range(a, b, step)]
 
 
+def _field_table(manifest: pd.DataFrame, keep_columns: Sequence[str]) -> pd.DataFrame:
+    """The columns a read task needs plus ``keep_columns``, with each row's ``FIELD_INDEX`` (its index label)."""
+    columns = list(dict.fromkeys(_READ_COLUMNS + list(keep_columns)))
+    index = pd.to_numeric(pd.Series(manifest.index), errors="coerce")
+    if index.isna().any() or (index < 0).any() or not index.is_unique:
+        raise ValueError("the manifest's index must hold unique non-negative integers (its rows' positions in "
+                         "the training manifest); reset_index(drop=True) a frame that lost them")
+    return manifest[columns].assign(**{FIELD_INDEX: index.to_numpy(dtype=np.int64)}).reset_index(drop=True)
+
+
 def epoch_shard(manifest: pd.DataFrame, cfg: DataConfig, *, seed: int, epoch: int, rank: int,
                 world_size: int) -> pd.DataFrame:
     """The fields rank ``rank`` of ``world_size`` trains on in ``epoch``, in the order it reads them: the
@@ -467,6 +490,7 @@ def build_field_pipeline(
     epoch: int = 0,
     name: str = "fields",
     monitor: DataMonitor | None = None,
+    cache: "FieldCache | None" = None,
 ) -> FieldPipeline:
     """A streaming Ray Dataset of normalized fields for the rows of ``manifest`` (one or several
     manifests concatenated by ``load_manifests``: several plates, sources, channel counts; or one rank's
@@ -474,11 +498,14 @@ def build_field_pipeline(
 
     training=True permutes channels per field (if ``data.channel_permutation``), seeded by (seed, epoch,
     the row's index label); evaluation keeps channel order and carries ``keep_columns`` along.
-    ``monitor``: an existing monitor to report to (default: a new one, when one is needed).
+    ``monitor``: an existing monitor to report to (default: a new one, when one is needed). ``cache``: the
+    training manifest's ``FieldCache`` (``data.cache_fields``) to take the fields from instead of the plates.
     """
     import ray
     import ray.data
 
+    if cache is not None and not training:
+        raise ValueError("a FieldCache holds training fields (training transfer dtype); evaluation reads the plates")
     eval_cfg = cfg
     if not training and cfg.transfer_dtype == "uint8":
         # Evaluation consumers (batch inference) expect float images: keep float16 there.
@@ -486,12 +513,7 @@ def build_field_pipeline(
 
         eval_cfg = dataclasses.replace(cfg, transfer_dtype="float16")
     layout = check_pipeline_config(manifest, eval_cfg)
-    columns = list(dict.fromkeys(_READ_COLUMNS + list(keep_columns)))
-    index = pd.to_numeric(pd.Series(manifest.index), errors="coerce")
-    if index.isna().any() or (index < 0).any() or not index.is_unique:
-        raise ValueError("the manifest's index must hold unique non-negative integers (its rows' positions in "
-                         "the training manifest); reset_index(drop=True) a frame that lost them")
-    table = manifest[columns].assign(**{FIELD_INDEX: index.to_numpy(dtype=np.int64)}).reset_index(drop=True)
+    table = _field_table(manifest, keep_columns)
     if monitor is None:
         monitor = create_monitor(cfg, len(table), name)
     # One block per few consecutive fields (same plate: read locality) so reads spread over tasks and
@@ -502,7 +524,7 @@ def build_field_pipeline(
     loader_kwargs = dict(cfg=eval_cfg, permute_channels=training and cfg.channel_permutation,
                          keep_columns=keep_columns, layout=layout, monitor=monitor.actor if monitor else None,
                          max_bad=monitor.max_bad if monitor else 0, total=monitor.total if monitor else len(table),
-                         seed=seed, epoch=epoch)
+                         seed=seed, epoch=epoch, cache=cache)
     kwargs: dict[str, Any] = {}
     if cfg.read_actors > 0:
         # Two blocks queued per actor: the next block is already there when one finishes.
@@ -534,6 +556,97 @@ def build_field_dataset(
     read tasks hold its handle, and it logs progress and a summary per pass by itself)."""
     return build_field_pipeline(manifest, cfg, training=training, keep_columns=keep_columns, seed=seed,
                                 epoch=epoch).dataset
+
+
+# ---------------------------------------------------------------------------------------- field cache
+
+
+@dataclass(frozen=True)
+class FieldCache:
+    """A training manifest's normalized fields held in Ray's object store (``data.cache_fields``), read
+    once by ``fill_field_cache``: every epoch's stream then takes its fields from here instead of the plates.
+
+    ``blocks``: one object per read block of the manifest (``_read_blocks``: never spanning plates), the
+    loader's output for it with channels in manifest order (no permutation; padded to the largest channel
+    count); ``where``: a field's index label -> (block, row in block); a field that could not be read is
+    absent (with ``data.bad_field_policy=skip`` it stays skipped, counted once). The driver owns the objects:
+    they live as long as it holds this cache."""
+
+    blocks: tuple
+    where: dict[int, tuple[int, int]]
+    nbytes: int
+
+    def fetch(self, field_indices: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
+        """The cached blocks holding these fields (zero-copy views of the object store), by block number."""
+        import ray
+
+        numbers = sorted({self.where[int(i)][0] for i in field_indices if int(i) in self.where})
+        return dict(zip(numbers, ray.get([self.blocks[b] for b in numbers])))
+
+    def field(self, field_index: int, blocks: dict[int, dict[str, np.ndarray]], row: dict) -> tuple[np.ndarray, list[str]]:
+        """One field's cached (C_padded, H, W) image and channel names in manifest order, from ``fetch``ed
+        blocks; a field the filling pass could not read raises ``PlateError`` naming it."""
+        if field_index not in self.where:
+            raise PlateError(f"plate {row['plate']} well {row['well']} field {row['field']}: unreadable when "
+                             f"data.cache_fields read the training fields")
+        block, position = self.where[field_index]
+        data = blocks[block]
+        names = str(data["channel_names"][position]).split(CHANNEL_SEPARATOR)
+        return data["image"][position], [name for name in names if name != PAD_CHANNEL_NAME]
+
+
+def cache_size_mb(manifest: pd.DataFrame, cfg: DataConfig) -> float:
+    """The object-store megabytes ``fill_field_cache`` would hold for ``manifest`` (checked at the edge
+    against ``data.cache_max_mb``)."""
+    layout = _layout(manifest, _cache_config(cfg))
+    return len(manifest) * layout.channels * layout.height * layout.width * np.dtype(layout.dtype).itemsize / _MB
+
+
+def field_cache_problem(manifest: pd.DataFrame, cfg: DataConfig, source: str) -> str | None:
+    """The line refusing ``data.cache_fields`` for ``manifest`` (named ``source``) when its cache would
+    exceed ``data.cache_max_mb``, else None."""
+    if not cfg.cache_fields or (size := cache_size_mb(manifest, cfg)) <= cfg.cache_max_mb:
+        return None
+    return (f"data.cache_fields: the {len(manifest)} training fields of {source} need {size:.0f} MB of object "
+            f"store, more than data.cache_max_mb={cfg.cache_max_mb}; raise the limit or set data.cache_fields=false")
+
+
+def _cache_config(cfg: DataConfig) -> DataConfig:
+    """The cache stores fields padded to the largest channel count, whatever the mode: a field is
+    then taken out with its own channel count in either mode."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, mixed_channels="pad", pad_channels_to=0)
+
+
+def _load_block(loader: FieldLoader, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    out = loader(batch)
+    return out[FIELD_INDEX], out
+
+
+def fill_field_cache(manifest: pd.DataFrame, cfg: DataConfig, *, monitor: DataMonitor | None = None) -> FieldCache:
+    """Read and normalize every field of the training ``manifest`` once, as Ray tasks (one per read
+    block, ``data.read_cpus`` each), into a ``FieldCache`` owned by the caller. Bad fields follow
+    ``data.bad_field_policy`` (counted in ``monitor``) and stay out of the cache."""
+    import ray
+
+    cache_cfg = _cache_config(cfg)
+    table = _field_table(manifest, [])
+    loader = FieldLoader(cache_cfg, permute_channels=False, keep_columns=[FIELD_INDEX],
+                         layout=check_pipeline_config(manifest, cache_cfg),
+                         monitor=monitor.actor if monitor else None, max_bad=monitor.max_bad if monitor else 0,
+                         total=monitor.total if monitor else len(table))
+    read = ray.remote(num_cpus=cfg.read_cpus, num_returns=2)(_load_block)
+    started = time.monotonic()
+    refs = [read.remote(loader, {c: block[c].to_numpy() for c in block.columns}) for block in _read_blocks(table, cfg)]
+    indices = ray.get([index for index, _ in refs])
+    where = {int(i): (b, position) for b, block in enumerate(indices) for position, i in enumerate(block)}
+    blocks = tuple(out for _, out in refs)
+    ray.wait(list(blocks), num_returns=len(blocks), fetch_local=False)
+    nbytes = int(cache_size_mb(manifest, cfg) * _MB)
+    _log(f"data: {len(where)} of {len(table)} training fields cached in Ray's object store "
+         f"({nbytes / _MB:.0f} MB) in {time.monotonic() - started:.0f} s; every epoch reads them from there")
+    return FieldCache(blocks, where, nbytes)
 
 
 # ---------------------------------------------------------------------------------------- consumer

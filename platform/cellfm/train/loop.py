@@ -17,7 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cellfm.config import Config
-from cellfm.data.pipeline import DataMonitor, build_field_pipeline, epoch_shard, iter_training_batches
+from cellfm.data.pipeline import DataMonitor, FieldCache, build_field_pipeline, epoch_shard, iter_training_batches
 from cellfm.seeding import Stream, derive_seed
 from cellfm.train.meta_arch import SSLMetaArch
 from cellfm.train.progress import TrainingProgress
@@ -41,6 +41,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg = Config.from_dict(loop_config["config"], source="train_loop_config")
     manifest = ray.get(loop_config["manifest"])
     monitor: DataMonitor | None = loop_config["monitor"]
+    cache: FieldCache | None = loop_config.get("cache")  # data.cache_fields: every epoch's fields from memory
     tensorboard_dir: str | None = loop_config.get("tensorboard_dir")
     epoch_evaluator = loop_config.get("epoch_evaluator")  # e.g. a sweep's objective (cellfm.tune.objective)
     torch.set_num_threads(cfg.train.torch_threads)
@@ -93,7 +94,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # This rank's fields of the epoch in a fixed order, each with its seeded channel order (data.pipeline).
         shard = epoch_shard(manifest, cfg.data, seed=cfg.train.seed, epoch=epoch, rank=rank, world_size=world)
         stream = build_field_pipeline(shard, cfg.data, training=True, keep_columns=[label] if label else [],
-                                      seed=cfg.train.seed, epoch=epoch, monitor=monitor).dataset
+                                      seed=cfg.train.seed, epoch=epoch, monitor=monitor, cache=cache).dataset
         shuffle_seed = derive_seed(cfg.train.seed, Stream.SHUFFLE_BUFFER, epoch, rank)
         sums: dict[str, float] = {}
         n_steps, micro, wait_s, epoch_t0 = 0, 0, 0.0, time.perf_counter()

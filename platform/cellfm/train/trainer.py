@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cellfm.config import Config, ConfigError, save_config
-from cellfm.data.pipeline import check_pipeline_config, create_monitor, load_manifests
+from cellfm.data.pipeline import check_pipeline_config, create_monitor, field_cache_problem, fill_field_cache, load_manifests
 from cellfm.runtime import init_ray
 from cellfm.train import storage
 from cellfm.train.storage import run_directory  # noqa: F401 - also imported from here
@@ -49,6 +49,8 @@ def run_pretraining(cfg: Config, *, callbacks: Sequence = (), epoch_evaluator=No
         check_pipeline_config(manifest, cfg.data)
     except ValueError as exc:
         raise ConfigError(f"{cfg.data.train_manifest}: {exc}") from exc
+    if problem := field_cache_problem(manifest, cfg.data, cfg.data.train_manifest):
+        raise ConfigError(problem)
     label = supcon_label(cfg)
     if label and label not in manifest.columns:
         raise ConfigError(f"ssl.supcon_label={label!r} is not a column of {cfg.data.train_manifest}")
@@ -70,12 +72,15 @@ def run_pretraining(cfg: Config, *, callbacks: Sequence = (), epoch_evaluator=No
     # One monitor for every rank's stream: bad fields are counted (and limited) over the whole run.
     per_epoch = len(manifest) // cfg.train.num_workers * cfg.train.num_workers
     monitor = create_monitor(cfg.data, len(manifest), name="train", fields_per_pass=per_epoch)
+    # Held here, so the cached fields live in the object store until training ends.
+    cache = fill_field_cache(manifest, cfg.data, monitor=monitor) if cfg.data.cache_fields else None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.to_dict(),
             "manifest": ray.put(manifest),
             "monitor": monitor,
+            "cache": cache,
             "tensorboard_dir": f"{run_dir}/tensorboard",
             "epoch_evaluator": epoch_evaluator,
         },
