@@ -51,6 +51,12 @@ def test_flags_map_to_config_keys():
     assert not config_from_args(build_parser().parse_args(["pretrain"])).train.use_gpu
 
 
+def test_an_abbreviated_flag_is_an_error_not_a_guess(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["evaluate", "--check", "ckpt"])  # not --checkpoint
+    assert exit_info.value.code == 2 and "unrecognized arguments: --check" in capsys.readouterr().err
+
+
 def test_input_errors_are_one_line_each_and_exit_2(tmp_path, capsys):
     # a manifest error (ManifestError), a bad JSON flag (ConfigError) and an unknown layout, each alone
     assert main(["validate", str(tmp_path / "missing.parquet")]) == 1  # validate reports problems, exit 1

@@ -101,12 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The top-level parser, one subparser per registered command (`args.command` names it)."""
     parser = argparse.ArgumentParser(
         prog="cellfm", description="Pre-train, evaluate and feed channel-adaptive encoders for multichannel microscopy.",
-        epilog="`cellfm <command> --help` describes each command; docs/README.md the rest.")
+        epilog="`cellfm <command> --help` describes each command; docs/README.md the rest.", allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for name, module_path in COMMANDS.items():
         module = importlib.import_module(module_path)
+        # No abbreviations: `--check` must not silently mean `--checkpoint`.
         sub = commands.add_parser(name, help=module.DESCRIPTION, description=module.DESCRIPTION,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+                                  formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
         module.add_arguments(sub)
         sub.set_defaults(command_module=module_path)
     return parser
