@@ -240,13 +240,18 @@ def summarize(results: dict) -> dict:
 def markdown(results: dict) -> str:
     summary = results["summary"]
     header = "| encoder | " + " | ".join(e.title for e in EVALUATIONS) + " |"
+    runs_per_model = {m: sum(r["model"] == m for r in results["runs"]) for m in summary["trained"]}
+    incomplete = any(n != len(results["seeds"]) for n in runs_per_model.values())
+    seeds_note = (" Incomplete run: seeds trained per model " + ", ".join(f"{m} {n}" for m, n in runs_per_model.items())
+                  + "." if incomplete else "")
     lines = [
         "# Model quality on one budget (benchmarks/model_quality.py)", "",
         f"Written by `python benchmarks/model_quality.py` on {results['date']} ({results['machine']}, "
-        f"{results['threads']} threads, {results['runtime_s'] / 60:.1f} min). Top-1 of a well-level logistic "
+        f"torch threads {'/'.join(str(t) for t in sorted({r.get('threads', results['threads']) for r in results['runs']}))}, "
+        f"{results['runtime_s'] / 60:.1f} min). Top-1 of a well-level logistic "
         f"regression on held-out wells, mean ± sd over {len(results['seeds'])} seeds "
         f"({', '.join(map(str, results['seeds']))}) of the mean over {len(results['split_seeds'])} fixed well "
-        f"splits. Every model: {results['budget']}.", "",
+        f"splits. Every model: {results['budget']}.{seeds_note}", "",
         header, "|" + "---|" * (len(EVALUATIONS) + 1),
     ]
     notes: dict[str, int] = {}
@@ -340,6 +345,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default=str(RESULTS / "model_quality.json"),
                         help="the JSON path; the .md and .png go beside it")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in --output (same budget) and train only the missing ones")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     extra = [] if args.epochs is None else [f"optim.epochs={args.epochs}"]
@@ -370,7 +377,18 @@ def main(argv: list[str] | None = None) -> dict:
             "runs": [], "runtime_s": 0.0,
         }
         output = Path(args.output)
-        planned = [(seed, model) for seed in args.seeds for model in args.models]
+        previous_s = 0.0
+        if args.resume and output.exists():
+            previous = json.loads(output.read_text())
+            if previous["budget"] != results["budget"] or any(previous["models"].get(m, o) != o
+                                                               for m, o in results["models"].items()):
+                parser.error(f"--resume: {output} was written with another budget or objectives; remove it")
+            results["runs"] = [{"threads": previous["threads"], **r} for r in previous["runs"]
+                               if r["model"] in args.models and r["seed"] in args.seeds]
+            previous_s = previous["runtime_s"]
+            log(f"resuming: {len(results['runs'])} runs kept from {output}")
+        done = {(r["seed"], r["model"]) for r in results["runs"]}
+        planned = [(seed, model) for seed in args.seeds for model in args.models if (seed, model) not in done]
         seconds: dict[str, list[float]] = {}
         for index, (seed, model) in enumerate(planned):
             cfg = model_config(model, seed, screens, extra)
@@ -390,14 +408,14 @@ def main(argv: list[str] | None = None) -> dict:
             random_init = build_backbone(cfg.model).eval()
             meta_arch = train_in_memory(cfg, screens.fields["train"], screens.channels("train"), on_step=on_step)
             train_s = time.perf_counter() - run_started
-            run = {"model": model, "seed": seed, "train_seconds": round(train_s, 1),
+            run = {"model": model, "seed": seed, "threads": args.threads, "train_seconds": round(train_s, 1),
                    "final_loss": round(last_loss[0], 4),
                    "trained": score(meta_arch.teacher.backbone.eval(), cfg.model, screens, cfg),
                    "random_init": score(random_init, cfg.model, screens, cfg)}
             run["seconds"] = round(time.perf_counter() - run_started, 1)
             seconds.setdefault(model, []).append(run["seconds"])
             results["runs"].append(run)
-            results["runtime_s"] = time.perf_counter() - started
+            results["runtime_s"] = previous_s + time.perf_counter() - started
             write(results, output)
             # ETA: each remaining run at its model's mean so far (a model not yet run: the mean of all runs).
             overall = float(np.mean([s for v in seconds.values() for s in v]))
