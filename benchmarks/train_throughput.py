@@ -88,6 +88,7 @@ def measure(config: Path, overrides: list[str]) -> dict:
         "final_loss": result.metrics["loss"],
         "mfu": result.metrics["mfu"],
         "wall_s": wall_s,
+        "load_average_1min_after": os.getloadavg()[0],  # other jobs on the cores show here
     }
 
 
@@ -117,7 +118,7 @@ def measure_plain_loop(config: Path, overrides: list[str], fields, channel_names
     train_in_memory(cfg, fields, channel_names, on_step=on_step)
     return {"images_per_s": cfg.optim.batch_size_per_worker / statistics.median(step_seconds[steps_per_epoch:]),
             "steps": len(step_seconds), "global_batch": cfg.optim.batch_size_per_worker,
-            "wall_s": time.perf_counter() - t0}
+            "wall_s": time.perf_counter() - t0, "load_average_1min_after": os.getloadavg()[0]}
 
 
 def main() -> None:
