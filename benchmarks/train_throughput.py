@@ -3,14 +3,18 @@ Ray Train workers -> multi-crop -> self-distillation step), per model and engine
 
 CPU (always): tiny CellRep (DINO), C3R (iBOT + MCD) and the ViT RGB-composite baseline (iBOT) on 2 workers
 with DDP, plus CellRep with DeepSpeed ZeRO-1 (same settings) as a ratio against DDP measured in the same run.
-Runs are repeated and interleaved (--repeats), so the ratio compares like with like on a shared machine.
+Against its limit: each model, objective and global batch also trains in a plain single-process PyTorch loop
+over the same fields held in memory, on the same cores (`cellfm.train.in_memory.train_in_memory`, calling the
+same SSLMetaArch step; no Ray, no data stream, no DDP), and each Ray Train run's images/s is reported as a
+ratio of it, beside the run's data-wait fraction. Runs are repeated and interleaved (--repeats), so the
+ratios compare like with like on a shared machine.
 GPU (when torch.cuda.is_available()): CellRep ViT-S/16 at 224 px, bf16, one worker, images/s and MFU.
 
 Figures come from the run's own TensorBoard events: images/s = median of the per-step figure after the first
-epoch (warm-up excluded), data-wait fraction = mean over the epochs after the first. Writes
-benchmarks/results/train_throughput.json.
+epoch (warm-up excluded), data-wait fraction = mean over the epochs after the first; the plain loop's images/s
+= global batch / median step time after its first epoch. Writes benchmarks/results/train_throughput.json.
 
-    python benchmarks/train_throughput.py                # ~6 min on 2 cores
+    python benchmarks/train_throughput.py                # ~8 min on 2 cores
     python benchmarks/train_throughput.py --repeats 1 --epochs 2
 """
 
@@ -40,6 +44,12 @@ CPU_RUNS = {
     "vit_rgb_ddp": ["model.name=vit_rgb", "ssl.objective=ibot"],
     "cellrep_deepspeed_zero1": ["model.name=cellrep", "train.engine=deepspeed", "train.zero_stage=1"],
 }
+
+# The plain single-process loop each Ray run is compared with: same model, objective, global batch (the
+# engine is the only difference between the two CellRep runs, and a single process has none to choose).
+PLAIN_LOOP_OF = {"cellrep_ddp": "cellrep_ddp", "c3r_ddp": "c3r_ddp", "vit_rgb_ddp": "vit_rgb_ddp",
+                 "cellrep_deepspeed_zero1": "cellrep_ddp"}
+PLAIN_LOOPS = sorted(set(PLAIN_LOOP_OF.values()))
 
 
 def _scalars(run_dir: Path, tag: str) -> dict[int, float]:
@@ -78,7 +88,37 @@ def measure(config: Path, overrides: list[str]) -> dict:
         "final_loss": result.metrics["loss"],
         "mfu": result.metrics["mfu"],
         "wall_s": wall_s,
+        "load_average_1min_after": os.getloadavg()[0],  # other jobs on the cores show here
     }
+
+
+def measure_plain_loop(config: Path, overrides: list[str], fields, channel_names: list[str], manifest,
+                       workers: int) -> dict:
+    """The Ray run's model, objective and global batch (workers x batch_size_per_worker) trained in one process
+    on fields held in memory, with all cores' threads; images/s = global batch / median step time after the
+    first epoch."""
+    from cellfm.config import load_config
+    from cellfm.train.in_memory import train_in_memory
+    from cellfm.train.trainer import record_channel_metadata
+
+    cfg = load_config(config, overrides)
+    cfg.optim.batch_size_per_worker *= workers * cfg.optim.accumulate_steps
+    cfg.optim.accumulate_steps = 1
+    record_channel_metadata(cfg, manifest)
+    steps_per_epoch = len(fields) // cfg.optim.batch_size_per_worker
+    step_seconds: list[float] = []
+    last = [time.perf_counter()]
+
+    def on_step(epoch: int, step: int, losses) -> None:
+        now = time.perf_counter()
+        step_seconds.append(now - last[0])
+        last[0] = now
+
+    t0 = time.perf_counter()
+    train_in_memory(cfg, fields, channel_names, on_step=on_step)
+    return {"images_per_s": cfg.optim.batch_size_per_worker / statistics.median(step_seconds[steps_per_epoch:]),
+            "steps": len(step_seconds), "global_batch": cfg.optim.batch_size_per_worker,
+            "wall_s": time.perf_counter() - t0, "load_average_1min_after": os.getloadavg()[0]}
 
 
 def main() -> None:
@@ -94,7 +134,9 @@ def main() -> None:
     import ray
     import torch
 
+    from cellfm.config import load_config
     from cellfm.data.synthetic import ScreenLayout, generate_screen
+    from cellfm.train.in_memory import load_normalized_fields
 
     # Faster Train V2 control loop, as in the tests (STACK_NOTES); inherited by Ray workers.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -108,16 +150,34 @@ def main() -> None:
               f"optim.epochs={args.epochs}", "train.log_every_steps=1000",
               f"eval.manifests={{heldout: {screen['heldout']}}}"]
 
+    train_manifest = pd.read_parquet(screen["train"])
+    fields = load_normalized_fields(train_manifest, load_config(SMOKE_CONFIG).data)
+    channel_names = list(train_manifest["channel_names"].iloc[0])
+    workers = load_config(SMOKE_CONFIG).train.num_workers
     runs: dict[str, list[dict]] = {name: [] for name in CPU_RUNS}
+    plain: dict[str, list[dict]] = {name: [] for name in PLAIN_LOOPS}
     for repeat in range(args.repeats):
         for name, overrides in CPU_RUNS.items():
             figures = measure(SMOKE_CONFIG, common + overrides + [f"train.run_name={name}-{repeat}"])
             print(f"[bench] {name} repeat {repeat}: {figures['images_per_s']:.1f} images/s, "
                   f"data wait {figures['data_wait_fraction']:.3f}", flush=True)
             runs[name].append(figures)
+            if name in PLAIN_LOOPS:
+                torch.set_num_threads(os.cpu_count() or 1)
+                figures = measure_plain_loop(SMOKE_CONFIG, common + overrides, fields, channel_names,
+                                             train_manifest, workers)
+                print(f"[bench] {name} plain single-process loop, repeat {repeat}: "
+                      f"{figures['images_per_s']:.1f} images/s", flush=True)
+                plain[name].append(figures)
     cpu = {name: {"images_per_s": statistics.median(r["images_per_s"] for r in rs),
                   "data_wait_fraction": statistics.median(r["data_wait_fraction"] for r in rs),
                   "repeats": rs} for name, rs in runs.items()}
+    plain_loop = {name: {"images_per_s": statistics.median(r["images_per_s"] for r in rs), "repeats": rs}
+                  for name, rs in plain.items()}
+    ray_over_plain = {name: {"plain_loop": PLAIN_LOOP_OF[name],
+                             "ray_over_plain_images_per_s": cpu[name]["images_per_s"]
+                             / plain_loop[PLAIN_LOOP_OF[name]]["images_per_s"],
+                             "ray_data_wait_fraction": cpu[name]["data_wait_fraction"]} for name in CPU_RUNS}
     ratio = cpu["cellrep_deepspeed_zero1"]["images_per_s"] / cpu["cellrep_ddp"]["images_per_s"]
 
     gpu = None
@@ -148,10 +208,18 @@ def main() -> None:
                      "train_fields": len(pd.read_parquet(screen["train"])), "field_size": layout.field_size,
                      "repeats_interleaved": args.repeats, "runs": CPU_RUNS,
                      "images_per_s": "median over steps after epoch 1 (each step's time includes its data wait)",
-                     "data_wait_fraction": "mean over epochs after epoch 1"},
+                     "data_wait_fraction": "mean over epochs after epoch 1",
+                     "plain_loop": (f"one process, {os.cpu_count()} torch threads, batch {workers} x 4 (the Ray runs' "
+                                    "global batch), the same fields as float32 tensors in memory, "
+                                    "cellfm.train.in_memory.train_in_memory; images/s = batch / median step time "
+                                    "after epoch 1"),
+                     "ray_over_plain_images_per_s": "Ray Train run's images/s / its plain loop's images/s"},
         "cpu": cpu,
+        "plain_loop": plain_loop,
+        "ray_train_vs_plain_loop": ray_over_plain,
         "deepspeed_zero1_over_ddp_cellrep": ratio,
-        "gpu": gpu if gpu is not None else "not measured: no CUDA device on this machine",
+        "gpu": gpu if gpu is not None else ("not measured: no CUDA device on this machine (CellRep ViT-S/16, 224 px, "
+                                            "bf16 images/s and MFU need a GPU run of this script)"),
         "runtime_s": time.perf_counter() - t_start,
     }
     out = Path(args.out)
@@ -160,6 +228,9 @@ def main() -> None:
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(out)
     print(json.dumps({name: {k: v for k, v in c.items() if k != "repeats"} for name, c in cpu.items()}, indent=1))
+    for name, r in ray_over_plain.items():
+        print(f"{name}: Ray Train / plain loop images/s {r['ray_over_plain_images_per_s']:.3f}, "
+              f"data wait {r['ray_data_wait_fraction']:.3f}")
     print(f"DeepSpeed ZeRO-1 / DDP (CellRep images/s): {ratio:.3f}")
     print(f"wrote {out} in {result['runtime_s']:.0f} s")
     ray.shutdown()

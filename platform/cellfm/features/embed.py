@@ -76,6 +76,16 @@ def field_embedding(backbone: torch.nn.Module, images: torch.Tensor, image_size:
     return torch.cat([out["cls"], out["patch"].mean(dim=1)], dim=-1)
 
 
+def embed_fields(backbone: torch.nn.Module, images: torch.Tensor, channel_names: list[str], image_size: int = 0,
+                 batch_size: int = 64) -> np.ndarray:
+    """(N, 2D) `field_embedding`s of fields held in memory ((N, C, H, W), every field with `channel_names`),
+    in batches, in one process (benchmarks; `embed_manifest` streams a manifest through Ray Data)."""
+    with torch.inference_mode():
+        return torch.cat([field_embedding(backbone, images[i:i + batch_size], image_size,
+                                          [list(channel_names)] * len(images[i:i + batch_size]))
+                          for i in range(0, len(images), batch_size)]).numpy()
+
+
 class FieldEmbedder:
     """Actor-pool UDF: loads every encoder once per actor (on `device`), adds an `embedding_<name>`
     column (float32) per encoder to each batch and drops the images."""

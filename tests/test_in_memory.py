@@ -1,0 +1,87 @@
+"""Single-process training on fields held in memory (cellfm.train.in_memory): fields load exactly as the
+pipeline normalizes them, every epoch's batches are a seeded permutation of fields and channels with names
+that follow the pixels, and a run through the one training step is a function of its seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cellfm.config import load_config
+from cellfm.data.manifest import read_manifest
+from cellfm.data.normalize import normalize_field
+from cellfm.data.plate import read_field
+from cellfm.data.synthetic import generate_family_screen
+from cellfm.train.in_memory import epoch_batches, load_normalized_fields, train_in_memory
+from tests.conftest import SMOKE_CONFIG
+
+CP5 = ["DNA", "ER", "RNA", "AGP", "Mito"]
+
+
+def test_fields_load_as_the_pipeline_normalizes_them(tmp_path):
+    paths = generate_family_screen(tmp_path / "cp5", "cp5", "tiny", seed=0)
+    manifest = read_manifest(paths["heldout"])
+    cfg = load_config(SMOKE_CONFIG)
+    fields = load_normalized_fields(manifest, cfg.data)
+    assert fields.shape == (len(manifest), 5, 64, 64) and fields.dtype == torch.float32
+    for i in (0, len(manifest) - 1):
+        r = manifest.iloc[i]
+        expected = normalize_field(read_field(r.store_uri, r.row, r.col, r.field)[0], "percentile")
+        np.testing.assert_array_equal(fields[i].numpy(), expected)
+    assert 0.0 <= float(fields.min()) and float(fields.max()) <= 1.0
+
+    mixed = manifest.copy()
+    mixed.at[mixed.index[0], "channel_names"] = CP5[:4]
+    with pytest.raises(ValueError, match="one channel count"):
+        load_normalized_fields(mixed, cfg.data)
+
+
+def labelled_fields(n: int) -> torch.Tensor:
+    """Field i, channel c is the constant 10 * i + c: a batch's pixels say which field and stain they are."""
+    values = 10 * torch.arange(n, dtype=torch.float32)[:, None] + torch.arange(len(CP5), dtype=torch.float32)
+    return values[:, :, None, None].expand(n, len(CP5), 4, 4).clone()
+
+
+def test_epoch_batches_permute_fields_and_channels_with_their_names():
+    cfg = load_config(SMOKE_CONFIG, ["optim.batch_size_per_worker=4", "train.seed=3"])
+    fields = labelled_fields(10)
+    batches = epoch_batches(cfg, fields, CP5, epoch=0)
+    assert len(batches) == 2 and all(b.images.shape == (4, 5, 4, 4) for b in batches)  # 10 // 4, rest dropped
+    seen, permuted = [], 0
+    for batch in batches:
+        for image, names in zip(batch.images, batch.channel_names):
+            field = int(image[0, 0, 0]) // 10
+            seen.append(field)
+            # Each plane is the stain its name says, whatever order the channels were drawn in.
+            assert [int(image[j, 0, 0]) for j in range(5)] == [10 * field + CP5.index(n) for n in names]
+            permuted += names != CP5
+    assert len(set(seen)) == 8 and permuted > 0
+    again = epoch_batches(cfg, fields, CP5, epoch=0)
+    assert all(torch.equal(a.images, b.images) and a.channel_names == b.channel_names for a, b in zip(batches, again))
+    assert not torch.equal(epoch_batches(cfg, fields, CP5, epoch=1)[0].images, batches[0].images)
+
+    fixed = load_config(SMOKE_CONFIG, ["optim.batch_size_per_worker=4", "data.channel_permutation=false"])
+    assert all(names == CP5 for b in epoch_batches(fixed, fields, CP5, epoch=0) for names in b.channel_names)
+
+
+def test_training_runs_every_step_and_is_a_function_of_the_seed():
+    fields = torch.rand(12, 5, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def run(seed: int) -> tuple[list[tuple[int, int]], dict[str, torch.Tensor]]:
+        cfg = load_config(SMOKE_CONFIG, ["optim.batch_size_per_worker=4", "optim.epochs=2", f"train.seed={seed}"])
+        calls = []
+        meta_arch = train_in_memory(cfg, fields, CP5, on_step=lambda epoch, step, losses: calls.append(
+            (epoch, step)) if torch.isfinite(losses.total) else None)
+        return calls, {k: v.clone() for k, v in meta_arch.teacher.backbone.state_dict().items()}
+
+    calls, weights = run(0)
+    assert calls == [(0, 0), (0, 1), (0, 2), (1, 3), (1, 4), (1, 5)]
+    _, rerun = run(0)
+    assert all(torch.equal(weights[k], rerun[k]) for k in weights)
+    _, other = run(1)
+    assert any(not torch.equal(weights[k], other[k]) for k in weights)
+
+    too_many = load_config(SMOKE_CONFIG, ["optim.batch_size_per_worker=16"])
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        train_in_memory(too_many, fields, CP5)
