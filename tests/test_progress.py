@@ -63,15 +63,18 @@ def test_known_ray_noise_is_dropped_and_everything_else_kept():
     restart = ("[2026-11-29 10:04:01,758 E 25669 25751] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
                "and ID: '43e9' has constructor arguments in the object store and max_restarts > 0. If the arguments "
                "in the object store go out of scope or are lost, the actor restart will fail.")
+    report = ("(RayTrainWorker pid=30117) Reporting training result 3: TrainingReport(checkpoint=None, "
+              "metrics={'loss': 3.9}, validation=False) from rank 0")
+    saved = "(RayTrainWorker pid=30117) Checkpoint successfully created at: Checkpoint(filesystem=local, path=/r/c)"
     real = "ValueError: the loss is nan at epoch 3 step 40"
-    handler(_forwarded([cleaner, real, restart]))
+    handler(_forwarded([cleaner, real, restart, report, saved]))
     handler(_forwarded([cleaner]))  # nothing left to print: the printer is not called at all
     assert printed == [_forwarded([real])]
     # a message that merely starts like a known one is not dropped
     near = "Failed to query Ray Train Controller actor state: permission denied"
     handler(_forwarded([near]))
     assert printed[-1]["lines"] == [near]
-    assert len(KNOWN_RAY_NOISE) == 2
+    assert len(KNOWN_RAY_NOISE) == 4
 
 
 def test_the_filter_wraps_the_drivers_printer_once():

@@ -23,6 +23,11 @@ KNOWN_RAY_NOISE = (
     # arguments were lost (ray-project/ray#53727). The controller holds them for the whole run, and the
     # line comes once per run whether anything restarts or not.
     "has constructor arguments in the object store and max_restarts > 0",
+    # Ray Train V2 workers log every report and checkpoint at INFO (train/v2/_internal/execution/
+    # context.py, storage.py): a few hundred characters of metrics dict per epoch and rank, which our own
+    # "[cellfm] end of epoch" line already states readably.
+    "Reporting training result ",
+    "Checkpoint successfully created at: ",
 )
 _PRINT_HANDLER = "ray_print_logs"  # the driver's handler of forwarded worker output (ray._private.worker)
 
