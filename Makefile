@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) jobs/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not integration"
