@@ -192,6 +192,8 @@ def test_padding_changes_nothing_in_an_mae_training_step():
         views = arch.views(batch, epoch=0, step=1, micro=0)
         losses = arch.forward_backward(batch, epoch=0, step=1, micro=0)
         grads = {n: p.grad.clone() for n, p in arch.student.named_parameters() if p.grad is not None}
+        # DDP (find_unused_parameters=False) needs a gradient for every trainable parameter on every step.
+        assert {n for n, p in arch.student.named_parameters() if p.requires_grad} == set(grads)
         results.append((views.token_mask, losses, grads))
     (mask_plain, l_plain, g_plain), (mask_pad, l_pad, g_pad) = results
     assert torch.equal(mask_pad[:, :, :4], mask_plain) and mask_pad[:, :, 4:].all()

@@ -28,6 +28,7 @@ MODELS = {
     "cellrep": [],
     "c3r": ["model.name=c3r", "ssl.objective=ibot"],
     "channelvit": ["model.name=channelvit", "ssl.objective=ibot"],
+    "dichavit": ["model.name=dichavit", "ssl.objective=ibot"],
     "ca_mae": ["model.name=ca_mae", "ssl.objective=mae", "ssl.n_local_crops=0"],
 }
 
@@ -119,7 +120,7 @@ def test_other_channel_names_continue_where_the_architecture_allows(tmp_path, mo
     run_dir, _ = source_run(tmp_path, model, steps=0)
     cfg = load_config(SMOKE_CONFIG, [*SMALL, *MODELS[model], f"train.init_from={run_dir}"])
     problems = init_from_problems(cfg, manifest_of(NOVEL))
-    if model == "channelvit":
+    if model in ("channelvit", "dichavit"):
         assert len(problems) == 1 and "channel(s) ['Golgi', 'Tubulin'] of data.train_manifest are not in the " \
             "checkpoint's model.channel_vocabulary" in problems[0]
         # On the checkpoint's own names (any subset, any order) it continues, with the checkpoint's vocabulary.
