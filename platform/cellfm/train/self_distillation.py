@@ -140,9 +140,10 @@ def build_student_teacher(cfg: Config) -> tuple[nn.Module, nn.Module]:
 
         student: nn.Module = build_masked_autoencoder(cfg, backbone)
     else:
+        head = _dino_head(cfg, backbone.embed_dim)  # before the iBOT head: the init draws keep their order
         ibot_head = _dino_head(cfg, backbone.embed_dim) if cfg.ssl.objective == "ibot" and _separate_ibot_head(cfg) \
             else None
-        student = EncoderWithHead(backbone, _dino_head(cfg, backbone.embed_dim), ibot_head)
+        student = EncoderWithHead(backbone, head, ibot_head)
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
         p.requires_grad_(False)
