@@ -15,9 +15,9 @@ with its channel sampling, so a padded channel is never seen by either; every dr
 so a padded batch trains exactly as the unpadded one.
 
 Determinism: every draw of a micro-batch (crops, flips, rotations, blur, jitter, iBOT / MAE masks, MCD / HCS /
-DCS) comes
-from generators seeded by (train.seed, epoch, rank, step, micro) (`cellfm.seeding`), and the weights are
-initialized from train.seed alone: a rerun, or a run resumed from a checkpoint, draws the same numbers."""
+DCS) comes from generators seeded by (train.seed, epoch, rank, step, micro) (`cellfm.seeding`), and the weights
+are initialized from train.seed alone (or loaded from `train.init_from`): a rerun, or a run resumed from a
+checkpoint, draws the same numbers."""
 
 from __future__ import annotations
 
