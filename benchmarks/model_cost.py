@@ -1,7 +1,9 @@
 """Compute cost of the backbones vs the number of input channels C.
 
-For ViT-S/16 (C-channel patch embedding, the reference), CellRep (2-block channel mixer), C3R and
-ChannelViT, all at `small` size (D=384, 12 blocks, 6 heads), 224x224, patch 16:
+For ViT-S/16 (C-channel patch embedding, the reference), CellRep (2-block channel mixer), C3R, ChannelViT,
+DiChaViT and CA-MAE, all at `small` size (D=384, 12 blocks, 6 heads), 224x224, patch 16 (CA-MAE twice: its
+encoder at inference, over all L*C tokens, and in pre-training, over the quarter of them its 0.75 masking leaves
+visible; the MAE decoder is not counted):
   * forward FLOPs per image, counted with torch.utils.flop_counter.FlopCounterMode (2 FLOPs per MAC;
     matmuls, convolutions and attention), for C = 1, 2, 3, 4, 5, 8, 12, 16;
     Attention is counted by running F.scaled_dot_product_attention on its math backend while counting
@@ -30,11 +32,16 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from torch import nn
+
 from cellfm.models.c3r import C3R
+from cellfm.models.ca_mae import ChannelAgnosticMAE
 from cellfm.models.cellrep import CellRep
 from cellfm.models.channelvit import ChannelViT
+from cellfm.models.dichavit import DiChaViT
 from cellfm.models.registry import SIZES
 from cellfm.models.vit import VisionTransformer
+from cellfm.ssl.token_masking import random_token_mask
 
 CHANNELS = [1, 2, 3, 4, 5, 8, 12, 16]
 IMG, PATCH = 224, 16
@@ -53,6 +60,22 @@ def c3r_groups(C: int) -> dict[str, str]:
     return {n: ("concept" if i == C - 1 else "context") for i, n in enumerate(NAMES[:C])}
 
 
+class MaskedPretrainingEncoder(nn.Module):
+    """CA-MAE's encoder as pre-training runs it: on the visible tokens of a fixed 0.75 random token mask."""
+
+    def __init__(self, encoder: ChannelAgnosticMAE, mask_ratio: float = 0.75):
+        super().__init__()
+        self.encoder = encoder
+        self.mask_ratio = mask_ratio
+
+    def forward(self, x: torch.Tensor, channel_names=None) -> dict[str, torch.Tensor]:
+        L = (x.shape[-2] // PATCH) * (x.shape[-1] // PATCH)
+        valid = torch.ones(x.shape[:2], dtype=torch.bool)
+        mask = random_token_mask(valid, L, self.mask_ratio, torch.Generator().manual_seed(0))
+        out = self.encoder.encode_visible(x, None, mask)
+        return {"cls": out["cls"], "patch": out["visible"]}
+
+
 def build(model: str, C: int) -> torch.nn.Module:
     s = SIZES["small"]
     common = dict(img_size=IMG, patch_size=PATCH, embed_dim=s.embed_dim, depth=s.depth, num_heads=s.num_heads)
@@ -65,10 +88,16 @@ def build(model: str, C: int) -> torch.nn.Module:
         return C3R(channel_groups=c3r_groups(C), n_pre=2, **common)
     if model == "channelvit":
         return ChannelViT(channel_vocabulary=NAMES, **common)
+    if model == "dichavit":
+        return DiChaViT(channel_vocabulary=NAMES, **common)
+    if model == "ca_mae":
+        return ChannelAgnosticMAE(**common)
+    if model == "ca_mae_pretrain":
+        return MaskedPretrainingEncoder(ChannelAgnosticMAE(**common))
     raise ValueError(model)
 
 
-MODELS = ["vit_s", "cellrep", "c3r", "channelvit"]
+MODELS = ["vit_s", "cellrep", "c3r", "channelvit", "dichavit", "ca_mae", "ca_mae_pretrain"]
 
 
 def forward(model: torch.nn.Module, x: torch.Tensor, names: list[str]):
@@ -116,7 +145,8 @@ def plot(results: dict, path: Path) -> None:
     timed = any(r.get("cpu_ms") is not None for rows in results["models"].values() for r in rows)
     fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(11 if timed else 6, 4.2), squeeze=False)
     labels = {"vit_s": "ViT-S/16 (C-channel patch embed)", "cellrep": "CellRep (2-block mixer)",
-              "c3r": "C3R (n_pre=2)", "channelvit": "ChannelViT"}
+              "c3r": "C3R (n_pre=2)", "channelvit": "ChannelViT", "dichavit": "DiChaViT",
+              "ca_mae": "CA-MAE encoder (inference)", "ca_mae_pretrain": "CA-MAE encoder (pre-training, 25% visible)"}
     for model, rows in results["models"].items():
         cs = [r["C"] for r in rows]
         axes[0, 0].plot(cs, [r["gflops"] for r in rows], marker="o", label=labels[model])
@@ -193,11 +223,18 @@ def main() -> None:
     results["channelvit_linear_fit_r2"] = round(r2_cvit, 6)
     results["channelvit_growth_C16_over_C1"] = round(gflops("channelvit", 16) / gflops("channelvit", 1), 2)
     results["flops_ratio_vs_vit_s_at_C5"] = ratios
+    results["dichavit_over_channelvit"] = {C: round(gflops("dichavit", C) / gflops("channelvit", C), 4)
+                                           for C in CHANNELS}
+    results["ca_mae_pretrain_over_inference"] = {C: round(gflops("ca_mae_pretrain", C) / gflops("ca_mae", C), 4)
+                                                 for C in CHANNELS}
     results["targets"] = {
         "c3r_linear_r2_ge_0.99": r2 >= 0.99,
         "channelvit_superlinear": gflops("channelvit", 16) / gflops("channelvit", 1) > 16,
         "cellrep_le_2.2x_vit_s_at_C5": ratios["cellrep"] <= 2.2,
         "channelvit_ge_5x_vit_s_at_C5": ratios["channelvit"] >= 5.0,
+        "dichavit_within_1pct_of_channelvit": all(abs(r - 1) <= 0.01
+                                                  for r in results["dichavit_over_channelvit"].values()),
+        "ca_mae_pretrain_le_0.3x_inference_at_C5": results["ca_mae_pretrain_over_inference"][5] <= 0.3,
     }
     results["meta"]["runtime_s"] = round(time.perf_counter() - started, 1)
     results["meta"]["load_average_at_end"] = [round(v, 1) for v in os.getloadavg()]
@@ -207,6 +244,7 @@ def main() -> None:
     plot(results, args.out / "model_cost.png")
     print(json.dumps({k: results[k] for k in ("c3r_linear_fit", "channelvit_linear_fit_r2",
                                                "channelvit_growth_C16_over_C1", "flops_ratio_vs_vit_s_at_C5",
+                                               "dichavit_over_channelvit", "ca_mae_pretrain_over_inference",
                                                "targets")}, indent=2))
     print(f"wrote {args.out / 'model_cost.json'} and model_cost.png in {results['meta']['runtime_s']} s")
 

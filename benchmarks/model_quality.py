@@ -65,6 +65,8 @@ MODELS = {
     "vit_rgb": ["model.name=vit_rgb", *IBOT],
     "channelvit": ["model.name=channelvit", *IBOT, "ssl.channel_sampling=hcs"],
     "single_channel": ["model.name=single_channel", *IBOT],
+    "dichavit": ["model.name=dichavit", *IBOT, "ssl.channel_sampling=dcs"],
+    "ca_mae": ["model.name=ca_mae", "ssl.objective=mae", "ssl.n_local_crops=0"],
 }
 TRAIN_CONFIG = "cp5"
 

@@ -1,5 +1,6 @@
 """The one training step (cellfm.train.meta_arch.SSLMetaArch) on one process, with the real tiny backbones:
-padding changes nothing for any model (student and teacher outputs, loss, gradients), ChannelViT trains with
+padding changes nothing for any self-distilled model (student and teacher outputs, loss, gradients; CA-MAE's
+step: tests/test_ca_mae.py), ChannelViT trains with
 hierarchical channel sampling, every draw comes from the step's position, the heads' last layers stay frozen
 for the configured steps, and gradients are clipped."""
 
@@ -23,6 +24,8 @@ MODELS = {
     "vit_rgb": IBOT,
     "channelvit": [*IBOT, f"model.channel_vocabulary=[{', '.join(CP5)}]"],
     "single_channel": IBOT,
+    # DCS draws from the student's channel embeddings, the token loss sees the student's channels only.
+    "dichavit": [*IBOT, f"model.channel_vocabulary=[{', '.join(CP5)}]", "ssl.token_orthogonality_weight=0.1"],
 }
 
 

@@ -25,6 +25,8 @@ MODELS = {
     "channelvit": dict(name="channelvit"),
     "vit_rgb": dict(name="vit_rgb"),
     "single_channel": dict(name="single_channel"),
+    "dichavit": dict(name="dichavit"),
+    "ca_mae": dict(name="ca_mae"),
 }
 
 # Each padded row: real channels by name, "" for padding, and what the padded planes hold.

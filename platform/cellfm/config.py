@@ -135,7 +135,8 @@ class DataConfig:
 class ModelConfig:
     """The backbone: architecture, size and its channel handling."""
 
-    # Backbone: cellrep | c3r | vit_rgb | channelvit | single_channel (cellfm.models.registry).
+    # Backbone: cellrep | c3r | vit_rgb | channelvit | single_channel | dichavit | ca_mae
+    # (cellfm.models.registry; ca_mae trains with ssl.objective=mae).
     name: str = "cellrep"
     # Width/depth ladder: tiny | small | base | large (cellfm.models.registry.SIZES).
     size: str = "tiny"
@@ -167,7 +168,8 @@ class ModelConfig:
     # C3R: channel name -> "context" | "concept". Overrides the manifest's channel_groups, e.g. at
     # inference for stains never seen in training.
     channel_groups: dict[str, str] = field(default_factory=dict)
-    # ChannelViT: the channel names that get a learned embedding (empty: the training manifest's).
+    # ChannelViT / DiChaViT: the channel names that get a learned embedding (empty: the training manifest's, or
+    # with train.init_from the checkpoint's).
     channel_vocabulary: list[str] = field(default_factory=list)
 
 
@@ -175,7 +177,8 @@ class ModelConfig:
 class SSLConfig:
     """The self-supervised objective: losses and their weights, heads, teacher, and multi-crop augmentation."""
 
-    # dino: DINO CLS loss only (CellRep); ibot: DINO + masked-patch iBOT loss (C3R, baselines).
+    # dino: DINO CLS loss only (CellRep); ibot: DINO + masked-patch iBOT loss (C3R, baselines); mae: masked
+    # autoencoding of the global crops (model.name=ca_mae; no teacher, no local crops).
     objective: str = "dino"
     # Weight of the iBOT masked-patch loss (objective ibot).
     ibot_loss_weight: float = 1.0
@@ -194,8 +197,26 @@ class SSLConfig:
     mcd_keep_counts: list[int] = field(default_factory=list)
     # Hierarchical channel sampling (ChannelViT): per sample the student sees m ~ U{1..n} of its n real
     # channels (the teacher all of them; never at evaluation). auto = hcs for model.name=channelvit, else
-    # none; hcs and ssl.mcd both choose the student's channels, so they exclude each other.
+    # none; dcs = diverse channel sampling (DiChaViT: an anchor channel, the others drawn favouring channel
+    # embeddings unlike the anchor's). auto = hcs for channelvit, dcs for dichavit, else none; hcs/dcs and ssl.mcd
+    # all choose the student's channels, so they exclude each other.
     channel_sampling: str = "auto"
+    # DCS temperature T: channel c is drawn with weight exp((1 - cos(anchor, c)) / T); small = strongly diverse.
+    dcs_temperature: float = 0.1
+    # DiChaViT: weight of the token diversification loss (patch-embedding tokens pushed to orthogonality, within
+    # and across channels; the reference's JUMP-CP setting). Other models ignore it.
+    token_orthogonality_weight: float = 0.001
+    # MAE: fraction of a crop's L*C patch tokens hidden from the encoder (Phenom: 0.75).
+    mae_mask_ratio: float = 0.75
+    # MAE: weight of the Fourier-domain term (L1 between FFT magnitudes) beside the masked-patch MSE (Phenom:
+    # 0.01).
+    mae_fourier_weight: float = 0.01
+    # MAE: width of the light decoder (a multiple of 4 and of mae_decoder_heads).
+    mae_decoder_dim: int = 128
+    # MAE: transformer blocks of the decoder.
+    mae_decoder_depth: int = 2
+    # MAE: attention heads of the decoder.
+    mae_decoder_heads: int = 4
     # Weight of the weakly supervised SupCon term on the `supcon_label` column (0 = off).
     supcon_weight: float = 0.0
     # SupCon temperature.
@@ -228,7 +249,8 @@ class SSLConfig:
     centering: str = "centering"
     # Weight of the KL-to-uniform regulariser on the batch-mean distribution (CellRep).
     kl_uniform_weight: float = 0.1
-    # EMA teacher momentum at the first step (cosine schedule), in [0, 1].
+    # EMA teacher momentum at the first step (cosine schedule), in [0, 1]. (ssl.objective=mae has no teacher:
+    # its "teacher", whose backbone is the checkpoint's inference weights, copies the student after every step.)
     ema_momentum_start: float = 0.992
     # EMA teacher momentum at the last step, in [0, 1].
     ema_momentum_end: float = 1.0
@@ -321,6 +343,10 @@ class TrainConfig:
     # Peak dense bf16 FLOP/s of one GPU for the MFU estimate, in TFLOP/s (0 = from the GPU's name:
     # H100, H200, A100 known); ignored on CPU, where MFU is not reported.
     peak_tflops: float = 0.0
+    # Continued pre-training: a checkpoint folder (or a run folder: its latest checkpoint; local or s3://) whose
+    # student, teacher, heads and teacher centers a new run starts from, with a fresh optimizer and schedules.
+    # Its model and heads must match this config's; empty = train from scratch. A resumed run ignores it.
+    init_from: str = ""
 
 
 @dataclass
@@ -472,9 +498,9 @@ _CHOICES = {
     "data.transfer_dtype": {"float16", "uint8"},
     "data.bad_field_policy": {"fail", "skip"},
     "data.mixed_channels": {"pad", "group"},
-    "model.name": {"cellrep", "c3r", "vit_rgb", "channelvit", "single_channel"},
-    "ssl.objective": {"dino", "ibot"},
-    "ssl.channel_sampling": {"auto", "none", "hcs"},
+    "model.name": {"cellrep", "c3r", "vit_rgb", "channelvit", "single_channel", "dichavit", "ca_mae"},
+    "ssl.objective": {"dino", "ibot", "mae"},
+    "ssl.channel_sampling": {"auto", "none", "hcs", "dcs"},
     "model.input_norm": {"none", "percentile", "adaptive_hist"},
     "model.size": {"tiny", "small", "base", "large"},
     "ssl.centering": {"centering", "sinkhorn_knopp"},
@@ -490,7 +516,8 @@ _POSITIVE = (
     "model.channel_encoder_stride",
     "ssl.head_out_dim", "ssl.head_hidden_dim", "ssl.head_bottleneck_dim", "ssl.head_nlayers",
     "ssl.global_crop_size", "ssl.local_crop_size", "ssl.student_temp", "ssl.teacher_temp",
-    "ssl.warmup_teacher_temp", "ssl.supcon_temperature",
+    "ssl.warmup_teacher_temp", "ssl.supcon_temperature", "ssl.dcs_temperature", "ssl.mae_decoder_dim",
+    "ssl.mae_decoder_depth", "ssl.mae_decoder_heads",
     "optim.epochs", "optim.batch_size_per_worker", "optim.base_lr", "optim.accumulate_steps", "optim.clip_grad",
     "optim.layerwise_decay", "optim.patch_embed_lr_mult", "train.gpus_per_worker",
     "train.num_workers", "train.cpus_per_worker", "train.torch_threads", "train.num_to_keep",
@@ -506,6 +533,7 @@ _NON_NEGATIVE = (
     "data.read_concurrency", "data.read_actors", "data.progress_interval_s", "data.shuffle_buffer",
     "model.mixer_depth", "model.num_register_tokens", "model.n_pre",
     "ssl.ibot_loss_weight", "ssl.koleo_weight", "ssl.supcon_weight", "ssl.kl_uniform_weight",
+    "ssl.token_orthogonality_weight", "ssl.mae_fourier_weight",
     "ssl.warmup_teacher_temp_epochs", "ssl.freeze_last_layer_epochs", "ssl.n_local_crops",
     "optim.min_lr", "optim.warmup_epochs", "optim.weight_decay", "optim.weight_decay_end",
     "train.max_failures", "train.seed", "train.peak_tflops",
@@ -668,19 +696,38 @@ def _ssl_problems(cfg: Config) -> list[str]:
                         f"got {s.mcd_keep_counts}")
     if s.supcon_weight > 0 and not s.supcon_label:
         problems.append("ssl.supcon_weight > 0 needs ssl.supcon_label (a manifest column, e.g. an antibody id)")
-    if s.mcd and student_channel_sampling(cfg) == "hcs":
-        problems.append(f"ssl.mcd=true and hierarchical channel sampling (ssl.channel_sampling={s.channel_sampling} "
+    sampling = student_channel_sampling(cfg)
+    if s.mcd and sampling != "none":
+        problems.append(f"ssl.mcd=true and {sampling} channel sampling (ssl.channel_sampling={s.channel_sampling} "
                         f"with model.name={cfg.model.name}) both choose the student's channels; "
                         f"set ssl.channel_sampling=none or ssl.mcd=false")
+    if sampling == "dcs" and cfg.model.name != "dichavit":
+        problems.append(f"ssl.channel_sampling=dcs compares learned channel embeddings, which only model.name=dichavit "
+                        f"has (got {cfg.model.name})")
+    if (s.objective == "mae") != (cfg.model.name == "ca_mae"):
+        problems.append(f"ssl.objective=mae and model.name=ca_mae go together (the MAE decoder reconstructs CA-MAE's "
+                        f"per-channel tokens); got ssl.objective={s.objective} with model.name={cfg.model.name}")
+    if s.objective == "mae":
+        if not 0 < s.mae_mask_ratio < 1:
+            problems.append(f"ssl.mae_mask_ratio must be in (0, 1), got {s.mae_mask_ratio}")
+        if s.n_local_crops:
+            problems.append(f"ssl.objective=mae reconstructs the global crops only; set ssl.n_local_crops=0 "
+                            f"(got {s.n_local_crops})")
+        if s.mcd or sampling != "none":
+            problems.append("ssl.objective=mae hides tokens, not channels: set ssl.mcd=false and "
+                            "ssl.channel_sampling=none (or auto)")
+        if s.mae_decoder_dim % 4 or (s.mae_decoder_heads > 0 and s.mae_decoder_dim % s.mae_decoder_heads):
+            problems.append(f"ssl.mae_decoder_dim={s.mae_decoder_dim} must be a multiple of 4 (sin-cos positions) "
+                            f"and of ssl.mae_decoder_heads={s.mae_decoder_heads}")
     return problems
 
 
 def student_channel_sampling(cfg: Config) -> str:
     """How the training step chooses the channels the student sees, besides MCD: "hcs" (hierarchical
-    channel sampling) or "none". `ssl.channel_sampling: auto` means hcs for ChannelViT (its paper trains
-    with it), none for every other model."""
+    channel sampling), "dcs" (diverse channel sampling) or "none". `ssl.channel_sampling: auto` means hcs for
+    ChannelViT and dcs for DiChaViT (their papers train with them), none for every other model."""
     if cfg.ssl.channel_sampling == "auto":
-        return "hcs" if cfg.model.name == "channelvit" else "none"
+        return {"channelvit": "hcs", "dichavit": "dcs"}.get(cfg.model.name, "none")
     return cfg.ssl.channel_sampling
 
 

@@ -215,6 +215,8 @@ def training_manifest_problems(cfg: Config, manifest: pd.DataFrame) -> list[str]
     """The training manifest against the config: layout, channel groups, the SupCon label column,
     ChannelViT's vocabulary, and at least one optimizer step per epoch."""
     from cellfm.data.pipeline import field_cache_problem
+    from cellfm.models.registry import VOCABULARY_BACKBONES
+    from cellfm.train.init_from import init_from_problems
     from cellfm.train.trainer import record_channel_metadata
 
     source = f"data.train_manifest={cfg.data.train_manifest}"
@@ -229,7 +231,7 @@ def training_manifest_problems(cfg: Config, manifest: pd.DataFrame) -> list[str]
     if label and label not in manifest.columns:
         problems.append(f"ssl.supcon_label={label!r} is not a column of {source}; columns: "
                         f"{', '.join(map(str, manifest.columns))}")
-    if cfg.model.name == "channelvit" and cfg.model.channel_vocabulary:
+    if cfg.model.name in VOCABULARY_BACKBONES and cfg.model.channel_vocabulary:
         unknown = sorted({n for names in manifest["channel_names"] for n in names} - set(cfg.model.channel_vocabulary))
         if unknown:
             problems.append(f"model.channel_vocabulary lacks channel(s) {unknown} of {source}; add them or leave "
@@ -242,7 +244,7 @@ def training_manifest_problems(cfg: Config, manifest: pd.DataFrame) -> list[str]
         problems.append(f"{len(manifest)} training fields over train.num_workers={world} cannot fill one step of "
                         f"optim.batch_size_per_worker={o.batch_size_per_worker} x optim.accumulate_steps="
                         f"{o.accumulate_steps}; lower them or add plates")
-    return problems
+    return problems + init_from_problems(cfg, manifest)
 
 
 def evaluation_manifest_problems(cfg: Config, manifest: pd.DataFrame, source: str,
@@ -283,6 +285,8 @@ def evaluation_manifest_problems(cfg: Config, manifest: pd.DataFrame, source: st
 
 
 def _channels_the_model_places(cfg: Config, trained: Config, manifest: pd.DataFrame, source: str) -> list[str]:
+    from cellfm.models.registry import VOCABULARY_BACKBONES
+
     names = sorted({n for row in manifest["channel_names"] for n in row})
     if trained.model.name == "c3r":
         groups = {**trained.model.channel_groups, **cfg.model.channel_groups}
@@ -290,11 +294,11 @@ def _channels_the_model_places(cfg: Config, trained: Config, manifest: pd.DataFr
         if missing:
             return [f"model.channel_groups: channel(s) {missing} of {source} have no context/concept group in the "
                     f"checkpoint; add them, e.g. 'model.channel_groups={{{missing[0]}: context}}'"]
-    if trained.model.name == "channelvit":
+    if trained.model.name in VOCABULARY_BACKBONES:
         unknown = [n for n in names if n not in trained.model.channel_vocabulary]
         if unknown:
             return [f"channel(s) {unknown} of {source} are not in the checkpoint's model.channel_vocabulary "
-                    f"{trained.model.channel_vocabulary}; ChannelViT embeds only channels it was trained on"]
+                    f"{trained.model.channel_vocabulary}; {trained.model.name} embeds only channels it was trained on"]
     return []
 
 

@@ -18,6 +18,7 @@ from cellfm.models.layers import (
     check_patch_mask,
     drop_path_rates,
     grid_of,
+    mean_over_channels,
     normalize_channel_names,
     zero_padding,
 )
@@ -83,7 +84,7 @@ class ChannelViT(ViTTrunk):
                     out.append(self.channel_index[name])
                 else:
                     raise ValueError(
-                        f"ChannelViT: unknown channel {name!r} (sample {b}, channel {c}); it has a learned "
+                        f"{type(self).__name__}: unknown channel {name!r} (sample {b}, channel {c}); it has a learned "
                         f"embedding only for model.channel_vocabulary = {self.channel_vocabulary}"
                     )
             ids.append(out)
@@ -94,27 +95,28 @@ class ChannelViT(ViTTrunk):
         """x: (B, C, H, W); channel_names required (B lists of C names, or one shared list), real
         channels must be in the vocabulary; patch_mask (B, L): the grid position is masked in every
         channel (mask_token + that channel's embedding + position)."""
-        B, C, H, W = check_image(x, "ChannelViT")
+        return self.encode(x, channel_names, channel_mask, patch_mask)[0]
+
+    def encode(self, x: Tensor, channel_names, channel_mask: Tensor | None,
+               patch_mask: Tensor | None) -> tuple[dict[str, Tensor], Tensor]:
+        """`forward`'s outputs and the (B, C, L, D) patch embeddings of every channel as the shared patch
+        embedding made them (before mask token, channel embedding and positions)."""
+        B, C, H, W = check_image(x, type(self).__name__)
         check_channel_mask(channel_mask, B, C)
         grid = grid_of((H, W), self.patch_size)
         L = grid[0] * grid[1]
         check_patch_mask(patch_mask, B, L)
-        names = normalize_channel_names(channel_names, B, C, "ChannelViT")
+        names = normalize_channel_names(channel_names, B, C, type(self).__name__)
         if names is None:
-            raise ValueError("ChannelViT needs channel_names (B lists of C names) to pick channel embeddings")
+            raise ValueError(f"{type(self).__name__} needs channel_names (B lists of C names) to pick channel "
+                             f"embeddings")
         ids = self.channel_ids(names, channel_mask, x.device)
 
         D = self.embed_dim
-        tokens = self.patch_embed(zero_padding(x, channel_mask).reshape(B * C, 1, H, W)).reshape(B, C, L, D)
-        tokens = apply_patch_mask(tokens, None if patch_mask is None else patch_mask[:, None], self.mask_token)
+        embedded = self.patch_embed(zero_padding(x, channel_mask).reshape(B * C, 1, H, W)).reshape(B, C, L, D)
+        tokens = apply_patch_mask(embedded, None if patch_mask is None else patch_mask[:, None], self.mask_token)
         tokens = tokens + self.channel_embed[ids][:, :, None, :] + self.positions(grid)[:, None]
         key_mask = None if channel_mask is None else channel_mask.repeat_interleave(L, dim=1)
         out = self.forward_trunk(tokens.reshape(B, C * L, D), key_mask=key_mask)
-
-        patch = out["patch"].reshape(B, C, L, D)
-        if channel_mask is None:
-            out["patch"] = patch.mean(dim=1)
-        else:
-            w = channel_mask.to(patch.dtype)
-            out["patch"] = torch.einsum("bc,bcld->bld", w, patch) / w.sum(dim=1)[:, None, None]
-        return out
+        out["patch"] = mean_over_channels(out["patch"].reshape(B, C, L, D), channel_mask)
+        return out, embedded

@@ -26,7 +26,9 @@ SIZES: dict[str, BackboneSize] = {
 }
 
 
-BACKBONES = ("cellrep", "c3r", "vit_rgb", "channelvit", "single_channel")
+BACKBONES = ("cellrep", "c3r", "vit_rgb", "channelvit", "single_channel", "dichavit", "ca_mae")
+# Backbones with a learned embedding per channel name (model.channel_vocabulary): no other name can be embedded.
+VOCABULARY_BACKBONES = ("channelvit", "dichavit")
 
 
 def build_backbone(cfg: ModelConfig) -> nn.Module:
@@ -35,7 +37,7 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
         forward(x (B,C,H,W), channel_names=None, channel_mask=None (B,C) bool, patch_mask=None (B,N) bool)
           -> {"cls": (B,D), "patch": (B,N,D), "registers": (B,R,D)}
 
-    plus `embed_dim` (D) and `num_patch_tokens(img_size) -> N`. C3R and ChannelViT need channel_names."""
+    plus `embed_dim` (D) and `num_patch_tokens(img_size) -> N`. C3R, ChannelViT and DiChaViT need channel_names."""
     if cfg.size not in SIZES:
         raise ValueError(f"model.size={cfg.size!r} is not one of {sorted(SIZES)}")
     size = SIZES[cfg.size]
@@ -72,6 +74,14 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
         from cellfm.models.channelvit import ChannelViT
 
         return ChannelViT(channel_vocabulary=list(cfg.channel_vocabulary or []), **common)
+    if cfg.name == "dichavit":
+        from cellfm.models.dichavit import DiChaViT
+
+        return DiChaViT(channel_vocabulary=list(cfg.channel_vocabulary or []), **common)
+    if cfg.name == "ca_mae":
+        from cellfm.models.ca_mae import ChannelAgnosticMAE
+
+        return ChannelAgnosticMAE(**common)
     if cfg.name == "single_channel":
         from cellfm.models.single_channel import SingleChannelViT
 

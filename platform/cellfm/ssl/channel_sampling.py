@@ -4,6 +4,13 @@ Hierarchical channel sampling (HCS; ChannelViT, Bao et al., ICLR 2024): per samp
 draw m ~ U{1..n}, then m of its n real channels uniformly without replacement. The teacher sees every real
 channel; evaluation never samples.
 
+Diverse channel sampling (DCS; DiChaViT, Pham et al., NeurIPS 2024, reference github
+chaudatascience/diverse_channel_vit, `hcs_sampling: lowest_cosine_prob`): per sample m ~ U{1..n} and an anchor
+channel a uniformly among the real ones; then m channels drawn one after another without replacement with
+probability proportional to exp((1 - cos(e_a, e_c)) / T) over the remaining ones (e_c: the learned channel
+embedding, T the temperature), so channels unlike the anchor are favoured; if the anchor is not among the m drawn,
+it replaces the m-th.
+
 Every draw here is made per *real* channel, never per padded slot: a sample's j-th real channel gets the
 j-th draw of that sample, and the number of draws depends only on the real channel counts. So with the same
 generator state a padded and an unpadded batch keep the same channels (padding changes nothing), and a
@@ -13,6 +20,7 @@ jitter draw the same way."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -71,4 +79,33 @@ def hierarchical_channel_mask(valid: Tensor, generator: torch.Generator | None =
     gen_device = generator.device if generator is not None else torch.device("cpu")
     real = valid.to(gen_device)
     keep = keep_random_channels(real, uniform_counts(real.sum(dim=1), generator), generator)
+    return keep.to(valid.device)
+
+
+def diverse_channel_mask(valid: Tensor, channel_embeddings: Tensor, temperature: float,
+                         generator: torch.Generator | None = None) -> Tensor:
+    """DCS keep-mask (module doc): valid (B, C) bool (True = real channel), channel_embeddings (B, C, D) (each
+    slot's learned embedding; padded slots ignored), temperature T > 0 -> (B, C) bool. Draws, in order, per
+    sample: m (one uniform), the anchor (one uniform), one uniform per real channel for the weighted draw
+    (successive sampling in proportion to the weights w_c = the order of E_c / w_c, E_c = -log U_c ~ Exp(1)).
+    Drawn on the generator's device (CPU by default), returned on valid's device."""
+    check_valid_channels(valid)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    real = valid.to(gen_device)
+    n = real.sum(dim=1)
+    m = uniform_counts(n, generator)
+    ordinal = (torch.rand(n.shape[0], generator=generator, device=gen_device) * n).long().minimum(n - 1)
+    anchor = real & ((real.cumsum(dim=1) - 1) == ordinal[:, None])  # (B, C), one True per row
+    unit = F.normalize(channel_embeddings.detach().to(gen_device, torch.float32), dim=-1)
+    cosine = torch.einsum("bcd,bd->bc", unit, (unit * anchor[..., None]).sum(dim=1))
+    log_weight = (1.0 - cosine) / temperature
+    exponential = -torch.log(real_channel_uniforms(real, generator).clamp(max=1.0))
+    order_key = torch.where(real, torch.log(exponential) - log_weight, torch.full_like(log_weight, float("inf")))
+    rank = order_key.argsort(dim=1).argsort(dim=1)
+    anchor_drawn = (rank * anchor).sum(dim=1) < m
+    first_m = rank < m[:, None]
+    first_m_minus_one_and_anchor = (rank < (m - 1)[:, None]) | anchor
+    keep = torch.where(anchor_drawn[:, None], first_m, first_m_minus_one_and_anchor) & real
     return keep.to(valid.device)

@@ -77,6 +77,25 @@ def load_training_checkpoint(directory: Path, *, teacher: nn.Module, dino_loss: 
     return json.loads((directory / STATE_FILE).read_text())
 
 
+def load_initial_weights(directory: str | Path, *, student: nn.Module, teacher: nn.Module, dino_loss: nn.Module,
+                         storage_options: dict | None = None) -> None:
+    """`train.init_from`: student, teacher (with their heads) and teacher centers of a checkpoint (local folder or
+    s3:// URI) into a new run's modules, before its engine and optimizer are built; CheckpointError naming the
+    file when a part does not fit."""
+    if storage.is_remote(directory):
+        with tempfile.TemporaryDirectory(prefix="cellfm-init-from-") as tmp:
+            storage.download_directory(str(directory), Path(tmp), storage_options)
+            return load_initial_weights(tmp, student=student, teacher=teacher, dino_loss=dino_loss)
+    directory = Path(directory)
+    parts = {"student.safetensors": student, "teacher.safetensors": teacher, "dino_loss.safetensors": dino_loss}
+    _require(directory, list(parts))
+    for name, module in parts.items():
+        try:
+            module.load_state_dict(load_file(directory / name))
+        except RuntimeError as exc:
+            raise CheckpointError(f"{directory / name} does not fit this run's model: {exc}") from exc
+
+
 def load_inference_backbone(directory: str | Path, storage_options: dict | None = None) -> tuple[nn.Module, Config]:
     """The teacher backbone of a checkpoint (local folder or s3:// URI), rebuilt from its saved config;
     eval mode, no pickle."""

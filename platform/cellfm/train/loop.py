@@ -67,9 +67,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             f"{len(manifest)} training fields over {world} workers cannot fill one step of "
             f"optim.batch_size_per_worker={batch} x optim.accumulate_steps={accumulate}; lower them or add plates"
         )
-    meta_arch = SSLMetaArch(cfg, steps_per_epoch=steps_per_epoch, rank=rank, world_size=world, device=device)
-    start_epoch, step = 0, 0
     checkpoint = ray.train.get_checkpoint()
+    meta_arch = SSLMetaArch(cfg, steps_per_epoch=steps_per_epoch, rank=rank, world_size=world, device=device,
+                            resuming=checkpoint is not None)
+    start_epoch, step = 0, 0
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             state = meta_arch.load(Path(ckpt_dir))

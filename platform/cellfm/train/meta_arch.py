@@ -1,6 +1,7 @@
 """The one owner of the training step, as DINOv2's SSLMetaArch: student and EMA teacher (backbone + heads),
-the objective's losses, the multi-crop, the student's channel sampling (MCD or hierarchical channel
-sampling) and iBOT block masks, the engine (DDP or DeepSpeed ZeRO) with its optimizer, and the schedules.
+the objective's losses, the multi-crop, the student's channel sampling (MCD, hierarchical or diverse channel
+sampling), the iBOT block masks or MAE token masks, the engine (DDP or DeepSpeed ZeRO) with its optimizer, and
+the schedules.
 The Ray Train loop (`cellfm.train.loop`) and every benchmark that trains call this step; nothing else
 computes a training loss.
 
@@ -13,9 +14,10 @@ Padding: a batch's `channel_mask` (True = real channel) reaches the teacher as i
 with its channel sampling, so a padded channel is never seen by either; every draw is made per real channel,
 so a padded batch trains exactly as the unpadded one.
 
-Determinism: every draw of a micro-batch (crops, flips, rotations, blur, jitter, iBOT masks, MCD / HCS) comes
-from generators seeded by (train.seed, epoch, rank, step, micro) (`cellfm.seeding`), and the weights are
-initialized from train.seed alone: a rerun, or a run resumed from a checkpoint, draws the same numbers."""
+Determinism: every draw of a micro-batch (crops, flips, rotations, blur, jitter, iBOT / MAE masks, MCD / HCS /
+DCS) comes from generators seeded by (train.seed, epoch, rank, step, micro) (`cellfm.seeding`), and the weights
+are initialized from train.seed alone (or loaded from `train.init_from`): a rerun, or a run resumed from a
+checkpoint, draws the same numbers."""
 
 from __future__ import annotations
 
@@ -30,14 +32,16 @@ from torch import nn
 from cellfm.config import Config, ConfigError, student_channel_sampling
 from cellfm.data.pipeline import FieldBatch
 from cellfm.seeding import Stream, torch_generator
-from cellfm.ssl.channel_sampling import hierarchical_channel_mask
+from cellfm.ssl.channel_sampling import diverse_channel_mask, hierarchical_channel_mask
 from cellfm.ssl.ema import update_ema
 from cellfm.ssl.masking import BlockMaskGenerator
 from cellfm.ssl.mcd import MCDSampler, context_channel_mask
 from cellfm.ssl.multicrop import MultiCrop
 from cellfm.ssl.schedules import cosine_schedule
-from cellfm.train.checkpoint import load_training_checkpoint, save_training_checkpoint
+from cellfm.ssl.token_masking import random_token_mask
+from cellfm.train.checkpoint import load_initial_weights, load_training_checkpoint, save_training_checkpoint
 from cellfm.train.engines import TrainingEngine, build_engine
+from cellfm.train.init_from import resolve_init_from
 from cellfm.train.param_groups import parameter_groups
 from cellfm.train.self_distillation import StepLosses, StepViews, build_objective, build_student_teacher
 
@@ -51,7 +55,9 @@ class Schedules:
         peak_lr = o.base_lr * math.sqrt(global_batch / 1024)
         self.lr = cosine_schedule(peak_lr, o.min_lr, total, warmup_steps=o.warmup_epochs * steps_per_epoch)
         self.wd = cosine_schedule(o.weight_decay, o.weight_decay_end, total)
-        self.momentum = cosine_schedule(s.ema_momentum_start, s.ema_momentum_end, total)
+        # MAE has no teacher: its "teacher" copies the student (momentum 0), so the inference weights are the encoder.
+        self.momentum = np.zeros(total) if s.objective == "mae" else \
+            cosine_schedule(s.ema_momentum_start, s.ema_momentum_end, total)
         warm = min(s.warmup_teacher_temp_epochs * steps_per_epoch, total)
         self.teacher_temp = np.concatenate(
             [np.linspace(s.warmup_teacher_temp, s.teacher_temp, warm), np.full(total - warm, s.teacher_temp)]
@@ -79,10 +85,12 @@ class SSLMetaArch:
     """Student, teacher, losses, augmentation and optimizer of one training worker; see the module doc.
 
     rank / world_size: this worker's place in the run (1 worker outside Ray). prepare_model wraps the
-    student for DDP (default: Ray Train's `prepare_model`; the identity for one process outside Ray)."""
+    student for DDP (default: Ray Train's `prepare_model`; the identity for one process outside Ray).
+    With `train.init_from` the student, teacher (with heads) and centers start as that checkpoint's, before the
+    engine builds its (fresh) optimizer, unless `resuming` (a checkpoint of this run will be `load`ed)."""
 
     def __init__(self, cfg: Config, *, steps_per_epoch: int, rank: int, world_size: int, device: torch.device,
-                 prepare_model: Callable[[nn.Module], nn.Module] | None = None):
+                 prepare_model: Callable[[nn.Module], nn.Module] | None = None, resuming: bool = False):
 
         check_training_config(cfg)
         self.cfg = cfg
@@ -95,6 +103,10 @@ class SSLMetaArch:
         torch.manual_seed(cfg.train.seed)
         self.student, self.teacher = build_student_teacher(cfg)
         self.objective = build_objective(cfg)
+        if cfg.train.init_from and not resuming:
+            options = cfg.data.storage_options or None
+            load_initial_weights(resolve_init_from(cfg.train.init_from, options), student=self.student,
+                                 teacher=self.teacher, dino_loss=self.objective.dino_loss, storage_options=options)
         groups = parameter_groups(self.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
         self.engine: TrainingEngine = build_engine(cfg, self.student, groups, world_size, prepare_model)
         self.teacher.to(self.device)
@@ -105,6 +117,7 @@ class SSLMetaArch:
             grid = cfg.ssl.global_crop_size // cfg.model.patch_size
             self.patch_masking = BlockMaskGenerator(grid, tuple(cfg.ssl.mask_ratio_min_max),
                                                     cfg.ssl.mask_sample_probability)
+        self.token_masking = cfg.ssl.objective == "mae"
         self.channel_sampling = "mcd" if cfg.ssl.mcd else student_channel_sampling(cfg)
         self.mcd = MCDSampler(cfg.ssl.mcd_keep_counts) if cfg.ssl.mcd else None
         self.autocast = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
@@ -116,19 +129,24 @@ class SSLMetaArch:
         return step < self.schedules.last_layer_frozen_steps
 
     def student_channels(self, batch: FieldBatch, generator: torch.Generator) -> torch.Tensor | None:
-        """(B, C) bool: the real channels the student sees, after MCD or hierarchical channel sampling
-        (a padded channel never), or the batch's padding mask (None: nothing padded) without sampling."""
+        """(B, C) bool: the real channels the student sees, after MCD, hierarchical or diverse channel sampling
+        (a padded channel never), or the batch's padding mask (None: nothing padded) without sampling. DCS
+        compares the student's current channel embeddings."""
         if self.channel_sampling == "none":
             return batch.channel_mask
         real = batch.real_channels
         if self.channel_sampling == "hcs":
             return hierarchical_channel_mask(real, generator)
+        if self.channel_sampling == "dcs":
+            with torch.no_grad():
+                embeddings = self.engine.student.backbone.channel_embeddings(batch.channel_names, real)
+            return diverse_channel_mask(real, embeddings, self.cfg.ssl.dcs_temperature, generator)
         is_context = context_channel_mask(batch.channel_names, self.cfg.model.channel_groups, real, real.device)
         return self.mcd(is_context, real, generator)
 
     def views(self, batch: FieldBatch, *, epoch: int, step: int, micro: int) -> StepViews:
         """Everything random about a micro-batch, from generators seeded by (seed, epoch, rank, step, micro):
-        multi-crop views, the student's channels and the iBOT patch masks."""
+        multi-crop views, the student's channels and the iBOT patch masks or MAE token masks."""
         position = (epoch, self.rank, step, micro)
         seed = self.cfg.train.seed
         crops = torch_generator(seed, Stream.CROPS, *position, device=batch.images.device)
@@ -140,9 +158,17 @@ class SSLMetaArch:
             masks = self.patch_masking(n_global * batch_size,
                                        generator=torch_generator(seed, Stream.PATCH_MASKS, *position))
             patch_mask = masks.to(batch.images.device).view(n_global, batch_size, -1)
+        token_mask = None
+        if self.token_masking:
+            n_global, batch_size, channels = global_crops.shape[:3]
+            grid = self.cfg.ssl.global_crop_size // self.cfg.model.patch_size
+            real = batch.real_channels if student_channels is None else student_channels
+            token_mask = random_token_mask(real.repeat(n_global, 1), grid * grid, self.cfg.ssl.mae_mask_ratio,
+                                           generator=torch_generator(seed, Stream.PATCH_MASKS, *position))
+            token_mask = token_mask.view(n_global, batch_size, channels, grid * grid)
         return StepViews(global_crops=global_crops, local_crops=local_crops, channel_names=batch.channel_names,
                          teacher_channels=batch.channel_mask, student_channels=student_channels,
-                         patch_mask=patch_mask, labels=batch.labels)
+                         patch_mask=patch_mask, labels=batch.labels, token_mask=token_mask)
 
     def forward(self, batch: FieldBatch, *, epoch: int, step: int, micro: int) -> StepLosses:
         """The micro-batch's losses (no backward). Adds the term `student_channels_seen` (mean real channels

@@ -5,6 +5,8 @@
 - `ibot` (C3R, baselines; DINOv2 recipe): the DINO CLS loss + the iBOT masked-patch loss on the global
   crops (the student sees block-masked global crops, the teacher the unmasked ones), with optional KoLeo on
   the student's global CLS and a weakly supervised SupCon term on per-sample labels.
+- With DiChaViT either objective adds its token diversification loss on the student's global crops
+  (`ssl.token_orthogonality_weight`). (`mae`, masked autoencoding, lives in `cellfm.train.masked_autoencoding`.)
 
 An objective computes the loss of one micro-batch from its `StepViews` (crops, channel names, the
 teacher's and the student's channel masks, iBOT patch masks, labels), all drawn by the training step's
@@ -27,6 +29,7 @@ from cellfm.ssl.ibot_loss import IBOTPatchLoss
 from cellfm.ssl.kl_uniform import KLUniformLoss
 from cellfm.ssl.koleo import KoLeoLoss
 from cellfm.ssl.supcon import SupConLoss, label_ids
+from cellfm.ssl.token_orthogonality import TokenOrthogonalityLoss
 
 
 def supcon_label(cfg: Config) -> str:
@@ -61,13 +64,15 @@ class EncoderWithHead(nn.Module):
         patch_mask: Tensor | None = None,
         predict_patches: Tensor | None = None,
         return_cls: bool = False,
+        token_loss: nn.Module | None = None,
     ) -> dict[str, Tensor]:
         """global_crops (G, B, C, g, g), local_crops (L, B, C, l, l) or None.
 
         channel_names: B per-sample name lists; channel_mask (B, C) bool (True = the channel is seen) or
         None (every channel is), applied to every crop of a sample; patch_mask (G, B, P) bool: global-crop
         patches the backbone replaces by its mask token; predict_patches (G, B, P) bool: global-crop patch
-        tokens to send through the patch head.
+        tokens to send through the patch head; token_loss: a loss of the global crops' per-channel tokens
+        (DiChaViT's "channel_tokens" output (G*B, C, L, D) and the channel mask), added as "token_orthogonality".
 
         Returns {"global": (G*B, K) CLS logits, "local": (L*B, K) if local crops,
                  "global_cls": (G*B, D) backbone CLS if return_cls,
@@ -77,9 +82,11 @@ class EncoderWithHead(nn.Module):
         n_global, batch = global_crops.shape[:2]
         out: dict[str, Tensor] = {}
         g = self.backbone(global_crops.flatten(0, 1), channel_names=channel_names * n_global,
-                          channel_mask=_per_view(channel_mask, n_global),
+                          channel_mask=per_view(channel_mask, n_global),
                           patch_mask=None if patch_mask is None else patch_mask.flatten(0, 1))
         out["global"] = self.head(g["cls"])
+        if token_loss is not None:
+            out["token_orthogonality"] = token_loss(g["channel_tokens"], per_view(channel_mask, n_global))
         if return_cls:
             out["global_cls"] = g["cls"]
         if predict_patches is not None:
@@ -97,12 +104,12 @@ class EncoderWithHead(nn.Module):
             if local_crops.shape[1] != batch:
                 raise ValueError(f"local crops have batch {local_crops.shape[1]}, global crops {batch}")
             loc = self.backbone(local_crops.flatten(0, 1), channel_names=channel_names * n_local,
-                                channel_mask=_per_view(channel_mask, n_local), patch_mask=None)
+                                channel_mask=per_view(channel_mask, n_local), patch_mask=None)
             out["local"] = self.head(loc["cls"])
         return out
 
 
-def _per_view(channel_mask: Tensor | None, n_views: int) -> Tensor | None:
+def per_view(channel_mask: Tensor | None, n_views: int) -> Tensor | None:
     """(B, C) -> (n_views * B, C), view-major like the crops."""
     return None if channel_mask is None else channel_mask.repeat(n_views, 1)
 
@@ -118,21 +125,25 @@ def _dino_head(cfg: Config, in_dim: int) -> DINOHead:
                     use_bn=cfg.ssl.head_use_bn)
 
 
-def build_student_teacher(cfg: Config) -> tuple[EncoderWithHead, EncoderWithHead]:
-    """Student and an identical teacher (no gradients; updated only by EMA). With `ssl.objective: ibot` and a
-    separate iBOT head, both carry an `ibot_head` too. Without iBOT a backbone's `mask_token` is never used,
-    so it is frozen (a trainable parameter that gets no gradient breaks DDP)."""
+def build_student_teacher(cfg: Config) -> tuple[nn.Module, nn.Module]:
+    """Student and an identical teacher (no gradients; updated only by EMA): an `EncoderWithHead`, or for
+    `ssl.objective: mae` a `MaskedAutoencoder` (encoder + decoder). With `ssl.objective: ibot` and a separate
+    iBOT head, both carry an `ibot_head` too. Without iBOT a backbone's `mask_token` is never used, so it is
+    frozen (a trainable parameter that gets no gradient breaks DDP). Both hold the backbone as `.backbone`."""
     backbone = build_backbone(cfg.model)
-    head = _dino_head(cfg, backbone.embed_dim)
-    ibot_head = None
-    if cfg.ssl.objective == "ibot":
-        if _separate_ibot_head(cfg):
-            ibot_head = _dino_head(cfg, backbone.embed_dim)
-    else:
+    if cfg.ssl.objective != "ibot":
         for name, p in backbone.named_parameters():
             if name.rsplit(".", 1)[-1] == "mask_token":
                 p.requires_grad_(False)
-    student = EncoderWithHead(backbone, head, ibot_head)
+    if cfg.ssl.objective == "mae":
+        from cellfm.train.masked_autoencoding import build_masked_autoencoder
+
+        student: nn.Module = build_masked_autoencoder(cfg, backbone)
+    else:
+        head = _dino_head(cfg, backbone.embed_dim)  # before the iBOT head: the init draws keep their order
+        ibot_head = _dino_head(cfg, backbone.embed_dim) if cfg.ssl.objective == "ibot" and _separate_ibot_head(cfg) \
+            else None
+        student = EncoderWithHead(backbone, head, ibot_head)
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -145,9 +156,10 @@ class StepViews:
 
     global_crops (G, B, C, g, g); local_crops (L, B, C, l, l) or None; channel_names: B lists of C names
     ("" for padding); teacher_channels (B, C) bool: the real channels (None: all are real);
-    student_channels (B, C) bool: the real channels the student sees (MCD / hierarchical channel
+    student_channels (B, C) bool: the real channels the student sees (MCD / hierarchical / diverse channel
     sampling; never a padded one), None: all; patch_mask (G, B, P) bool: the iBOT-masked global-crop
-    patches of the student (None without iBOT); labels: B weak labels for SupCon, or None."""
+    patches of the student (None without iBOT); labels: B weak labels for SupCon, or None; token_mask
+    (G, B, C, L) bool: MAE's hidden tokens of each global crop, per channel and grid position (None without MAE)."""
 
     global_crops: Tensor
     local_crops: Tensor | None
@@ -156,6 +168,7 @@ class StepViews:
     student_channels: Tensor | None
     patch_mask: Tensor | None
     labels: list[str] | None
+    token_mask: Tensor | None = None
 
 
 @dataclass
@@ -193,6 +206,22 @@ def _dino_cls_terms(dino_loss: DINOLoss, student: dict[str, Tensor], teacher_pro
     return dino, dino_global, dino_local
 
 
+def token_orthogonality_loss(cfg: Config) -> TokenOrthogonalityLoss | None:
+    """DiChaViT's token diversification loss when it applies (model dichavit, weight > 0), else None."""
+    if cfg.model.name == "dichavit" and cfg.ssl.token_orthogonality_weight > 0:
+        return TokenOrthogonalityLoss()
+    return None
+
+
+def _add_token_orthogonality(total: Tensor, terms: dict[str, Tensor], student: dict[str, Tensor],
+                             weight: float) -> Tensor:
+    """total + weight * the student's token_orthogonality output (logged as a term), when it has one."""
+    if "token_orthogonality" not in student:
+        return total
+    terms["token_orthogonality"] = student["token_orthogonality"]
+    return total + weight * student["token_orthogonality"]
+
+
 def _kl_uniform_term(kl_uniform: KLUniformLoss, student: dict[str, Tensor], student_temp: float) -> Tensor:
     logits = torch.cat([student["global"], student["local"]]) if "local" in student else student["global"]
     return kl_uniform(torch.softmax(logits.float() / student_temp, dim=-1))
@@ -211,6 +240,7 @@ class DinoObjective(nn.Module):
         self.cfg = cfg
         self.dino_loss = DINOLoss(cfg.ssl.head_out_dim, cfg.ssl.student_temp, cfg.ssl.center_momentum)
         self.kl_uniform = KLUniformLoss()
+        self.token_orthogonality = token_orthogonality_loss(cfg)
 
     def forward(self, student: nn.Module, teacher: EncoderWithHead, views: StepViews, teacher_temp: float
                 ) -> StepLosses:
@@ -226,11 +256,13 @@ class DinoObjective(nn.Module):
             teacher_probs = teacher_probs.view(n_global, batch, -1)
 
         out = student(global_crops, views.local_crops, channel_names=views.channel_names,
-                      channel_mask=views.student_channels)
+                      channel_mask=views.student_channels, token_loss=self.token_orthogonality)
         dino, dino_global, dino_local = _dino_cls_terms(self.dino_loss, out, teacher_probs, n_global, batch)
         kl = _kl_uniform_term(self.kl_uniform, out, self.cfg.ssl.student_temp)
-        total = dino + self.cfg.ssl.kl_uniform_weight * kl
-        return StepLosses(total=total, terms={"dino_global": dino_global, "dino_local": dino_local, "kl_uniform": kl})
+        terms = {"dino_global": dino_global, "dino_local": dino_local, "kl_uniform": kl}
+        total = _add_token_orthogonality(dino + self.cfg.ssl.kl_uniform_weight * kl, terms, out,
+                                         self.cfg.ssl.token_orthogonality_weight)
+        return StepLosses(total=total, terms=terms)
 
 
 class IbotObjective(nn.Module):
@@ -260,6 +292,7 @@ class IbotObjective(nn.Module):
         self.kl_uniform = KLUniformLoss()
         self.koleo = KoLeoLoss()
         self.supcon = SupConLoss(s.supcon_temperature)
+        self.token_orthogonality = token_orthogonality_loss(cfg)
 
     @property
     def dino_loss(self) -> nn.Module:
@@ -288,12 +321,13 @@ class IbotObjective(nn.Module):
         use_supcon = s.supcon_weight > 0 and labels is not None
         out = student(global_crops, views.local_crops, channel_names=views.channel_names,
                       channel_mask=views.student_channels, patch_mask=patch_mask, predict_patches=patch_mask,
-                      return_cls=s.koleo_weight > 0 or use_supcon)
+                      return_cls=s.koleo_weight > 0 or use_supcon, token_loss=self.token_orthogonality)
         dino, dino_global, dino_local = _dino_cls_terms(self.losses["dino"], out, cls_probs, n_global, batch)
         ibot = self.losses["ibot"](out["patch"], patch_probs, patch_mask.flatten(0, 1))
         kl = _kl_uniform_term(self.kl_uniform, out, s.student_temp)
         total = dino + s.ibot_loss_weight * ibot + s.kl_uniform_weight * kl
         terms = {"dino_global": dino_global, "dino_local": dino_local, "ibot": ibot, "kl_uniform": kl}
+        total = _add_token_orthogonality(total, terms, out, s.token_orthogonality_weight)
         if s.koleo_weight > 0:
             cls = out["global_cls"].view(n_global, batch, -1)
             koleo = sum(self.koleo(cls[v]) for v in range(n_global))
@@ -313,7 +347,11 @@ OBJECTIVES: dict[str, type[nn.Module]] = {"dino": DinoObjective, "ibot": IbotObj
 
 
 def build_objective(cfg: Config) -> nn.Module:
-    """The training objective named by `ssl.objective` (dino | ibot)."""
+    """The training objective named by `ssl.objective` (dino | ibot | mae)."""
+    if cfg.ssl.objective == "mae":
+        from cellfm.train.masked_autoencoding import MAEObjective
+
+        return MAEObjective(cfg)
     if cfg.ssl.objective not in OBJECTIVES:
-        raise ValueError(f"ssl.objective={cfg.ssl.objective!r} is not one of {sorted(OBJECTIVES)}")
+        raise ValueError(f"ssl.objective={cfg.ssl.objective!r} is not one of {sorted(OBJECTIVES) + ['mae']}")
     return OBJECTIVES[cfg.ssl.objective](cfg)

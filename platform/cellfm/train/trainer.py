@@ -14,15 +14,17 @@ from cellfm.data.pipeline import check_pipeline_config, create_monitor, field_ca
 from cellfm.runtime import init_ray
 from cellfm.train import storage
 from cellfm.train.storage import run_directory  # noqa: F401 - also imported from here
+from cellfm.train.init_from import init_from_config, init_from_problems, resolve_init_from
 from cellfm.train.loop import train_loop_per_worker
 from cellfm.train.meta_arch import check_training_config
 from cellfm.train.self_distillation import supcon_label
 
 
 def record_channel_metadata(cfg: Config, manifest) -> None:
-    """Fill `model.channel_groups` (C3R) and `model.channel_vocabulary` (ChannelViT) from the training
+    """Fill `model.channel_groups` (C3R) and `model.channel_vocabulary` (ChannelViT, DiChaViT) from the training
     manifest where the config leaves them empty, so the run's saved config rebuilds the model at
-    inference. Explicit config entries win; a stain given two groups in the manifest is an error."""
+    inference. Explicit config entries win; a stain given two groups in the manifest is an error. With
+    `train.init_from` an empty vocabulary is the checkpoint's (its channel embeddings are in that order)."""
     groups: dict[str, str] = {}
     for row in manifest.itertuples():
         for name, group in zip(row.channel_names, row.channel_groups):
@@ -31,7 +33,9 @@ def record_channel_metadata(cfg: Config, manifest) -> None:
                                   f"e.g. plate {row.plate} well {row.well} field {row.field}; set model.channel_groups")
     cfg.model.channel_groups = {**groups, **cfg.model.channel_groups}
     if not cfg.model.channel_vocabulary:
-        cfg.model.channel_vocabulary = sorted(groups)
+        source = init_from_config(cfg)
+        cfg.model.channel_vocabulary = list(source.model.channel_vocabulary) if source is not None \
+            and source.model.channel_vocabulary else sorted(groups)
 
 
 def run_pretraining(cfg: Config, *, callbacks: Sequence = (), epoch_evaluator=None):
@@ -44,6 +48,11 @@ def run_pretraining(cfg: Config, *, callbacks: Sequence = (), epoch_evaluator=No
 
     manifest = load_manifests([cfg.data.train_manifest], storage_options=cfg.data.storage_options or None)
     record_channel_metadata(cfg, manifest)
+    if problems := init_from_problems(cfg, manifest):
+        raise ConfigError(problems)
+    if cfg.train.init_from:
+        # The checkpoint folder itself (not a run folder's latest, which may change) is saved with the run.
+        cfg.train.init_from = resolve_init_from(cfg.train.init_from, cfg.data.storage_options or None)
     check_training_config(cfg)
     try:
         check_pipeline_config(manifest, cfg.data)

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from cellfm.config import Config, ConfigError, config_problems
+from cellfm.config import Config, ConfigError, config_problems, student_channel_sampling
 from cellfm.preflight import (
     MAX_PROBLEMS,
     PreflightError,
@@ -67,8 +67,13 @@ APPLIES_TO: dict[str, tuple[Callable[[Config], bool], str]] = {
        for k in ("pooling_ratio", "mixer_depth", "channel_encoder_dim", "channel_encoder_stride", "input_norm")},
     "model.n_pre": (lambda c: c.model.name == "c3r", "model.name=c3r (C3R's branch depth)"),
     "model.channel_groups": (lambda c: c.model.name == "c3r", "model.name=c3r (C3R's context/concept groups)"),
-    "model.channel_vocabulary": (lambda c: c.model.name in ("channelvit", "vit_rgb"),
-                                 "model.name=channelvit or vit_rgb"),
+    "model.channel_vocabulary": (lambda c: c.model.name in ("channelvit", "dichavit", "vit_rgb"),
+                                 "model.name=channelvit, dichavit or vit_rgb"),
+    "ssl.dcs_temperature": (lambda c: student_channel_sampling(c) == "dcs",
+                            "diverse channel sampling (model.name=dichavit)"),
+    "ssl.token_orthogonality_weight": (lambda c: c.model.name == "dichavit", "model.name=dichavit"),
+    **{f"ssl.{k}": (lambda c: c.ssl.objective == "mae", "ssl.objective=mae (CA-MAE)")
+       for k in ("mae_mask_ratio", "mae_fourier_weight", "mae_decoder_dim", "mae_decoder_depth", "mae_decoder_heads")},
     "ssl.mcd_keep_counts": (lambda c: c.ssl.mcd and _ibot(c),
                             "ssl.mcd=true with ssl.objective=ibot (C3R's Masked Context Distillation)"),
     **{f"ssl.{k}": (_ibot, "ssl.objective=ibot")

@@ -16,7 +16,7 @@ from cellfm.models.layers.init import init_weights_trunc_normal
 from cellfm.models.layers.keep_in_graph import keep_in_graph
 from cellfm.models.layers.norm import LayerNorm
 from cellfm.models.layers.patch_embed import grid_of
-from cellfm.models.layers.pos_embed import interpolate_pos_embed
+from cellfm.models.layers.pos_embed import interpolate_pos_embed, sincos_pos_embed_2d
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class ViTTrunk(nn.Module, ABC):
 
       cls_token, cls_pos_embed  (1, 1, D)   the CLS token and its learned position
       pos_embed                 (1, L, D)   learned patch positions at `img_size`, resampled for other sizes
+                                            (None with sincos_positions: fixed 2-D sin-cos positions instead)
       register_tokens           (1, R, D)   optional registers (no position), None when R = 0
       mask_token                (1, D)      iBOT's replacement for masked patches (a backbone applies it)
       blocks                    `len(block_drop_path)` pre-norm blocks at width D
@@ -57,8 +58,10 @@ class ViTTrunk(nn.Module, ABC):
         num_register_tokens: int = 0,
         layerscale_init: float | None = 1e-5,
         qkv_bias: bool = True,
+        sincos_positions: bool = False,
     ):
-        """block_drop_path: the stochastic-depth rate of each trunk block; its length is the trunk's depth."""
+        """block_drop_path: the stochastic-depth rate of each trunk block; its length is the trunk's depth.
+        sincos_positions: fixed 2-D sin-cos patch positions (no learned `pos_embed`), as MAE and CA-MAE."""
         super().__init__()
         if not block_drop_path:
             raise ValueError("the ViT trunk needs at least one block")
@@ -68,7 +71,8 @@ class ViTTrunk(nn.Module, ABC):
         self.grid_size = grid_of(img_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], embed_dim))
+        self.pos_embed = None if sincos_positions else nn.Parameter(
+            torch.zeros(1, self.grid_size[0] * self.grid_size[1], embed_dim))
         # None rather than a 0-sized parameter: empty parameters trip up some optimizer/ZeRO code paths.
         self.register_tokens = (
             nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens > 0 else None
@@ -88,7 +92,10 @@ class ViTTrunk(nn.Module, ABC):
         return h * w
 
     def positions(self, grid: tuple[int, int]) -> Tensor:
-        """(1, h * w, D) learned patch positions for a patch grid (h, w), resampled when it is not `grid_size`."""
+        """(1, h * w, D) patch positions for a patch grid (h, w): the learned ones, resampled when the grid is not
+        `grid_size`, or the fixed sin-cos ones."""
+        if self.pos_embed is None:
+            return sincos_pos_embed_2d(grid, self.embed_dim).to(self.cls_token.device, self.cls_token.dtype)
         return interpolate_pos_embed(self.pos_embed, self.grid_size, grid)
 
     def cls_embedding(self) -> Tensor:
