@@ -50,7 +50,9 @@ CHANNEL_GROUPS = ("context", "concept")
 # Evaluation protocols, in report order (cellfm.evaluate.protocols runs them).
 FEATURE_AGGREGATIONS = ("mean", "median")
 FEATURE_NORMALIZATIONS = ("none", "standardize", "robust_mad", "spherize")
-EVAL_PROTOCOLS = ("probe", "compound_heldout", "nn_lopo", "replicate_map", "moa_consistency", "localization_map")
+EVAL_PROTOCOLS = ("probe", "per_plate_probe", "lopo_probe", "compound_heldout", "nn_lopo", "replicate_map", "moa_consistency", "localization_map")
+# Protocols across plates: a manifest of one plate cannot give them.
+PLATE_PROTOCOLS = ("per_plate_probe", "lopo_probe", "nn_lopo")
 
 
 @dataclass
@@ -339,9 +341,12 @@ class EvalConfig:
     labels: list[str] = field(default_factory=lambda: ["perturbation_id", "moa"])
     # Well features normalized per plate against its negative controls (none | negcon).
     well_normalization: str = "negcon"
-    # Protocols to run (docs/evaluation.md): probe (fixed well splits), compound_heldout (MoA of
-    # unseen compounds), nn_lopo (CHAMMI 1-NN), replicate_map (JUMP replicate retrieval),
-    # moa_consistency (JUMP), localization_map (HPA-style multi-label).
+    # Protocols to run (docs/evaluation.md): probe (fixed well splits), per_plate_probe (the probe within
+    # each plate, mean +- standard error over plates), lopo_probe (probe trained on the other plates,
+    # features z-scored per plate, +- standard error over wells), compound_heldout (MoA of unseen
+    # compounds), nn_lopo (CHAMMI 1-NN), replicate_map (JUMP replicate retrieval), moa_consistency
+    # (JUMP), localization_map (HPA-style multi-label). Protocols across plates are skipped, with the
+    # reason in the report, on a manifest of one plate.
     protocols: list[str] = field(default_factory=lambda: list(EVAL_PROTOCOLS))
     # Fraction of wells tested in each fixed probe split, and of each MoA's compounds in each
     # compound-held-out split.

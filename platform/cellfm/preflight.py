@@ -26,7 +26,7 @@ from typing import Mapping
 
 import pandas as pd
 
-from cellfm.config import Config, ConfigError, DataConfig, config_problems
+from cellfm.config import PLATE_PROTOCOLS, Config, ConfigError, DataConfig, config_problems
 
 # Set by Ray's job supervisor for a driver started with `ray job submit` (JSON: runtime_env, metadata).
 RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -277,9 +277,22 @@ def evaluation_manifest_problems(cfg: Config, manifest: pd.DataFrame, source: st
         for plate, n in controls[controls < 2].items():
             problems.append(f"eval.well_normalization=negcon needs >= 2 negative-control wells per plate; plate "
                             f"{plate!r} of {source} has {int(n)} (set eval.well_normalization=none)")
+    if set(cfg.eval.protocols) <= set(PLATE_PROTOCOLS):  # nothing else to score on one plate
+        problem = one_plate_problem(manifest, source, f"eval.protocols={list(cfg.eval.protocols)}")
+        problems += [problem] if problem else []
     if trained is not None:
         problems += _channels_the_model_places(cfg, trained, manifest, source)
     return problems
+
+
+def one_plate_problem(manifest: pd.DataFrame, source: str, requested: str) -> str | None:
+    """The line for a manifest of one plate where `requested` (the key and value asking for a protocol
+    across plates: per-plate or leave-one-plate-out) needs two or more; None with several plates."""
+    plates = sorted(map(str, manifest["plate"].unique()))
+    if len(plates) >= 2:
+        return None
+    return (f"{requested} needs two or more plates (a standard error over plates, or plates to leave out), but "
+            f"{source} has {len(plates)} ({', '.join(plates)}); add held-out plates or use the fixed-split probe")
 
 
 def _channels_the_model_places(cfg: Config, trained: Config, manifest: pd.DataFrame, source: str) -> list[str]:
