@@ -90,6 +90,7 @@ def evaluation_settings(cfg: EvalConfig) -> dict:
         "protocols": [p for p in EVAL_PROTOCOLS if p in cfg.protocols],
         "labels": list(cfg.labels),
         "well_normalization": cfg.well_normalization,
+        "channel_readout": cfg.channel_readout,
         "test_fraction": cfg.test_fraction,
         "split_seeds": split_seeds(cfg, cfg.n_splits),
         "compound_split_seeds": split_seeds(cfg, cfg.n_compound_splits),

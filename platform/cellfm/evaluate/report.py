@@ -24,6 +24,9 @@ from cellfm.evaluate.protocols import PER_LABEL_PROTOCOLS
 BASELINE_COLOURS = {"random_init": "#9e9e9e", "intensity_stats": "#c9a66b"}
 CONTROL_COLOUR = "#bdbdbd"
 DOCS = "docs/evaluation.md"
+READOUT_TEXT = {"pooled": "each encoder's one embedding of all channels (CLS + mean patch token)",
+                "per_channel": "per channel (each channel embedded alone, CLS + mean patch token, concatenated in "
+                               "channel order), for every encoder"}
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -106,6 +109,7 @@ def markdown_report(report: dict) -> str:
              "Models: " + ", ".join(f"`{m}`" + (f" (`{checkpoints[m]}`)" if m in checkpoints else "") for m in trained)
              + "; baselines: " + (", ".join(f"`{m}`" for m in models if m not in trained) or "none") + ".", "",
              *_store_lines(report),
+             f"Features: {READOUT_TEXT[report.get('channel_readout', 'pooled')]}. "
              f"Wells: mean over fields{normalized}. "
              f"Fixed-split probe: {len(report['split_seeds'])} stratified well splits (test fraction "
              f"{report['test_fraction']}); compound-held-out probes: {len(report['compound_split_seeds'])} splits; "

@@ -70,7 +70,7 @@ class HeldOutObjective:
     """The per-epoch evaluator of a trial (see the module's docstring). `held_out`: the driver's
     `read_held_out` result, or an ObjectRef of it (fetched on first use, on rank 0 only); `cfg`: the trial's
     config (eval.* sets the probe: well_normalization, test_fraction, split_seed, n_splits, batch_size,
-    image_size)."""
+    image_size, channel_readout)."""
 
     def __init__(self, held_out, cfg: Config, label: str, score: str, protocol: str = "probe"):
         self.held_out = held_out
@@ -132,8 +132,8 @@ class HeldOutObjective:
                 part = slice(start, min(start + batch, n))
                 images = to_float_images(held_out.images[part]).to(device)
                 mask = torch.from_numpy(held_out.channel_mask[part]).to(device)
-                out.append(field_embedding(backbone, images, self.cfg.eval.image_size,
-                                           held_out.channel_names[part], mask).float().cpu().numpy())
+                out.append(field_embedding(backbone, images, self.cfg.eval.image_size, held_out.channel_names[part],
+                                           mask, self.cfg.eval.channel_readout).float().cpu().numpy())
         return np.concatenate(out)
 
     def _flops_per_image(self, backbone, held_out: HeldOutFields) -> float:
