@@ -1,8 +1,7 @@
 """The well-level logistic probe across several held-out plates, with standard errors.
 
 One plate of 56 wells is a coarse instrument: a probe tested on 28 wells moves in steps of 0.036, and
-the same encoder scores 0.46 / 0.24 / 0.36 on three plates generated alike. Two protocols use every
-plate instead:
+an encoder's score moves from plate to plate by more than that. Two protocols use every plate instead:
 
 - per-plate probe (`cellfm.evaluate.protocols.per_plate_probe`): the fixed-split probe (eval.n_splits
   stratified splits) run within each plate alone; the score is the mean over plates with its standard
