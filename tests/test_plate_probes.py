@@ -113,12 +113,13 @@ def test_evaluate_reports_per_plate_and_lopo_probes_with_standard_errors():
     assert block["chance"]["lopo_probe_moa_top1"] == pytest.approx(1 / 3)
     # The report states each as value ± standard error.
     report = {"results": {"seen": {"manifest": "m.parquet", "channels": ["DNA"], **block}}, "baselines": [],
-              "well_normalization": "none", "split_seeds": [0, 1], "compound_split_seeds": [0, 1],
+              "well_normalization": "none", "channel_readout": "per_channel", "split_seeds": [0, 1], "compound_split_seeds": [0, 1],
               "test_fraction": 0.5, "copairs": {"null_size": 10, "threshold": 0.05},
               "metric_titles": {"per_plate_probe_moa_top1": "per-plate", "lopo_probe_moa_top1": "lopo"}}
     text = markdown_report(report)
     assert f"| lopo | {lopo['top1']:.3f} ± {lopo['top1_se']:.3f} |" in text
     assert f"| per-plate | {np.mean(per_plate):.3f} ± {standard_error(per_plate):.3f} |" in text
+    assert "Features: per channel (each channel embedded alone" in text
 
 
 def test_one_plate_skips_the_protocols_across_plates_with_the_reason():
