@@ -1,8 +1,9 @@
 """The seed papers' model comparisons in miniature: CellRep, C3R and the baselines they beat, trained on one
 budget and scored with one protocol on seen and unseen channel configurations of the synthetic family.
 
-    python benchmarks/model_quality.py                  # 5 models x 3 seeds, ~35 min on 2 cores
+    python benchmarks/model_quality.py                  # 5 models x 3 seeds, both readouts, 5 held-out plates
     python benchmarks/model_quality.py --models cellrep vit_rgb --seeds 0 --epochs 2    # a quick look
+    python benchmarks/model_quality.py --models cellrep --seeds 0 --epochs 1 --heldout-plates 2   # a smoke run
 
 Training: every model gets configs/model_quality.yaml (same optimizer steps, batch, crops, image size,
 schedules) plus its own objective (MODELS: CellRep DINO; C3R iBOT + Masked Context Distillation; ChannelViT
@@ -11,15 +12,28 @@ on the `cp5` training plates (5 Cell Painting stains), single-process on fields 
 one training step (`cellfm.train.in_memory.train_in_memory` -> `SSLMetaArch`). Seeds are train.seed: the
 init, every augmentation draw and the field order.
 
-Evaluation (one protocol, `cellfm.evaluate.protocols.fixed_split_probe`): the teacher backbone embeds every field of one
-held-out plate per configuration (CLS + mean patch token of the whole field resized to eval.image_size), fields
-are averaged per well, and a standardized logistic regression is scored on eval.n_splits fixed stratified
-well splits (the same splits for every encoder): top-1 of MoA on held-out `cp5` wells (seen configuration),
-`novel4` (Golgi, Mito, DNA, Tubulin: two stains never seen, another count and order), `brightfield1` (one
-label-free channel) and protein localization on `hpa4` (Microtubules, Protein, Nucleus, ER). Where a model
-cannot take a configuration (ChannelViT has no embedding for a stain it never saw), the cell is "n/a" with
-the reason. Beside the trained encoders: each architecture at random init (same seeds) and per-channel
-intensity statistics. Each cell is mean +- sd (ddof=1) over seeds of the mean over splits.
+Evaluation (`score_features`: the probes across plates of `cellfm.evaluate.protocols`): the teacher backbone
+embeds every field of --heldout-plates (default 5) held-out plates per configuration (CLS + mean patch token of
+the whole field resized to eval.image_size), fields are averaged per well, and a standardized logistic
+regression of MoA is scored two ways: within each plate on eval.n_splits fixed stratified splits (mean ± standard
+error over plates), and leave one plate out (features z-scored per plate, trained on the other plates, every
+well tested once; ± the binomial standard error over wells). One plate of 56 wells cannot resolve 0.05: a probe
+tested on 28 wells moves in steps of 0.036, and an encoder's score moves from plate to plate by more.
+Configurations: `cp5` held-out wells (seen configuration), `novel4` (Golgi, Mito, DNA, Tubulin: two stains never
+seen, another count and order), `brightfield1` (one label-free channel) and protein localization on `hpa4`
+(Microtubules, Protein, Nucleus, ER). Where a model cannot take a configuration (ChannelViT has no embedding for a
+stain it never saw), the cell is "n/a" with the reason.
+
+Readouts (`eval.channel_readout`): every model pooled (its one embedding of all channels); the models that pool
+over channels (CellRep, C3R, single_channel) also per channel (each channel embedded alone, the embeddings
+concatenated in channel order), since pooling hides which stain a feature came from. Beside each trained
+encoder, its architecture at random init (same seed) read out the same way; and per-channel intensity
+statistics. Ceilings (an oracle, a supervised CNN, a CellProfiler-style baseline) plug in as extra rows through
+`extra_rows=` of `main` (`score_features` on their own well features), scored with the same protocol.
+
+Each cell is the mean over seeds with a standard error that adds the seeds' spread to the wells' sampling error:
+sqrt(mean over seeds of se² + var over seeds (ddof=1) / n_seeds). Claims compare two cells with
+`cellfm.evaluate.metrics.compare_scores`: a direction only where the difference exceeds two standard errors.
 
 Writes benchmarks/results/model_quality.{json,md,png} (after every run, so a run that dies keeps what it
 measured) and prints progress with an ETA.
@@ -34,6 +48,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,7 +61,8 @@ import torch
 from cellfm.config import Config, ModelConfig, load_config
 from cellfm.data.manifest import read_manifest
 from cellfm.data.synthetic import FAMILY_CONFIGS, ScreenLayout, generate_family_screen
-from cellfm.evaluate.protocols import fixed_split_probe, split_seeds
+from cellfm.evaluate.metrics import compare_scores
+from cellfm.evaluate.protocols import lopo_probe, per_plate_probe, split_seeds
 from cellfm.evaluate.wells import well_profiles
 from cellfm.features.embed import IntensityStatistics, embed_fields
 from cellfm.models.registry import build_backbone
@@ -56,6 +72,7 @@ from cellfm.train.trainer import record_channel_metadata
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 CONFIG = REPO / "configs" / "model_quality.yaml"
+FORMAT = 2  # of the results JSON: 2 = several held-out plates, readouts, per-plate and LOPO probes
 
 IBOT = ["ssl.objective=ibot", "ssl.kl_uniform_weight=0.0"]
 # name -> overrides on configs/model_quality.yaml: the model and the objective its paper trains it with.
@@ -68,12 +85,18 @@ MODELS = {
     "dichavit": ["model.name=dichavit", *IBOT, "ssl.channel_sampling=dcs"],
     "ca_mae": ["model.name=ca_mae", "ssl.objective=mae", "ssl.n_local_crops=0"],
 }
+# Models whose one embedding pools over channels (a mean after the mixer, per group, or of per-channel
+# embeddings): read out both ways. vit_rgb fuses stains at the input and ChannelViT keeps a token per channel.
+CHANNEL_POOLING = ("cellrep", "c3r", "single_channel")
+READOUTS = ("pooled", "per_channel")
 TRAIN_CONFIG = "cp5"
+PROTOCOLS = {"lopo": "leave-one-plate-out probe (features z-scored per plate; ± standard error over wells)",
+             "per_plate": "probe within each plate (fixed splits; mean ± standard error over plates)"}
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One evaluated configuration of the synthetic family: its held-out plate and what it tests."""
+    """One evaluated configuration of the synthetic family: its held-out plates and what it tests."""
 
     config: str
     title: str
@@ -87,11 +110,23 @@ EVALUATIONS = (
 )
 UNSEEN = ("novel4", "brightfield1", "hpa4")  # configurations the models never trained on
 
-# cp5: 3 training plates + 1 held-out plate; every other configuration: its held-out plate only.
-# Per plate 8 control wells + 12 compounds x 4 wells (hpa4: 24 proteins x 4 wells), 4 fields of 96 px a well.
-TRAIN_LAYOUT = ScreenLayout(n_train_plates=3, n_heldout_plates=1, n_unseen_plates=0, replicates_per_plate=4,
-                            controls_per_plate=8, fields_per_well=4, field_size=96)
-EVAL_LAYOUT = ScreenLayout(**{**TRAIN_LAYOUT.__dict__, "n_train_plates": 0})
+# cp5: 3 training plates + the held-out plates; every other configuration: its held-out plates only. Per plate
+# 8 control wells + 12 compounds x 4 wells (hpa4: 24 proteins x 4 wells), 4 fields of 96 px a well.
+N_HELDOUT_PLATES = 5
+
+
+def layouts(n_heldout_plates: int = N_HELDOUT_PLATES) -> tuple[ScreenLayout, ScreenLayout]:
+    """(cp5's layout: training + held-out plates, every other configuration's: held-out plates only)."""
+    train = ScreenLayout(n_train_plates=3, n_heldout_plates=n_heldout_plates, n_unseen_plates=0, replicates_per_plate=4,
+                         controls_per_plate=8, fields_per_well=4, field_size=96)
+    return train, ScreenLayout(**{**train.__dict__, "n_train_plates": 0})
+
+
+TRAIN_LAYOUT, EVAL_LAYOUT = layouts()
+
+
+def readouts(model: str) -> tuple[str, ...]:
+    return READOUTS if model in CHANNEL_POOLING else ("pooled",)
 
 
 def unsupported_reason(model: ModelConfig, channels: Sequence[str]) -> str | None:
@@ -105,30 +140,21 @@ def unsupported_reason(model: ModelConfig, channels: Sequence[str]) -> str | Non
     return None
 
 
-def mean_sd(values: Sequence[float]) -> dict:
-    """Mean and sample standard deviation (ddof=1; 0 for one value) over seeds."""
-    array = np.asarray(values, dtype=float)
-    sd = float(array.std(ddof=1)) if len(array) > 1 else 0.0
-    return {"mean": float(array.mean()), "sd": sd, "n": len(array), "values": [float(v) for v in array]}
-
-
-def compare(a: Sequence[float], b: Sequence[float]) -> dict:
-    """a - b over seeds: the difference of means, its standard error (Welch) and the direction, "higher" or
-    "lower" when the difference exceeds two standard errors, else "within seed noise"."""
-    a_stats, b_stats = mean_sd(a), mean_sd(b)
-    diff = a_stats["mean"] - b_stats["mean"]
-    se = math.sqrt(a_stats["sd"] ** 2 / len(a) + b_stats["sd"] ** 2 / len(b))
-    direction = "within seed noise" if abs(diff) <= 2 * se else ("higher" if diff > 0 else "lower")
-    return {"difference": diff, "standard_error": se, "direction": direction}
+def over_seeds(cells: Sequence[dict]) -> dict:
+    """One protocol's scores of several seeds (each {"top1", "top1_se"}) -> mean, the standard error
+    sqrt(mean se² + var(ddof=1) / n) (the wells' sampling error plus the seeds' spread) and the values."""
+    values = np.asarray([c["top1"] for c in cells], dtype=float)
+    wells_var = float(np.mean([c["top1_se"] ** 2 for c in cells]))
+    seeds_var = float(values.var(ddof=1)) / len(values) if len(values) > 1 else 0.0
+    return {"mean": float(values.mean()), "se": math.sqrt(wells_var + seeds_var), "n": len(values),
+            "values": values.tolist()}
 
 
 def cell_text(cell: dict) -> str:
-    """A table cell: "0.412 ± 0.031" (mean ± sd over seeds), or "n/a" with its footnote reason."""
+    """A table cell: "0.412 ± 0.031" (mean ± standard error), or "n/a" with its footnote reason."""
     if "unsupported" in cell:
         return "n/a"
-    if cell["n"] == 1:
-        return f"{cell['mean']:.3f}"
-    return f"{cell['mean']:.3f} ± {cell['sd']:.3f}"
+    return f"{cell['mean']:.3f} ± {cell['se']:.3f}"
 
 
 def log(message: str) -> None:
@@ -138,15 +164,16 @@ def log(message: str) -> None:
 class Screens:
     """The family's plates (generated into `root` once), their manifests and normalized fields in memory."""
 
-    def __init__(self, root: Path, cfg: Config, seed: int):
+    def __init__(self, root: Path, cfg: Config, seed: int, n_heldout_plates: int = N_HELDOUT_PLATES):
         self.manifests: dict[str, pd.DataFrame] = {}
         self.fields: dict[str, torch.Tensor] = {}
-        cp5 = generate_family_screen(root / TRAIN_CONFIG, TRAIN_CONFIG, TRAIN_LAYOUT, seed=seed)
+        train_layout, eval_layout = layouts(n_heldout_plates)
+        cp5 = generate_family_screen(root / TRAIN_CONFIG, TRAIN_CONFIG, train_layout, seed=seed)
         self._add("train", read_manifest(cp5["train"]), cfg)
         self._add(TRAIN_CONFIG, read_manifest(cp5["heldout"]), cfg)
         for evaluation in EVALUATIONS:
             if evaluation.config != TRAIN_CONFIG:
-                paths = generate_family_screen(root / evaluation.config, evaluation.config, EVAL_LAYOUT, seed=seed)
+                paths = generate_family_screen(root / evaluation.config, evaluation.config, eval_layout, seed=seed)
                 self._add(evaluation.config, read_manifest(paths["heldout"]), cfg)
 
     def _add(self, name: str, manifest: pd.DataFrame, cfg: Config) -> None:
@@ -168,8 +195,25 @@ def model_config(model: str, seed: int, screens: Screens, extra: Sequence[str]) 
     return cfg
 
 
-def score(backbone: torch.nn.Module, model: ModelConfig | None, screens: Screens, cfg: Config) -> dict:
-    """Top-1 (mean over the fixed splits) per evaluated configuration, or the reason it is n/a."""
+def score_features(meta: pd.DataFrame, features: np.ndarray, cfg: Config, source: str) -> dict:
+    """The benchmark's protocol on one configuration's field (or well) features: the per-plate probe and the
+    leave-one-plate-out probe of eval.labels[0], each {"top1", "top1_se", "top1_per_plate"}. Every row of the
+    table, ceilings included (`extra_rows`), is scored here."""
+    label = cfg.eval.labels[0]
+    profiles = well_profiles(meta, features, cfg.eval.well_normalization, [label], source=source)
+    out = {}
+    for protocol, result in (("per_plate", per_plate_probe(profiles, label, cfg.eval)),
+                             ("lopo", lopo_probe(profiles, label))):
+        if "skipped" in result:
+            raise ValueError(f"{source}: {protocol} probe: {result['skipped']}")
+        out[protocol] = {key: result[key] for key in ("top1", "top1_se", "top1_per_plate")}
+    out["n_wells"], out["n_plates"] = len(profiles.meta), int(profiles.meta["plate"].nunique())
+    return out
+
+
+def score(backbone: torch.nn.Module, model: ModelConfig | None, screens: Screens, cfg: Config,
+          readout: str = "pooled") -> dict:
+    """`score_features` of the backbone's `readout` per evaluated configuration, or the reason it is n/a."""
     out = {}
     for evaluation in EVALUATIONS:
         name = evaluation.config
@@ -180,113 +224,158 @@ def score(backbone: torch.nn.Module, model: ModelConfig | None, screens: Screens
             continue
         if hasattr(backbone, "set_channel_groups"):  # C3R: the evaluated stains' groups (as cellfm evaluate)
             backbone.set_channel_groups({**cfg.model.channel_groups, **screens.groups(name)})
-        embedding = embed_fields(backbone, screens.fields[name], channels, cfg.eval.image_size)
-        label_column = cfg.eval.labels[0]
-        profiles = well_profiles(screens.manifests[name], embedding, cfg.eval.well_normalization, [label_column],
-                                 source=name)
-        label = fixed_split_probe(profiles, label_column, cfg.eval)
-        if "skipped" in label:
-            raise ValueError(f"{name}: {label['skipped']}")
-        out[name] = {"top1": label["top1"], "top1_sd_over_splits": label["top1_sd"], "n_classes": label["n_classes"],
-                     "n_test_wells": label["n_test_wells"]}
+        embedding = embed_fields(backbone, screens.fields[name], channels, cfg.eval.image_size, readout=readout)
+        out[name] = score_features(screens.manifests[name], embedding, cfg, source=f"{name} ({readout})")
+    return out
+
+
+# Ceiling rows (an oracle of the generator's parameters, a supervised CNN, a CellProfiler-style baseline):
+# name -> a function of the screens giving each evaluated configuration's (metadata, features), scored by
+# `score_features` like every encoder.
+ExtraRow = Callable[[Screens], Mapping[str, tuple[pd.DataFrame, np.ndarray]]]
+
+
+def score_extra_rows(extra_rows: Mapping[str, ExtraRow], screens: Screens, cfg: Config) -> dict:
+    """{row name: {configuration: scores}} of the extra rows; a configuration a row gives no features for is n/a."""
+    out = {}
+    for name, features_of in extra_rows.items():
+        features = features_of(screens)
+        out[name] = {e.config: (score_features(*features[e.config], cfg, source=f"{e.config} ({name})")
+                                if e.config in features else {"unsupported": f"{name} gives no features here"})
+                     for e in EVALUATIONS}
     return out
 
 
 def aggregate(runs: list[dict]) -> dict:
-    """Per evaluated configuration: mean ± sd over the runs' top-1, or the first run's n/a reason."""
+    """Per evaluated configuration and protocol: `over_seeds` of the runs' scores, or the first run's n/a reason."""
     out = {}
     for evaluation in EVALUATIONS:
         cells = [run[evaluation.config] for run in runs]
         if "unsupported" in cells[0]:
-            out[evaluation.config] = {"unsupported": cells[0]["unsupported"]}
+            out[evaluation.config] = {p: {"unsupported": cells[0]["unsupported"]} for p in PROTOCOLS}
         else:
-            out[evaluation.config] = mean_sd([c["top1"] for c in cells])
+            out[evaluation.config] = {p: over_seeds([c[p] for c in cells]) for p in PROTOCOLS}
     return out
 
 
-def claims(summary: dict) -> list[str]:
-    """The seed papers' claims, each with the direction measured here (whichever way it comes out)."""
-    trained = summary["trained"]
-    lines = []
-
-    def values(model: str, config: str) -> list[float] | None:
-        cell = trained.get(model, {}).get(config)
-        return None if cell is None or "unsupported" in cell else cell["values"]
-
-    def sentence(a: str, b: str, config: str) -> str:
-        va, vb = values(a, config), values(b, config)
-        if va is None or vb is None:
-            missing = a if va is None else b
-            cell = trained.get(missing, {}).get(config, {})
-            return f"{config}: {missing} n/a ({cell.get('unsupported', 'not run')})"
-        c = compare(va, vb)
-        return (f"{config}: {a} {np.mean(va):.3f} vs {b} {np.mean(vb):.3f}, difference {c['difference']:+.3f} "
-                f"(standard error {c['standard_error']:.3f}): {a} {c['direction']}")
-
-    for title, a, b in (("CellRep vs vit_rgb (RGB composite) on unseen configurations (seed paper: CellRep "
-                         "ahead, most on unseen channel sets)", "cellrep", "vit_rgb"),
-                        ("C3R vs ChannelViT out of distribution (seed paper: C3R ahead)", "c3r", "channelvit"),
-                        ("C3R vs single_channel out of distribution (seed paper: C3R ahead)", "c3r",
-                         "single_channel")):
-        if a in trained and b in trained:
-            lines.append(f"- **{title}.** " + "; ".join(sentence(a, b, config) for config in UNSEEN)
-                         + f". On the seen configuration: {sentence(a, b, TRAIN_CONFIG)}.")
-    return lines
+def row_name(model: str, readout: str, kind: str = "trained") -> str:
+    return f"{model} ({kind}, {readout.replace('_', '-')})"
 
 
 def summarize(results: dict) -> dict:
+    """{row name: {configuration: {protocol: cell}}} in table order: each model's trained rows (per readout),
+    then the random-init rows, intensity statistics and the extra rows; and each row's (model, readout, kind)."""
     runs = results["runs"]
     models = list(dict.fromkeys(r["model"] for r in runs))
-    return {
-        "trained": {m: aggregate([r["trained"] for r in runs if r["model"] == m]) for m in models},
-        "random_init": {m: aggregate([r["random_init"] for r in runs if r["model"] == m]) for m in models},
-        "intensity_stats": aggregate([results["intensity_stats"]]) if results.get("intensity_stats") else {},
-    }
+    rows, keys = {}, {}
+    for kind in ("trained", "random_init"):
+        for model in models:
+            for readout in readouts(model):
+                mine = [r["readouts"][readout][kind] for r in runs if r["model"] == model and readout in r["readouts"]]
+                if mine:
+                    name = row_name(model, readout, kind.replace("_", " "))
+                    rows[name], keys[name] = aggregate(mine), {"model": model, "readout": readout, "kind": kind}
+    if results.get("intensity_stats"):
+        rows["intensity statistics"] = aggregate([results["intensity_stats"]])
+    for name, scores in results.get("extra_rows", {}).items():
+        rows[name] = aggregate([scores])
+    return {"rows": rows, "keys": keys}
+
+
+def _cell(summary: dict, model: str, readout: str, config: str, kind: str = "trained") -> dict | None:
+    """A LOPO cell of the summary, or None when the row was not run."""
+    row = summary["rows"].get(row_name(model, readout, kind.replace("_", " ")))
+    return None if row is None else row[config]["lopo"]
+
+
+def sentence(label_a: str, a: dict | None, label_b: str, b: dict | None, config: str) -> str:
+    """One measured comparison of two LOPO cells: both values with their standard errors, the difference and
+    the direction `compare_scores` gives (stated only beyond two standard errors)."""
+    for label, cell in ((label_a, a), (label_b, b)):
+        if cell is None or "unsupported" in cell:
+            return f"{config}: {label} n/a ({'not run' if cell is None else cell['unsupported']})"
+    c = compare_scores(a["mean"], a["se"], b["mean"], b["se"])
+    return (f"{config}: {label_a} {a['mean']:.3f} ± {a['se']:.3f} vs {label_b} {b['mean']:.3f} ± {b['se']:.3f}, "
+            f"difference {c['difference']:+.3f} (standard error {c['standard_error']:.3f}): {label_a} {c['direction']}")
+
+
+def claims(summary: dict) -> list[str]:
+    """The seed papers' claims and the readout's, each with the direction measured by the leave-one-plate-out
+    probe (whichever way it comes out)."""
+    configs = [e.config for e in EVALUATIONS]
+    models = list(dict.fromkeys(k["model"] for k in summary["keys"].values()))
+    lines = []
+
+    def best_readout(model: str) -> str:
+        return "per_channel" if model in CHANNEL_POOLING else "pooled"
+
+    for title, a, b in (("CellRep vs vit_rgb (RGB composite) (seed paper: CellRep ahead, most on unseen channel "
+                         "sets)", "cellrep", "vit_rgb"),
+                        ("C3R vs ChannelViT (seed paper: C3R ahead out of distribution)", "c3r", "channelvit"),
+                        ("C3R vs single_channel (seed paper: C3R ahead out of distribution)", "c3r", "single_channel")):
+        if a in models and b in models:
+            for readout in readouts(a):
+                other = readout if readout in readouts(b) else "pooled"
+                la, lb = f"{a} ({readout})", f"{b} ({other})"
+                lines.append(f"- **{title}, {a} {readout}.** " + "; ".join(
+                    sentence(la, _cell(summary, a, readout, c), lb, _cell(summary, b, other, c), c) for c in configs)
+                    + ".")
+    for model in models:
+        if model in CHANNEL_POOLING:
+            lines.append(f"- **{model}: per-channel vs pooled readout (same weights).** " + "; ".join(
+                sentence("per-channel", _cell(summary, model, "per_channel", c), "pooled",
+                         _cell(summary, model, "pooled", c), c) for c in configs) + ".")
+        readout = best_readout(model)
+        lines.append(f"- **{model} ({readout}): pre-training vs the same architecture at random init.** " + "; ".join(
+            sentence("trained", _cell(summary, model, readout, c), "random init",
+                     _cell(summary, model, readout, c, "random_init"), c) for c in configs) + ".")
+        intensity = summary["rows"].get("intensity statistics")
+        if intensity:
+            lines.append(f"- **{model} ({readout}) vs intensity statistics.** " + "; ".join(
+                sentence(model, _cell(summary, model, readout, c), "intensity", intensity[c]["lopo"], c)
+                for c in configs) + ".")
+    return lines
 
 
 def markdown(results: dict) -> str:
     summary = results["summary"]
-    header = "| encoder | " + " | ".join(e.title for e in EVALUATIONS) + " |"
-    runs_per_model = {m: sum(r["model"] == m for r in results["runs"]) for m in summary["trained"]}
+    runs_per_model = {}
+    for r in results["runs"]:
+        runs_per_model[r["model"]] = runs_per_model.get(r["model"], 0) + 1
     incomplete = any(n != len(results["seeds"]) for n in runs_per_model.values())
     seeds_note = (" Incomplete run: seeds trained per model " + ", ".join(f"{m} {n}" for m, n in runs_per_model.items())
                   + "." if incomplete else "")
+    threads = "/".join(str(t) for t in sorted({r.get("threads", results["threads"]) for r in results["runs"]}))
     lines = [
         "# Model quality on one budget (benchmarks/model_quality.py)", "",
-        f"Written by `python benchmarks/model_quality.py` on {results['date']} ({results['machine']}, "
-        f"torch threads {'/'.join(str(t) for t in sorted({r.get('threads', results['threads']) for r in results['runs']}))}, "
-        f"{results['runtime_s'] / 60:.1f} min). Top-1 of a well-level logistic "
-        f"regression on held-out wells, mean ± sd over {len(results['seeds'])} seeds "
-        f"({', '.join(map(str, results['seeds']))}) of the mean over {len(results['split_seeds'])} fixed well "
-        f"splits. Every model: {results['budget']}.{seeds_note}", "",
-        header, "|" + "---|" * (len(EVALUATIONS) + 1),
-    ]
+        f"Written by `python benchmarks/model_quality.py` on {results['date']} ({results['machine']}, torch threads "
+        f"{threads or results['threads']}, {results['runtime_s'] / 60:.1f} min). MoA top-1 (hpa4: localization) of a "
+        f"well-level logistic regression on {results['n_heldout_plates']} held-out plates per configuration, over "
+        f"{len(results['seeds'])} seed(s) ({', '.join(map(str, results['seeds']))}). ± is a standard error: the "
+        f"wells' (or plates') sampling error plus the spread over seeds. Every model: {results['budget']}."
+        f"{seeds_note}", ""]
     notes: dict[str, int] = {}
 
-    def row(label: str, cells: dict) -> str:
+    def row(label: str, cells: dict, protocol: str) -> str:
         texts = []
         for e in EVALUATIONS:
-            cell = cells[e.config]
+            cell = cells[e.config][protocol]
             text = cell_text(cell)
             if "unsupported" in cell:
-                number = notes.setdefault(cell["unsupported"], len(notes) + 1)
-                text += f" [{number}]"
+                text += f" [{notes.setdefault(cell['unsupported'], len(notes) + 1)}]"
             texts.append(text)
         return f"| {label} | " + " | ".join(texts) + " |"
 
-    for model, cells in summary["trained"].items():
-        lines.append(row(f"{model} (trained)", cells))
-    for model, cells in summary["random_init"].items():
-        lines.append(row(f"{model} (random init)", cells))
-    if summary["intensity_stats"]:
-        lines.append(row("intensity statistics", summary["intensity_stats"]))
-    lines.append("| chance (largest class) | " + " | ".join(f"{results['chance'][e.config]:.3f}"
-                                                            for e in EVALUATIONS) + " |")
-    lines.append("")
+    for protocol, title in PROTOCOLS.items():
+        lines += [f"## {title[0].upper()}{title[1:]}", "",
+                  "| encoder | " + " | ".join(e.title for e in EVALUATIONS) + " |", "|" + "---|" * (len(EVALUATIONS) + 1)]
+        lines += [row(name, cells, protocol) for name, cells in summary["rows"].items()]
+        lines += ["| chance (largest class) | " + " | ".join(f"{results['chance'][e.config]:.3f}"
+                                                             for e in EVALUATIONS) + " |", ""]
     lines += [f"[{n}] n/a: {reason}." for reason, n in notes.items()]
-    lines += ["", "## The seed papers' claims, as measured here", "",
-              "Direction: \"higher\"/\"lower\" when the difference of seed means exceeds two standard errors "
-              "(Welch, over seeds), else \"within seed noise\".", "", *claims(summary), ""]
+    lines += ["", "## The claims, as measured here (leave-one-plate-out probe)", "",
+              "Direction: \"higher\"/\"lower\" only where the difference exceeds two standard errors "
+              "(`cellfm.evaluate.metrics.compare_scores`), else \"within noise\".", "", *claims(summary), ""]
     return "\n".join(lines) + "\n"
 
 
@@ -296,34 +385,28 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary = results["summary"]
-    models = list(summary["trained"])
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    width = 0.8 / (len(models) + 1)
-    for i, model in enumerate(models):
+    rows = results["summary"]["rows"]
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(12, 4.8))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        colour = "0.7" if name == "intensity statistics" else f"C{i % 10}"
         for j, e in enumerate(EVALUATIONS):
-            x = j + (i - len(models) / 2) * width
-            cell = summary["trained"][model][e.config]
+            x = j + (i - (len(names) - 1) / 2) * width
+            cell = rows[name][e.config]["lopo"]
             if "unsupported" in cell:
-                ax.text(x, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=8, color=f"C{i}")
+                ax.text(x, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color=colour)
                 continue
-            ax.bar(x, cell["mean"], width, yerr=cell["sd"], color=f"C{i}", capsize=2,
-                   label=model if j == 0 else None)
-            ax.plot(x, summary["random_init"][model][e.config]["mean"], "kx", markersize=5,
-                    label="random init (same model)" if i == 0 and j == 0 else None)
-    if summary["intensity_stats"]:
-        for j, e in enumerate(EVALUATIONS):
-            x = j + (len(models) / 2) * width
-            ax.bar(x, summary["intensity_stats"][e.config]["mean"], width, color="0.7",
-                   label="intensity statistics" if j == 0 else None)
+            ax.bar(x, cell["mean"], width, yerr=cell["se"], color=colour, capsize=2, label=name if j == 0 else None,
+                   hatch="//" if "random init" in name else None, alpha=0.55 if "random init" in name else 1.0)
     for j, e in enumerate(EVALUATIONS):
         ax.hlines(results["chance"][e.config], j - 0.45, j + 0.45, colors="k", linestyles=":",
                   label="chance" if j == 0 else None)
     ax.set_xticks(range(len(EVALUATIONS)), [e.title.replace(", ", "\n", 1) for e in EVALUATIONS], fontsize=8)
-    ax.set_ylabel("held-out top-1 (mean ± sd over seeds)")
+    ax.set_ylabel("leave-one-plate-out top-1 (± standard error)")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, ncol=4, loc="upper right")
-    ax.set_title("Trained on cp5, one budget; evaluated on seen and unseen channel configurations")
+    ax.legend(fontsize=6, ncol=3, loc="upper right")
+    ax.set_title(f"Trained on cp5, one budget; {results['n_heldout_plates']} held-out plates per configuration")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -342,54 +425,66 @@ def write(results: dict, output: Path) -> None:
     tmp_png.replace(output.with_suffix(".png"))
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, extra_rows: Mapping[str, ExtraRow] | None = None) -> dict:
+    """The benchmark (see the module docstring); `extra_rows`: ceiling rows scored beside the encoders."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="override optim.epochs (default: the config's)")
+    parser.add_argument("--heldout-plates", type=int, default=N_HELDOUT_PLATES,
+                        help="held-out plates per configuration (>= 2: the probes across plates need two)")
     parser.add_argument("--screen-seed", type=int, default=0, help="seed of the synthetic plates")
     parser.add_argument("--screen-dir", default=None, help="where the plates go (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default=str(RESULTS / "model_quality.json"),
                         help="the JSON path; the .md and .png go beside it")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the runs already in --output (same budget) and train only the missing ones")
+                        help="keep the runs already in --output (same budget and plates) and train only the missing ones")
     args = parser.parse_args(argv)
+    if args.heldout_plates < 2:
+        parser.error(f"--heldout-plates={args.heldout_plates}: the per-plate and leave-one-plate-out probes need two "
+                     "or more plates")
     torch.set_num_threads(args.threads)
     extra = [] if args.epochs is None else [f"optim.epochs={args.epochs}"]
     base = load_config(CONFIG, extra)
+    train_layout, eval_layout = layouts(args.heldout_plates)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cellfm-model-quality-") as tmp:
         root = Path(args.screen_dir or tmp).resolve()
-        screens = Screens(root, base, args.screen_seed)
+        screens = Screens(root, base, args.screen_seed, args.heldout_plates)
         log(f"plates ready in {time.perf_counter() - started:.0f} s: "
             + ", ".join(f"{k} {len(v)} fields" for k, v in screens.fields.items()))
         steps_per_epoch = len(screens.fields["train"]) // base.optim.batch_size_per_worker
         results = {
-            "benchmark": "cellfm model quality on one budget",
+            "benchmark": "cellfm model quality on one budget", "format": FORMAT,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()}, python {sys.version.split()[0]}, torch {torch.__version__}",
             "threads": args.threads, "config": str(CONFIG.relative_to(REPO)), "models": {m: MODELS[m] for m in args.models},
-            "seeds": args.seeds, "screen_seed": args.screen_seed, "split_seeds": split_seeds(base.eval, base.eval.n_splits),
-            "train_layout": TRAIN_LAYOUT.__dict__, "eval_layout": EVAL_LAYOUT.__dict__,
+            "seeds": args.seeds, "screen_seed": args.screen_seed, "n_heldout_plates": args.heldout_plates,
+            "split_seeds": split_seeds(base.eval, base.eval.n_splits), "protocols": PROTOCOLS,
+            "train_layout": train_layout.__dict__, "eval_layout": eval_layout.__dict__,
             "budget": (f"{base.optim.epochs * steps_per_epoch} optimizer steps of batch "
                        f"{base.optim.batch_size_per_worker} ({base.optim.epochs} epochs of "
-                       f"{len(screens.fields['train'])} cp5 fields of {TRAIN_LAYOUT.field_size} px), 2 global "
+                       f"{len(screens.fields['train'])} cp5 fields of {train_layout.field_size} px), 2 global "
                        f"{base.ssl.global_crop_size}-px + {base.ssl.n_local_crops} local {base.ssl.local_crop_size}-px "
                        f"crops, ViT {base.model.size}/{base.model.patch_size}, evaluated on whole fields at "
                        f"{base.eval.image_size} px"),
             "chance": {e.config: float(screens.manifests[e.config].groupby(["plate", "well"])["moa"].first()
                                        .value_counts(normalize=True).max()) for e in EVALUATIONS},
             "intensity_stats": score(IntensityStatistics(), None, screens, base),
+            "extra_rows": score_extra_rows(extra_rows or {}, screens, base),
             "runs": [], "runtime_s": 0.0,
         }
         output = Path(args.output)
         previous_s = 0.0
         if args.resume and output.exists():
             previous = json.loads(output.read_text())
-            if previous["budget"] != results["budget"] or any(previous["models"].get(m, o) != o
-                                                               for m, o in results["models"].items()):
-                parser.error(f"--resume: {output} was written with another budget or objectives; remove it")
+            same = (previous.get("format") == FORMAT and previous["budget"] == results["budget"]
+                    and previous["n_heldout_plates"] == args.heldout_plates
+                    and all(previous["models"].get(m, o) == o for m, o in results["models"].items()))
+            if not same:
+                parser.error(f"--resume: {output} was written with another format, budget, plates or objectives; "
+                             "remove it")
             results["runs"] = [{"threads": previous["threads"], **r} for r in previous["runs"]
                                if r["model"] in args.models and r["seed"] in args.seeds]
             previous_s = previous["runtime_s"]
@@ -415,10 +510,13 @@ def main(argv: list[str] | None = None) -> dict:
             random_init = build_backbone(cfg.model).eval()
             meta_arch = train_in_memory(cfg, screens.fields["train"], screens.channels("train"), on_step=on_step)
             train_s = time.perf_counter() - run_started
+            trained = meta_arch.teacher.backbone.eval()
             run = {"model": model, "seed": seed, "threads": args.threads, "train_seconds": round(train_s, 1),
                    "final_loss": round(last_loss[0], 4),
-                   "trained": score(meta_arch.teacher.backbone.eval(), cfg.model, screens, cfg),
-                   "random_init": score(random_init, cfg.model, screens, cfg)}
+                   # The random init is read out as the model it is compared with.
+                   "readouts": {readout: {"trained": score(trained, cfg.model, screens, cfg, readout),
+                                          "random_init": score(random_init, cfg.model, screens, cfg, readout)}
+                                for readout in readouts(model)}}
             run["seconds"] = round(time.perf_counter() - run_started, 1)
             seconds.setdefault(model, []).append(run["seconds"])
             results["runs"].append(run)
@@ -427,9 +525,13 @@ def main(argv: list[str] | None = None) -> dict:
             # ETA: each remaining run at its model's mean so far (a model not yet run: the mean of all runs).
             overall = float(np.mean([s for v in seconds.values() for s in v]))
             eta = sum(float(np.mean(seconds.get(m, [overall]))) for _, m in planned[index + 1:])
-            log(f"run {index + 1}/{len(planned)} {model} seed {seed} in {run['seconds']:.0f} s: "
-                + ", ".join(f"{k} {v['top1']:.3f}" for k, v in run["trained"].items() if "top1" in v)
+            log(f"run {index + 1}/{len(planned)} {model} seed {seed} in {run['seconds']:.0f} s: LOPO top-1 "
+                + "; ".join(f"{readout} " + ", ".join(f"{k} {v['lopo']['top1']:.3f}" for k, v in s["trained"].items()
+                                                     if "lopo" in v) for readout, s in run["readouts"].items())
                 + f"; ETA {eta / 60:.1f} min")
+        if not planned:
+            results["runtime_s"] = previous_s + time.perf_counter() - started
+            write(results, output)
     log(f"wrote {output} and its .md / .png in {(time.perf_counter() - started) / 60:.1f} min")
     return results
 

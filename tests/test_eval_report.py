@@ -71,7 +71,9 @@ def test_markdown_and_summary_show_the_json_numbers(report):
     row = next(line for line in text.splitlines() if line.startswith("| MoA top-1, held-out compounds |")
                and f"{value:.3f} ± {spread:.3f}" in line)
     assert row.endswith(f"| {1 / 4:.3f} |")
-    assert "Not computed: nn_lopo (perturbation_id): leave-one-plate-out needs two or more plates, found 1" in text
+    assert "Not computed: per_plate_probe (perturbation_id): per-plate probe needs two or more plates" in text
+    assert "lopo_probe (moa): leave-one-plate-out probe needs two or more plates, found 1" in text
+    assert "; nn_lopo (perturbation_id): leave-one-plate-out needs two or more plates, found 1" in text
     assert "localization_map: no well has a localization label" in text
     assert "![2-D map of well embeddings, unseen](map_unseen.png)" in text
     assert "(metric_localization_map.png)" not in text and "(metric_replicate_map.png)" in text

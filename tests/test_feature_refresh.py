@@ -200,6 +200,33 @@ def test_new_checkpoint_recomputes_under_its_own_key(setup, clean):
     assert set(list_entries(store)["key"]) == {clean["key"], summary.key}
 
 
+def test_per_channel_readout_is_stored_under_its_own_key_with_its_lineage(setup, clean):
+    store = str(setup["root"] / "per-channel")
+    cfg = load_config(SMOKE_CONFIG, _overrides(setup, store, ["added"]) + ["features.channel_readout=per_channel"])
+    summary = refresh(cfg)
+    assert summary.embedded == [COPY] and summary.key != clean["key"]
+    marker = next(iter(FeatureStore(store).entries(summary.key)))
+    assert marker["lineage"]["channel_readout"] == "per_channel"
+    assert marker["lineage"]["recipe"]["feature"] == "cls+mean_patch per channel, in channel order"
+    # The stored fields are the per-channel readout of the checkpoint; the pooled store holds the pooled one.
+    meta, stored = read_features(store, summary.key, level="field")
+    pooled_meta, pooled = read_features(clean["store"], clean["key"], level="field", plates=[COPY])
+    pd.testing.assert_frame_equal(meta, pooled_meta)
+    backbone, _ = load_inference_backbone(setup["checkpoints"][0])
+    first = load_manifests([setup["manifests"]["added"]], check_plates=False).set_index(["well", "field"]).loc[
+        (meta["well"].iloc[0], int(meta["field"].iloc[0]))]
+    image, names = read_field(first["store_uri"], first["row"], first["col"], int(meta["field"].iloc[0]),
+                              channels=list(first["channel_names"]))
+    image = normalize_field(image, cfg.data.normalization, clip_low=cfg.data.clip_low, clip_high=cfg.data.clip_high,
+                            dtype=np.float16).astype(np.float32)
+    with torch.inference_mode():
+        expected = field_embedding(backbone, torch.from_numpy(image)[None], 0, [names], readout="per_channel")[0]
+        expected_pooled = field_embedding(backbone, torch.from_numpy(image)[None], 0, [names])[0]
+    assert stored.shape == (len(meta), len(names) * 2 * backbone.embed_dim)
+    np.testing.assert_allclose(stored[0], expected.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(pooled[0], expected_pooled.numpy(), rtol=1e-4, atol=1e-4)
+
+
 def test_refresh_into_s3_equals_the_local_store(setup, clean, s3_server):
     options = s3_server["storage_options"]
     store = f"s3://{s3_server['bucket']}/refresh-store"

@@ -1,17 +1,37 @@
 """The rules of benchmarks/model_quality.py's table: which model/configuration cells are n/a (and that the
-model really cannot take them), mean ± sd over seeds, the direction stated for each seed-paper claim."""
+model really cannot take them), the protocol every row is scored with, the standard error over seeds, both
+readouts of the channel-pooling models with random init read out alike, the direction stated for each claim."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from benchmarks.model_quality import EVALUATIONS, compare, markdown, mean_sd, summarize, unsupported_reason
-from cellfm.config import ModelConfig
+import math
+
+import numpy as np
+import pandas as pd
+
+from benchmarks.model_quality import (
+    CHANNEL_POOLING,
+    EVALUATIONS,
+    PROTOCOLS,
+    markdown,
+    over_seeds,
+    readouts,
+    score_extra_rows,
+    score_features,
+    summarize,
+    unsupported_reason,
+)
+from cellfm.config import ModelConfig, load_config
+from cellfm.evaluate.plate_probes import lopo_probe_scores
+from cellfm.evaluate.protocols import split_seeds
 from cellfm.data.synthetic import FAMILY_CONFIGS
 from cellfm.models.registry import build_backbone
 
 CP5 = list(FAMILY_CONFIGS["cp5"].channels)
+REPO_CONFIG = "configs/model_quality.yaml"
 
 
 def tiny(name: str) -> ModelConfig:
@@ -42,37 +62,91 @@ def test_a_cell_is_na_exactly_when_the_model_cannot_embed_the_configuration(mode
     assert (reason is None) == (model != "channelvit" or config == "cp5")
 
 
-def test_mean_and_sample_sd_over_seeds():
-    stats = mean_sd([0.4, 0.5, 0.6])
-    assert stats["mean"] == pytest.approx(0.5) and stats["sd"] == pytest.approx(0.1) and stats["n"] == 3
-    assert mean_sd([0.7])["sd"] == 0.0
+def test_standard_error_over_seeds_adds_the_seeds_spread_to_the_wells():
+    cells = [{"top1": 0.4, "top1_se": 0.03}, {"top1": 0.5, "top1_se": 0.04}, {"top1": 0.6, "top1_se": 0.05}]
+    stats = over_seeds(cells)
+    # mean se² = (0.0009 + 0.0016 + 0.0025) / 3; var over seeds 0.01 (ddof 1) / 3 seeds.
+    assert stats["mean"] == pytest.approx(0.5) and stats["n"] == 3
+    assert stats["se"] == pytest.approx(math.sqrt(0.005 / 3 + 0.01 / 3))
+    assert over_seeds(cells[:1])["se"] == 0.03  # one seed: the wells' standard error alone
 
 
-def test_direction_needs_two_standard_errors():
-    clear = compare([0.5, 0.6, 0.7], [0.3, 0.3, 0.3])  # se = 0.1 / sqrt(3) = 0.0577
-    assert clear["difference"] == pytest.approx(0.3) and clear["standard_error"] == pytest.approx(0.1 / 3 ** 0.5)
-    assert clear["direction"] == "higher"
-    assert compare([0.3, 0.3, 0.3], [0.5, 0.6, 0.7])["direction"] == "lower"
-    assert compare([0.5, 0.6, 0.7], [0.45, 0.55, 0.65])["direction"] == "within seed noise"  # 0.05 < 2 * 0.0816
+def test_both_readouts_exactly_for_the_models_that_pool_over_channels():
+    assert {m: readouts(m) for m in ("cellrep", "c3r", "single_channel", "vit_rgb", "channelvit")} == {
+        "cellrep": ("pooled", "per_channel"), "c3r": ("pooled", "per_channel"),
+        "single_channel": ("pooled", "per_channel"), "vit_rgb": ("pooled",), "channelvit": ("pooled",)}
+    assert set(CHANNEL_POOLING) == {"cellrep", "c3r", "single_channel"}
 
 
-def test_table_shows_mean_sd_and_na_with_its_reason():
-    def scores(top1: float, channelvit: bool = False) -> dict:
-        return {e.config: ({"unsupported": "ChannelViT has no channel embedding for Golgi"}
-                           if channelvit and e.config != "cp5" else {"top1": top1}) for e in EVALUATIONS}
+def _plates(n_plates: int = 3, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
+    """Per-field rows of n_plates plates: 3 MoAs x 4 wells + 2 controls, 2 fields a well; the MoA moves feature 0."""
+    rng = np.random.default_rng(seed)
+    rows, features = [], []
+    for p in range(n_plates):
+        for w, moa in enumerate(["control"] * 2 + [m for m in ("a", "b", "c") for _ in range(4)]):
+            for field in range(2):
+                rows.append({"plate": f"P{p}", "well": f"W{w:02d}", "field": field, "perturbation_id": f"{moa}{w % 2}",
+                             "moa": moa, "is_control": moa == "control"})
+                features.append(rng.normal(size=3) + ["control", "a", "b", "c"].index(moa) + 5 * p)
+    return pd.DataFrame(rows), np.array(features)
 
-    runs = [{"model": m, "seed": s, "trained": scores(t, m == "channelvit"), "random_init": scores(0.2, m == "channelvit")}
-            for m, values in (("cellrep", (0.4, 0.5, 0.6)), ("vit_rgb", (0.3, 0.3, 0.3)),
-                              ("channelvit", (0.5, 0.5, 0.5)), ("c3r", (0.6, 0.6, 0.6)))
-            for s, t in enumerate(values)]
-    results = {"runs": runs, "intensity_stats": scores(0.25), "date": "today", "machine": "cpu", "threads": 2,
-               "runtime_s": 60.0, "seeds": [0, 1, 2], "split_seeds": [0, 1], "budget": "b",
+
+def test_every_row_is_scored_with_the_per_plate_and_lopo_probes():
+    meta, x = _plates()
+    cfg = load_config(REPO_CONFIG, ["eval.n_splits=2"])
+    scores = score_features(meta, x, cfg, source="test")
+    wells = meta.groupby(["plate", "well"], sort=True)
+    well_x = np.stack([x[idx].mean(0) for idx in wells.indices.values()])
+    well_meta = wells.first().reset_index()
+    expected = lopo_probe_scores(well_x, well_meta["moa"].to_numpy(), well_meta["plate"].to_numpy())
+    assert scores["lopo"]["top1"] == expected["top1"] and scores["lopo"]["top1_se"] == expected["top1_se"]
+    assert set(scores["per_plate"]["top1_per_plate"]) == {"P0", "P1", "P2"}
+    assert scores["n_wells"] == 42 and scores["n_plates"] == 3 and set(PROTOCOLS) == {"lopo", "per_plate"}
+    assert split_seeds(cfg.eval, cfg.eval.n_splits) == [0, 1]
+    with pytest.raises(ValueError, match="one plate: per_plate probe: per-plate probe needs two or more plates"):
+        score_features(*_plates(1), cfg, source="one plate")
+    # Ceiling rows plug in with their own features per configuration and get the same protocol.
+    extra = score_extra_rows({"oracle": lambda screens: {"cp5": (meta, x)}}, screens=None, cfg=cfg)
+    assert extra["oracle"]["cp5"] == scores
+    assert extra["oracle"]["novel4"] == {"unsupported": "oracle gives no features here"}
+
+
+def _scores(top1: float, se: float = 0.02, unsupported: bool = False) -> dict:
+    return {e.config: ({"unsupported": "ChannelViT has no channel embedding for Golgi"}
+                       if unsupported and e.config != "cp5" else
+                       {p: {"top1": top1, "top1_se": se, "top1_per_plate": {}} for p in PROTOCOLS}) for e in EVALUATIONS}
+
+
+def test_table_shows_value_and_standard_error_per_readout_and_na_with_its_reason():
+    def run(model: str, seed: int, top1: float, per_channel: float | None = None) -> dict:
+        readouts_ = {"pooled": {"trained": _scores(top1, unsupported=model == "channelvit"),
+                                "random_init": _scores(0.2, unsupported=model == "channelvit")}}
+        if per_channel is not None:
+            readouts_["per_channel"] = {"trained": _scores(per_channel), "random_init": _scores(0.25)}
+        return {"model": model, "seed": seed, "readouts": readouts_}
+
+    runs = [run("cellrep", s, t, t + 0.2) for s, t in enumerate((0.4, 0.5, 0.6))]
+    runs += [run("vit_rgb", s, 0.3) for s in range(3)] + [run("channelvit", s, 0.5) for s in range(3)]
+    runs += [run("c3r", s, 0.6, 0.62) for s in range(3)]
+    results = {"runs": runs, "intensity_stats": _scores(0.25), "date": "today", "machine": "cpu", "threads": 2,
+               "runtime_s": 60.0, "seeds": [0, 1, 2], "n_heldout_plates": 5, "budget": "b",
                "chance": {e.config: 0.2 for e in EVALUATIONS}}
     results["summary"] = summarize(results)
     text = markdown(results)
-    assert "| cellrep (trained) | 0.500 ± 0.100 | 0.500 ± 0.100 |" in text
-    assert "| channelvit (trained) | 0.500 ± 0.000 | n/a [1] | n/a [1] | n/a [1] |" in text
+    cellrep_se = math.sqrt(0.02 ** 2 + 0.01 / 3)  # wells 0.02, seeds sd 0.1
+    assert f"| cellrep (trained, pooled) | 0.500 ± {cellrep_se:.3f} | 0.500 ± {cellrep_se:.3f} |" in text
+    assert f"| cellrep (trained, per-channel) | 0.700 ± {cellrep_se:.3f} |" in text
+    assert "| cellrep (random init, per-channel) | 0.250 ± 0.020 |" in text
+    assert "| channelvit (trained, pooled) | 0.500 ± 0.020 | n/a [1] | n/a [1] | n/a [1] |" in text
+    assert "vit_rgb (trained, per-channel)" not in text and "channelvit (random init, pooled)" in text
     assert "[1] n/a: ChannelViT has no channel embedding for Golgi." in text
-    assert "| intensity statistics | 0.250 |" in text
-    assert "novel4: cellrep 0.500 vs vit_rgb 0.300, difference +0.200 (standard error 0.058): cellrep higher" in text
-    assert "novel4: channelvit n/a (ChannelViT has no channel embedding for Golgi)" in text
+    assert "| intensity statistics | 0.250 ± 0.020 |" in text
+    assert text.count("| cellrep (trained, pooled) |") == 2  # one table per protocol
+    # Claims: LOPO cells compared with compare_scores (two standard errors).
+    se = math.hypot(cellrep_se, 0.02)
+    assert (f"novel4: cellrep (per_channel) 0.700 ± {cellrep_se:.3f} vs vit_rgb (pooled) 0.300 ± 0.020, difference "
+            f"+0.400 (standard error {se:.3f}): cellrep (per_channel) higher") in text
+    assert "novel4: channelvit (pooled) n/a (ChannelViT has no channel embedding for Golgi)" in text
+    assert "C3R vs single_channel" not in text  # single_channel was not run
+    assert ("cp5: per-channel 0.620 ± 0.020 vs pooled 0.600 ± 0.020, difference +0.020 (standard error 0.028): "
+            "per-channel within noise") in text

@@ -118,6 +118,13 @@ BAD_SWEEPS = [
     ("an objective set that does not exist",
      "objective: {manifests: [seen, unsen]}",
      "objective.manifests names ['unsen'], which are not in eval.manifests ['seen', 'unseen']"),
+    ("an unknown probe protocol",
+     "objective: {protocol: lopo}",
+     "objective.protocol='lopo' is not one of ['probe', 'per_plate_probe', 'lopo_probe']"),
+    ("leave one plate out on a one-plate held-out set",
+     "objective: {protocol: lopo_probe, manifests: [seen]}",
+     "objective.protocol=lopo_probe needs two or more plates (a standard error over plates, or plates to leave out), "
+     "but eval.manifests.seen="),
 ]
 
 
@@ -420,6 +427,30 @@ def test_held_out_objective_scores_the_wells_and_counts_forward_flops():
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         backbone(torch.rand(1, 3, 16, 16), channel_names=[["DNA", "ER", "Mito"]])
     assert metrics["forward_flops_per_image"] == counter.get_total_flops() > 0
+
+
+def test_held_out_objective_can_leave_one_plate_out():
+    import torch
+
+    from cellfm.evaluate.plate_probes import lopo_probe_scores
+    from cellfm.evaluate.wells import well_profiles
+    from cellfm.models.registry import build_backbone
+    from cellfm.tune.objective import HeldOutFields, HeldOutObjective
+
+    cfg = load_config(None, ["model.size=tiny", "model.img_size=16", "model.patch_size=8",
+                             "eval.well_normalization=none", "eval.batch_size=5"])
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg.model).eval()
+    a, b = held_out_set("a", True, 0), held_out_set("b", False, 1)
+    two_plates = HeldOutFields("two", np.concatenate([a.images, b.images]), a.channel_names + b.channel_names,
+                               np.concatenate([a.channel_mask, b.channel_mask]),
+                               pd.concat([a.fields, b.fields.assign(plate="Q")], ignore_index=True))
+    objective = HeldOutObjective({"two": two_plates}, cfg, label="moa", score="top1", protocol="lopo_probe")
+    metrics = objective(backbone)
+    profiles = well_profiles(two_plates.fields, objective._embed(backbone, two_plates), "none", ["moa"])
+    expected = lopo_probe_scores(profiles.features, profiles.meta["moa"].to_numpy(), profiles.meta["plate"].to_numpy())
+    assert metrics["objective"] == metrics["objective/two"] == expected["top1"]
+    assert expected["n_test_wells"] == 24
 
 
 def test_sweep_help_lists_its_flags(capsys):

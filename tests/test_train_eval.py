@@ -53,10 +53,11 @@ def test_pretrain_checkpoint_evaluate_resume(ray_session, smoke_overrides, tiny_
         for model in models:
             metrics = block["metrics"][model]
             assert set(metrics) == set(report["metric_titles"])
-            # The tiny screen has one plate per configuration and no localization labels; every other
-            # protocol runs on it.
+            # The tiny screen has one plate per configuration (no protocol across plates) and no localization
+            # labels; every other protocol runs on it.
             assert [k for k, v in metrics.items() if v is None] == [
-                "nn_lopo_perturbation_id_macro_f1", "nn_lopo_moa_macro_f1", "localization_map"]
+                "per_plate_probe_perturbation_id_top1", "lopo_probe_perturbation_id_top1", "per_plate_probe_moa_top1",
+                "lopo_probe_moa_top1", "nn_lopo_perturbation_id_macro_f1", "nn_lopo_moa_macro_f1", "localization_map"]
             assert block["details"][model]["probe"]["moa"]["n_test_wells"] > 0
     assert paths["json"].is_file() and paths["markdown"].is_file()
     assert {p.name for p in paths.values() if p.suffix == ".png"} >= {

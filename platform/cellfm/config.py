@@ -50,7 +50,12 @@ CHANNEL_GROUPS = ("context", "concept")
 # Evaluation protocols, in report order (cellfm.evaluate.protocols runs them).
 FEATURE_AGGREGATIONS = ("mean", "median")
 FEATURE_NORMALIZATIONS = ("none", "standardize", "robust_mad", "spherize")
-EVAL_PROTOCOLS = ("probe", "compound_heldout", "nn_lopo", "replicate_map", "moa_consistency", "localization_map")
+EVAL_PROTOCOLS = ("probe", "per_plate_probe", "lopo_probe", "compound_heldout", "nn_lopo", "replicate_map", "moa_consistency", "localization_map")
+# How a field's features are read out of a backbone (cellfm.features.embed.field_embedding): one embedding
+# of all channels, or each channel embedded alone and the embeddings concatenated in channel order.
+CHANNEL_READOUTS = ("pooled", "per_channel")
+# Protocols across plates: a manifest of one plate cannot give them.
+PLATE_PROTOCOLS = ("per_plate_probe", "lopo_probe", "nn_lopo")
 
 
 @dataclass
@@ -365,9 +370,12 @@ class EvalConfig:
     labels: list[str] = field(default_factory=lambda: ["perturbation_id", "moa"])
     # Well features normalized per plate against its negative controls (none | negcon).
     well_normalization: str = "negcon"
-    # Protocols to run (docs/evaluation.md): probe (fixed well splits), compound_heldout (MoA of
-    # unseen compounds), nn_lopo (CHAMMI 1-NN), replicate_map (JUMP replicate retrieval),
-    # moa_consistency (JUMP), localization_map (HPA-style multi-label).
+    # Protocols to run (docs/evaluation.md): probe (fixed well splits), per_plate_probe (the probe within
+    # each plate, mean +- standard error over plates), lopo_probe (probe trained on the other plates,
+    # features z-scored per plate, +- standard error over wells), compound_heldout (MoA of unseen
+    # compounds), nn_lopo (CHAMMI 1-NN), replicate_map (JUMP replicate retrieval), moa_consistency
+    # (JUMP), localization_map (HPA-style multi-label). Protocols across plates are skipped, with the
+    # reason in the report, on a manifest of one plate.
     protocols: list[str] = field(default_factory=lambda: list(EVAL_PROTOCOLS))
     # Fraction of wells tested in each fixed probe split, and of each MoA's compounds in each
     # compound-held-out split.
@@ -395,6 +403,12 @@ class EvalConfig:
     embed_actors: int = 1
     # Seed of the random-init baseline encoder's weights.
     random_init_seed: int = 0
+    # How field features are read out of every encoder (the random-init baseline too; intensity statistics
+    # are per channel anyway): pooled (the backbone's one embedding of all channels) | per_channel (each
+    # channel embedded alone, the embeddings concatenated in channel order: a feature keeps its stain).
+    # per_channel needs each manifest to hold one channel list (no padding). docs/evaluation.md says when
+    # each is right. Also the sweep objective's readout.
+    channel_readout: str = "pooled"
     # Folder the report (report.json, report.md, PNG plots) is written to.
     output_dir: str = "demo_output/report"
     # Score the well features features.store already holds for each checkpoint (filled by `cellfm refresh` /
@@ -445,6 +459,9 @@ class FeaturesConfig:
     gpus_per_actor: float = 1.0
     # Side length fields are resized to before embedding; 0 = as stored.
     image_size: int = 0
+    # How field features are read out of the backbone: pooled | per_channel (as eval.channel_readout). Part
+    # of the feature key and of every entry's lineage; eval.from_store needs the same eval.channel_readout.
+    channel_readout: str = "pooled"
     # An unmarked run folder (a refresh killed while writing a plate, or one that lost a race) none of
     # whose files changed for this many seconds is deleted by the next refresh; keep it well above the
     # time one plate takes to write.
@@ -585,6 +602,12 @@ def config_problems(cfg: Config) -> list[str]:
         problems.append(f"eval.protocols={e.protocols!r} must list distinct protocols from {list(EVAL_PROTOCOLS)}")
     if not 0 < e.copairs_threshold < 1:
         problems.append(f"eval.copairs_threshold must be in (0, 1), got {e.copairs_threshold}")
+    for key, value in (("eval", e.channel_readout), ("features", cfg.features.channel_readout)):
+        if value not in CHANNEL_READOUTS:
+            problems.append(f"{key}.channel_readout={value!r} is not one of {list(CHANNEL_READOUTS)}")
+    if e.from_store and e.channel_readout != cfg.features.channel_readout:
+        problems.append(f"eval.from_store reads features stored with features.channel_readout="
+                        f"{cfg.features.channel_readout}, but eval.channel_readout={e.channel_readout}; set both alike")
     if e.embedding_map == "umap" and importlib.util.find_spec("umap") is None:
         problems.append("eval.embedding_map=umap needs umap-learn installed (or use auto / pca)")
     return problems + _features_problems(cfg)

@@ -26,7 +26,7 @@ from typing import Mapping
 
 import pandas as pd
 
-from cellfm.config import Config, ConfigError, DataConfig, config_problems
+from cellfm.config import PLATE_PROTOCOLS, Config, ConfigError, DataConfig, config_problems
 
 # Set by Ray's job supervisor for a driver started with `ray job submit` (JSON: runtime_env, metadata).
 RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -279,9 +279,38 @@ def evaluation_manifest_problems(cfg: Config, manifest: pd.DataFrame, source: st
         for plate, n in controls[controls < 2].items():
             problems.append(f"eval.well_normalization=negcon needs >= 2 negative-control wells per plate; plate "
                             f"{plate!r} of {source} has {int(n)} (set eval.well_normalization=none)")
+    if cfg.eval.channel_readout == "per_channel":
+        problems += _per_channel_problems(cfg, manifest, source)
+    if set(cfg.eval.protocols) <= set(PLATE_PROTOCOLS):  # nothing else to score on one plate
+        problem = one_plate_problem(manifest, source, f"eval.protocols={list(cfg.eval.protocols)}")
+        problems += [problem] if problem else []
     if trained is not None:
         problems += _channels_the_model_places(cfg, trained, manifest, source)
     return problems
+
+
+def _per_channel_problems(cfg: Config, manifest: pd.DataFrame, source: str) -> list[str]:
+    """A per-channel readout concatenates each channel's embedding in channel order, so every field of a
+    manifest must have the same channel list, unpadded."""
+    lists = list(dict.fromkeys(tuple(names) for names in manifest["channel_names"]))
+    if len(lists) > 1:
+        return [f"eval.channel_readout=per_channel needs one channel list per manifest; {source} has {len(lists)} "
+                f"(e.g. {list(lists[0])} and {list(lists[1])}): give each channel configuration its own "
+                f"eval.manifests entry"]
+    if cfg.data.pad_channels_to > len(lists[0]):
+        return [f"eval.channel_readout=per_channel cannot read out padded fields: data.pad_channels_to="
+                f"{cfg.data.pad_channels_to} pads the {len(lists[0])} channels of {source} (set it to 0)"]
+    return []
+
+
+def one_plate_problem(manifest: pd.DataFrame, source: str, requested: str) -> str | None:
+    """The line for a manifest of one plate where `requested` (the key and value asking for a protocol
+    across plates: per-plate or leave-one-plate-out) needs two or more; None with several plates."""
+    plates = sorted(map(str, manifest["plate"].unique()))
+    if len(plates) >= 2:
+        return None
+    return (f"{requested} needs two or more plates (a standard error over plates, or plates to leave out), but "
+            f"{source} has {len(plates)} ({', '.join(plates)}); add held-out plates or use the fixed-split probe")
 
 
 def _channels_the_model_places(cfg: Config, trained: Config, manifest: pd.DataFrame, source: str) -> list[str]:

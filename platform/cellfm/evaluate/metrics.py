@@ -64,3 +64,21 @@ def repeated_split_scores(features: np.ndarray, labels: np.ndarray, test_fractio
     summary = split_summary(runs)
     summary.update({key: runs[0][key] for key in ("n_train_wells", "n_test_wells", "n_classes")})
     return summary
+
+
+def standard_error(values) -> float:
+    """Standard error of the mean of independent measurements: sd (ddof=1) / sqrt(n); needs n >= 2."""
+    array = np.asarray(values, dtype=float)
+    if len(array) < 2:
+        raise ValueError(f"a standard error needs two or more values, got {len(array)}")
+    return float(array.std(ddof=1) / np.sqrt(len(array)))
+
+
+def compare_scores(a: float, se_a: float, b: float, se_b: float) -> dict:
+    """a - b, its standard error sqrt(se_a² + se_b²) and the direction every quality claim states: "higher"
+    or "lower" only when the difference exceeds two standard errors, else "within noise". The errors are
+    combined as if independent; for two models scored on the same wells that errs on the cautious side."""
+    difference = a - b
+    se = float(np.hypot(se_a, se_b))
+    direction = "within noise" if abs(difference) <= 2 * se else ("higher" if difference > 0 else "lower")
+    return {"difference": float(difference), "standard_error": se, "direction": direction}

@@ -24,6 +24,7 @@ from cellfm.config import EVAL_PROTOCOLS, EvalConfig
 from cellfm.evaluate.embedding_map import embedding_map, resolve_method
 from cellfm.evaluate.metrics import repeated_split_scores
 from cellfm.evaluate.neighbors import nn_lopo_scores
+from cellfm.evaluate.plate_probes import lopo_probe_scores, per_plate_summary, too_few_plates
 from cellfm.evaluate.probes import compound_held_out_scores, localization_map_scores
 from cellfm.evaluate.retrieval import moa_consistency, replicate_retrieval
 from cellfm.evaluate.wells import REQUIRED_COLUMNS, WellProfiles, well_profiles
@@ -31,6 +32,8 @@ from cellfm.features.aggregate import WELL_KEYS
 
 # The label the compound-held-out probe and MoA consistency use, and the HPA-style label column.
 MOA_COLUMN, LOCALIZATION_COLUMN = "moa", "localization"
+# Protocols whose result holds one entry per eval.labels column.
+PER_LABEL_PROTOCOLS = ("probe", "per_plate_probe", "lopo_probe", "nn_lopo")
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,13 @@ def metric_specs(labels: list[str]) -> list[MetricSpec]:
         specs += [MetricSpec(f"probe_{label}_top1", f"probe top-1, {label} (fixed well splits)", "probe",
                              (label, "top1"), (label, "top1_sd"), True),
                   MetricSpec(f"probe_{label}_weighted_precision", f"probe weighted precision, {label} (fixed splits)",
-                             "probe", (label, "weighted_precision"), (label, "weighted_precision_sd"))]
+                             "probe", (label, "weighted_precision"), (label, "weighted_precision_sd")),
+                  MetricSpec(f"per_plate_probe_{label}_top1",
+                             f"probe top-1, {label} (within each plate; ± standard error over plates)",
+                             "per_plate_probe", (label, "top1"), (label, "top1_se"), True),
+                  MetricSpec(f"lopo_probe_{label}_top1",
+                             f"probe top-1, {label} (leave one plate out; ± standard error over wells)",
+                             "lopo_probe", (label, "top1"), (label, "top1_se"), True)]
     specs += [MetricSpec("heldout_moa_top1", "MoA top-1, held-out compounds", "compound_heldout", ("top1",),
                          ("top1_sd",), True),
               MetricSpec("heldout_moa_weighted_precision", "MoA weighted precision, held-out compounds",
@@ -81,6 +90,7 @@ def evaluation_settings(cfg: EvalConfig) -> dict:
         "protocols": [p for p in EVAL_PROTOCOLS if p in cfg.protocols],
         "labels": list(cfg.labels),
         "well_normalization": cfg.well_normalization,
+        "channel_readout": cfg.channel_readout,
         "test_fraction": cfg.test_fraction,
         "split_seeds": split_seeds(cfg, cfg.n_splits),
         "compound_split_seeds": split_seeds(cfg, cfg.n_compound_splits),
@@ -105,15 +115,49 @@ def fixed_split_probe(profiles: WellProfiles, label: str, cfg: EvalConfig) -> di
                                  split_seeds(cfg, cfg.n_splits))
 
 
+def per_plate_probe(profiles: WellProfiles, label: str, cfg: EvalConfig) -> dict:
+    """`fixed_split_probe` within each plate alone, summarized over plates (mean +- standard error,
+    `cellfm.evaluate.plate_probes.per_plate_summary`); {"skipped": reason} with one plate or a plate the
+    splits cannot hold."""
+    plates = profiles.meta["plate"].to_numpy()
+    reason = too_few_plates(plates)
+    if reason:
+        return {"skipped": f"per-plate probe {reason} (a standard error over plates)"}
+    runs = {}
+    for plate in sorted(set(plates)):
+        rows = plates == plate
+        result = fixed_split_probe(WellProfiles(profiles.meta[rows].reset_index(drop=True), profiles.features[rows],
+                                                profiles.n_fields), label, cfg)
+        if "skipped" in result:
+            return {"skipped": f"plate {plate!r}: {result['skipped']}"}
+        runs[plate] = result
+    return per_plate_summary(runs)
+
+
+def lopo_probe(profiles: WellProfiles, label: str) -> dict:
+    """`cellfm.evaluate.plate_probes.lopo_probe_scores` of `label` on these wells."""
+    return lopo_probe_scores(profiles.features, profiles.meta[label].to_numpy(), profiles.meta["plate"].to_numpy())
+
+
+# The well-level probes, each one result per label: (wells, label, eval config) -> result. The sweep
+# objective scores one of them (objective.protocol).
+PROBE_PROTOCOLS = {"probe": fixed_split_probe, "per_plate_probe": per_plate_probe,
+                   "lopo_probe": lambda profiles, label, cfg: lopo_probe(profiles, label)}
+
+
 def protocol_scores(profiles: WellProfiles, cfg: EvalConfig) -> dict:
     """Every protocol in `cfg.protocols` on one model's wells: {protocol: result}; a protocol the data
-    cannot support (one plate for leave-one-plate-out, no controls for replicate retrieval, no
+    cannot support (one plate for the protocols across plates, no controls for replicate retrieval, no
     localization labels) gives {"skipped": reason}."""
     meta, x = profiles.meta, profiles.features
     compound_seeds = split_seeds(cfg, cfg.n_compound_splits)
     copairs_args = {"null_size": cfg.copairs_null_size, "threshold": cfg.copairs_threshold, "seed": cfg.copairs_seed}
+
+    def per_label(probe):
+        return lambda: {label: probe(profiles, label, cfg) for label in cfg.labels}
+
     run = {
-        "probe": lambda: {label: fixed_split_probe(profiles, label, cfg) for label in cfg.labels},
+        **{protocol: per_label(probe) for protocol, probe in PROBE_PROTOCOLS.items()},
         "compound_heldout": lambda: compound_held_out_scores(x, meta, MOA_COLUMN, cfg.test_fraction, compound_seeds),
         "nn_lopo": lambda: {label: nn_lopo_scores(x, meta[label].to_numpy(), meta["plate"].to_numpy())
                             for label in cfg.labels},

@@ -18,10 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
+from cellfm.evaluate.protocols import PER_LABEL_PROTOCOLS
+
 # Fixed colours for the baselines so they read the same in every chart; models get tab10 colours.
 BASELINE_COLOURS = {"random_init": "#9e9e9e", "intensity_stats": "#c9a66b"}
 CONTROL_COLOUR = "#bdbdbd"
 DOCS = "docs/evaluation.md"
+READOUT_TEXT = {"pooled": "each encoder's one embedding of all channels (CLS + mean patch token)",
+                "per_channel": "per channel (each channel embedded alone, CLS + mean patch token, concatenated in "
+                               "channel order), for every encoder"}
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -80,7 +85,7 @@ def _skipped(block: dict) -> list[str]:
     details = block["details"][block["models"][0]]
     out = []
     for protocol, result in details.items():
-        parts = result.items() if protocol in ("probe", "nn_lopo") else [(None, result)]
+        parts = result.items() if protocol in PER_LABEL_PROTOCOLS and "skipped" not in result else [(None, result)]
         out += [f"{protocol}{f' ({label})' if label else ''}: {r['skipped']}" for label, r in parts if "skipped" in r]
     return out
 
@@ -104,11 +109,13 @@ def markdown_report(report: dict) -> str:
              "Models: " + ", ".join(f"`{m}`" + (f" (`{checkpoints[m]}`)" if m in checkpoints else "") for m in trained)
              + "; baselines: " + (", ".join(f"`{m}`" for m in models if m not in trained) or "none") + ".", "",
              *_store_lines(report),
+             f"Features: {READOUT_TEXT[report.get('channel_readout', 'pooled')]}. "
              f"Wells: mean over fields{normalized}. "
              f"Fixed-split probe: {len(report['split_seeds'])} stratified well splits (test fraction "
              f"{report['test_fraction']}); compound-held-out probes: {len(report['compound_split_seeds'])} splits; "
              f"copairs null size {report['copairs']['null_size']}, corrected p < {report['copairs']['threshold']}. "
-             f"Mean ± sd over splits where there are splits. Protocols and how to read the plots: `{DOCS}`.", ""]
+             f"Mean ± sd over splits where there are splits; the per-plate and leave-one-plate-out probes give ± their "
+             f"standard error (over plates, over wells). Protocols and how to read the plots: `{DOCS}`.", ""]
     for name, block in report["results"].items():
         fields = f", {block['n_fields']} fields" if block.get("n_fields") else ""
         lines += [f"## {name}: `{block['manifest']}`", "",

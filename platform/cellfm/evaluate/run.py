@@ -133,7 +133,8 @@ class EmbeddedFeatures:
               f"{len(encoders)} models", flush=True)
         started = time.perf_counter()
         fields = embed_manifest(manifest, cfg.data, encoders, batch_size=cfg.eval.batch_size,
-                                actors=cfg.eval.embed_actors, image_size=cfg.eval.image_size)
+                                actors=cfg.eval.embed_actors, image_size=cfg.eval.image_size,
+                                channel_readout=cfg.eval.channel_readout)
         seconds = time.perf_counter() - started
         print(f"[cellfm] embedded {len(fields)} fields of '{name}' with {len(encoders)} models in {seconds:.0f} s "
               f"({len(fields) / max(seconds, 1e-9):.1f} fields/s)", flush=True)

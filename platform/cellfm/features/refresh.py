@@ -9,8 +9,9 @@ Work is keyed by (plate content version, feature key):
   chunk, shard or metadata document, or any changed manifest annotation gives a new version.
 - checkpoint hash: sha256 over the inference weights file (backbone.safetensors) and the model section
   of the checkpoint's config.yaml.
-- feature key: ``<model name>-<12 hex>``, a hash of the checkpoint hash and the embedding recipe (input
-  normalization and sizes, features.image_size, model.channel_groups, aggregations, normalization):
+- feature key: ``<model name>-<12 hex>``, a hash of the checkpoint hash and the embedding recipe (the
+  channel readout, input normalization and sizes, features.image_size, model.channel_groups, aggregations,
+  normalization):
   everything that changes the stored numbers apart from the pixels. A new checkpoint gets a new key.
 
 Everything is decided before Ray starts (`plan_refresh`): manifests and plates validated, checkpoint
@@ -48,6 +49,8 @@ from cellfm.train.checkpoint import CONFIG_FILE, INFERENCE_WEIGHTS, CheckpointEr
 
 ENCODER = "checkpoint"  # the FieldEmbedder column is embedding_<ENCODER>
 ROW = "feature_row"  # a field's position in the plan's manifest, carried through Ray Data
+# The recipe's name of each features.channel_readout (pooled keeps the keys stores had before the option).
+FEATURE_RECIPES = {"pooled": "cls+mean_patch", "per_channel": "cls+mean_patch per channel, in channel order"}
 
 
 def _log(message: str) -> None:
@@ -120,7 +123,7 @@ def embedding_recipe(cfg: Config) -> dict:
     """The settings besides the checkpoint that change the stored numbers."""
     d, f = cfg.data, cfg.features
     return {
-        "feature": "cls+mean_patch",
+        "feature": FEATURE_RECIPES[f.channel_readout],
         "input": {"normalization": d.normalization, "clip_low": d.clip_low, "clip_high": d.clip_high,
                   "clahe_clip_limit": d.clahe_clip_limit, "clahe_tiles": d.clahe_tiles, "field_size": d.field_size,
                   "field_resize": d.field_resize, "image_size": f.image_size},
@@ -205,6 +208,12 @@ def _check_manifest(df: pd.DataFrame, cfg: Config) -> None:
         (plate, well), row = bad.index[0], bad.iloc[0]
         raise ManifestError(f"plate {plate!r} well {well}: fields disagree on {list(row[row > 1].index)}; a well's "
                             f"annotations must be the same for all its fields")
+    if cfg.features.channel_readout == "per_channel":
+        lists = df.assign(_names=df["channel_names"].map(tuple)).groupby("plate")["_names"].nunique()
+        if (lists > 1).any():
+            raise ManifestError(f"plate {lists[lists > 1].index[0]!r} holds fields of several channel lists; "
+                                f"features.channel_readout=per_channel needs one per plate (a feature's block says "
+                                f"which stain it is)")
     if cfg.features.normalization != "none":
         controls = df[df["is_control"]].groupby("plate")["well"].nunique().reindex(df["plate"].unique(), fill_value=0)
         few = controls[controls < 2]
@@ -362,6 +371,7 @@ class _PlateWriter:
             "checkpoint": {"uri": redact(plan.checkpoint, cfg.data.storage_options), "hash": plan.checkpoint_hash,
                            "model": plan.model},
             "recipe": plan.recipe,
+            "channel_readout": cfg.features.channel_readout,
             "config": saved_config_dict(cfg),
             "code": code_version(),
             "run": self.run_id,
@@ -443,7 +453,7 @@ def _embed(plan: RefreshPlan) -> _PlateWriter:
     ds = embedding_dataset(rows, inference_data_config(cfg, use_gpu), [spec], keep_columns=[ROW], batch_size=f.batch_size,
                            actors=actors, image_size=f.image_size, cpus_per_actor=f.cpus_per_actor,
                            torch_threads=f.torch_threads, gpus_per_actor=f.gpus_per_actor if use_gpu else 0.0,
-                           one_batch_per_block=True)
+                           one_batch_per_block=True, channel_readout=f.channel_readout)
     writer.t0 = time.monotonic()  # rates and ETA from here: Ray's start-up is not embedding
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         writer.add(np.asarray(batch[ROW], dtype=np.int64), np.asarray(batch[f"embedding_{ENCODER}"]))

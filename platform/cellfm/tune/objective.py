@@ -4,8 +4,9 @@ plates (by default including a channel configuration training never saw), not th
 The sweep's driver reads the held-out fields once (`read_held_out`, through the same Ray Data read and
 normalization as evaluation) and puts them in Ray's object store. Each trial's training loop calls a
 `HeldOutObjective` on rank 0 after every epoch with its teacher's backbone (Ray Tune's report callback
-forwards rank 0's metrics only): it embeds the fields (`cellfm.features.embed.field_embedding`), averages
-them per well and scores the probe on the fixed splits (`cellfm.evaluate.protocols.fixed_split_probe`), and returns
+forwards rank 0's metrics only): it embeds the fields (`cellfm.features.embed.field_embedding`, read out as
+eval.channel_readout says), averages them per well and scores the probe of `objective.protocol`
+(`cellfm.evaluate.protocols.PROBE_PROTOCOLS`: fixed splits, per plate, or leave one plate out), and returns
 
     objective             the mean over the held-out sets of `objective.score` of `objective.label`
     objective/<set>       each set's score
@@ -69,17 +70,18 @@ class HeldOutObjective:
     """The per-epoch evaluator of a trial (see the module's docstring). `held_out`: the driver's
     `read_held_out` result, or an ObjectRef of it (fetched on first use, on rank 0 only); `cfg`: the trial's
     config (eval.* sets the probe: well_normalization, test_fraction, split_seed, n_splits, batch_size,
-    image_size)."""
+    image_size, channel_readout)."""
 
-    def __init__(self, held_out, cfg: Config, label: str, score: str):
+    def __init__(self, held_out, cfg: Config, label: str, score: str, protocol: str = "probe"):
         self.held_out = held_out
         self.cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, labels=[label]))
         self.label = label
         self.score = score
+        self.protocol = protocol
         self.flops_per_image: float | None = None
 
     def __call__(self, backbone) -> dict[str, float]:
-        from cellfm.evaluate.protocols import fixed_split_probe
+        from cellfm.evaluate.protocols import PROBE_PROTOCOLS
         from cellfm.evaluate.wells import well_profiles
 
         started = time.perf_counter()
@@ -93,7 +95,7 @@ class HeldOutObjective:
             for name, held_out in sets.items():
                 profiles = well_profiles(held_out.fields, self._embed(backbone, held_out),
                                          self.cfg.eval.well_normalization, [self.label], source=name)
-                probe = fixed_split_probe(profiles, self.label, self.cfg.eval)
+                probe = PROBE_PROTOCOLS[self.protocol](profiles, self.label, self.cfg.eval)
                 if "skipped" in probe:
                     raise ValueError(f"objective on {name}: {probe['skipped']}")
                 scores[f"objective/{name}"] = probe[self.score]
@@ -103,7 +105,7 @@ class HeldOutObjective:
                    "forward_flops_per_image": self.flops_per_image, "eval_s": time.perf_counter() - started}
         sys.stdout.write(f"[cellfm] objective {metrics['objective']:.4f} ("
                          + ", ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in scores.items())
-                         + f"; {self.label} {self.score}) in {metrics['eval_s']:.1f} s\n")
+                         + f"; {self.label} {self.score}, {self.protocol}) in {metrics['eval_s']:.1f} s\n")
         sys.stdout.flush()
         return metrics
 
@@ -130,8 +132,8 @@ class HeldOutObjective:
                 part = slice(start, min(start + batch, n))
                 images = to_float_images(held_out.images[part]).to(device)
                 mask = torch.from_numpy(held_out.channel_mask[part]).to(device)
-                out.append(field_embedding(backbone, images, self.cfg.eval.image_size,
-                                           held_out.channel_names[part], mask).float().cpu().numpy())
+                out.append(field_embedding(backbone, images, self.cfg.eval.image_size, held_out.channel_names[part],
+                                           mask, self.cfg.eval.channel_readout).float().cpu().numpy())
         return np.concatenate(out)
 
     def _flops_per_image(self, backbone, held_out: HeldOutFields) -> float:

@@ -19,13 +19,14 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from cellfm.config import Config, ConfigError, config_problems, student_channel_sampling
+from cellfm.config import PLATE_PROTOCOLS, Config, ConfigError, config_problems, student_channel_sampling
 from cellfm.preflight import (
     MAX_PROBLEMS,
     PreflightError,
     evaluation_manifest_problems,
     load_checked_manifest,
     model_size_problems,
+    one_plate_problem,
     path_problem,
     training_manifest_problems,
 )
@@ -34,6 +35,7 @@ from cellfm.tune.sweep_config import LISTED_KINDS, SEARCH_ALGORITHMS, SWEEP_RECO
 # A trial's Tune driver builds and fits its TorchTrainer; Tune rejects 0 CPUs, a sliver works (STACK_NOTES).
 TRIAL_DRIVER_CPUS = 0.01
 SCORES = ("top1", "weighted_precision")
+OBJECTIVE_PROTOCOLS = ("probe", "per_plate_probe", "lopo_probe")
 
 # Config keys (or whole sections) that cannot vary between the trials of one sweep, and why.
 _HELD_OUT = "the held-out fields are read once for the whole sweep with the base config's data settings"
@@ -173,6 +175,8 @@ def spec_problems(plan: SweepPlan) -> list[str]:
         problems.append(f"{at} objective.mode={o.mode!r} is not one of ['max', 'min']")
     if o.score not in SCORES:
         problems.append(f"{at} objective.score={o.score!r} is not one of {list(SCORES)}")
+    if o.protocol not in OBJECTIVE_PROTOCOLS:
+        problems.append(f"{at} objective.protocol={o.protocol!r} is not one of {list(OBJECTIVE_PROTOCOLS)}")
     if not o.label:
         problems.append(f"{at} objective.label is empty; name the manifest column the probe predicts (e.g. moa)")
     unknown = [n for n in o.manifests if n not in plan.base.eval.manifests]
@@ -265,6 +269,10 @@ def trial_config_problems(plan: SweepPlan) -> list[str]:
             held_out = manifest(f"eval.manifests.{name}", path)
             if held_out is not None:
                 lines += evaluation_manifest_problems(cfg, held_out, f"eval.manifests.{name}={path}", trained)
+                if plan.spec.objective.protocol in PLATE_PROTOCOLS:
+                    problem = one_plate_problem(held_out, f"eval.manifests.{name}={path}",
+                                                f"objective.protocol={plan.spec.objective.protocol}")
+                    lines += [problem] if problem else []
         for line in lines:
             first, count = seen.get(line, (context, 0))
             seen[line] = (first, count + 1)

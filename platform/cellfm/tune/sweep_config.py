@@ -103,8 +103,8 @@ class ClusterConfig:
 @dataclass
 class ObjectiveConfig:
     """What the sweep optimizes. Every trial reports `objective` at each epoch: the well-level logistic
-    regression score of `label` (mean over eval.n_splits fixed splits) of its teacher on each held-out
-    manifest, averaged over the manifests."""
+    regression score of `label` (by `protocol`) of its teacher on each held-out manifest, averaged over
+    the manifests."""
 
     # The reported metric Tune optimizes: objective, objective/<manifest>, loss (SSL), images_per_s.
     metric: str = "objective"
@@ -114,6 +114,11 @@ class ObjectiveConfig:
     label: str = "moa"
     # The probe's score: top1 (accuracy) or weighted_precision.
     score: str = "top1"
+    # The probe protocol (docs/evaluation.md): probe (mean over eval.n_splits fixed well splits),
+    # per_plate_probe (mean over plates of the probe within each plate) or lopo_probe (leave one plate
+    # out, features z-scored per plate; every well tested once). The last two need held-out manifests of
+    # two or more plates, and resolve far smaller differences than one plate's fixed splits.
+    protocol: str = "probe"
     # Names of eval.manifests the objective averages over (empty: all; include one with channels training never saw).
     manifests: list[str] = field(default_factory=list)
 

@@ -58,7 +58,8 @@ def run_trial(tune_config: dict, plan: SweepPlan, held_out) -> None:
         return
     o = plan.spec.objective
     run_pretraining(cfg, callbacks=[SweepReportCallback()],
-                    epoch_evaluator=HeldOutObjective(held_out, cfg, label=o.label, score=o.score))
+                    epoch_evaluator=HeldOutObjective(held_out, cfg, label=o.label, score=o.score,
+                                                                     protocol=o.protocol))
 
 
 def last_report_if_done(cfg: Config) -> dict | None:
