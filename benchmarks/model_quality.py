@@ -65,7 +65,7 @@ from cellfm.evaluate.metrics import compare_scores
 from cellfm.evaluate.protocols import lopo_probe, per_plate_probe, split_seeds
 from cellfm.evaluate.wells import well_profiles
 from cellfm.features.embed import IntensityStatistics, embed_fields
-from cellfm.models.registry import build_backbone
+from cellfm.models.registry import VOCABULARY_BACKBONES, build_backbone
 from cellfm.train.in_memory import load_normalized_fields, train_in_memory
 from cellfm.train.trainer import record_channel_metadata
 
@@ -132,11 +132,12 @@ def readouts(model: str) -> tuple[str, ...]:
 def unsupported_reason(model: ModelConfig, channels: Sequence[str]) -> str | None:
     """Why an encoder of `model` (its vocabulary filled from the training manifest) cannot embed fields with
     these channels, or None if it can. ChannelViT learns one embedding per training stain and has none for
-    another; every other model takes any stains (C3R once each stain has a context/concept group)."""
-    if model.name == "channelvit":
+    another (so does DiChaViT); every other model takes any stains (C3R once each stain has a context/concept
+    group)."""
+    if model.name in VOCABULARY_BACKBONES:
         unknown = [c for c in channels if c not in model.channel_vocabulary]
         if unknown:
-            return f"ChannelViT has no channel embedding for {', '.join(unknown)} (never seen in training)"
+            return f"{model.name} has no channel embedding for {', '.join(unknown)} (never seen in training)"
     return None
 
 

@@ -28,7 +28,7 @@ from cellfm.config import ModelConfig, load_config
 from cellfm.evaluate.plate_probes import lopo_probe_scores
 from cellfm.evaluate.protocols import split_seeds
 from cellfm.data.synthetic import FAMILY_CONFIGS
-from cellfm.models.registry import build_backbone
+from cellfm.models.registry import VOCABULARY_BACKBONES, build_backbone
 
 CP5 = list(FAMILY_CONFIGS["cp5"].channels)
 REPO_CONFIG = "configs/model_quality.yaml"
@@ -40,7 +40,7 @@ def tiny(name: str) -> ModelConfig:
 
 
 @pytest.mark.parametrize("config", ["cp5", "novel4", "brightfield1", "hpa4"])
-@pytest.mark.parametrize("model", ["cellrep", "c3r", "vit_rgb", "channelvit", "single_channel"])
+@pytest.mark.parametrize("model", ["cellrep", "c3r", "vit_rgb", "channelvit", "dichavit", "ca_mae", "single_channel"])
 def test_a_cell_is_na_exactly_when_the_model_cannot_embed_the_configuration(model, config):
     family = FAMILY_CONFIGS[config]
     channels = list(family.channels)
@@ -56,10 +56,10 @@ def test_a_cell_is_na_exactly_when_the_model_cannot_embed_the_configuration(mode
             assert backbone(x, channel_names=[channels] * 2)["cls"].shape == (2, backbone.embed_dim)
     else:
         unseen = [c for c in channels if c not in CP5]
-        assert model == "channelvit" and all(c in reason for c in unseen)
+        assert model in VOCABULARY_BACKBONES and all(c in reason for c in unseen)
         with pytest.raises(ValueError, match="unknown channel"):
             backbone(x, channel_names=[channels] * 2)
-    assert (reason is None) == (model != "channelvit" or config == "cp5")
+    assert (reason is None) == (model not in VOCABULARY_BACKBONES or config == "cp5")
 
 
 def test_standard_error_over_seeds_adds_the_seeds_spread_to_the_wells():
