@@ -1,0 +1,117 @@
+"""Ground truth beside synthetic plates (cell tables, label images) and the ceilings/baselines built
+on it: the oracle features, the CellProfiler-style (cp-measure) morphology and the supervised CNN."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellfm.data.manifest import read_manifest
+from cellfm.data.synthetic import (
+    CP5_CHANNELS,
+    PERTURBATIONS,
+    PROTEINS,
+    BatchEffect,
+    ScreenLayout,
+    generate_family_screen,
+    perturbations,
+    render_field,
+)
+from cellfm.data.truth import CELL_COLUMNS, field_truth, read_cells, read_labels, truth_uris
+from cellfm.evaluate.ceilings import oracle_feature_names, oracle_features
+
+SMALL = ScreenLayout(n_train_plates=1, n_heldout_plates=1, n_unseen_plates=0, replicates_per_plate=1,
+                     controls_per_plate=2, fields_per_well=2, field_size=64)
+BY_ID = {p.perturbation_id: p for p in PERTURBATIONS}
+
+
+@pytest.fixture(scope="module")
+def screens(tmp_path_factory) -> dict[str, pd.DataFrame]:
+    root = tmp_path_factory.mktemp("truth")
+    return {name: read_manifest(generate_family_screen(root / name, name, SMALL, 0)["train"])
+            for name in ("cp5", "hpa4")}
+
+
+def test_field_truth_records_what_the_renderer_drew():
+    context: dict = {}
+    phenotype = BY_ID["CMP-11"].phenotype  # nucleolar stress: responders have bigger nucleoli
+    render_field(np.random.default_rng(3), CP5_CHANNELS, phenotype, 96, BatchEffect(), context)
+    table, labels = field_truth(context, "P", "B03", 1, (phenotype.nucleoli_size, 1.2))
+    cells = context["cells"]
+    assert list(table.columns) == list(CELL_COLUMNS) and len(table) == len(cells.cy)
+    np.testing.assert_array_equal(table["mito_fragmentation"], cells.fragmentation)
+    np.testing.assert_array_equal(table["nucleoli_count"], cells.nucleoli)
+    np.testing.assert_allclose(table["nucleus_radius"], np.sqrt(cells.na * cells.nb), rtol=1e-6)
+    np.testing.assert_array_equal(table["nucleoli_size"], np.where(cells.responder, phenotype.nucleoli_size, 1.2))
+    nuclei, whole = labels
+    assert labels.shape == (2, 96, 96) and labels.dtype == np.uint32
+    inside = nuclei > 0
+    np.testing.assert_array_equal(nuclei[inside], whole[inside])  # a nucleus lies in its own cell
+    np.testing.assert_array_equal(np.bincount(whole.ravel(), minlength=len(table) + 1)[1:], table["cell_area"])
+    np.testing.assert_array_equal(np.bincount(nuclei.ravel(), minlength=len(table) + 1)[1:], table["nucleus_area"])
+    # Centres: the pixel at a visible cell's nucleus centre belongs to that cell.
+    visible = table[(table["nucleus_area"] > 0) & table["nucleus_y"].between(0, 95) & table["nucleus_x"].between(0, 95)]
+    owners = whole[np.rint(visible["nucleus_y"]).astype(int), np.rint(visible["nucleus_x"]).astype(int)]
+    assert (owners == visible["cell_id"].to_numpy()).mean() > 0.9
+
+
+def test_truth_is_written_beside_each_plate_per_field(screens):
+    df = screens["cp5"]
+    store = df["store_uri"].iloc[0]
+    cells_uri, labels_uri = truth_uris(store)
+    assert Path(cells_uri).parent == Path(store).parent.parent / "truth" and Path(labels_uri).is_dir()
+    assert not list(Path(store).rglob("*labels*"))  # the plate itself holds only its images
+    cells = read_cells(store)
+    assert list(cells.columns) == list(CELL_COLUMNS)
+    assert set(zip(cells["well"], cells["field"])) == set(zip(df["well"], df["field"]))
+    row = df.iloc[3]
+    nuclei, whole = read_labels(store, row.row, row.col, row.field)
+    field = cells[(cells["well"] == row.well) & (cells["field"] == row.field)]
+    np.testing.assert_array_equal(np.bincount(whole.ravel(), minlength=len(field) + 1)[1:], field["cell_area"])
+    assert nuclei.shape == (64, 64) and (nuclei > 0).sum() < (whole > 0).sum()
+    # Parameters follow the well's treatment: responders carry its phenotype, others the control's.
+    well = df.drop_duplicates("well").set_index("perturbation_id").loc["CMP-11"]
+    treated = cells[cells["well"] == well.well]
+    assert (treated.loc[treated["responder"], "nucleoli_size"] == BY_ID["CMP-11"].phenotype.nucleoli_size).all()
+    assert (treated.loc[~treated["responder"], "nucleoli_size"] == PERTURBATIONS[0].phenotype.nucleoli_size).all()
+
+
+def test_oracle_features_are_the_recorded_parameters_per_well(screens):
+    df = screens["cp5"]
+    meta, features = oracle_features(df)
+    names = oracle_feature_names(CP5_CHANNELS)
+    assert features.shape == (df["well"].nunique(), len(names))
+    assert meta["well"].tolist() == sorted(df["well"].unique())
+    i = 5  # hand-check one well against the cell table
+    cells = read_cells(df["store_uri"].iloc[0])
+    cells = cells[(cells["well"] == meta["well"][i]) & (cells["cell_area"] > 0)]
+    expected = {"er_swelling": cells["er_swelling"].mean(), "nucleoli_count": cells["nucleoli_count"].mean(),
+                "responder_fraction": cells["responder"].mean(), "cells_per_field": len(cells) / SMALL.fields_per_well}
+    for name, value in expected.items():
+        assert features[i, names.index(name)] == pytest.approx(value, rel=1e-9), name
+    # Brightfield shows no ER or mitochondria: its oracle does not know them.
+    assert {"er_swelling", "mito_fragmentation"}.isdisjoint(oracle_feature_names(["Brightfield"]))
+
+
+def test_oracle_knows_the_protein_compartments(screens):
+    df = screens["hpa4"]
+    meta, features = oracle_features(df)
+    names = oracle_feature_names(list(df["channel_names"].iloc[0]))
+    by_id = {(p.protein_id, p.localization): p for p in PROTEINS}  # HPA-NUCL-k names two proteins
+    for i, row in meta.iterrows():
+        protein = by_id[row.perturbation_id, row.localization]
+        assert features[i, names.index(f"protein_in_{protein.localization}")] == pytest.approx(1 - protein.secondary_fraction)
+        assert features[i, names.index(f"protein_in_{protein.secondary}")] == pytest.approx(protein.secondary_fraction)
+
+
+def test_clear_screen_keeps_compounds_and_strengthens_their_phenotypes():
+    subtle, clear = perturbations("subtle"), perturbations("clear")
+    assert subtle == PERTURBATIONS
+    assert [(p.perturbation_id, p.moa, p.dose) for p in clear] == [(p.perturbation_id, p.moa, p.dose) for p in subtle]
+    for s, c in zip(subtle[1:], clear[1:]):
+        assert c.phenotype.penetrance > s.phenotype.penetrance
+    with pytest.raises(ValueError, match="unknown difficulty"):
+        perturbations("hard")
