@@ -115,3 +115,26 @@ def test_clear_screen_keeps_compounds_and_strengthens_their_phenotypes():
         assert c.phenotype.penetrance > s.phenotype.penetrance
     with pytest.raises(ValueError, match="unknown difficulty"):
         perturbations("hard")
+
+
+def test_cp_measure_features_of_a_disc_cell_are_its_known_area_and_intensity():
+    from cellfm.features.morphology import field_profile, object_features
+
+    yy, xx = np.mgrid[0:64, 0:64]
+    cell = (yy - 30) ** 2 + (xx - 34) ** 2 <= 12 ** 2      # disc of radius 12
+    nucleus = (yy - 30) ** 2 + (xx - 34) ** 2 <= 5 ** 2
+    cells, nuclei = cell.astype(np.int32), nucleus.astype(np.int32)
+    image = np.stack([np.where(nucleus, 0.8, 0.05), np.where(cell, 0.25, 0.0)])  # DNA, ER: constant per object
+    tables = object_features(image, ["DNA", "ER"], nuclei, cells)
+    c, n = tables["Cells"].iloc[0], tables["Nuclei"].iloc[0]
+    assert c["Area"] == cell.sum() and n["Area"] == nucleus.sum()
+    assert c["Area"] == pytest.approx(np.pi * 12 ** 2, rel=0.03)  # a digital disc
+    assert c["EquivalentDiameter"] == pytest.approx(2 * np.sqrt(cell.sum() / np.pi))
+    assert c["Eccentricity"] == pytest.approx(0.0, abs=0.05)
+    assert c["Intensity_MeanIntensity_ER"] == pytest.approx(0.25)
+    assert c["Intensity_IntegratedIntensity_ER"] == pytest.approx(0.25 * cell.sum())
+    assert n["Intensity_MeanIntensity_DNA"] == pytest.approx(0.8) and n["Intensity_StdIntensity_DNA"] == pytest.approx(0)
+    # The cell's DNA: the nucleus' signal plus background over the rest of the disc.
+    assert c["Intensity_IntegratedIntensity_DNA"] == pytest.approx(0.8 * nucleus.sum() + 0.05 * (cell.sum() - nucleus.sum()))
+    profile = field_profile(image, ["DNA", "ER"], nuclei, cells)
+    assert profile["Count", "Cells"] == 1 and profile["Cells", "Area"] == cell.sum()
