@@ -138,3 +138,34 @@ def test_cp_measure_features_of_a_disc_cell_are_its_known_area_and_intensity():
     assert c["Intensity_IntegratedIntensity_DNA"] == pytest.approx(0.8 * nucleus.sum() + 0.05 * (cell.sum() - nucleus.sum()))
     profile = field_profile(image, ["DNA", "ER"], nuclei, cells)
     assert profile["Count", "Cells"] == 1 and profile["Cells", "Area"] == cell.sum()
+
+
+def test_supervised_cnn_is_deterministic_learns_a_texture_label_and_averages_wells():
+    import torch
+
+    from cellfm.evaluate.supervised_cnn import CNNSettings, cnn_field_features, cnn_well_features, train_supervised_cnn
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:32, 0:32]
+    labels = ["fine", "coarse"] * 24
+    # Same mean and range, stripes of period 3 or 9 at a random angle and phase: texture, not intensity.
+    fields = []
+    for label in labels:
+        angle, period = rng.uniform(0, np.pi), 3.0 if label == "fine" else 9.0
+        stripes = 0.5 + 0.5 * np.sin(2 * np.pi * ((yy * np.cos(angle) + xx * np.sin(angle)) / period + rng.random()))
+        fields.append(np.stack([stripes, rng.random((32, 32))]))
+    fields = torch.from_numpy(np.stack(fields).astype(np.float32))
+    short = CNNSettings(epochs=1, batch_size=16, width=8, seed=3)
+    once, again = train_supervised_cnn(fields, labels, short)[0], train_supervised_cnn(fields, labels, short)[0]
+    for a, b in zip(once.state_dict().values(), again.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    model, classes = train_supervised_cnn(fields, labels, CNNSettings(epochs=15, batch_size=16, width=8, seed=3))
+    assert classes == ["coarse", "fine"]
+    with torch.no_grad():
+        predicted = model(fields)["logits"].argmax(1).numpy()
+    assert (predicted == np.array([classes.index(label) for label in labels])).mean() > 0.9
+    manifest = pd.DataFrame({"plate": "P", "well": [f"W{i // 2:02d}" for i in range(len(labels))], "moa": labels})
+    meta, wells = cnn_well_features(model, fields, manifest)
+    per_field = cnn_field_features(model, fields)
+    assert wells.shape == (24, 4 * 8) and meta["well"].tolist() == sorted(manifest["well"].unique())
+    np.testing.assert_allclose(wells[3], per_field[6:8].mean(axis=0), rtol=1e-6)
