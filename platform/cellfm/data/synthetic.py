@@ -78,6 +78,7 @@ class Phenotype:
     nucleus_scale: float = 1.0         # nucleus radius relative to control
     nucleus_elongation: float = 1.15   # major / minor axis ratio of nuclei
     nucleus_irregularity: float = 0.04 # amplitude of lobes on the nuclear outline
+    dna_content: float = 1.0           # DNA per cell relative to control (2 = arrested in G2/M)
     er_swelling: float = 0.0           # 0 fine reticular ER ... 1 coarse, swollen sheets
     mito_fragmentation: float = 0.1    # 0 tubular network ... 1 fragmented puncta
     stress_fibres: float = 0.05        # fraction of actin signal in oriented stress fibres
@@ -163,9 +164,12 @@ PERTURBATIONS: tuple[Perturbation, ...] = (CONTROL, *(_compound(*spec) for spec 
 
 # The calibrated ("clear") screen: the same compounds, MoAs and nuisances, but most cells respond
 # and every MoA moves its morphology further, so each MoA is learnable from the stains that show
-# it (docs/screens.md) while intensities stay as uninformative as in the subtle screen.
+# it (docs/screens.md). Density is set so that nuclei cover the control's share of the field
+# (fewer, bigger nuclei under cell-cycle arrest) and arrested cells hold G2 DNA (twice the
+# control's), so their bigger nuclei are not dimmer: how much of a field a stain covers and how
+# bright it is there are what intensity statistics read, so they learn little more than chance.
 CLEAR_MOA_EFFECTS: dict[str, dict[str, float]] = {
-    "cell_cycle_arrest": {"nucleus_scale": 0.6, "nucleus_irregularity": 0.1, "density": -4.0},
+    "cell_cycle_arrest": {"nucleus_scale": 0.45, "nucleus_irregularity": 0.1, "dna_content": 1.0},
     "mitochondrial_uncoupler": {"mito_fragmentation": 0.85},
     "er_stress": {"er_swelling": 1.2},
     "actin_stabilizer": {"stress_fibres": 0.6, "cell_elongation": 0.6},
@@ -183,6 +187,8 @@ def _clear_compound(pid: str, moa: str, dose: float, ec50: float, secondary: dic
         values[name] += strength * delta
     for name, delta in secondary.items():
         values[name] += delta
+    p, scale = values["penetrance"], values["nucleus_scale"]
+    values["density"] = CONTROL_PHENOTYPE.density / (p * scale ** 2 + 1.0 - p)  # mean nucleus area x density fixed
     return Perturbation(pid, moa, dose, Phenotype(**values))
 
 
@@ -289,6 +295,7 @@ class _Cells:
     swelling: np.ndarray      # ER swelling
     fragmentation: np.ndarray # mitochondrial fragmentation
     fibres: np.ndarray        # stress-fibre fraction of actin
+    dna_content: np.ndarray   # DNA per cell relative to control
     nucleoli: np.ndarray      # nucleoli per nucleus (int)
     responder: np.ndarray     # bool: shows the perturbation's phenotype (else control morphology)
     brightness: np.ndarray    # (len(STAINS), n) cell-to-cell stain variability
@@ -337,6 +344,7 @@ def _sample_cells(rng: np.random.Generator, ph: Phenotype, size: int) -> _Cells:
         swelling=f32(np.clip(trait("er_swelling") * rng.lognormal(0, 0.2, n), 0, 1.5)),
         fragmentation=f32(np.clip(trait("mito_fragmentation") + rng.normal(0, 0.05, n), 0, 1)),
         fibres=f32(np.clip(trait("stress_fibres") * rng.lognormal(0, 0.2, n), 0, 0.9)),
+        dna_content=f32(trait("dna_content")),
         nucleoli=np.maximum(1, rng.poisson(np.maximum(trait("nucleoli_count"), 0.0))),
         responder=responder,
         brightness=rng.lognormal(0, 0.15, (len(STAINS), n)),
@@ -419,9 +427,10 @@ def _render_stains(rng: np.random.Generator, ph: Phenotype, size: int, context: 
            + _NUCLEOPLASM_RNA * nucleus_soft
            + _per_cell_mean(np.exp(-beyond_nucleus / 1.5) * cyto, owner, cell, _CYTO_RNA_LEVEL * brightness["RNA"]))
 
-    # DNA content per cell is fixed, so bigger nuclei are dimmer; nucleoli exclude chromatin.
+    # DNA per cell is the phenotype's (control: 1), so bigger nuclei with the same DNA are dimmer;
+    # nucleoli exclude chromatin.
     dna_pattern = nucleus_soft * np.clip(1.0 + 0.35 * chromatin, 0.2, None) * (1.0 - 0.6 * nucleoli_rel)
-    dna_target = _DNA_LEVEL * _NUCLEUS_RADIUS ** 2 / (cells.na * cells.nb) * brightness["DNA"]
+    dna_target = _DNA_LEVEL * _NUCLEUS_RADIUS ** 2 / (cells.na * cells.nb) * brightness["DNA"] * cells.dna_content
     dna = _per_cell_mean(dna_pattern, owner, nucleus, dna_target)
 
     # ER: reticular network (zero-crossings of band-passed noise) concentrated around the nucleus,
@@ -746,6 +755,7 @@ PARAMETER_STAINS: dict[str, tuple[str, ...]] = {
     "nucleus_radius": ("DNA", "RNA", "ER", "Brightfield"),        # ER: the nuclear envelope
     "nucleus_elongation": ("DNA", "RNA", "ER", "Brightfield"),
     "nucleus_irregularity": ("DNA", "RNA", "ER", "Brightfield"),
+    "dna_content": ("DNA",),
     "er_swelling": ("ER", "Golgi"),                                 # the Golgi ribbon disperses
     "mito_fragmentation": ("Mito", "Lysosome"),                     # lysosomes multiply
     "stress_fibres": ("AGP", "Tubulin"),                            # microtubules align with fibres
@@ -754,7 +764,7 @@ PARAMETER_STAINS: dict[str, tuple[str, ...]] = {
 }
 # The parameters each MoA moves (MOA_EFFECTS / CLEAR_MOA_EFFECTS; density shows in every stain).
 MOA_PARAMETERS: dict[str, tuple[str, ...]] = {
-    "cell_cycle_arrest": ("nucleus_radius", "nucleus_irregularity"),
+    "cell_cycle_arrest": ("nucleus_radius", "nucleus_irregularity", "dna_content"),
     "mitochondrial_uncoupler": ("mito_fragmentation",),
     "er_stress": ("er_swelling",),
     "actin_stabilizer": ("stress_fibres", "cell_elongation"),

@@ -29,7 +29,7 @@ from cellfm.data.plate import open_store
 LABEL_CHANNELS = ("nuclei", "cells")
 # Morphology parameters of a cell, as `_Cells` holds them (responders carry the well's phenotype).
 PARAMETER_COLUMNS = ("cell_radius", "cell_elongation", "nucleus_radius", "nucleus_elongation",
-                     "nucleus_irregularity", "er_swelling", "mito_fragmentation", "stress_fibres",
+                     "nucleus_irregularity", "dna_content", "er_swelling", "mito_fragmentation", "stress_fibres",
                      "nucleoli_count", "nucleoli_size")
 CELL_COLUMNS = ("plate", "well", "field", "cell_id", "centre_y", "centre_x", "nucleus_y", "nucleus_x", "cell_area",
                 "nucleus_area", "responder", *PARAMETER_COLUMNS, "protein_localization", "protein_secondary",
@@ -66,7 +66,7 @@ def field_truth(context: dict, plate: str, well: str, field: int, nucleoli_size:
         "cell_area": cell_area, "nucleus_area": nucleus_area, "responder": cells.responder,
         "cell_radius": np.sqrt(cells.a * cells.b), "cell_elongation": cells.a / cells.b,
         "nucleus_radius": np.sqrt(cells.na * cells.nb), "nucleus_elongation": cells.na / cells.nb,
-        "nucleus_irregularity": cells.irregularity, "er_swelling": cells.swelling,
+        "nucleus_irregularity": cells.irregularity, "dna_content": cells.dna_content, "er_swelling": cells.swelling,
         "mito_fragmentation": cells.fragmentation, "stress_fibres": cells.fibres,
         "nucleoli_count": cells.nucleoli, "nucleoli_size": np.where(cells.responder, *nucleoli_size),
         "protein_localization": protein.localization if protein else "",
