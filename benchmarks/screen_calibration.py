@@ -71,8 +71,9 @@ def lopo_probe(meta: pd.DataFrame, features: np.ndarray, label: str = "moa", C: 
         model = LogisticRegression(C=C, max_iter=3000).fit(z[~test], y[~test])
         predicted[test] = model.predict(z[test])
     accuracy = float((predicted == y).mean())
+    recall = {str(c): float((predicted[y == c] == c).mean()) for c in np.unique(y)}
     return {"accuracy": accuracy, "se": float(np.sqrt(accuracy * (1 - accuracy) / len(y))),
-            "wells": int(len(y)), "plates": int(len(np.unique(plates)))}
+            "wells": int(len(y)), "plates": int(len(np.unique(plates))), "recall": recall}
 
 
 def intensity_well_features(fields: torch.Tensor, manifest: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
@@ -128,8 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--difficulties", nargs="+", default=["subtle", "clear"], choices=["subtle", "clear"])
     parser.add_argument("--train-plates", type=int, default=3)
     parser.add_argument("--heldout-plates", type=int, default=3)
-    parser.add_argument("--replicates", type=int, default=3, help="wells per compound (protein) per plate")
-    parser.add_argument("--controls", type=int, default=6, help="DMSO wells per plate")
+    parser.add_argument("--replicates", type=int, default=2, help="wells per compound (protein) per plate")
+    parser.add_argument("--controls", type=int, default=4, help="DMSO wells per plate")
     parser.add_argument("--fields", type=int, default=2, help="fields per well")
     parser.add_argument("--field-size", type=int, default=128)
     parser.add_argument("--cnn-epochs", type=int, default=CNNSettings.epochs)
@@ -141,13 +142,14 @@ def main(argv: list[str] | None = None) -> dict:
                           fields_per_well=args.fields, field_size=args.field_size)
     cnn = CNNSettings(epochs=args.cnn_epochs)
     settings = {"layout": layout.__dict__, "cnn": cnn.__dict__, "seed": 0}
-    results = json.loads(args.output.read_text()) if args.output.is_file() else {}
-    if results.get("settings") != settings:
-        results = {"settings": settings, "cells": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for config in args.configs:
             for difficulty in args.difficulties:
                 cell = calibrate(config, difficulty, layout, Path(tmp), cnn, tuple(args.measures))
+                # Re-read just before writing: runs of other configurations may have added cells.
+                results = json.loads(args.output.read_text()) if args.output.is_file() else {}
+                if results.get("settings") != settings:
+                    results = {"settings": settings, "cells": {}}
                 results["cells"].setdefault(config, {})[difficulty] = cell
                 results["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
                 results["machine"] = {"platform": platform.platform(), "python": sys.version.split()[0],

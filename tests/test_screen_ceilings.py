@@ -111,8 +111,17 @@ def test_clear_screen_keeps_compounds_and_strengthens_their_phenotypes():
     subtle, clear = perturbations("subtle"), perturbations("clear")
     assert subtle == PERTURBATIONS
     assert [(p.perturbation_id, p.moa, p.dose) for p in clear] == [(p.perturbation_id, p.moa, p.dose) for p in subtle]
+    control = PERTURBATIONS[0].phenotype
     for s, c in zip(subtle[1:], clear[1:]):
-        assert c.phenotype.penetrance > s.phenotype.penetrance
+        ph = c.phenotype
+        assert ph.penetrance > s.phenotype.penetrance
+        # Nuclei cover the control's share of a field: mean nucleus area x density is the control's.
+        mean_area = ph.penetrance * ph.nucleus_scale ** 2 + 1 - ph.penetrance
+        assert ph.density * mean_area == pytest.approx(control.density)
+        if c.moa == "cell_cycle_arrest":  # G2 arrest: bigger nuclei holding twice the DNA, not dimmer ones
+            assert 1.7 <= ph.dna_content <= 2.0 and ph.dna_content == pytest.approx(ph.nucleus_scale ** 2, rel=0.1)
+        else:
+            assert ph.dna_content == 1.0
     with pytest.raises(ValueError, match="unknown difficulty"):
         perturbations("hard")
 
@@ -169,3 +178,11 @@ def test_supervised_cnn_is_deterministic_learns_a_texture_label_and_averages_wel
     per_field = cnn_field_features(model, fields)
     assert wells.shape == (24, 4 * 8) and meta["well"].tolist() == sorted(manifest["well"].unique())
     np.testing.assert_allclose(wells[3], per_field[6:8].mean(axis=0), rtol=1e-6)
+
+
+def test_synth_rejects_an_unknown_difficulty_in_one_line(tmp_path, capsys):
+    from cellfm.cli import main
+
+    assert main(["synth", str(tmp_path / "s"), "--family", "cp5", "--difficulty", "hard"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["error: --difficulty='hard' is not one of ['clear', 'subtle']"]
+    assert not (tmp_path / "s").exists()

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class CNNSettings:
-    epochs: int = 40
+    epochs: int = 50
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 1e-4
