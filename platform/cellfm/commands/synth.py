@@ -8,8 +8,10 @@ DESCRIPTION = "Write a synthetic multichannel microscopy screen (OME-Zarr plates
 EXAMPLES = """examples:
   cellfm synth demo_output/screen --layout demo --seed 0        # the demo's train / held-out / unseen screen
   cellfm synth screens/hpa4 --family hpa4 --layout tiny          # one configuration of the synthetic family
+  cellfm synth screens/cp5-clear --family cp5 --difficulty clear  # the calibrated screen (docs/screens.md)
 
---layout: tiny | demo (cellfm.data.synthetic.LAYOUTS); --family: cp5 | novel4 | hpa4 | brightfield1."""
+--layout: tiny | demo (cellfm.data.synthetic.LAYOUTS); --family: cp5 | novel4 | hpa4 | brightfield1;
+--difficulty: subtle | clear. Ground truth (cell tables, nucleus/cell labels) goes to OUT_DIR/truth/."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--family", default=None,
                         help="write one configuration of the synthetic family instead (train/heldout manifests)")
+    parser.add_argument("--difficulty", default="subtle",
+                        help="subtle (the original screen, default) or clear (calibrated: every MoA visible in the "
+                             "stains that show it; docs/screens.md)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,11 +31,12 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from cellfm.config import ConfigError
-    from cellfm.data.synthetic import FAMILY_CONFIGS, LAYOUTS, generate_family_screen, generate_screen
+    from cellfm.data.synthetic import DIFFICULTIES, FAMILY_CONFIGS, LAYOUTS, generate_family_screen, generate_screen
     from cellfm.preflight import check_paths
 
     problems = [f"--{flag}={value!r} is not one of {sorted(allowed)}"
-                for flag, value, allowed in (("layout", args.layout, LAYOUTS), ("family", args.family, FAMILY_CONFIGS))
+                for flag, value, allowed in (("layout", args.layout, LAYOUTS), ("family", args.family, FAMILY_CONFIGS),
+                                             ("difficulty", args.difficulty, DIFFICULTIES))
                 if value is not None and value not in allowed]
     if problems:
         raise ConfigError(problems)
@@ -38,9 +44,10 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="[synth] %(message)s")
     started = time.perf_counter()
     if args.family:
-        manifests = generate_family_screen(args.out_dir, config=args.family, layout=args.layout, seed=args.seed)
+        manifests = generate_family_screen(args.out_dir, config=args.family, layout=args.layout, seed=args.seed,
+                                           difficulty=args.difficulty)
     else:
-        manifests = generate_screen(args.out_dir, layout=args.layout, seed=args.seed)
+        manifests = generate_screen(args.out_dir, layout=args.layout, seed=args.seed, difficulty=args.difficulty)
     print(f"[synth] done in {time.perf_counter() - started:.1f} s")
     for split, path in manifests.items():
         print(f"[synth] {split}: {path}")

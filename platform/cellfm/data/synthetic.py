@@ -41,6 +41,7 @@ import scipy.ndimage
 
 from cellfm.data.manifest import MANIFEST_COLUMNS, write_manifest
 from cellfm.data.plate import create_plate, write_field
+from cellfm.data.truth import field_truth, write_plate_truth
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class Phenotype:
     nucleus_scale: float = 1.0         # nucleus radius relative to control
     nucleus_elongation: float = 1.15   # major / minor axis ratio of nuclei
     nucleus_irregularity: float = 0.04 # amplitude of lobes on the nuclear outline
+    dna_content: float = 1.0           # DNA per cell relative to control (2 = arrested in G2/M)
     er_swelling: float = 0.0           # 0 fine reticular ER ... 1 coarse, swollen sheets
     mito_fragmentation: float = 0.1    # 0 tubular network ... 1 fragmented puncta
     stress_fibres: float = 0.05        # fraction of actin signal in oriented stress fibres
@@ -159,6 +161,49 @@ def _compound(pid: str, moa: str, dose: float, ec50: float, secondary: dict[str,
 
 CONTROL = Perturbation("DMSO", "control", 0.0, CONTROL_PHENOTYPE)
 PERTURBATIONS: tuple[Perturbation, ...] = (CONTROL, *(_compound(*spec) for spec in _COMPOUNDS))
+
+# The calibrated ("clear") screen: the same compounds, MoAs and nuisances, but most cells respond
+# and every MoA moves its morphology further, so each MoA is learnable from the stains that show
+# it (docs/screens.md). Density is set so that nuclei cover the control's share of the field
+# (fewer, bigger nuclei under cell-cycle arrest) and arrested cells hold G2 DNA (twice the
+# control's), so their bigger nuclei are not dimmer: how much of a field a stain covers and how
+# bright it is there are what intensity statistics read, so they learn little more than chance.
+CLEAR_MOA_EFFECTS: dict[str, dict[str, float]] = {
+    "cell_cycle_arrest": {"nucleus_scale": 0.45, "nucleus_irregularity": 0.1, "dna_content": 1.0},
+    "mitochondrial_uncoupler": {"mito_fragmentation": 0.85},
+    "er_stress": {"er_swelling": 1.2},
+    "actin_stabilizer": {"stress_fibres": 0.7, "cell_elongation": 0.8},
+    "nucleolar_stress": {"nucleoli_count": -2.0, "nucleoli_size": 2.0},
+}
+_CLEAR_MIN_STRENGTH = 0.7            # strength = min + (1 - min) * dose / (dose + EC50)
+_CLEAR_PENETRANCE = (0.85, 0.15)     # penetrance = a + b * strength
+
+
+def _clear_compound(pid: str, moa: str, dose: float, ec50: float, secondary: dict[str, float]) -> Perturbation:
+    strength = _CLEAR_MIN_STRENGTH + (1.0 - _CLEAR_MIN_STRENGTH) * dose / (dose + ec50)
+    values = dataclasses.asdict(CONTROL_PHENOTYPE) | {
+        "penetrance": min(1.0, _CLEAR_PENETRANCE[0] + _CLEAR_PENETRANCE[1] * strength)}
+    for name, delta in CLEAR_MOA_EFFECTS[moa].items():
+        values[name] += strength * delta
+    for name, delta in secondary.items():
+        values[name] += delta
+    p, scale = values["penetrance"], values["nucleus_scale"]
+    values["density"] = CONTROL_PHENOTYPE.density / (p * scale ** 2 + 1.0 - p)  # mean nucleus area x density fixed
+    return Perturbation(pid, moa, dose, Phenotype(**values))
+
+
+# Screen difficulty -> its treatments. "subtle" is the original screen (its pixels are pinned).
+DIFFICULTIES: dict[str, tuple[Perturbation, ...]] = {
+    "subtle": PERTURBATIONS,
+    "clear": (CONTROL, *(_clear_compound(*spec) for spec in _COMPOUNDS)),
+}
+
+
+def perturbations(difficulty: str) -> tuple[Perturbation, ...]:
+    """The treatments (DMSO first) of a screen of this difficulty."""
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"unknown difficulty {difficulty!r}; choose one of {sorted(DIFFICULTIES)}")
+    return DIFFICULTIES[difficulty]
 
 
 @dataclass(frozen=True)
@@ -250,6 +295,7 @@ class _Cells:
     swelling: np.ndarray      # ER swelling
     fragmentation: np.ndarray # mitochondrial fragmentation
     fibres: np.ndarray        # stress-fibre fraction of actin
+    dna_content: np.ndarray   # DNA per cell relative to control
     nucleoli: np.ndarray      # nucleoli per nucleus (int)
     responder: np.ndarray     # bool: shows the perturbation's phenotype (else control morphology)
     brightness: np.ndarray    # (len(STAINS), n) cell-to-cell stain variability
@@ -298,6 +344,7 @@ def _sample_cells(rng: np.random.Generator, ph: Phenotype, size: int) -> _Cells:
         swelling=f32(np.clip(trait("er_swelling") * rng.lognormal(0, 0.2, n), 0, 1.5)),
         fragmentation=f32(np.clip(trait("mito_fragmentation") + rng.normal(0, 0.05, n), 0, 1)),
         fibres=f32(np.clip(trait("stress_fibres") * rng.lognormal(0, 0.2, n), 0, 0.9)),
+        dna_content=f32(trait("dna_content")),
         nucleoli=np.maximum(1, rng.poisson(np.maximum(trait("nucleoli_count"), 0.0))),
         responder=responder,
         brightness=rng.lognormal(0, 0.15, (len(STAINS), n)),
@@ -380,9 +427,10 @@ def _render_stains(rng: np.random.Generator, ph: Phenotype, size: int, context: 
            + _NUCLEOPLASM_RNA * nucleus_soft
            + _per_cell_mean(np.exp(-beyond_nucleus / 1.5) * cyto, owner, cell, _CYTO_RNA_LEVEL * brightness["RNA"]))
 
-    # DNA content per cell is fixed, so bigger nuclei are dimmer; nucleoli exclude chromatin.
+    # DNA per cell is the phenotype's (control: 1), so bigger nuclei with the same DNA are dimmer;
+    # nucleoli exclude chromatin.
     dna_pattern = nucleus_soft * np.clip(1.0 + 0.35 * chromatin, 0.2, None) * (1.0 - 0.6 * nucleoli_rel)
-    dna_target = _DNA_LEVEL * _NUCLEUS_RADIUS ** 2 / (cells.na * cells.nb) * brightness["DNA"]
+    dna_target = _DNA_LEVEL * _NUCLEUS_RADIUS ** 2 / (cells.na * cells.nb) * brightness["DNA"] * cells.dna_content
     dna = _per_cell_mean(dna_pattern, owner, nucleus, dna_target)
 
     # ER: reticular network (zero-crossings of band-passed noise) concentrated around the nucleus,
@@ -503,17 +551,18 @@ def _image_formation(rng: np.random.Generator, signal: np.ndarray, effect: Batch
 
 
 def render_field(rng: np.random.Generator, channel_names: list[str], phenotype: Phenotype, size: int,
-                 batch_effect: BatchEffect) -> np.ndarray:
+                 batch_effect: BatchEffect, context: dict | None = None) -> np.ndarray:
     """One ``(C, size, size)`` uint16 field of cells with ``phenotype`` imaged under ``batch_effect``.
 
     Channels are returned in ``channel_names`` order (any subset of ``STAINS``). All stains are
     drawn from the same random stream whatever the subset, so a field's biology does not depend
-    on which channels are requested.
+    on which channels are requested. ``context`` (a dict), if given, receives the field's cells and
+    compartment masks (`field_truth` turns them into the ground truth); the pixels do not change.
     """
     unknown = [c for c in channel_names if c not in STAINS]
     if unknown or not channel_names:
         raise ValueError(f"cannot render channel(s) {unknown or channel_names}; known stains: {list(STAINS)}")
-    context: dict = {}
+    context = {} if context is None else context
     signal = _in_focus_signal(dict(zip(STAINS, _render_stains(rng, phenotype, size, context))), STAINS, context)
     image = _image_formation(rng, signal, batch_effect)
     return image[[STAINS.index(c) for c in channel_names]]
@@ -574,11 +623,12 @@ def _plate_format(n_wells: int) -> tuple[list[str], list[str]]:
 
 
 def _write_plate(plate_uri: Path, plate_name: str, batch: str, channels: list[str], layout: ScreenLayout,
-                 seed: int, plate_index: int) -> list[dict]:
-    """Render and write one plate; return its manifest rows. Well positions are randomized."""
+                 seed: int, plate_index: int, difficulty: str = "subtle") -> list[dict]:
+    """Render and write one plate and its ground truth (`cellfm.data.truth`); return its manifest
+    rows. Well positions are randomized."""
     rng = np.random.default_rng([seed, plate_index])
     treatments = [CONTROL] * layout.controls_per_plate + [
-        p for p in PERTURBATIONS if not p.is_control for _ in range(layout.replicates_per_plate)
+        p for p in perturbations(difficulty) if not p.is_control for _ in range(layout.replicates_per_plate)
     ]
     rows, cols = _plate_format(len(treatments))
     positions = rng.choice(len(rows) * len(cols), size=len(treatments), replace=False)
@@ -587,15 +637,18 @@ def _write_plate(plate_uri: Path, plate_name: str, batch: str, channels: list[st
     create_plate(str(plate_uri), plate_name, wells, layout.fields_per_well, channels, (size, size),
                  dtype="uint16", pixel_size_um=PIXEL_SIZE_UM)
     plate = _plate_conditions(rng)
-    records = []
+    records, tables, labels = [], [], {}
     for well_index, ((row, col), treatment) in enumerate(zip(wells, treatments)):
         well_rng = np.random.default_rng([seed, plate_index, well_index])
         well_gain = _lognormal_per_stain(well_rng, 0.2)
         density = treatment.phenotype.density * plate.density_factor * float(well_rng.lognormal(0.0, 0.1))
         phenotype = dataclasses.replace(treatment.phenotype, density=density)
         for f in range(layout.fields_per_well):
-            image = render_field(well_rng, channels, phenotype, size, _field_effect(well_rng, plate, well_gain))
+            context: dict = {}
+            image = render_field(well_rng, channels, phenotype, size, _field_effect(well_rng, plate, well_gain),
+                                 context)
             write_field(str(plate_uri), row, col, f, image)
+            tables.append(_truth(context, plate_name, row, col, f, phenotype, labels))
             records.append({
                 "source": SOURCE, "plate": plate_name, "well": f"{row}{col}", "row": row, "col": col, "field": f,
                 "store_uri": str(plate_uri), "channel_names": list(channels),
@@ -603,11 +656,22 @@ def _write_plate(plate_uri: Path, plate_name: str, batch: str, channels: list[st
                 "perturbation_id": treatment.perturbation_id, "moa": treatment.moa,
                 "is_control": treatment.is_control, "dose": treatment.dose, "cell_line": CELL_LINE, "batch": batch,
             })
+    write_plate_truth(str(plate_uri), tables, labels)
     return sorted(records, key=lambda r: (r["row"], r["col"], r["field"]))
 
 
-def generate_screen(out_dir: str | Path, layout: str | ScreenLayout = "demo", seed: int = 0) -> dict[str, Path]:
-    """Write a synthetic screen: plates under ``out_dir/plates/<plate>.zarr`` and three manifests.
+def _truth(context: dict, plate: str, row: str, col: str, f: int, phenotype: Phenotype,
+           labels: dict, protein: Protein | None = None) -> pd.DataFrame:
+    """The field's cell table; its label images go into ``labels`` under (row, col, field)."""
+    table, labels[row, col, f] = field_truth(context, plate, f"{row}{col}", f,
+                                             (phenotype.nucleoli_size, CONTROL_PHENOTYPE.nucleoli_size), protein)
+    return table
+
+
+def generate_screen(out_dir: str | Path, layout: str | ScreenLayout = "demo", seed: int = 0,
+                    difficulty: str = "subtle") -> dict[str, Path]:
+    """Write a synthetic screen: plates under ``out_dir/plates/<plate>.zarr``, their ground truth
+    under ``out_dir/truth/`` (`cellfm.data.truth`) and three manifests.
 
     Returns ``{"train", "heldout", "unseen"}`` -> manifest path. Train and held-out plates carry
     the five Cell Painting stains (``CP5_CHANNELS``); unseen plates carry ``UNSEEN4_CHANNELS``.
@@ -615,7 +679,9 @@ def generate_screen(out_dir: str | Path, layout: str | ScreenLayout = "demo", se
     seeded random positions. Deterministic given ``seed``. Manifests are written last (atomically):
     if all three exist the screen is considered complete and returned as is, whatever
     ``layout``/``seed`` are asked for; a run that died half-way is regenerated from scratch.
+    ``difficulty``: ``subtle`` (the original screen) or ``clear`` (`DIFFICULTIES`).
     """
+    perturbations(difficulty)  # fails early on an unknown difficulty
     if isinstance(layout, str):
         if layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(LAYOUTS)} or pass a ScreenLayout")
@@ -638,7 +704,7 @@ def generate_screen(out_dir: str | Path, layout: str | ScreenLayout = "demo", se
             started = time.perf_counter()
             batch = f"SYN-BATCH-{plate_index + 1:02d}"  # each plate is imaged as its own batch
             records[split] += _write_plate(out_dir / "plates" / f"{name}.zarr", name, batch, channels, layout,
-                                           seed, plate_index)
+                                           seed, plate_index, difficulty)
             plate_index += 1
             log.info("plate %d/%d %s (%d channels) written in %.1f s", plate_index, n_plates, name,
                      len(channels), time.perf_counter() - started)
@@ -679,6 +745,46 @@ FAMILY_CONFIGS: dict[str, FamilyConfig] = {
                          ("context", "concept", "context", "context"), "localization"),
     "brightfield1": FamilyConfig("brightfield1", ("Brightfield",), ("context",), "moa"),
 }
+
+
+# Which stains show each per-cell morphology parameter of the ground truth (`cellfm.data.truth`),
+# as the renderer draws them: the oracle of a configuration sees only what its stains show.
+PARAMETER_STAINS: dict[str, tuple[str, ...]] = {
+    "cell_radius": ("AGP", "Tubulin", "Brightfield"),
+    "cell_elongation": ("AGP", "Tubulin", "Brightfield"),
+    "nucleus_radius": ("DNA", "RNA", "ER", "Brightfield"),        # ER: the nuclear envelope
+    "nucleus_elongation": ("DNA", "RNA", "ER", "Brightfield"),
+    "nucleus_irregularity": ("DNA", "RNA", "ER", "Brightfield"),
+    "dna_content": ("DNA",),
+    "er_swelling": ("ER", "Golgi"),                                 # the Golgi ribbon disperses
+    "mito_fragmentation": ("Mito", "Lysosome"),                     # lysosomes multiply
+    "stress_fibres": ("AGP", "Tubulin"),                            # microtubules align with fibres
+    "nucleoli_count": ("RNA", "DNA", "Brightfield"),                # DNA: nucleoli exclude chromatin
+    "nucleoli_size": ("RNA", "DNA", "Brightfield"),
+}
+# The parameters each MoA moves (MOA_EFFECTS / CLEAR_MOA_EFFECTS; density shows in every stain).
+MOA_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "cell_cycle_arrest": ("nucleus_radius", "nucleus_irregularity", "dna_content"),
+    "mitochondrial_uncoupler": ("mito_fragmentation",),
+    "er_stress": ("er_swelling",),
+    "actin_stabilizer": ("stress_fibres", "cell_elongation"),
+    "nucleolar_stress": ("nucleoli_count", "nucleoli_size"),
+}
+
+
+def visible_parameters(channels: Sequence[str]) -> list[str]:
+    """The ground-truth morphology parameters that stains ``channels`` (names or aliases) show."""
+    stains = {_canonical(c) for c in channels}
+    return [p for p, shown_by in PARAMETER_STAINS.items() if stains & set(shown_by)]
+
+
+def revealed_labels(channels: Sequence[str]) -> list[str]:
+    """The labels a configuration's stains can reveal: the control and every MoA one of whose
+    parameters a stain shows, or every localization class when ``Protein`` is among them."""
+    if "Protein" in {_canonical(c) for c in channels}:
+        return list(LOCALIZATIONS)
+    visible = set(visible_parameters(channels))
+    return ["control", *(moa for moa, params in MOA_PARAMETERS.items() if visible & set(params))]
 
 
 @dataclass(frozen=True)
@@ -782,14 +888,17 @@ def _family_signals(rng: np.random.Generator, ctx: dict, size: int, protein: Pro
             return pattern / (pattern[cell].mean() + 1e-9) if cell.any() else pattern
         pattern = (1 - protein.secondary_fraction) * unit(protein.localization) + protein.secondary_fraction * unit(protein.secondary)
         expression = protein.level * rng.lognormal(0.0, 0.5, len(cells.cy))  # cell-to-cell expression varies
+        ctx["protein_expression"] = expression
         out["Protein"] = _per_cell_mean(pattern.astype(np.float32), owner, cell, _PROTEIN_LEVEL * expression * brightness[3])
     return out
 
 
 def render_family_field(rng: np.random.Generator, channel_names: list[str], phenotype: Phenotype, size: int,
-                        batch_effect: BatchEffect, protein: Protein | None = None) -> np.ndarray:
+                        batch_effect: BatchEffect, protein: Protein | None = None,
+                        context: dict | None = None) -> np.ndarray:
     """A ``(C, size, size)`` uint16 field with any of ``FAMILY_STAINS`` (or their aliases
-    ``Microtubules``/``Nucleus``) rendered from one cell geometry. ``Protein`` needs ``protein``."""
+    ``Microtubules``/``Nucleus``) rendered from one cell geometry. ``Protein`` needs ``protein``.
+    ``context``: as in `render_field`."""
     canonical = [_canonical(c) for c in channel_names]
     unknown = [c for c, k in zip(channel_names, canonical) if k not in FAMILY_STAINS]
     if unknown or not channel_names:
@@ -797,7 +906,7 @@ def render_family_field(rng: np.random.Generator, channel_names: list[str], phen
                          f"{list(FAMILY_STAINS)} and aliases {sorted(STAIN_ALIASES)}")
     if "Protein" in canonical and protein is None:
         raise ValueError("the Protein channel needs a protein (localization) to render")
-    ctx: dict = {}
+    ctx = {} if context is None else context
     base = _render_stains(rng, phenotype, size, context=ctx)
     signals = dict(zip(STAINS, base)) | _family_signals(rng, ctx, size, protein)
     return _image_formation(rng, _in_focus_signal(signals, canonical, ctx), batch_effect, channel_names)
@@ -831,14 +940,15 @@ def _join_uri(base: str, *parts: str) -> str:
 
 
 def _write_family_plate(plate_uri: str, plate_name: str, batch: str, config: FamilyConfig, layout: ScreenLayout,
-                        seed: int, plate_index: int, storage_options: dict | None) -> list[dict]:
+                        seed: int, plate_index: int, storage_options: dict | None,
+                        difficulty: str = "subtle") -> list[dict]:
     rng = np.random.default_rng([seed, 1000 + plate_index])
     names = list(config.channels)
     if config.label == "localization":
         treatments: list = [p for p in PROTEINS for _ in range(layout.replicates_per_plate)]
     else:
         treatments = [CONTROL] * layout.controls_per_plate + [
-            p for p in PERTURBATIONS if not p.is_control for _ in range(layout.replicates_per_plate)]
+            p for p in perturbations(difficulty) if not p.is_control for _ in range(layout.replicates_per_plate)]
     rows, cols = _plate_format(len(treatments))
     positions = rng.choice(len(rows) * len(cols), size=len(treatments), replace=False)
     wells = [(rows[p // len(cols)], cols[p % len(cols)]) for p in positions]
@@ -846,7 +956,7 @@ def _write_family_plate(plate_uri: str, plate_name: str, batch: str, config: Fam
     create_plate(plate_uri, plate_name, wells, layout.fields_per_well, names, (size, size), dtype="uint16",
                  pixel_size_um=PIXEL_SIZE_UM, storage_options=storage_options)
     plate = _family_plate_conditions(rng, names)
-    records = []
+    records, tables, labels = [], [], {}
     for well_index, ((row, col), treatment) in enumerate(zip(wells, treatments)):
         well_rng = np.random.default_rng([seed, 1000 + plate_index, well_index])
         well_gain = {s: float(v) for s, v in zip(names, well_rng.lognormal(0.0, 0.2, len(names)))}
@@ -864,18 +974,22 @@ def _write_family_plate(plate_uri: str, plate_name: str, batch: str, config: Fam
                     "compound_split": "heldout" if treatment.perturbation_id in HELDOUT_COMPOUNDS else "train"}
         for f in range(layout.fields_per_well):
             effect = _family_field_effect(well_rng, plate, well_gain, names)
-            image = render_family_field(well_rng, names, phenotype, size, effect, protein)
+            context: dict = {}
+            image = render_family_field(well_rng, names, phenotype, size, effect, protein, context)
             write_field(plate_uri, row, col, f, image, storage_options)
+            tables.append(_truth(context, plate_name, row, col, f, phenotype, labels, protein))
             records.append({
                 "source": f"{SOURCE}-{config.name}", "plate": plate_name, "well": f"{row}{col}", "row": row, "col": col,
                 "field": f, "store_uri": plate_uri, "channel_names": names, "channel_groups": list(config.groups),
                 "height": size, "width": size, "dtype": "uint16", "cell_line": CELL_LINE, "batch": batch, **meta,
             })
+    write_plate_truth(plate_uri, tables, labels, storage_options)
     return sorted(records, key=lambda r: (r["row"], r["col"], r["field"]))
 
 
 def generate_family_screen(out_dir: str | Path, config: str = "hpa4", layout: str | ScreenLayout = "tiny",
-                           seed: int = 0, storage_options: dict | None = None) -> dict[str, str | Path]:
+                           seed: int = 0, storage_options: dict | None = None,
+                           difficulty: str = "subtle") -> dict[str, str | Path]:
     """Write one configuration of the synthetic family: ``train`` and ``heldout`` plates (replicate
     plates imaged as separate batches) with manifests ``train.parquet``/``heldout.parquet``.
 
@@ -886,13 +1000,16 @@ def generate_family_screen(out_dir: str | Path, config: str = "hpa4", layout: st
     label-free channel). Every plate holds every compound (or protein); column ``compound_split``
     marks the held-out compounds (``HELDOUT_COMPOUNDS``, one per MoA) / proteins (``HELDOUT_PROTEINS``,
     one per class) for evaluation on treatments unseen by the probe. ``out_dir`` may be ``s3://``.
-    Complete screens (both manifests present) are returned as is.
+    Complete screens (both manifests present) are returned as is. ``difficulty``: as in
+    `generate_screen` (the proteins of ``hpa4`` are the same at both). Ground truth goes to
+    ``out_dir/truth/`` (`cellfm.data.truth`).
     """
     from cellfm.data.manifest import OPTIONAL_COLUMNS, read_manifest
 
     if config not in FAMILY_CONFIGS:
         raise ValueError(f"unknown family config {config!r}; choose one of {sorted(FAMILY_CONFIGS)}")
     cfg = FAMILY_CONFIGS[config]
+    perturbations(difficulty)
     if isinstance(layout, str):
         if layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(LAYOUTS)} or pass a ScreenLayout")
@@ -914,7 +1031,7 @@ def generate_family_screen(out_dir: str | Path, config: str = "hpa4", layout: st
             started = time.perf_counter()
             records[split] += _write_family_plate(_join_uri(out, "plates", f"{name}.zarr"), name,
                                                   f"SYN-{config.upper()}-BATCH-{plate_index + 1:02d}", cfg, layout,
-                                                  seed, plate_index, storage_options)
+                                                  seed, plate_index, storage_options, difficulty)
             plate_index += 1
             log.info("plate %s written in %.1f s", name, time.perf_counter() - started)
     columns = [*MANIFEST_COLUMNS, "localization", "compound_split"]
