@@ -224,3 +224,40 @@ def test_cli_registers_an_s3_plate_anonymously_readable(s3_server, tmp_path, cap
     np.testing.assert_array_equal(image, images["B", "3", 0][:, 2])
     assert main(args) == 0
     assert "nothing written" in capsys.readouterr().out
+
+
+def _unlabelled_plate(tmp_path) -> tuple[str, dict, pd.DataFrame]:
+    """A 0.4 z-stack plate without omero labels, registered with a channel map (one channel left out)."""
+    uri = str(tmp_path / "P3.zarr")
+    images = _write_plate(uri, "0.4", wells=[("B", "3"), ("C", "5")], n_fields=1, omero=False, name="P3")
+    return uri, images, plan_ome_zarr([uri], channel_map={"0": None, "1": "Actin"})
+
+
+def test_the_loader_reads_a_level_and_a_plane_with_the_manifest_channel_labels(tmp_path):
+    """data.resolution_level / data.z_plane and the manifest's channel_labels reach FieldLoader."""
+    from cellfm.config import DataConfig
+    from cellfm.data.pipeline import FIELD_INDEX, FieldLoader, _field_table, check_pipeline_config
+
+    uri, _, df = _unlabelled_plate(tmp_path)
+    cfg = DataConfig(normalization="none", z_plane=0, resolution_level=1, field_size=18, channel_permutation=False,
+                     progress_interval_s=0)
+    loader = FieldLoader(cfg, permute_channels=False, layout=check_pipeline_config(df, cfg))
+    table = _field_table(df, [])
+    out = loader({k: table[k].to_numpy() for k in [*table.columns]} | {FIELD_INDEX: table[FIELD_INDEX].to_numpy()})
+    assert list(out["channel_names"]) == ["Actin", "Actin"] and out["image"].shape == (2, 1, 18, 18)
+    for i, (row, col) in enumerate([("B", "3"), ("C", "5")]):
+        stored = np.asarray(zarr.open_array(f"{uri}/{row}/{col}/0/scale1/image", mode="r"))  # (c, z, 20, 18)
+        np.testing.assert_array_equal(out["image"][i, 0], stored[1, 0, 1:19, :])  # centre crop of the level
+
+
+@pytest.mark.integration
+def test_a_registered_z_stack_streams_through_ray_data_as_its_projection(ray_session, tmp_path):
+    from cellfm.config import DataConfig
+    from cellfm.data.pipeline import build_field_dataset
+
+    _, images, df = _unlabelled_plate(tmp_path)
+    cfg = DataConfig(normalization="none", z_projection="max", progress_interval_s=0)
+    rows = list(build_field_dataset(df, cfg, training=False, keep_columns=["well"]).iter_rows())
+    assert [r["well"] for r in rows] == ["B3", "C5"] and [r["channel_names"] for r in rows] == ["Actin", "Actin"]
+    for r, key in zip(rows, [("B", "3", 0), ("C", "5", 0)]):
+        np.testing.assert_array_equal(r["image"], images[key][1:2].max(axis=1))
