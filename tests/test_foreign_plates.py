@@ -1,6 +1,7 @@
 """Plates written by another library, ngff-zarr: cellfm reads every field exactly, resolves channel
 names and validates plate and manifest; ngff-zarr reads cellfm's sharded plates back; what cellfm
-does not read (OME-Zarr 0.4 on Zarr v2, no channel labels, z-stacks) fails naming plate/well/field."""
+does not read (no channel labels, a z-stack without a z setting, a time series) fails naming
+plate/well/field. OME-Zarr 0.4, z-stacks and resolution levels: tests/test_ome_zarr_plates.py."""
 
 from __future__ import annotations
 
@@ -123,18 +124,23 @@ def test_ngff_zarr_reads_a_cellfm_plate(tmp_path):
 
 
 @pytest.mark.parametrize("dims, sizes, options, read_error, problem", [
-    (("c", "y", "x"), {"c": 3, "y": 32, "x": 24}, {"version": "0.4"},
-     "Zarr v2 group (OME-Zarr 0.4 or older)", "Zarr v2 group (OME-Zarr 0.4 or older)"),
     (("c", "y", "x"), {"c": 3, "y": 32, "x": 24}, {"omero": False},
      "well B3, field 0: no omero channel labels", "well B3, field 0: no omero channel labels"),
     (("c", "z", "y", "x"), {"c": 3, "z": 2, "y": 32, "x": 24}, {},
-     "well B3, field 0: axis 'z' has size 2", "well B3, field 0: non-singleton axes besides c, y, x: [('z', 2)]"),
-], ids=["ome-zarr-0.4", "no-omero", "z-stack"])
+     "well B3, field 0: z-stack of 2 planes; choose one with data.z_plane", None),
+    (("t", "c", "y", "x"), {"t": 2, "c": 3, "y": 32, "x": 24}, {},
+     "well B3, field 0: axis 't' has size 2", "well B3, field 0: non-singleton axes besides c, z, y, x: [('t', 2)]"),
+], ids=["no-omero", "z-stack", "time-series"])
 def test_unsupported_ngff_zarr_plates_fail_saying_why(tmp_path, dims, sizes, options, read_error, problem):
+    """One line naming plate/well/field; a z-stack is a valid plate that needs a read setting."""
     uri = str(tmp_path / "ngff.zarr")
     _write_ngff_zarr_plate(uri, dims, sizes, wells=[("B", "3")], n_fields=1, **options)
     with pytest.raises(PlateError) as err:
         read_field(uri, "B", "3", 0)
     assert uri in str(err.value) and "well B3, field 0" in str(err.value) and read_error in str(err.value)
+    assert "\n" not in str(err.value)
     problems = plate_problems(uri)
-    assert any(uri in p and problem in p for p in problems), problems
+    if problem is None:
+        assert problems == []
+    else:
+        assert any(uri in p and problem in p for p in problems), problems

@@ -134,6 +134,14 @@ class DataConfig:
     # client_kwargs.region_name, ...). Saved configs hold CREDENTIAL_MARKER in place of credentials;
     # prefer the AWS environment variables for those.
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+    # Z-stacks (e.g. plates registered with `cellfm ingest --layout ome-zarr`): the z-plane read from
+    # every field, an index (-1 = none: a field with several planes then needs data.z_projection).
+    z_plane: int = -1
+    # Z-stacks: project all planes instead of choosing one: max | mean (mean is float32); "" = none.
+    z_projection: str = ""
+    # Multiscale level read from every field (0 = full resolution; k = the plate's k-th level, e.g. 2^k
+    # times smaller), so large fields can be read downsampled; above 0 needs data.field_size.
+    resolution_level: int = 0
 
 
 @dataclass
@@ -515,6 +523,7 @@ _CHOICES = {
     "data.transfer_dtype": {"float16", "uint8"},
     "data.bad_field_policy": {"fail", "skip"},
     "data.mixed_channels": {"pad", "group"},
+    "data.z_projection": {"", "max", "mean"},
     "model.name": {"cellrep", "c3r", "vit_rgb", "channelvit", "single_channel", "dichavit", "ca_mae"},
     "ssl.objective": {"dino", "ibot", "mae"},
     "ssl.channel_sampling": {"auto", "none", "hcs", "dcs"},
@@ -661,6 +670,16 @@ def data_config_problems(data: DataConfig) -> list[str]:
     if data.transfer_dtype == "uint8" and data.normalization == "standardize":
         problems.append("data.transfer_dtype=uint8 holds [0, 1] values only; use data.transfer_dtype=float16 "
                         "with data.normalization=standardize")
+    if data.z_plane < -1:
+        problems.append(f"data.z_plane must be a z index >= 0, or -1 for none, got {data.z_plane}")
+    if data.z_plane >= 0 and data.z_projection:
+        problems.append(f"data.z_plane={data.z_plane} and data.z_projection={data.z_projection!r} both choose how "
+                        f"z-stacks are read; set data.z_plane=-1 or data.z_projection=''")
+    if data.resolution_level < 0:
+        problems.append(f"data.resolution_level must be >= 0, got {data.resolution_level}")
+    if data.resolution_level > 0 and not data.field_size:
+        problems.append(f"data.resolution_level={data.resolution_level} reads fields smaller than the manifest's "
+                        f"height/width; set data.field_size to the edge the trainer gets")
     return problems
 
 

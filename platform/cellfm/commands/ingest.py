@@ -1,12 +1,15 @@
 """`cellfm ingest`: a screen (CPG load_data.csv + TIFFs, CHAMMI strips, or a generic glob + regex) to
-OME-Zarr plates + a Parquet manifest, in parallel on Ray; a rerun resumes an interrupted run."""
+OME-Zarr plates + a Parquet manifest, in parallel on Ray (a rerun resumes an interrupted run); or
+existing OME-Zarr plates registered in place (`--layout ome-zarr`: a manifest only, a rerun on unchanged
+plates writes nothing)."""
 
 from __future__ import annotations
 
 import argparse
 import glob as globbing
 
-DESCRIPTION = "Convert a screen (CPG load_data.csv, CHAMMI strips, glob + regex) to OME-Zarr plates + a manifest."
+DESCRIPTION = ("Convert a screen (CPG load_data.csv, CHAMMI strips, glob + regex) to OME-Zarr plates + a manifest, "
+               "or register existing OME-Zarr plates in place.")
 EXAMPLES = r"""examples:
   cellfm ingest --layout cpg --load-data load_data.csv --platemaps metadata/platemaps/BATCH \
       --compound-metadata compounds.tsv \
@@ -16,17 +19,24 @@ EXAMPLES = r"""examples:
   cellfm ingest --layout generic --glob 'raw/*/*.tif' \
       --regex '(?P<plate>[^/]+)/(?P<well>[A-P]\d\d)_s(?P<site>\d+)_(?P<channel>\w+)\.tif' \
       --channel-map '{"w1":"DNA","w2":"Tubulin"}' --out plates/ --manifest m.parquet
+  cellfm ingest --layout ome-zarr --plates screen/P1.zarr screen/P2.zarr --platemap platemap.csv \
+      --manifest screen.parquet [--channel-map '{"Hoechst":"DNA"}'] [--column-map '{"Barcode":"plate"}']
+  cellfm ingest --layout ome-zarr --plates s3://public-bucket/plate.ome.zarr --manifest m.parquet \
+      --endpoint-url https://host --storage-options '{"anon": true}'
 
 Credentials for s3:// come from the AWS environment / config files (never from flags)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXAMPLES
-    parser.add_argument("--layout", required=True, choices=["cpg", "chammi", "generic"])
-    parser.add_argument("--out", required=True, help="plate store root: local folder or s3://bucket/prefix")
+    parser.add_argument("--layout", required=True, choices=["cpg", "chammi", "generic", "ome-zarr"])
+    parser.add_argument("--out", default=None,
+                        help="plate store root: local folder or s3://bucket/prefix (not for --layout ome-zarr)")
     parser.add_argument("--manifest", required=True, help="manifest path (.parquet; local or s3://)")
     parser.add_argument("--source", default=None, help="source name recorded in the manifest (default: the layout)")
-    parser.add_argument("--channel-map", default=None, help="JSON object: input channel -> stain name (null: skip)")
+    parser.add_argument("--channel-map", default=None,
+                        help="JSON object: input channel -> stain name (null: skip); ome-zarr: omero label or "
+                             "channel index -> name")
     parser.add_argument("--cell-line", default="")
     parser.add_argument("--batch", default="")
     parser.add_argument("--well-metadata", default=None,
@@ -46,6 +56,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     generic.add_argument("--glob", default=None, help="file glob (local or s3://)")
     generic.add_argument("--regex", default=None,
                          help="regex with named groups plate, well (or row, col), site, channel")
+    ome = parser.add_argument_group("--layout ome-zarr (register existing plates in place; nothing copied)")
+    ome.add_argument("--plates", nargs="+", help="OME-Zarr 0.4/0.5 HCS plates (local or s3://)")
+    ome.add_argument("--platemap", default=None,
+                     help="CSV/TSV/Parquet joined on plate + well (Metadata_Plate/Metadata_Well accepted; "
+                          "no plate column: one layout for every plate)")
+    ome.add_argument("--column-map", default=None, help="JSON object: platemap column -> manifest name "
+                                                        "(e.g. {\"Barcode\": \"plate\", \"Pos\": \"well\"})")
+    ome.add_argument("--acquisition", default=None,
+                     help="register the fields of this acquisition id only (default: every acquisition, "
+                          "each image its own field)")
     execution = parser.add_argument_group("execution")
     execution.add_argument("--no-ray", action="store_true", help="write in this process (debugging)")
     execution.add_argument("--fields-per-task", type=_positive_int, default=4, help="fields written per Ray task")
@@ -63,9 +83,14 @@ def run(args: argparse.Namespace) -> int:
     from cellfm.preflight import check_paths
 
     needed = {"cpg": ("--load-data", args.load_data), "chammi": ("--chammi-root", args.chammi_root),
-              "generic": ("--glob and --regex", args.glob and args.regex)}[args.layout]
+              "generic": ("--glob and --regex", args.glob and args.regex),
+              "ome-zarr": ("--plates", args.plates)}[args.layout]
     if not needed[1]:
         raise ConfigError(f"--layout {args.layout} needs {needed[0]}")
+    if args.layout == "ome-zarr":
+        return _register(args)
+    if not args.out:
+        raise ConfigError(f"--layout {args.layout} needs --out")
     inputs = {f"--load-data[{i}]": p for i, p in enumerate(args.load_data or [])}
     inputs.update({"--image-root": args.image_root, "--platemaps": args.platemaps, "--well-metadata": args.well_metadata,
                    "--compound-metadata": args.compound_metadata, "--chammi-root": args.chammi_root,
@@ -87,6 +112,22 @@ def run(args: argparse.Namespace) -> int:
     run_ingestion(plan, args.out, args.manifest, options, use_ray=not args.no_ray,
                   fields_per_task=args.fields_per_task, verify=not args.no_verify, field_delay_s=args.field_delay,
                   progress=lambda msg: print(msg, flush=True))
+    return 0
+
+
+def _register(args: argparse.Namespace) -> int:
+    """--layout ome-zarr: the manifest of existing plates, written unless it is already up to date."""
+    from cellfm.data.ingest import plan_ome_zarr, register_ome_zarr
+    from cellfm.data.stores import json_object, storage_options_from_cli
+    from cellfm.preflight import check_paths
+
+    check_paths({"--platemap": args.platemap, **{f"--plates[{i}]": p for i, p in enumerate(args.plates)}},
+                {"--manifest": args.manifest})
+    options = storage_options_from_cli(args.storage_options, args.endpoint_url) or None
+    df = plan_ome_zarr(args.plates, args.platemap, json_object(args.channel_map, "--channel-map"),
+                       json_object(args.column_map, "--column-map"), args.acquisition, args.source or "ome-zarr",
+                       args.cell_line, args.batch, options)
+    register_ome_zarr(df, args.manifest, options, progress=lambda msg: print(msg, flush=True))
     return 0
 
 

@@ -8,7 +8,12 @@ Optional columns with a fixed type when present (``OPTIONAL_COLUMNS``), written 
 ones: ``original_uris`` (``list<string>``: the source files a field was ingested from),
 ``localization`` (HPA-style subcellular class of the concept channel), ``compound_split``
 (``train``/``heldout`` compounds for MoA evaluation), ``target``, ``site`` (the source's own
-site/field id). Any other extra column is kept with an inferred type.
+site/field id). Plates registered in place (``cellfm ingest --layout ome-zarr``) add
+``channel_labels`` (``list<string>``: the plate array's channels in array order under the names the
+manifest uses, "" for a channel left out; readers take them instead of omero's labels, which may
+be missing or named otherwise), ``acquisition`` (the HCS acquisition id of the field), ``size_z``
+(z-planes of the field) and ``content_version`` (the plate's content version when registered, as
+the feature store computes it). Any other extra column is kept with an inferred type.
 
 Manifests may live on object stores: ``read_manifest``/``write_manifest`` take ``s3://`` (any
 fsspec URL) with ``storage_options``.
@@ -38,6 +43,10 @@ OPTIONAL_COLUMNS: dict[str, pa.DataType] = {
     "compound_split": pa.string(),
     "target": pa.string(),
     "site": pa.string(),
+    "channel_labels": pa.list_(pa.string()),
+    "acquisition": pa.string(),
+    "size_z": pa.int64(),
+    "content_version": pa.string(),
 }
 _LIST_COLUMNS = ("channel_names", "channel_groups")
 _INT_COLUMNS = ("field", "height", "width")
@@ -211,14 +220,13 @@ def manifest_problems(df: pd.DataFrame, storage_options=None, where: str = "mani
     plate lacks, and (``deep``: opening every field's array) height/width/dtype differing from the
     stored field arrays.
     """
-    import zarr
-
-    from cellfm.data.plate import open_store
+    from cellfm.data.plate import axis_names, ome_attrs, open_group, open_store
 
     problems: list[str] = []
     for store_uri, rows in df.groupby("store_uri", sort=False):
         try:
-            available = plate_channel_names(store_uri, storage_options)
+            available = (list(rows["channel_labels"].iloc[0]) if "channel_labels" in rows.columns
+                         else plate_channel_names(store_uri, storage_options))
             well_paths, field_count = plate_wells(store_uri, storage_options)
         except PlateError as exc:
             problems.append(f"{where}: {exc} (referenced by {len(rows)} manifest row(s))")
@@ -238,11 +246,10 @@ def manifest_problems(df: pd.DataFrame, storage_options=None, where: str = "mani
             if not deep:
                 continue
             try:
-                group = zarr.open_group(open_store(store_uri, "r", storage_options),
-                                        path=f"{row.row}/{row.col}/{row.field}", mode="r", zarr_format=3)
-                ome = group.attrs.asdict()["ome"]
+                group = open_group(open_store(store_uri, "r", storage_options), f"{row.row}/{row.col}/{row.field}")
+                ome = ome_attrs(group)
                 array = group[ome["multiscales"][0]["datasets"][0]["path"]]
-                axes = [a["name"] for a in ome["multiscales"][0]["axes"]]
+                axes = axis_names(ome["multiscales"][0])
                 height, width = array.shape[axes.index("y")], array.shape[axes.index("x")]
                 if (height, width) != (row.height, row.width):
                     problems.append(f"{at}: manifest says {row.height} x {row.width} pixels, "
@@ -254,3 +261,22 @@ def manifest_problems(df: pd.DataFrame, storage_options=None, where: str = "mani
 
                 problems.append(f"{at}: cannot open field array: {redact(f'{type(exc).__name__}: {exc}', storage_options)}")
     return problems
+
+
+def manifest_unchanged(df: pd.DataFrame, path: str | Path, storage_options: dict | None = None) -> bool:
+    """Whether the manifest at ``path`` already holds exactly ``df`` (what ``write_manifest`` would write):
+    a rerun that would write the same file can write nothing."""
+    try:
+        old = read_manifest(path, storage_options)
+    except ManifestError:
+        return False
+    new = _validate(df, f"manifest {str(path)!r}")
+    if list(old.columns) != list(new.columns) or len(old) != len(new):
+        return False
+
+    def records(frame: pd.DataFrame) -> str:
+        import json
+
+        return json.dumps(frame.to_dict("records"), default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))
+
+    return records(old) == records(new)

@@ -46,6 +46,8 @@ from cellfm.seeding import Stream, numpy_rng
 
 # Manifest columns a read task needs; the rest travel as metadata only when asked for.
 _READ_COLUMNS = ["plate", "well", "row", "col", "field", "store_uri", "channel_names", "height", "width"]
+# Read when the manifest has it: the array's channel names where a plate's omero labels are missing or renamed.
+_LABELS_COLUMN = "channel_labels"
 # A field's position in the training manifest (its index label): what its channel permutation is seeded by.
 FIELD_INDEX = "field_index"
 CHANNEL_SEPARATOR = ","
@@ -258,7 +260,9 @@ class FieldLoader:
         where = (str(row["store_uri"]), str(row["row"]), str(row["col"]), int(row["field"]))
         height, width = int(row["height"]), int(row["width"])
         region = None
-        crop = cfg.field_size and cfg.field_resize == "crop" and height >= layout.height and width >= layout.width
+        # The manifest's height/width are full resolution: another level is read whole, then fitted.
+        crop = (cfg.field_size and cfg.field_resize == "crop" and height >= layout.height and width >= layout.width
+                and not cfg.resolution_level)
         if crop and (height, width) != (layout.height, layout.width):
             y0, x0 = (height - layout.height) // 2, (width - layout.width) // 2
             region = (y0, y0 + layout.height, x0, x0 + layout.width)
@@ -273,7 +277,11 @@ class FieldLoader:
             image, cached_names = self.cache.field(field_index, self._cached_blocks, row)
             out[: len(order)] = image[order]
             return [cached_names[j] for j in order]
-        image, channels = read_field(*where, channels=names, storage_options=cfg.storage_options or None, region=region)
+        labels = row.get(_LABELS_COLUMN)
+        image, channels = read_field(*where, channels=names, storage_options=cfg.storage_options or None, region=region,
+                                     z_plane=cfg.z_plane, z_projection=cfg.z_projection,
+                                     resolution_level=cfg.resolution_level,
+                                     labels=list(labels) if isinstance(labels, (list, np.ndarray)) and len(labels) else None)
         dest = out[: len(channels)]
         resized = image.shape[1:] != (layout.height, layout.width)
         if cfg.normalization == "none":
@@ -327,7 +335,7 @@ class FieldLoader:
         masks = np.zeros((n, channels), dtype=bool)
         names, kept, bad = [], [], []
         for i in range(n):
-            row = {k: batch[k][i] for k in _READ_COLUMNS}
+            row = {k: batch[k][i] for k in _READ_COLUMNS + [_LABELS_COLUMN] if k in batch}
             k = len(kept)
             try:
                 field_channels = self._read_into(row, images[k], int(batch[FIELD_INDEX][i]))
@@ -450,7 +458,8 @@ def _read_blocks(table: pd.DataFrame, cfg: DataConfig) -> list[pd.DataFrame]:
 
 def _field_table(manifest: pd.DataFrame, keep_columns: Sequence[str]) -> pd.DataFrame:
     """The columns a read task needs plus ``keep_columns``, with each row's ``FIELD_INDEX`` (its index label)."""
-    columns = list(dict.fromkeys(_READ_COLUMNS + list(keep_columns)))
+    columns = list(dict.fromkeys(_READ_COLUMNS + list(keep_columns)
+                                 + ([_LABELS_COLUMN] if _LABELS_COLUMN in manifest.columns else [])))
     index = pd.to_numeric(pd.Series(manifest.index), errors="coerce")
     if index.isna().any() or (index < 0).any() or not index.is_unique:
         raise ValueError("the manifest's index must hold unique non-negative integers (its rows' positions in "

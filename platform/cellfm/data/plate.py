@@ -1,11 +1,15 @@
-"""OME-Zarr 0.5 high-content-screening plates on Zarr v3.
+"""OME-Zarr high-content-screening plates: cellfm writes 0.5 on Zarr v3 and reads 0.5 and 0.4 (Zarr v2).
 
-Layout: ``plate.zarr/{row}/{col}/{field}/0`` with axes ``c, y, x``; the stain of each channel is
+Layout written: ``plate.zarr/{row}/{col}/{field}/0`` with axes ``c, y, x``; the stain of each channel is
 ``omero.channels[].label``. Each field array is ONE shard holding all channels (one object per
 field: cheap listing, ~2 ranged GETs per read on S3) made of one-channel-plane inner chunks (reading
 a channel subset decodes only those planes). Inner chunks are blosc-zstd compressed and carry a
 CRC32C checksum, so corruption surfaces as an error instead of silently wrong pixels. A field is
 written by exactly one call (``write_field``): concurrent partial writes to one shard lose data.
+
+Plates written by others are read as they are: 0.4 metadata (at the top of the attributes) or 0.5
+(under ``ome``), any multiscale level, axes among ``t, c, z, y, x`` (a z-stack read as one plane or
+a projection; t must be a singleton).
 
 Nothing is cached between calls: every call re-reads metadata, so a rewritten plate is seen as is.
 """
@@ -21,7 +25,6 @@ import zarr.storage
 from zarr.abc.store import Store
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.group import GroupMetadata
-from zarr.errors import GroupNotFoundError
 
 from cellfm.config import is_credential_key
 
@@ -112,30 +115,32 @@ def open_store(uri: str, mode: str = "r", storage_options: dict | None = None) -
     return zarr.storage.LocalStore(uri, read_only=read_only)
 
 
-ZARR_V2_UNSUPPORTED = ("Zarr v2 group (OME-Zarr 0.4 or older); cellfm reads OME-Zarr 0.5 plates on Zarr v3 only: "
-                       "rewrite the plate at OME-Zarr 0.5 (with ngff-zarr: Plate(version='0.5'))")
 NO_CHANNEL_LABELS = ("no omero channel labels: cellfm selects channels by stain name, so each field must list them "
                      "in omero.channels[].label (ngff-zarr writes them when multiscales.metadata.omero is set, "
-                     "e.g. by compute_omero_from_multiscales)")
-
-
-def _is_zarr_v2_group(store: Store, path: str) -> bool:
-    try:
-        zarr.open_group(store, path=path, mode="r", zarr_format=2)
-        return True
-    except GroupNotFoundError:
-        return False
+                     "e.g. by compute_omero_from_multiscales), or register the plate with "
+                     "`cellfm ingest --layout ome-zarr --channel-map`")
+READ_VERSIONS = ("0.4", "0.5")  # OME-Zarr versions read: 0.4 on Zarr v2, 0.5 on Zarr v3
+Z_PROJECTIONS = ("max", "mean")
 
 
 def open_group(store: Store, path: str = "", mode: str = "r") -> zarr.Group:
-    """The Zarr v3 group at ``path``. A Zarr v2 group there (an OME-Zarr 0.4 plate, the default of
-    some writers) raises a PlateError saying so instead of zarr's bare 'no group found'."""
-    try:
-        return zarr.open_group(store, path=path, mode=mode, zarr_format=3)
-    except GroupNotFoundError:
-        if _is_zarr_v2_group(store, path):
-            raise PlateError(ZARR_V2_UNSUPPORTED) from None
-        raise
+    """The Zarr group at ``path``: Zarr v3 (OME-Zarr 0.5) or v2 (OME-Zarr 0.4), whichever is there."""
+    return zarr.open_group(store, path=path, mode=mode)
+
+
+def ome_attrs(group: zarr.Group) -> dict[str, Any]:
+    """A node's OME metadata (plate / well / multiscales / omero): under ``ome`` in 0.5, at the top
+    of the attributes in 0.4 (whose version sits inside the plate, well or multiscale)."""
+    attrs = group.attrs.asdict()
+    if isinstance(attrs.get("ome"), dict):
+        return attrs["ome"]
+    ome = dict(attrs)
+    for key in ("plate", "well"):
+        if isinstance(attrs.get(key), dict) and "version" in attrs[key]:
+            ome.setdefault("version", attrs[key]["version"])
+    if attrs.get("multiscales") and isinstance(attrs["multiscales"][0], dict) and "version" in attrs["multiscales"][0]:
+        ome.setdefault("version", attrs["multiscales"][0]["version"])
+    return ome
 
 
 def _field_path(row: str, col: str, field: int) -> str:
@@ -273,25 +278,41 @@ def create_plate(uri: str, name: str, wells: list[tuple[str, str]], n_fields: in
         raise PlateError(f"{_where(uri)}: cannot create plate: {_exc_text(exc, storage_options)}") from exc
 
 
-def _open_field(uri: str, row: str, col: str, field: int, mode: str, storage_options: dict | None):
-    """Open a field's image group and its full-resolution array; PlateError if either is absent."""
+def axis_names(multiscale: dict[str, Any]) -> list[str]:
+    """The axis names of a multiscale (0.4/0.5: objects with a name; 0.3: bare strings)."""
+    return [axis["name"] if isinstance(axis, dict) else str(axis) for axis in multiscale["axes"]]
+
+
+def _open_field(uri: str, row: str, col: str, field: int, mode: str, storage_options: dict | None,
+                level: int = 0, labels: list[str] | None = None):
+    """Open a field's image group and the array of resolution ``level`` (0: full resolution); PlateError
+    if either is absent. ``labels`` (the array's channel names in array order) stand in for omero's."""
     try:
         store = open_store(uri, mode, storage_options)
         group = open_group(store, _field_path(row, col, field), "r" if mode == "r" else "r+")
-        ome = group.attrs.asdict().get("ome", {})
+        ome = ome_attrs(group)
         multiscale = ome["multiscales"][0]
-        array = group[multiscale["datasets"][0]["path"]]
+        datasets = multiscale["datasets"]
     except Exception as exc:
         raise PlateError(f"{_where(uri, row, col, field)}: cannot open field image: "
                          f"{_exc_text(exc, storage_options)}") from exc
+    if not 0 <= level < len(datasets):
+        raise PlateError(f"{_where(uri, row, col, field)}: resolution level {level} requested (data.resolution_level) "
+                         f"but the field has {len(datasets)} level(s) 0..{len(datasets) - 1}")
+    try:
+        array = group[datasets[level]["path"]]
+    except Exception as exc:
+        raise PlateError(f"{_where(uri, row, col, field)}: cannot open image array {datasets[level].get('path')!r}: "
+                         f"{_exc_text(exc, storage_options)}") from exc
     if not isinstance(array, zarr.Array):
         raise PlateError(f"{_where(uri, row, col, field)}: image path is not an array")
-    axes = [axis["name"] for axis in multiscale["axes"]]
-    channels = ome.get("omero", {}).get("channels")
-    if not channels:
-        raise PlateError(f"{_where(uri, row, col, field)}: {NO_CHANNEL_LABELS}")
-    labels = [ch.get("label", f"C{i}") for i, ch in enumerate(channels)]
-    return array, axes, labels
+    axes = axis_names(multiscale)
+    if labels is None:
+        channels = ome.get("omero", {}).get("channels")
+        if not channels:
+            raise PlateError(f"{_where(uri, row, col, field)}: {NO_CHANNEL_LABELS}")
+        labels = [ch.get("label", f"C{i}") for i, ch in enumerate(channels)]
+    return array, axes, list(labels)
 
 
 def write_field(uri: str, row: str, col: str, field: int, image: np.ndarray, storage_options=None) -> None:
@@ -312,13 +333,16 @@ def write_field(uri: str, row: str, col: str, field: int, image: np.ndarray, sto
 
 
 def _cyx_selection(uri: str, row: str, col: str, field: int, axes: list[str], shape: tuple[int, ...],
-                   channel_index: list[int], region: tuple[int, int, int, int] | None = None) -> tuple[tuple, list[str]]:
-    """Basic selection covering ``channel_index`` in an array with axes ``c,y,x`` or ``t,c,z,y,x``
-    (t/z singleton, dropped), plus the axis names of the selected block in order.
+                   channel_index: list[int], region: tuple[int, int, int, int] | None = None,
+                   z_plane: int = -1, z_projection: str = "") -> tuple[tuple, list[str]]:
+    """Basic selection covering ``channel_index`` in an array with axes ``c,y,x`` or ``t,c,z,y,x``,
+    plus the axis names of the selected block in order. Singleton t/z are dropped; a z-stack gives
+    plane ``z_plane`` (an index), or all planes (kept as axis "z") for ``z_projection``.
 
     The channel axis is read as one contiguous slice: zarr's orthogonal selection with an index
     list decodes chunks one by one and is several times slower than a slice of the same shard.
     """
+    where = _where(uri, row, col, field)
     selection, kept_axes = [], []
     for name, size in zip(axes, shape):
         if name == "c":
@@ -331,14 +355,33 @@ def _cyx_selection(uri: str, row: str, col: str, field: int, axes: list[str], sh
                 start, stop = region[:2] if name == "y" else region[2:]
                 selection.append(slice(start, stop))
             kept_axes.append(name)
+        elif name == "z" and z_projection:
+            selection.append(slice(None))
+            kept_axes.append(name)
+        elif name == "z" and z_plane >= 0:
+            if z_plane >= size:
+                raise PlateError(f"{where}: data.z_plane={z_plane} but the field has {size} z-plane(s)")
+            selection.append(z_plane)
+        elif name == "z" and size > 1:
+            raise PlateError(f"{where}: z-stack of {size} planes; choose one with data.z_plane (an index) "
+                             f"or project them with data.z_projection (max | mean)")
+        elif name not in ("t", "z"):
+            raise PlateError(f"{where}: unknown axis {name!r} (axes {axes}); OME-Zarr images have axes among t, c, z, y, x")
         elif size == 1:
             selection.append(0)
         else:
-            raise PlateError(f"{_where(uri, row, col, field)}: axis {name!r} has size {size}; "
-                             f"only singleton axes besides c, y, x are supported (axes {axes}, shape {shape})")
-    if sorted(kept_axes) != ["c", "x", "y"]:
-        raise PlateError(f"{_where(uri, row, col, field)}: unsupported axes {axes}; need c, y and x")
+            raise PlateError(f"{where}: axis {name!r} has size {size}; a time series is not a field "
+                             f"(axes {axes}, shape {shape})")
+    if sorted(kept_axes) not in (["c", "x", "y"], ["c", "x", "y", "z"]):
+        raise PlateError(f"{where}: unsupported axes {axes}; need c, y and x")
     return tuple(selection), kept_axes
+
+
+def project_z(block: np.ndarray, axis: int, projection: str) -> np.ndarray:
+    """A z-stack projected along ``axis``: max keeps the dtype; mean is float32 (of a float64 sum)."""
+    if projection == "max":
+        return block.max(axis=axis)
+    return block.mean(axis=axis, dtype=np.float64).astype(np.float32)
 
 
 def _check_region(uri: str, row: str, col: str, field: int, region, axes: list[str], shape: tuple[int, ...]):
@@ -356,28 +399,37 @@ def _check_region(uri: str, row: str, col: str, field: int, region, axes: list[s
 
 
 def read_field(uri: str, row: str, col: str, field: int, channels: list[str] | None = None,
-               storage_options=None, region: tuple[int, int, int, int] | None = None) -> tuple[np.ndarray, list[str]]:
+               storage_options=None, region: tuple[int, int, int, int] | None = None, *,
+               z_plane: int = -1, z_projection: str = "", resolution_level: int = 0,
+               labels: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
     """Read a field as ``(C, H, W)`` in its stored dtype, with channel names in returned order.
 
     ``channels`` selects and orders channels by name; only planes between the first and last
     selected channel are decoded. ``region=(y0, y1, x0, x1)`` reads a crop: only the inner chunks
     (tiles) it overlaps are fetched and decoded (ranged reads of the shard on object stores).
+    A z-stack needs ``z_plane`` (an index) or ``z_projection`` (max | mean; mean reads float32);
+    ``resolution_level`` picks a multiscale level (``region`` is in that level's pixels).
+    ``labels`` name the array's channels in array order where the plate's omero labels are missing
+    or renamed (the manifest's ``channel_labels``).
     """
-    array, axes, labels = _open_field(uri, row, col, field, "r", storage_options)
+    if z_projection and z_projection not in Z_PROJECTIONS:
+        raise PlateError(f"{_where(uri, row, col, field)}: z projection {z_projection!r} is not one of {Z_PROJECTIONS}")
+    array, axes, labels = _open_field(uri, row, col, field, "r", storage_options, resolution_level, labels)
     n_channels = array.shape[axes.index("c")] if "c" in axes else 0
     if len(labels) != n_channels:
         raise PlateError(f"{_where(uri, row, col, field)}: omero lists {len(labels)} channel labels {labels} "
                          f"but the array has {n_channels} channels (axes {axes}, shape {tuple(array.shape)})")
     if channels is None:
-        channels = labels
-    missing = [name for name in channels if name not in labels]
+        channels = [name for name in labels if name]
+    missing = [name for name in channels if not name or name not in labels]
     if missing or not channels:
         raise PlateError(f"{_where(uri, row, col, field)}: channel(s) {missing or channels} not in plate; "
                          f"available channels: {labels}")
     channel_index = [labels.index(name) for name in channels]
     if "y" in axes and "x" in axes:
         region = _check_region(uri, row, col, field, region, axes, tuple(array.shape))
-    selection, kept_axes = _cyx_selection(uri, row, col, field, axes, tuple(array.shape), channel_index, region)
+    selection, kept_axes = _cyx_selection(uri, row, col, field, axes, tuple(array.shape), channel_index, region,
+                                          z_plane, z_projection)
     try:
         block = array[selection]
         # With one shard per field a stored field is complete, while a missing shard reads as fill
@@ -389,6 +441,9 @@ def read_field(uri: str, row: str, col: str, field: int, channels: list[str] | N
     except Exception as exc:
         raise PlateError(f"{_where(uri, row, col, field)}: cannot read field data "
                          f"(corrupt or unreadable chunk): {_exc_text(exc, storage_options)}") from exc
+    if "z" in kept_axes:
+        block = project_z(block, kept_axes.index("z"), z_projection)
+        kept_axes.remove("z")
     block = np.transpose(block, [kept_axes.index(a) for a in ("c", "y", "x")])
     first = min(channel_index)
     order = [i - first for i in channel_index]
@@ -410,7 +465,7 @@ def _all_fill(block: np.ndarray, fill) -> bool:
 
 def _plate_metadata(uri: str, storage_options: dict | None) -> dict[str, Any]:
     try:
-        return open_group(open_store(uri, "r", storage_options)).attrs.asdict()["ome"]["plate"]
+        return ome_attrs(open_group(open_store(uri, "r", storage_options)))["plate"]
     except Exception as exc:
         raise PlateError(f"{_where(uri)}: cannot open plate metadata: {_exc_text(exc, storage_options)}") from exc
 
@@ -431,7 +486,7 @@ def plate_channel_names(uri: str, storage_options=None) -> list[str]:
     row, col = plate["wells"][0]["path"].split("/")
     try:
         well = open_group(open_store(uri, "r", storage_options), f"{row}/{col}")
-        first_field = int(well.attrs.asdict()["ome"]["well"]["images"][0]["path"])
+        first_field = int(ome_attrs(well)["well"]["images"][0]["path"])
     except Exception as exc:
         raise PlateError(f"{_where(uri, row, col)}: cannot open well metadata: {_exc_text(exc, storage_options)}") from exc
     _, _, labels = _open_field(uri, row, col, first_field, "r", storage_options)

@@ -23,9 +23,11 @@ from cellfm.data.manifest import ManifestError, manifest_problems, read_manifest
 from cellfm.data.plate import (
     _SUPPORTED_DTYPES,
     NO_CHANNEL_LABELS,
-    OME_VERSION,
+    READ_VERSIONS,
     PlateError,
     _where,
+    axis_names,
+    ome_attrs,
     open_group,
     open_store,
     redact,
@@ -50,22 +52,23 @@ def _err(exc: BaseException, storage_options) -> str:
 
 
 def _field_problems(uri: str, root, row: str, col: str, field_path: str, deep: bool, storage_options,
-                    seen: dict) -> list[str]:
-    """Problems of one field image; records its (channels, shape, dtype) in ``seen``."""
+                    seen: dict, labels_given: bool = False) -> list[str]:
+    """Problems of one field image; records its (channels, shape, dtype) in ``seen``. ``labels_given``:
+    a manifest names the channels (``channel_labels``), so missing omero labels are no problem."""
     where = _where(uri, row, col, field_path)
     try:
         group = root[f"{row}/{col}/{field_path}"]
-        ome = group.attrs.asdict().get("ome")
+        ome = ome_attrs(group)
     except Exception as exc:  # noqa: BLE001
         return [f"{where}: field image group missing or unreadable: {_err(exc, storage_options)}"]
     if not isinstance(ome, dict) or "multiscales" not in ome:
         return [f"{where}: no OME 'multiscales' metadata"]
     problems = []
-    if ome.get("version") != OME_VERSION:
-        problems.append(f"{where}: OME version {ome.get('version')!r}, expected {OME_VERSION!r}")
+    if ome.get("version") not in READ_VERSIONS:
+        problems.append(f"{where}: OME version {ome.get('version')!r}, expected one of {READ_VERSIONS}")
     try:
         multiscale = ome["multiscales"][0]
-        axes = [axis["name"] for axis in multiscale["axes"]]
+        axes = axis_names(multiscale)
         array_path = multiscale["datasets"][0]["path"]
     except (KeyError, IndexError, TypeError) as exc:
         return problems + [f"{where}: malformed multiscales metadata ({type(exc).__name__}: {exc})"]
@@ -79,12 +82,18 @@ def _field_problems(uri: str, root, row: str, col: str, field_path: str, deep: b
         return problems + [f"{where}: {len(axes)} axes {axes} for an array of {array.ndim} dimensions"]
     if not {"c", "y", "x"} <= set(axes):
         return problems + [f"{where}: axes {axes} lack one of c, y, x"]
-    extra = [(a, s) for a, s in zip(axes, array.shape) if a not in ("c", "y", "x") and s != 1]
+    unknown = [a for a in axes if a not in ("t", "c", "z", "y", "x")]
+    if unknown:
+        problems.append(f"{where}: unknown axis/axes {unknown} (axes {axes}); OME-Zarr images have axes among t, c, z, y, x")
+    # A z-stack is read as one plane or a projection (data.z_plane / data.z_projection); a time series is no field.
+    extra = [(a, s) for a, s in zip(axes, array.shape) if a not in ("c", "y", "x", "z") and s != 1]
     if extra:
-        problems.append(f"{where}: non-singleton axes besides c, y, x: {extra}")
+        problems.append(f"{where}: non-singleton axes besides c, z, y, x: {extra}")
     labels = [ch.get("label") for ch in ome.get("omero", {}).get("channels", [])]
     n_channels = array.shape[axes.index("c")]
-    if not labels:
+    if labels_given:
+        labels = labels or [f"C{i}" for i in range(n_channels)]
+    elif not labels:
         problems.append(f"{where}: {NO_CHANNEL_LABELS}")
     elif len(labels) != n_channels:
         problems.append(f"{where}: omero lists {len(labels)} channel labels {labels} "
@@ -112,22 +121,24 @@ def _field_problems(uri: str, root, row: str, col: str, field_path: str, deep: b
     return problems
 
 
-def plate_problems(uri: str, storage_options: dict | None = None, deep: bool = True) -> list[str]:
+def plate_problems(uri: str, storage_options: dict | None = None, deep: bool = True,
+                   labels_given: bool = False) -> list[str]:
     """Every problem found in the plate at ``uri`` (empty list: valid).
 
     ``deep=False`` checks metadata only; ``deep=True`` also decodes every chunk (checksums catch
-    corruption) and reports fields whose shard is missing.
+    corruption) and reports fields whose shard is missing. ``labels_given``: a manifest names the
+    plate's channels, so fields without omero labels are fine.
     """
     try:
         root = open_group(open_store(uri, "r", storage_options))
-        ome = root.attrs.asdict().get("ome")
+        ome = ome_attrs(root)
     except Exception as exc:  # noqa: BLE001
         return [f"{_where(uri)}: cannot open plate: {_err(exc, storage_options)}"]
     if not isinstance(ome, dict) or "plate" not in ome:
         return [f"{_where(uri)}: no OME 'plate' metadata (not an OME-Zarr HCS plate)"]
     problems = []
-    if ome.get("version") != OME_VERSION:
-        problems.append(f"{_where(uri)}: OME version {ome.get('version')!r}, expected {OME_VERSION!r}")
+    if ome.get("version") not in READ_VERSIONS:
+        problems.append(f"{_where(uri)}: OME version {ome.get('version')!r}, expected one of {READ_VERSIONS}")
     plate = ome["plate"]
     try:
         rows = [r["name"] for r in plate["rows"]]
@@ -158,7 +169,7 @@ def plate_problems(uri: str, storage_options: dict | None = None, deep: bool = T
                 and isinstance(ci, int) and 0 <= ci < len(cols) and cols[ci] == col):
             problems.append(f"{where}: rowIndex/columnIndex ({ri}, {ci}) do not point at row {row!r}, column {col!r}")
         try:
-            well_ome = root[path].attrs.asdict().get("ome", {})
+            well_ome = ome_attrs(root[path])
             images = [im["path"] for im in well_ome["well"]["images"]]
         except Exception as exc:  # noqa: BLE001
             problems.append(f"{where}: well group or its 'well' metadata missing: {_err(exc, storage_options)}")
@@ -169,7 +180,7 @@ def plate_problems(uri: str, storage_options: dict | None = None, deep: bool = T
         if field_count is not None and len(images) > int(field_count):
             problems.append(f"{where}: {len(images)} fields but the plate's field_count is {field_count}")
         for image_path in dict.fromkeys(images):
-            problems += _field_problems(uri, root, row, col, image_path, deep, storage_options, seen)
+            problems += _field_problems(uri, root, row, col, image_path, deep, storage_options, seen, labels_given)
     return problems
 
 
@@ -185,17 +196,17 @@ def open_plate(uri: str, storage_options: dict | None = None, manifest: pd.DataF
         shown = "\n  ".join(problems[:50])
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
         raise PlateError(f"{_where(uri)}: {len(problems)} problem(s):\n  {shown}{more}")
-    root = zarr.open_group(open_store(uri, "r", storage_options), mode="r", zarr_format=3)
-    plate = root.attrs.asdict()["ome"]["plate"]
+    root = open_group(open_store(uri, "r", storage_options))
+    plate = ome_attrs(root)["plate"]
     wells = [w["path"] for w in plate["wells"]]
-    first = root[wells[0]].attrs.asdict()["ome"]["well"]["images"][0]["path"]
+    first = ome_attrs(root[wells[0]])["well"]["images"][0]["path"]
     group = root[f"{wells[0]}/{first}"]
-    ome = group.attrs.asdict()["ome"]
+    ome = ome_attrs(group)
     array = group[ome["multiscales"][0]["datasets"][0]["path"]]
-    axes = [a["name"] for a in ome["multiscales"][0]["axes"]]
+    axes = axis_names(ome["multiscales"][0])
     return PlateInfo(
         uri=uri, name=str(plate.get("name", "")), wells=wells,
-        field_count=int(plate.get("field_count") or len(root[wells[0]].attrs.asdict()["ome"]["well"]["images"])),
+        field_count=int(plate.get("field_count") or len(ome_attrs(root[wells[0]])["well"]["images"])),
         channel_names=[c["label"] for c in ome["omero"]["channels"]],
         field_shape=(int(array.shape[axes.index("y")]), int(array.shape[axes.index("x")])), dtype=str(array.dtype),
     )
@@ -218,15 +229,15 @@ def manifest_target_problems(path: str, storage_options: dict | None = None, dee
         return [str(exc)]
     df = _resolve_store_uris(df, path)
     problems = []
-    for store_uri in df["store_uri"].unique():
-        problems += plate_problems(store_uri, storage_options, deep=deep)
+    for store_uri, rows in df.groupby("store_uri", sort=False):
+        labels_given = "channel_labels" in rows.columns
+        problems += plate_problems(store_uri, storage_options, deep=deep, labels_given=labels_given)
     return problems + manifest_problems(df, storage_options, where=f"manifest {path!r}")
 
 
 def _is_plate(target: str, storage_options) -> bool:
     try:
-        root = zarr.open_group(open_store(target, "r", storage_options), mode="r", zarr_format=3)
-        return "plate" in root.attrs.asdict().get("ome", {})
+        return "plate" in ome_attrs(open_group(open_store(target, "r", storage_options)))
     except Exception:  # noqa: BLE001
         return False
 
@@ -240,7 +251,8 @@ def validate_target(target: str, storage_options: dict | None = None, deep: bool
         return [target], plate_problems(target, storage_options, deep)
     folder = Path(target)
     if "://" not in target and folder.is_dir():
-        plates = sorted(str(p) for p in folder.rglob("*.zarr") if p.is_dir() and (p / "zarr.json").is_file())
+        plates = sorted(str(p) for p in folder.rglob("*.zarr")
+                        if p.is_dir() and ((p / "zarr.json").is_file() or (p / ".zattrs").is_file()))
         manifests = sorted(str(p) for p in folder.rglob("*.parquet") if not p.name.startswith("."))
         problems = []
         for plate in plates:
