@@ -429,8 +429,11 @@ class FeaturesConfig:
 class RayConfig:
     """Which Ray cluster a job uses."""
 
-    # null: connect to RAY_ADDRESS if set (e.g. under `ray job submit`), else start an embedded local Ray.
+    # The cluster to join ('auto': the one `ray start` runs on this machine); null: an embedded local Ray,
+    # whatever RAY_ADDRESS says, except in a `ray job submit` job (its driver joins that job's cluster).
     address: Optional[str] = None
+    # true: with ray.address null, join the cluster RAY_ADDRESS names (if set) instead of the embedded Ray.
+    use_env_address: bool = False
     # Logical CPUs of the embedded Ray; more than the physical cores so data tasks are never starved.
     num_cpus: int = 4
 

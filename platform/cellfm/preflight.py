@@ -27,9 +27,8 @@ from typing import Mapping
 import pandas as pd
 
 from cellfm.config import Config, ConfigError, DataConfig, config_problems
+from cellfm.runtime import RAY_JOB_CONFIG_ENV
 
-# Set by Ray's job supervisor for a driver started with `ray job submit` (JSON: runtime_env, metadata).
-RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # Problem lines shown per job; the rest are counted.
 MAX_PROBLEMS = 50
 

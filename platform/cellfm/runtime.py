@@ -32,13 +32,30 @@ KNOWN_RAY_NOISE = (
 _PRINT_HANDLER = "ray_print_logs"  # the driver's handler of forwarded worker output (ray._private.worker)
 
 
+# Set by Ray's job supervisor in the driver of a `ray job submit` job (JSON: runtime_env, metadata).
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def cluster_address(cfg: RayConfig) -> str | None:
+    """The Ray cluster a job joins, or None for the embedded local Ray. Only an explicit request joins one:
+    `ray.address` (`--address`), or RAY_ADDRESS when `ray.use_env_address` is set or this process is the
+    driver of a `ray job submit` job (whose supervisor sets RAY_ADDRESS). An exported RAY_ADDRESS alone, or
+    the `ray_current_cluster` file a `ray start --head` leaves behind, never captures a local run."""
+    env_address = os.environ.get("RAY_ADDRESS") or None
+    if cfg.address:
+        return cfg.address
+    if env_address and (cfg.use_env_address or os.environ.get(RAY_JOB_CONFIG_ENV)):
+        return env_address
+    return None
+
+
 def init_ray(cfg: RayConfig, dashboard: bool = False) -> None:
-    """`ray.address` or RAY_ADDRESS (set by `ray job submit`) -> join that cluster; else start
-    Ray in-process with `ray.num_cpus` logical CPUs (more than the cores on small machines, so
-    Ray Data always has CPU left beside the training workers). `dashboard`: the embedded Ray runs its
-    dashboard too (on a free loopback port): Ray Train's PlacementGroupCleaner asks its State API whether a
-    run's controller is alive, and only then frees the workers of a run whose controller was killed, as
-    Ray Tune kills a trial that ASHA stops (without it the stopped trial's CPUs stay reserved)."""
+    """Join `cluster_address(cfg)`; else start Ray in-process with `ray.num_cpus` logical CPUs (more than
+    the cores on small machines, so Ray Data always has CPU left beside the training workers). `dashboard`:
+    the embedded Ray runs its dashboard too (on a free loopback port): Ray Train's PlacementGroupCleaner
+    asks its State API whether a run's controller is alive, and only then frees the workers of a run whose
+    controller was killed, as Ray Tune kills a trial that ASHA stops (without it the stopped trial's CPUs
+    stay reserved)."""
     import ray
     import ray.data
 
@@ -46,12 +63,17 @@ def init_ray(cfg: RayConfig, dashboard: bool = False) -> None:
         return
     # Our own one-line progress logs replace Ray Data's per-operator bars, which flood job logs.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(cfg)
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        ignored = os.environ.pop("RAY_ADDRESS", None)  # Ray's own code (here and in workers) reads it too
+        if ignored:
+            print(f"[cellfm] RAY_ADDRESS={ignored} ignored: starting an embedded local Ray (join a cluster with "
+                  f"--address, or ray.use_env_address=true)", flush=True)
         ports = {"dashboard_port": _free_port()} if dashboard else {}
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=dashboard, log_to_driver=True, **ports)
+        # address="local": start one, never the cluster of a stale ray_current_cluster file.
+        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=dashboard, log_to_driver=True, **ports)
     quiet_known_ray_noise()
 
 

@@ -15,11 +15,11 @@ import copy
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable
 
 from cellfm.config import Config, ConfigError, config_problems
+from cellfm.runtime import cluster_address
 from cellfm.preflight import (
     MAX_PROBLEMS,
     PreflightError,
@@ -318,12 +318,12 @@ def trial_resources(plan: SweepPlan, capacity: ClusterCapacity) -> tuple[TrialRe
 
 def cluster_capacity(plan: SweepPlan) -> ClusterCapacity:
     """The cluster's CPUs and GPUs: the sweep file's `cluster` where set; else, for a given address
-    (ray.address or RAY_ADDRESS), what that running cluster reports (this connects to it); else the embedded
+    (`cellfm.runtime.cluster_address`), what that running cluster reports (this connects to it); else the embedded
     Ray's ray.num_cpus and this machine's GPUs. Starts no Ray of its own."""
     c = plan.spec.cluster
     if c.cpus is not None and c.gpus is not None:
         return ClusterCapacity(c.cpus, c.gpus, "the sweep's cluster (cluster.cpus/gpus)")
-    address = plan.base.ray.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(plan.base.ray)
     if address:
         import ray
 
