@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,121 @@ def test_pretrain_trains_locally_despite_an_exported_ray_address_and_a_stale_clu
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"[cellfm] RAY_ADDRESS={dead} ignored: starting an embedded local Ray" in out.stdout
     assert "[cellfm] checkpoint:" in out.stdout
+
+
+# ------------------------------------------------------------------------------------- resources
+
+
+def test_workers_that_cannot_fit_fail_in_preflight_naming_the_keys(smoke_overrides, capsys):
+    from cellfm.cli import main
+
+    assert main(["pretrain", "--config", str(SMOKE_CONFIG), *smoke_overrides, "train.num_workers=8",
+                 "train.cpus_per_worker=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: resources: train.num_workers=8 x train.cpus_per_worker=1 = 8 CPUs, but the embedded Ray "
+                   "(ray.num_cpus=4, 0 GPU(s) on this machine) has 4: the run would wait forever; lower them, raise "
+                   "ray.num_cpus or join a larger cluster with --address"], err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_use_gpu_on_a_cpu_only_machine_fails_in_preflight(smoke_overrides, capsys):
+    from cellfm.cli import main
+
+    assert main(["pretrain", "--config", str(SMOKE_CONFIG), *smoke_overrides, "--use-gpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: resources: train.use_gpu with train.num_workers=2 x train.gpus_per_worker=1 = 2 GPUs, but "
+                   "the embedded Ray (ray.num_cpus=4, 0 GPU(s) on this machine) has 0: the run would wait forever; "
+                   "drop --use-gpu or join a cluster with GPUs (--address)"], err
+
+
+def test_embed_actors_that_cannot_fit_fail_before_the_checkpoint_is_read(tiny_screen, tmp_path, capsys):
+    from cellfm.cli import main
+
+    assert main(["embed", "--config", str(SMOKE_CONFIG), "--manifest", str(tiny_screen["heldout"]), "--store",
+                 str(tmp_path / "store"), "--checkpoint", str(tmp_path / "none"), "features.actors=3",
+                 "features.cpus_per_actor=2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: resources: features.actors=3 x features.cpus_per_actor=2 = 6 CPUs, but the embedded Ray "
+        "(ray.num_cpus=4, 0 GPU(s) on this machine) has 4: the run would wait forever; lower them, raise "
+        "ray.num_cpus or join a larger cluster with --address"]
+
+
+@pytest.mark.integration
+def test_the_pending_watch_names_what_waits_once_the_time_is_up(ray_session):
+    """A placement group and an actor asking for more CPUs than the cluster has wait forever in Ray; the
+    watch names them only once they have waited ray.pending_timeout_s."""
+    import ray
+
+    from cellfm.runtime import PendingWatch
+
+    watch = PendingWatch(timeout_s=60)
+    group = ray.util.placement_group([{"CPU": 100}])
+    actor = ray.remote(num_cpus=100)(type("Huge", (), {})).remote()
+    try:
+        assert watch.check(now=1000.0) is None
+        assert watch.check(now=1059.0) is None
+        message = watch.check(now=1060.0)
+        assert message.startswith("ray.pending_timeout_s=60: Ray could not place a placement group of {CPU: 100} in "
+                                  "60 s; the cluster has CPU 4 free of 4") or \
+            message.startswith("ray.pending_timeout_s=60: Ray could not place actor(s) Huge in 60 s"), message
+        assert set(watch.first_seen) == {"a placement group of {CPU: 100}", "actor(s) Huge"}
+    finally:
+        ray.util.remove_placement_group(group)
+        ray.kill(actor)
+
+
+# A driver whose preflight lets through 10 workers x 0.5 CPU on the embedded Ray's 4 CPUs: the worker
+# group's placement group stays pending, as when other jobs hold a cluster's CPUs.
+UNCHECKED = ("import sys; import cellfm.preflight as p; p.local_resource_problems = lambda cfg, job: []; "
+             "from cellfm.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def _pending_pretrain(smoke_overrides: list[str], log: Path, *overrides: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", RAY_JOB_CONFIG_ENV)}
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-c", UNCHECKED, "pretrain", "--config", str(SMOKE_CONFIG),
+                                 *smoke_overrides, "train.num_workers=10", *overrides], cwd=REPO, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(log: Path, text: str, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+
+
+@pytest.mark.integration
+def test_ctrl_c_stops_a_run_waiting_for_resources_within_seconds(smoke_overrides, tmp_path):
+    """Ray Train's own SIGINT handler waited for a controller stuck on its placement group: Ctrl-C was
+    ignored (10 min observed). Now one SIGINT ends the driver in seconds, exit code 130."""
+    log = tmp_path / "log.txt"
+    run = _pending_pretrain(smoke_overrides, log, "ray.pending_timeout_s=0")
+    try:
+        _wait_for(log, "Started a local Ray instance", run, timeout=120)
+        time.sleep(8)  # the controller is up and waiting for its workers' placement group
+        assert run.poll() is None, log.read_text()[-3000:]
+        run.send_signal(signal.SIGINT)
+        assert run.wait(timeout=30) == 130, log.read_text()[-3000:]
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert "error: interrupted (Ctrl-C): stopped" in log.read_text()
+
+
+@pytest.mark.integration
+def test_a_placement_group_pending_past_the_timeout_stops_the_run(smoke_overrides, tmp_path):
+    log = tmp_path / "log.txt"
+    run = _pending_pretrain(smoke_overrides, log, "ray.pending_timeout_s=5")
+    try:
+        code = run.wait(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    text = log.read_text()
+    assert code == 1, text[-3000:]
+    assert ("error: ray.pending_timeout_s=5: Ray could not place a placement group of {CPU: 0.5} + {CPU: 0.5} + "
+            "{CPU: 0.5}") in text, text[-3000:]
+    assert "Stopped: free those resources (other jobs hold them), ask for fewer workers/actors, or raise " \
+           "ray.pending_timeout_s" in text

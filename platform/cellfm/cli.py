@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from typing import Sequence
 
@@ -116,8 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, run the command, and return its exit code; bad input ends as `error: ...` lines and 2."""
     args = build_parser().parse_args(argv)
+    # Ctrl-C raises KeyboardInterrupt even where the caller ignored SIGINT (a job started with `&`).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return int(importlib.import_module(args.command_module).run(args) or 0)
+    except KeyboardInterrupt:
+        from cellfm.runtime import PendingWatch
+
+        if PendingWatch.reason:  # its message is printed already
+            return 1
+        print("error: interrupted (Ctrl-C): stopped", file=sys.stderr, flush=True)
+        return 130
     except ConfigError as exc:
         for line in exc.problems:
             print(f"error: {line}", file=sys.stderr)

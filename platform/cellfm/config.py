@@ -436,6 +436,9 @@ class RayConfig:
     use_env_address: bool = False
     # Logical CPUs of the embedded Ray; more than the physical cores so data tasks are never starved.
     num_cpus: int = 4
+    # Seconds a placement group or actor of the run may wait for resources before the run stops with a
+    # message naming it (Ray would wait forever); 0 = wait forever.
+    pending_timeout_s: float = 300.0
 
 
 @dataclass
@@ -514,6 +517,7 @@ _NON_NEGATIVE = (
     "train.max_failures", "train.seed", "train.peak_tflops",
     "eval.split_seed", "eval.random_init_seed", "eval.image_size", "eval.copairs_seed",
     "features.actors", "features.spherize_regularization", "features.stale_run_s", "features.image_size",
+    "ray.pending_timeout_s",
 )
 
 # Closed interval [0, 1].

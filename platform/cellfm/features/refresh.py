@@ -249,6 +249,10 @@ def plan_refresh(cfg: Config, manifests: dict[str, str] | None = None, checkpoin
     # A plate listed by two manifests with the same rows is one plate.
     manifest = manifest[~manifest.astype(str).apply("\x1f".join, axis=1).duplicated()]
     _check_manifest(manifest, cfg)
+    from cellfm.preflight import local_resource_problems
+
+    if problems := local_resource_problems(cfg, "features"):
+        raise ConfigError("\n".join(problems))
     manifest = manifest.sort_values(["plate", "well", "field"], ignore_index=True)
     manifest[ROW] = np.arange(len(manifest))
 
@@ -426,13 +430,14 @@ def run_refresh(plan: RefreshPlan, dry_run: bool = False) -> RefreshSummary:
 
 def _embed(plan: RefreshPlan) -> _PlateWriter:
     from cellfm.features.embed import EncoderSpec, embedding_dataset
+    from cellfm.preflight import resource_need
     from cellfm.runtime import init_ray
 
     cfg, f = plan.cfg, plan.cfg.features
     rows = plan.manifest[plan.manifest["plate"].isin(plan.todo)].reset_index(drop=True)
     rows[ROW] = np.arange(len(rows))
     writer = _PlateWriter(plan, rows, new_run_id())
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, need=resource_need(cfg, "features"))
     use_gpu = cfg.train.use_gpu if f.use_gpu is None else f.use_gpu
     actors = f.actors or inference_actors(use_gpu, f.gpus_per_actor, f.cpus_per_actor)
     _log(f"features: {len(rows)} fields of {len(plan.todo)} plate(s) through {actors} inference actor(s) "

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from cellfm.config import Config, ConfigError, config_problems
-from cellfm.runtime import cluster_address
+from cellfm.runtime import cluster_address, local_gpu_count
 from cellfm.preflight import (
     MAX_PROBLEMS,
     PreflightError,
@@ -329,17 +329,10 @@ def cluster_capacity(plan: SweepPlan) -> ClusterCapacity:
 
         from cellfm.runtime import init_ray
 
-        init_ray(dataclasses.replace(plan.base.ray, address=address))
+        init_ray(dataclasses.replace(plan.base.ray, address=address), watch_pending=False)  # as the sweep driver
         total = ray.cluster_resources()
         cpus, gpus, described = total.get("CPU", 0.0), total.get("GPU", 0.0), f"the Ray cluster at {address}"
     else:
         cpus, gpus = plan.base.ray.num_cpus, local_gpu_count()
         described = f"the embedded Ray (ray.num_cpus={cpus}, {gpus} local GPU(s))"
     return ClusterCapacity(c.cpus if c.cpus is not None else cpus, c.gpus if c.gpus is not None else gpus, described)
-
-
-def local_gpu_count() -> int:
-    """GPUs an embedded Ray on this machine would see."""
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
