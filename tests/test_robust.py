@@ -187,3 +187,82 @@ def test_a_placement_group_pending_past_the_timeout_stops_the_run(smoke_override
             "{CPU: 0.5}") in text, text[-3000:]
     assert "Stopped: free those resources (other jobs hold them), ask for fewer workers/actors, or raise " \
            "ray.pending_timeout_s" in text
+
+
+# ------------------------------------------------------------------------------------- pixel faults
+
+
+@pytest.fixture(scope="module")
+def damaged(tiny_screen, tmp_path_factory):
+    """The held-out plate with one chunk file truncated (well A01 field 0), its manifest, and a random-init
+    checkpoint of the smoke model."""
+    import torch
+
+    from cellfm.config import load_config
+    from cellfm.data.manifest import write_manifest
+    from cellfm.data.pipeline import load_manifests
+    from cellfm.models.registry import build_backbone
+    from cellfm.train.checkpoint import save_inference_checkpoint
+
+    root = tmp_path_factory.mktemp("damaged")
+    manifest = load_manifests([tiny_screen["heldout"]], check_plates=False)
+    plate = root / "plate.zarr"
+    shutil.copytree(manifest["store_uri"].iloc[0], plate)
+    chunk = plate / "A" / "01" / "0" / "0" / "c" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 3])
+    cfg = load_config(SMOKE_CONFIG)
+    torch.manual_seed(0)
+    save_inference_checkpoint(root / "ckpt", cfg=cfg, backbone=build_backbone(cfg.model).eval())
+    return {"manifest": str(write_manifest(manifest.assign(store_uri=str(plate)), root / "m.parquet")),
+            "checkpoint": str(root / "ckpt"), "fields": len(manifest), "root": root}
+
+
+@pytest.mark.integration
+def test_a_truncated_chunk_over_the_limit_ends_embed_with_one_line_and_exit_2(damaged, tmp_path):
+    """One bad field of 52 is over data.max_bad_fraction=0.01 (0 allowed): it used to end in a 140-line
+    Ray traceback and exit code 1."""
+    out = cellfm("embed", "--config", str(SMOKE_CONFIG), "--manifest", damaged["manifest"], "--store",
+                 str(tmp_path / "store"), "--checkpoint", damaged["checkpoint"])
+    assert out.returncode == 2, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: 1 of {damaged['fields']} fields are unreadable, more than data.max_bad_fraction "
+                      f"allows (0): plate '{damaged['root'] / 'plate.zarr'}', well A01, field 0: cannot read field "
+                      f"data (corrupt or unreadable chunk): " + errors[0].split("unreadable chunk): ", 1)[-1]], errors
+    assert "Traceback" not in out.stderr and "Traceback" not in out.stdout
+
+
+@pytest.mark.integration
+def test_evaluate_skips_counts_and_names_a_truncated_field_within_the_limit(damaged, tmp_path):
+    out = cellfm("evaluate", "--config", str(SMOKE_CONFIG), f"eval.manifests={{seen: {damaged['manifest']}}}",
+                 f"eval.output_dir={tmp_path / 'report'}", "data.max_bad_fraction=0.05",
+                 "--checkpoint", damaged["checkpoint"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    allowed = int(0.05 * damaged["fields"])
+    assert f"[cellfm] data: skipped bad field 1/{allowed} allowed: plate '{damaged['root'] / 'plate.zarr'}', " \
+           f"well A01, field 0: cannot read field data (corrupt or unreadable chunk)" in text, text[-3000:]
+    assert f"1 bad field(s) skipped of {damaged['fields']}: SYN-HELDOUT-01 A01 field 0" in text
+    assert (tmp_path / "report" / "report.json").exists()
+
+
+def test_store_output_and_checkpoint_paths_are_checked_before_ray(damaged, tmp_path, smoke_overrides, capsys):
+    from cellfm.cli import main
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    assert main(["embed", "--config", str(SMOKE_CONFIG), "--manifest", damaged["manifest"], "--store", str(a_file),
+                 "--checkpoint", damaged["checkpoint"]]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: features.store={a_file}: {a_file} is a file; this must be a folder (or a path where one can be created)"]
+    missing = tmp_path / "no_such_run" / "checkpoint_epoch0001"
+    assert main(["evaluate", "--config", str(SMOKE_CONFIG), *smoke_overrides, "--checkpoint", str(missing)]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: checkpoint {missing}: checkpoint {missing} does not exist"]
+    assert main(["evaluate", "--config", str(SMOKE_CONFIG), *smoke_overrides, f"eval.output_dir={a_file / 'report'}",
+                 "--checkpoint", damaged["checkpoint"]]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: eval.output_dir={a_file / 'report'}: {a_file} is a file; this must be a folder (or a path where "
+        f"one can be created)"]
+    assert main(["pretrain", "--config", str(SMOKE_CONFIG), *smoke_overrides, f"train.storage_path={a_file}"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: train.storage_path={a_file}: {a_file} is a file; this must be a folder (or a path where one can be "
+        f"created)"]

@@ -96,9 +96,10 @@ class DataConfig:
     # What crosses Ray's object store: float16, or uint8 (256 levels of [0, 1]; half the bytes;
     # percentile/clahe normalization only).
     transfer_dtype: str = "float16"
-    # Unreadable/corrupt fields: fail = stop with an error naming plate/well/field; skip = drop,
-    # count and report them, failing once more than max_bad_fraction of the fields are bad.
-    bad_field_policy: str = "fail"
+    # Unreadable/corrupt fields (e.g. a truncated chunk), in training, embedding and evaluation: skip =
+    # drop, count and name each in one line, failing (exit code 2) once more than max_bad_fraction of the
+    # fields are bad; fail = stop at the first, naming its plate/well/field.
+    bad_field_policy: str = "skip"
     # Largest fraction of bad fields `bad_field_policy=skip` tolerates, in [0, 1].
     max_bad_fraction: float = 0.01
     # Read with the Rust zarrs codec pipeline (optional extra cellfm[zarrs]) in the read tasks.

@@ -72,7 +72,7 @@ def preflight_problems(cfg: Config, *, train: bool = False, evaluate: bool = Fal
     writes.update(outputs or {})
     if checkpoint is not None:
         problems += [p for p in [path_problem("checkpoint", str(checkpoint))] if p]
-    problems += [p for key, path in writes.items() if (p := path_problem(key, path, output=True))]
+    problems += [p for key, path in writes.items() if (p := path_problem(key, path, output=True) or folder_problem(key, path))]
 
     loaded: dict[str, pd.DataFrame] = {}
     for key, path in inputs.items():
@@ -119,6 +119,20 @@ def check_paths(inputs: Mapping[str, str | None] | None = None, outputs: Mapping
     problems += [p for key, path in (outputs or {}).items() if path and (p := path_problem(key, path, output=True))]
     if problems:
         raise PreflightError(problems)
+
+
+def folder_problem(key: str, path: str) -> str | None:
+    """Why a job cannot write its output folder `path` (local paths only), or None: it is a file, or a file
+    stands where one of its parent folders would be."""
+    if "://" in str(path):
+        return None
+    for folder in (Path(path), *Path(path).parents):
+        if folder.exists():
+            if folder.is_dir():
+                return None
+            return (f"{key}={path}: {folder} is a file; this must be a folder (or a path where one can be "
+                    f"created)")
+    return None
 
 
 def submitted_job_runtime_env() -> dict | None:

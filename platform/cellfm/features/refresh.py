@@ -111,6 +111,8 @@ def checkpoint_identity(checkpoint: str, storage_options: dict | None = None) ->
                 weights_sha.update(block)
         saved = yaml.safe_load(fs.cat_file(f"{root.rstrip('/')}/{CONFIG_FILE}"))
     except FileNotFoundError as exc:
+        if not fs.exists(root):
+            raise CheckpointError(f"checkpoint {checkpoint} does not exist") from exc
         raise CheckpointError(f"checkpoint {checkpoint} is missing {INFERENCE_WEIGHTS} or {CONFIG_FILE}") from exc
     model = Config.from_dict(saved, source=f"{checkpoint}/{CONFIG_FILE}").to_dict()["model"]
     return _sha256(f"weights {weights_sha.hexdigest()}\nmodel {json.dumps(model, sort_keys=True)}"), model
@@ -238,6 +240,10 @@ def plan_refresh(cfg: Config, manifests: dict[str, str] | None = None, checkpoin
     manifests = manifests if manifests is not None else cfg.features.manifests
     if not manifests:
         raise ConfigError("features.manifests is empty: name the manifests whose plates the store keeps embedded")
+    from cellfm.preflight import folder_problem, local_resource_problems
+
+    if problem := folder_problem("features.store", cfg.features.store):
+        raise ConfigError(problem)
     options = cfg.data.storage_options or None
     frames, listed_by = [], {}
     for name, path in manifests.items():
@@ -249,8 +255,6 @@ def plan_refresh(cfg: Config, manifests: dict[str, str] | None = None, checkpoin
     # A plate listed by two manifests with the same rows is one plate.
     manifest = manifest[~manifest.astype(str).apply("\x1f".join, axis=1).duplicated()]
     _check_manifest(manifest, cfg)
-    from cellfm.preflight import local_resource_problems
-
     if problems := local_resource_problems(cfg, "features"):
         raise ConfigError("\n".join(problems))
     manifest = manifest.sort_values(["plate", "well", "field"], ignore_index=True)
