@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
+import signal
 import sys
 from typing import Sequence
 
@@ -116,20 +118,57 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, run the command, and return its exit code; bad input ends as `error: ...` lines and 2."""
     args = build_parser().parse_args(argv)
+    # Ctrl-C raises KeyboardInterrupt even where the caller ignored SIGINT (a job started with `&`).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return int(importlib.import_module(args.command_module).run(args) or 0)
+    except KeyboardInterrupt:
+        from cellfm.runtime import PendingWatch
+
+        if PendingWatch.reason:  # its message is printed already
+            return 1
+        print("error: interrupted (Ctrl-C): stopped", file=sys.stderr, flush=True)
+        return 130
     except ConfigError as exc:
         for line in exc.problems:
             print(f"error: {line}", file=sys.stderr)
-    except ValueError as exc:
-        if not isinstance(exc, _input_errors()):
+    except Exception as exc:
+        message = bad_input_in(exc)
+        if message is None:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
     return 2
 
 
+# A traceback's last line for an exception of ours: "cellfm.data.pipeline.BadFieldError: 3 of 52 fields ...".
+_OUR_ERROR_LINE = re.compile(r"^(cellfm(?:\.\w+)+)\.(\w+): (.+)$", flags=re.MULTILINE)
+
+
+def bad_input_in(exc: BaseException) -> str | None:
+    """The one-line message of the bad-input error (`_input_errors`) `exc` is or carries; None when it is a
+    bug. Ray re-raises what a Ray Data task or a training worker raised (e.g. a field over
+    data.max_bad_fraction, deep in the data pipeline) as its own exception holding the original only as
+    traceback text, so that text is read too."""
+    errors, todo, seen = _input_errors(), [exc], set()
+    while todo:
+        error = todo.pop(0)
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, errors) and "\n" not in str(error).strip():
+            return str(error)
+        if type(error).__module__.startswith("ray."):
+            for module, name, message in _OUR_ERROR_LINE.findall(str(error)):
+                cls = getattr(importlib.import_module(module), name, None)
+                if isinstance(cls, type) and issubclass(cls, errors):
+                    return message
+        todo += [getattr(error, "cause", None), *(getattr(error, "worker_failures", None) or {}).values(),
+                 error.__cause__, error.__context__]
+    return None
+
+
 def _input_errors() -> tuple[type[ValueError], ...]:
-    """The errors that mean bad input (manifest, plate, checkpoint, ingestion, feature store), not a bug. Imported only
+    """The errors that mean bad input (manifest, plate and its fields, checkpoint, ingestion, feature store), not a bug. Imported only
     when needed: their modules pull in pandas, zarr and torch."""
     from cellfm.data.ingest import IngestError
     from cellfm.data.manifest import ManifestError

@@ -101,9 +101,10 @@ class DataConfig:
     # What crosses Ray's object store: float16, or uint8 (256 levels of [0, 1]; half the bytes;
     # percentile/clahe normalization only).
     transfer_dtype: str = "float16"
-    # Unreadable/corrupt fields: fail = stop with an error naming plate/well/field; skip = drop,
-    # count and report them, failing once more than max_bad_fraction of the fields are bad.
-    bad_field_policy: str = "fail"
+    # Unreadable/corrupt fields (e.g. a truncated chunk), in training, embedding and evaluation: skip =
+    # drop, count and name each in one line, failing (exit code 2) once more than max_bad_fraction of the
+    # fields are bad; fail = stop at the first, naming its plate/well/field.
+    bad_field_policy: str = "skip"
     # Largest fraction of bad fields `bad_field_policy=skip` tolerates, in [0, 1].
     max_bad_fraction: float = 0.01
     # Read with the Rust zarrs codec pipeline (optional extra cellfm[zarrs]) in the read tasks.
@@ -480,10 +481,16 @@ class FeaturesConfig:
 class RayConfig:
     """Which Ray cluster a job uses."""
 
-    # null: connect to RAY_ADDRESS if set (e.g. under `ray job submit`), else start an embedded local Ray.
+    # The cluster to join ('auto': the one `ray start` runs on this machine); null: an embedded local Ray,
+    # whatever RAY_ADDRESS says, except in a `ray job submit` job (its driver joins that job's cluster).
     address: Optional[str] = None
+    # true: with ray.address null, join the cluster RAY_ADDRESS names (if set) instead of the embedded Ray.
+    use_env_address: bool = False
     # Logical CPUs of the embedded Ray; more than the physical cores so data tasks are never starved.
     num_cpus: int = 4
+    # Seconds a placement group or actor of the run may wait for resources before the run stops with a
+    # message naming it (Ray would wait forever); 0 = wait forever.
+    pending_timeout_s: float = 300.0
 
 
 @dataclass
@@ -565,6 +572,7 @@ _NON_NEGATIVE = (
     "train.max_failures", "train.seed", "train.peak_tflops",
     "eval.split_seed", "eval.random_init_seed", "eval.image_size", "eval.copairs_seed",
     "features.actors", "features.spherize_regularization", "features.stale_run_s", "features.image_size",
+    "ray.pending_timeout_s",
 )
 
 # Closed interval [0, 1].

@@ -21,15 +21,15 @@ import copy
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import pandas as pd
 
 from cellfm.config import PLATE_PROTOCOLS, Config, ConfigError, DataConfig, config_problems
+from cellfm.runtime import RAY_JOB_CONFIG_ENV
 
-# Set by Ray's job supervisor for a driver started with `ray job submit` (JSON: runtime_env, metadata).
-RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # Problem lines shown per job; the rest are counted.
 MAX_PROBLEMS = 50
 
@@ -72,7 +72,7 @@ def preflight_problems(cfg: Config, *, train: bool = False, evaluate: bool = Fal
     writes.update(outputs or {})
     if checkpoint is not None:
         problems += [p for p in [path_problem("checkpoint", str(checkpoint))] if p]
-    problems += [p for key, path in writes.items() if (p := path_problem(key, path, output=True))]
+    problems += [p for key, path in writes.items() if (p := path_problem(key, path, output=True) or folder_problem(key, path))]
 
     loaded: dict[str, pd.DataFrame] = {}
     for key, path in inputs.items():
@@ -86,6 +86,8 @@ def preflight_problems(cfg: Config, *, train: bool = False, evaluate: bool = Fal
             loaded[key] = manifest
     if train or evaluate:
         problems += model_size_problems(cfg)
+    for job in ("train",) * train + ("evaluate",) * (evaluate and not cfg.eval.from_store):
+        problems += local_resource_problems(cfg, job)
     if train and "data.train_manifest" in loaded:
         problems += training_manifest_problems(cfg, loaded["data.train_manifest"])
     if evaluate:
@@ -117,6 +119,20 @@ def check_paths(inputs: Mapping[str, str | None] | None = None, outputs: Mapping
     problems += [p for key, path in (outputs or {}).items() if path and (p := path_problem(key, path, output=True))]
     if problems:
         raise PreflightError(problems)
+
+
+def folder_problem(key: str, path: str) -> str | None:
+    """Why a job cannot write its output folder `path` (local paths only), or None: it is a file, or a file
+    stands where one of its parent folders would be."""
+    if "://" in str(path):
+        return None
+    for folder in (Path(path), *Path(path).parents):
+        if folder.exists():
+            if folder.is_dir():
+                return None
+            return (f"{key}={path}: {folder} is a file; this must be a folder (or a path where one can be "
+                    f"created)")
+    return None
 
 
 def submitted_job_runtime_env() -> dict | None:
@@ -165,6 +181,71 @@ def load_checked_manifest(path: str, storage_options: dict | None) -> tuple[pd.D
         return load_manifests([path], storage_options=storage_options), []
     except (ManifestError, PlateError) as exc:
         return None, str(exc).splitlines()
+
+
+# ----------------------------------------------------------------------------------------- resources
+
+
+@dataclass(frozen=True)
+class ResourceNeed:
+    """What a job's Ray work asks for at once, with the config keys it comes from (for the problem line)."""
+
+    cpus: float
+    gpus: float
+    cpu_keys: str  # e.g. "train.num_workers=8 x train.cpus_per_worker=1"
+    gpu_keys: str
+
+
+def resource_need(cfg: Config, job: str) -> ResourceNeed:
+    """The CPUs and GPUs `job` ("train", "features" or "evaluate") holds at once: its training workers or
+    inference actors, plus a pool of reader actors (data.read_actors) where it uses one."""
+    if job == "train":
+        t = cfg.train
+        cpus, cpu_keys = t.num_workers * t.cpus_per_worker, f"train.num_workers={t.num_workers} x train.cpus_per_worker={t.cpus_per_worker:g}"
+        gpus = t.num_workers * t.gpus_per_worker if t.use_gpu else 0.0
+        gpu_keys = f"train.use_gpu with train.num_workers={t.num_workers} x train.gpus_per_worker={t.gpus_per_worker:g}"
+        if cfg.data.read_actors:
+            cpus += cfg.data.read_actors * cfg.data.read_cpus
+            cpu_keys += f" + data.read_actors={cfg.data.read_actors} x data.read_cpus={cfg.data.read_cpus:g}"
+        return ResourceNeed(cpus, gpus, cpu_keys, gpu_keys)
+    if job == "features":
+        f = cfg.features
+        use_gpu = cfg.train.use_gpu if f.use_gpu is None else f.use_gpu
+        actors = f.actors or 1  # 0: sized from the cluster, at least one
+        which = "features.use_gpu" if f.use_gpu is not None else "train.use_gpu"
+        return ResourceNeed(actors * f.cpus_per_actor, actors * f.gpus_per_actor if use_gpu else 0.0,
+                            f"features.actors={f.actors} x features.cpus_per_actor={f.cpus_per_actor:g}",
+                            f"{which} with features.actors={f.actors} x features.gpus_per_actor={f.gpus_per_actor:g}")
+    if job == "evaluate":
+        # One CPU per embedding actor (cellfm.features.embed.embedding_dataset's default); no GPU.
+        return ResourceNeed(float(cfg.eval.embed_actors), 0.0, f"eval.embed_actors={cfg.eval.embed_actors} x 1 CPU", "")
+    raise ValueError(f"unknown job {job!r}")
+
+
+def resource_problems(need: ResourceNeed, cpus: float, gpus: float, described: str) -> list[str]:
+    """One line per resource `need` asks more of than `described` (which has `cpus` and `gpus`) can ever give."""
+    problems = []
+    if need.cpus > cpus + 1e-9:
+        problems.append(f"resources: {need.cpu_keys} = {need.cpus:g} CPUs, but {described} has {cpus:g}: the run "
+                        f"would wait forever; lower them{', raise ray.num_cpus' if 'embedded' in described else ''} "
+                        f"or join a larger cluster with --address")
+    if need.gpus > gpus + 1e-9:
+        problems.append(f"resources: {need.gpu_keys} = {need.gpus:g} GPUs, but {described} has {gpus:g}: the run "
+                        f"would wait forever; drop --use-gpu or join a cluster with GPUs (--address)")
+    return problems
+
+
+def local_resource_problems(cfg: Config, job: str) -> list[str]:
+    """`resource_problems` of `job` on the embedded Ray this machine would start (none when the job joins
+    a cluster: `cellfm.runtime.init_ray` checks that one once connected)."""
+    from cellfm.runtime import cluster_address, local_gpu_count
+
+    if cluster_address(cfg.ray):
+        return []
+    need = resource_need(cfg, job)
+    gpus = local_gpu_count() if need.gpus else 0
+    return resource_problems(need, cfg.ray.num_cpus, gpus,
+                             f"the embedded Ray (ray.num_cpus={cfg.ray.num_cpus}, {gpus} GPU(s) on this machine)")
 
 
 # ----------------------------------------------------------------------------------------- rules

@@ -3,7 +3,11 @@ harmless messages out of the console (docs/user-guide.md, "Console output")."""
 
 from __future__ import annotations
 
+import _thread
 import os
+import sys
+import threading
+import time
 
 from cellfm.config import RayConfig
 
@@ -32,13 +36,32 @@ KNOWN_RAY_NOISE = (
 _PRINT_HANDLER = "ray_print_logs"  # the driver's handler of forwarded worker output (ray._private.worker)
 
 
-def init_ray(cfg: RayConfig, dashboard: bool = False) -> None:
-    """`ray.address` or RAY_ADDRESS (set by `ray job submit`) -> join that cluster; else start
-    Ray in-process with `ray.num_cpus` logical CPUs (more than the cores on small machines, so
-    Ray Data always has CPU left beside the training workers). `dashboard`: the embedded Ray runs its
-    dashboard too (on a free loopback port): Ray Train's PlacementGroupCleaner asks its State API whether a
-    run's controller is alive, and only then frees the workers of a run whose controller was killed, as
-    Ray Tune kills a trial that ASHA stops (without it the stopped trial's CPUs stay reserved)."""
+# Set by Ray's job supervisor in the driver of a `ray job submit` job (JSON: runtime_env, metadata).
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def cluster_address(cfg: RayConfig) -> str | None:
+    """The Ray cluster a job joins, or None for the embedded local Ray. Only an explicit request joins one:
+    `ray.address` (`--address`), or RAY_ADDRESS when `ray.use_env_address` is set or this process is the
+    driver of a `ray job submit` job (whose supervisor sets RAY_ADDRESS). An exported RAY_ADDRESS alone, or
+    the `ray_current_cluster` file a `ray start --head` leaves behind, never captures a local run."""
+    env_address = os.environ.get("RAY_ADDRESS") or None
+    if cfg.address:
+        return cfg.address
+    if env_address and (cfg.use_env_address or os.environ.get(RAY_JOB_CONFIG_ENV)):
+        return env_address
+    return None
+
+
+def init_ray(cfg: RayConfig, dashboard: bool = False, need=None, watch_pending: bool = True) -> None:
+    """Join `cluster_address(cfg)`; else start Ray in-process with `ray.num_cpus` logical CPUs (more than
+    the cores on small machines, so Ray Data always has CPU left beside the training workers). `dashboard`:
+    the embedded Ray runs its dashboard too (on a free loopback port): Ray Train's PlacementGroupCleaner
+    asks its State API whether a run's controller is alive, and only then frees the workers of a run whose
+    controller was killed, as Ray Tune kills a trial that ASHA stops (without it the stopped trial's CPUs
+    stay reserved). `need` (a `cellfm.preflight.ResourceNeed`): on a cluster, checked against what it can
+    ever give (`cluster_capacity`; the embedded Ray's was checked in preflight). `watch_pending`: placement
+    groups and actors of this job still pending after `ray.pending_timeout_s` stop the run (`PendingWatch`)."""
     import ray
     import ray.data
 
@@ -46,13 +69,112 @@ def init_ray(cfg: RayConfig, dashboard: bool = False) -> None:
         return
     # Our own one-line progress logs replace Ray Data's per-operator bars, which flood job logs.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(cfg)
     if address:
         ray.init(address=address, log_to_driver=True)
+        if need is not None:
+            from cellfm.preflight import PreflightError, resource_problems
+
+            if problems := resource_problems(need, *cluster_capacity(), f"the Ray cluster at {address}"):
+                raise PreflightError(problems)
     else:
+        ignored = os.environ.pop("RAY_ADDRESS", None)  # Ray's own code (here and in workers) reads it too
+        if ignored:
+            print(f"[cellfm] RAY_ADDRESS={ignored} ignored: starting an embedded local Ray (join a cluster with "
+                  f"--address, or ray.use_env_address=true)", flush=True)
         ports = {"dashboard_port": _free_port()} if dashboard else {}
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=dashboard, log_to_driver=True, **ports)
+        # address="local": start one, never the cluster of a stale ray_current_cluster file.
+        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=dashboard, log_to_driver=True, **ports)
     quiet_known_ray_noise()
+    if watch_pending and cfg.pending_timeout_s > 0:
+        PendingWatch(cfg.pending_timeout_s).start()
+
+
+def cluster_capacity() -> tuple[float, float]:
+    """The CPUs and GPUs the connected cluster can ever give: the larger of what it has now and, for an
+    autoscaling cluster, its node groups' maximum (the autoscaler's cluster config)."""
+    import ray
+    from ray._private.state import state
+
+    now = ray.cluster_resources()
+    most = state.get_max_resources_from_cluster_config() or {}
+    return (max(now.get("CPU", 0.0), most.get("CPU", 0.0)), max(now.get("GPU", 0.0), most.get("GPU", 0.0)))
+
+
+def local_gpu_count() -> int:
+    """GPUs an embedded Ray on this machine would see."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+class PendingWatch(threading.Thread):
+    """Stops the run (an interrupt of the main thread, as Ctrl-C) once a placement group created after it
+    started, or an actor of this job, has waited `timeout_s` for resources, saying what waits and what the
+    cluster has: Ray itself waits forever (e.g. for GPUs no node has, or CPUs other jobs hold)."""
+
+    reason: str | None = None  # the message of the watch that stopped the run, if any
+
+    def __init__(self, timeout_s: float, poll_s: float = 2.0):
+        import ray
+
+        super().__init__(name="cellfm-pending-watch", daemon=True)
+        self.timeout_s, self.poll_s = timeout_s, poll_s
+        self.job_id = ray.get_runtime_context().get_job_id()
+        self.known = set(ray.util.placement_group_table())  # others' placement groups from before
+        self.first_seen: dict[str, float] = {}
+
+    def states(self) -> dict[str, bool]:
+        """What of this job asks Ray for resources: a name (by what it asks for, so Ray Train's retries of
+        a worker group's placement group are one) -> whether it still waits."""
+        import ray
+        from ray._private.state import actors
+
+        waiting: dict[str, bool] = {}
+        for pg_id, info in ray.util.placement_group_table().items():
+            if pg_id in self.known or info["state"] == "REMOVED":
+                continue
+            bundles = " + ".join("{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(b.items())) + "}"
+                                 for b in info["bundles"].values())
+            name = f"a placement group of {bundles}"
+            waiting[name] = waiting.get(name, True) and info["state"] in ("PENDING", "RESCHEDULING")
+        for info in actors().values():
+            if info["JobID"] == self.job_id and info["State"] in ("PENDING_CREATION", "ALIVE"):
+                name = f"actor(s) {info['ActorClassName']}"
+                waiting[name] = waiting.get(name, True) and info["State"] == "PENDING_CREATION"
+        return waiting
+
+    def check(self, now: float) -> str | None:
+        """The message to stop with once something has waited `timeout_s`, else None. A wait ends only when
+        its name is placed (a placement group removed and retried still waits)."""
+        import ray
+
+        for name, waits in self.states().items():
+            if not waits:
+                self.first_seen.pop(name, None)
+            else:
+                self.first_seen.setdefault(name, now)
+        late = [name for name, since in self.first_seen.items() if now - since >= self.timeout_s]
+        if not late:
+            return None
+        total, free = ray.cluster_resources(), ray.available_resources()
+        have = ", ".join(f"{k} {free.get(k, 0):g} free of {total[k]:g}" for k in ("CPU", "GPU") if k in total)
+        return (f"ray.pending_timeout_s={self.timeout_s:g}: Ray could not place {late[0]} in {self.timeout_s:g} s; "
+                f"the cluster has {have or 'no CPU or GPU'}. Stopped: free those resources (other jobs hold them), "
+                f"ask for fewer workers/actors, or raise ray.pending_timeout_s")
+
+    def run(self) -> None:
+        while True:
+            time.sleep(self.poll_s)
+            try:
+                reason = self.check(time.monotonic())
+            except Exception:  # Ray shutting down under us: nothing left to watch
+                return
+            if reason:
+                PendingWatch.reason = reason
+                print(f"error: {reason}", file=sys.stderr, flush=True)
+                _thread.interrupt_main()  # the main thread's SIGINT handler: the same stop as Ctrl-C
+                return
 
 
 def _free_port() -> int:

@@ -12,7 +12,8 @@ EXAMPLES = """examples:
   cellfm pretrain --config configs/demo.yaml optim.epochs=20 model.pooling_ratio=2
   cellfm pretrain --config configs/cellrep_vits16.yaml --address auto --num-workers 8 --use-gpu
 
-Without --address / RAY_ADDRESS an embedded local Ray starts. Relaunching with the same
+Without --address an embedded local Ray starts (an exported RAY_ADDRESS joins only with
+ray.use_env_address=true; a `ray job submit` job joins its cluster). Relaunching with the same
 --storage-path and --run-name resumes that run from its latest checkpoint."""
 
 

@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="the sweep file (configs/sweeps/<name>.yaml)")
     parser.add_argument("--name", default=None, help="the sweep's name: its folder under the storage (default: the file's)")
     parser.add_argument("--storage", default=None, help="folder or s3://bucket/prefix holding sweeps (sets storage)")
-    parser.add_argument("--address", default=None, help="Ray cluster to join (sets ray.address; default: RAY_ADDRESS "
-                                                        "or an embedded local Ray)")
+    parser.add_argument("--address", default=None, help="Ray cluster to join (sets ray.address; default: an embedded "
+                                                        "local Ray, whatever RAY_ADDRESS says)")
     parser.add_argument("--max-concurrent-trials", type=int, default=None,
                         help="trials at once (sets search.max_concurrent_trials; 0 = as many as fit)")
     parser.add_argument("--num-samples", type=int, default=None, help="sets search.num_samples")

@@ -21,6 +21,7 @@ from cellfm.evaluate.report import write_report
 from cellfm.evaluate.stored import StoredFeatures
 from cellfm.evaluate.wells import OPTIONAL_COLUMNS
 from cellfm.features.embed import METADATA_COLUMNS, EncoderSpec, embed_manifest
+from cellfm.preflight import resource_need
 from cellfm.runtime import init_ray
 from cellfm.train.checkpoint import load_inference_backbone
 from cellfm.train.storage import is_remote
@@ -125,7 +126,7 @@ class EmbeddedFeatures:
                         seed=cfg.eval.random_init_seed),
             EncoderSpec("intensity_stats", intensity=True),
         ]
-        init_ray(cfg.ray)
+        init_ray(cfg.ray, need=resource_need(cfg, "evaluate"))
 
     def __call__(self, name: str, manifest: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, np.ndarray]]:
         cfg, encoders = self.cfg, self.encoders

@@ -114,6 +114,8 @@ def checkpoint_identity(checkpoint: str, storage_options: dict | None = None) ->
                 weights_sha.update(block)
         saved = yaml.safe_load(fs.cat_file(f"{root.rstrip('/')}/{CONFIG_FILE}"))
     except FileNotFoundError as exc:
+        if not fs.exists(root):
+            raise CheckpointError(f"checkpoint {checkpoint} does not exist") from exc
         raise CheckpointError(f"checkpoint {checkpoint} is missing {INFERENCE_WEIGHTS} or {CONFIG_FILE}") from exc
     model = Config.from_dict(saved, source=f"{checkpoint}/{CONFIG_FILE}").to_dict()["model"]
     return _sha256(f"weights {weights_sha.hexdigest()}\nmodel {json.dumps(model, sort_keys=True)}"), model
@@ -247,6 +249,10 @@ def plan_refresh(cfg: Config, manifests: dict[str, str] | None = None, checkpoin
     manifests = manifests if manifests is not None else cfg.features.manifests
     if not manifests:
         raise ConfigError("features.manifests is empty: name the manifests whose plates the store keeps embedded")
+    from cellfm.preflight import folder_problem, local_resource_problems
+
+    if problem := folder_problem("features.store", cfg.features.store):
+        raise ConfigError(problem)
     options = cfg.data.storage_options or None
     frames, listed_by = [], {}
     for name, path in manifests.items():
@@ -258,6 +264,8 @@ def plan_refresh(cfg: Config, manifests: dict[str, str] | None = None, checkpoin
     # A plate listed by two manifests with the same rows is one plate.
     manifest = manifest[~manifest.astype(str).apply("\x1f".join, axis=1).duplicated()]
     _check_manifest(manifest, cfg)
+    if problems := local_resource_problems(cfg, "features"):
+        raise ConfigError("\n".join(problems))
     manifest = manifest.sort_values(["plate", "well", "field"], ignore_index=True)
     manifest[ROW] = np.arange(len(manifest))
 
@@ -436,13 +444,14 @@ def run_refresh(plan: RefreshPlan, dry_run: bool = False) -> RefreshSummary:
 
 def _embed(plan: RefreshPlan) -> _PlateWriter:
     from cellfm.features.embed import EncoderSpec, embedding_dataset
+    from cellfm.preflight import resource_need
     from cellfm.runtime import init_ray
 
     cfg, f = plan.cfg, plan.cfg.features
     rows = plan.manifest[plan.manifest["plate"].isin(plan.todo)].reset_index(drop=True)
     rows[ROW] = np.arange(len(rows))
     writer = _PlateWriter(plan, rows, new_run_id())
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, need=resource_need(cfg, "features"))
     use_gpu = cfg.train.use_gpu if f.use_gpu is None else f.use_gpu
     actors = f.actors or inference_actors(use_gpu, f.gpus_per_actor, f.cpus_per_actor)
     _log(f"features: {len(rows)} fields of {len(plan.todo)} plate(s) through {actors} inference actor(s) "

@@ -152,6 +152,10 @@ def latest_checkpoint(run_dir: str | Path, storage_options: dict | None = None) 
 
 
 def _require(directory: Path, names: list[str]) -> None:
+    if not directory.exists():
+        raise CheckpointError(f"checkpoint {directory} does not exist")
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint {directory} is a file, not a checkpoint folder")
     missing = [n for n in names if not (directory / n).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {directory} is missing {', '.join(missing)}")

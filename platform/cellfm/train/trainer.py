@@ -11,6 +11,7 @@ from typing import Sequence
 
 from cellfm.config import Config, ConfigError, save_config
 from cellfm.data.pipeline import check_pipeline_config, create_monitor, field_cache_problem, fill_field_cache, load_manifests
+from cellfm.preflight import resource_need
 from cellfm.runtime import init_ray
 from cellfm.train import storage
 from cellfm.train.storage import run_directory  # noqa: F401 - also imported from here
@@ -36,6 +37,25 @@ def record_channel_metadata(cfg: Config, manifest) -> None:
         source = init_from_config(cfg)
         cfg.model.channel_vocabulary = list(source.model.channel_vocabulary) if source is not None \
             and source.model.channel_vocabulary else sorted(groups)
+
+
+def stopped_by_first_sigint(trainer_cls):
+    """`trainer_cls` (Ray Train V2's TorchTrainer) with a SIGINT handler that stops the run at the first
+    Ctrl-C. Ray 2.60's own handler (DataParallelTrainer._register_sigint_handler) waits for the controller
+    to answer an abort, and a controller waiting for a placement group never does: Ctrl-C was ignored
+    until SIGKILL. Here the abort is sent, not awaited, and the driver goes down at once (KeyboardInterrupt;
+    the embedded Ray goes with it)."""
+    import signal
+
+    class Trainer(trainer_cls):
+        def _register_sigint_handler(self, controller) -> None:
+            def stop(signum, frame):
+                controller.abort.remote()
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGINT, stop)
+
+    return Trainer
 
 
 def run_pretraining(cfg: Config, *, callbacks: Sequence = (), epoch_evaluator=None):
@@ -76,14 +96,14 @@ def run_pretraining(cfg: Config, *, callbacks: Sequence = (), epoch_evaluator=No
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     # Ray starts only after the inputs are known to be good: bad input fails in a second, not after start-up.
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, need=resource_need(cfg, "train"))
 
     # One monitor for every rank's stream: bad fields are counted (and limited) over the whole run.
     per_epoch = len(manifest) // cfg.train.num_workers * cfg.train.num_workers
     monitor = create_monitor(cfg.data, len(manifest), name="train", fields_per_pass=per_epoch)
     # Held here, so the cached fields live in the object store until training ends.
     cache = fill_field_cache(manifest, cfg.data, monitor=monitor) if cfg.data.cache_fields else None
-    trainer = TorchTrainer(
+    trainer = stopped_by_first_sigint(TorchTrainer)(
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.to_dict(),

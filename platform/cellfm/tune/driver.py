@@ -51,7 +51,9 @@ def run_sweep(plan: SweepPlan, resources: TrialResources) -> SweepOutcome:
     # Trials read the configs' relative paths from the working directory, as every other job does (Tune
     # would otherwise move each trial into its own folder); Tune passes the variable on to the trials.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    init_ray(plan.base.ray, dashboard=True)
+    # No pending watch: Ray Tune's queued trials wait for placement groups by design (the sweep's
+    # preflight fits max_concurrent_trials to the cluster).
+    init_ray(plan.base.ray, dashboard=True, watch_pending=False)
     _log(f"sweep {plan.spec.name}: reading the held-out sets {', '.join(plan.objective_manifests())}")
     held_out = read_held_out(plan.base, plan.objective_manifests(), plan.spec.objective.label)
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan, held_out=ray.put(held_out)),

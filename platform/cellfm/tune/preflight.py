@@ -15,11 +15,11 @@ import copy
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable
 
 from cellfm.config import PLATE_PROTOCOLS, Config, ConfigError, config_problems, student_channel_sampling
+from cellfm.runtime import cluster_address, local_gpu_count
 from cellfm.preflight import (
     MAX_PROBLEMS,
     PreflightError,
@@ -331,28 +331,21 @@ def trial_resources(plan: SweepPlan, capacity: ClusterCapacity) -> tuple[TrialRe
 
 def cluster_capacity(plan: SweepPlan) -> ClusterCapacity:
     """The cluster's CPUs and GPUs: the sweep file's `cluster` where set; else, for a given address
-    (ray.address or RAY_ADDRESS), what that running cluster reports (this connects to it); else the embedded
+    (`cellfm.runtime.cluster_address`), what that running cluster reports (this connects to it); else the embedded
     Ray's ray.num_cpus and this machine's GPUs. Starts no Ray of its own."""
     c = plan.spec.cluster
     if c.cpus is not None and c.gpus is not None:
         return ClusterCapacity(c.cpus, c.gpus, "the sweep's cluster (cluster.cpus/gpus)")
-    address = plan.base.ray.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(plan.base.ray)
     if address:
         import ray
 
         from cellfm.runtime import init_ray
 
-        init_ray(dataclasses.replace(plan.base.ray, address=address))
+        init_ray(dataclasses.replace(plan.base.ray, address=address), watch_pending=False)  # as the sweep driver
         total = ray.cluster_resources()
         cpus, gpus, described = total.get("CPU", 0.0), total.get("GPU", 0.0), f"the Ray cluster at {address}"
     else:
         cpus, gpus = plan.base.ray.num_cpus, local_gpu_count()
         described = f"the embedded Ray (ray.num_cpus={cpus}, {gpus} local GPU(s))"
     return ClusterCapacity(c.cpus if c.cpus is not None else cpus, c.gpus if c.gpus is not None else gpus, described)
-
-
-def local_gpu_count() -> int:
-    """GPUs an embedded Ray on this machine would see."""
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
