@@ -476,3 +476,25 @@ def test_sweep_file_keys_are_all_documented():
         else:
             keys.append(f.name)
     assert len(keys) > 20 and [key for key in keys if f"`{key}`" not in docs] == []
+
+
+def test_a_restored_sweeps_progress_counts_the_trials_stopped_in_an_earlier_session(screen_overrides, tmp_path):
+    """After `Tuner.restore`, the progress callback is new: the trials ASHA stopped before the restart are
+    counted from their last results, not from what this session saw end."""
+    from types import SimpleNamespace
+
+    from cellfm.tune.driver import SweepProgress, stopped_early_count
+    from cellfm.tune.search import TIME_ATTR
+
+    plan = load_sweep(str(SMOKE_SWEEP), overrides=screen_overrides, storage=str(tmp_path))
+    epochs = plan.epochs
+
+    def trial(status: str, trained: int | None) -> SimpleNamespace:
+        return SimpleNamespace(status=status, trial_id=f"t{trained}{status}",
+                               last_result=None if trained is None else {TIME_ATTR: trained})
+
+    trials = [trial("TERMINATED", 1), trial("TERMINATED", epochs - 1), trial("TERMINATED", epochs), trial("ERROR", 1),
+              trial("RUNNING", 1), trial("PENDING", None)]
+    assert stopped_early_count(trials, epochs) == 2
+    line = SweepProgress(plan)._status(trials)  # a fresh callback, as after a restore
+    assert "4/" in line and "(2 stopped early)" in line, line

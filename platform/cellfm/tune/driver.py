@@ -109,6 +109,12 @@ def _log(message: str) -> None:
     sys.stdout.flush()
 
 
+def stopped_early_count(trials, epochs: int) -> int:
+    """Trials that ended before `epochs` without an error (ASHA stopped them), read from each trial's last
+    result, so a restored sweep counts those stopped in an earlier session too."""
+    return sum(t.status == "TERMINATED" and int((t.last_result or {}).get(TIME_ATTR, 0)) < epochs for t in trials)
+
+
 class SweepProgress(Callback):
     """Progress lines of the sweep (Tune's own tables are off): each trial's start, each epoch's objective,
     each trial's end (completed / stopped early / error), with trials done, the best so far and an ETA from
@@ -122,7 +128,6 @@ class SweepProgress(Callback):
         self.started = time.monotonic()
         self.epochs_done: dict[str, int] = {}     # trial id -> epochs trained (as reported)
         self.epochs_this_session = 0
-        self.ended: dict[str, str] = {}          # trial id -> status
         self.best: tuple[float, str] | None = None
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
@@ -148,11 +153,9 @@ class SweepProgress(Callback):
         if done < self.plan.epochs:
             mark_stopped(self.plan, trial_name(trial.trial_id), done, (trial.last_result or {}).get(
                 self.plan.spec.objective.metric))
-        self.ended[trial.trial_id] = status
         _log(f"sweep {self.plan.spec.name}: {trial_name(trial.trial_id)} {status} | {self._status(trials)}")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.ended[trial.trial_id] = "error"
         _log(f"sweep {self.plan.spec.name}: {trial_name(trial.trial_id)} failed (see its error in results.md) | "
              f"{self._status(trials)}")
 
@@ -162,7 +165,7 @@ class SweepProgress(Callback):
     def _status(self, trials) -> str:
         total = max(self.plan.grid_size(), len(trials))
         finished = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-        stopped = sum(s.startswith("stopped") for s in self.ended.values())
+        stopped = stopped_early_count(trials, self.plan.epochs)
         epochs_left = sum(self.plan.epochs - self.epochs_done.get(t.trial_id, 0)
                           for t in trials if t.status not in ("TERMINATED", "ERROR"))
         epochs_left += (total - len(trials)) * self.plan.epochs
