@@ -883,7 +883,8 @@ def test_image_holds_the_paths_entrypoints_name():
 REFRESH_RAYCRONJOB = KUBERAY_DIR / "refresh-raycronjob.yaml"
 REFRESH_CRONJOB = KUBERAY_DIR / "refresh-cronjob.yaml"
 # The RayJob verbs the CronJob's pod needs: create the run's RayJob, poll its status, delete it when stopped.
-SCHEDULER_VERBS = ["create", "delete", "get"]
+# The refresh CronJob's pod: create/get/delete its RayJob, and get its own Job (the RayJob's owner).
+SCHEDULER_RULES = [(["ray.io"], ["rayjobs"], ["create", "delete", "get"]), (["batch"], ["jobs"], ["get"])]
 # Kubernetes names a CronJob's Job <cronjob>-<minutes since the epoch> (8 digits until the year 2160).
 SCHEDULED_SUFFIX = len("-29000000")
 # run-refresh.sh names the run's RayJob <Job>-ray: the RayJob's submitter Job carries the RayJob's name.
@@ -959,9 +960,9 @@ def refresh_schedule_problems(docs: dict[str, dict]) -> list[str]:
     bound = [b["roleRef"]["name"] for b in [docs["RoleBinding"]]
              if {"kind": "ServiceAccount", "name": account} in b["subjects"] and b["roleRef"]["kind"] == "Role"]
     rules = docs["Role"]["rules"] if docs["Role"]["metadata"]["name"] in bound else []
-    if [(r["apiGroups"], r["resources"], sorted(r["verbs"])) for r in rules] != [(["ray.io"], ["rayjobs"], SCHEDULER_VERBS)]:
-        problems.append(f"ServiceAccount {account!r} must be bound to exactly {SCHEDULER_VERBS} on ray.io rayjobs, "
-                        f"got {rules}")
+    if [(r["apiGroups"], r["resources"], sorted(r["verbs"])) for r in rules] != SCHEDULER_RULES:
+        problems.append(f"ServiceAccount {account!r} must be bound to exactly {SCHEDULER_RULES} "
+                        f"(apiGroups, resources, verbs), got {rules}")
     if docs["ServiceAccount"]["metadata"].get("annotations"):
         problems.append("the scheduler's ServiceAccount carries annotations (an IAM role?); it needs no AWS access")
     return problems
@@ -1024,21 +1025,28 @@ FAKE_KUBECTL = """#!/bin/sh
 # A stand-in for kubectl: records each call, "creates" from stdin, answers status reads from a list.
 echo "$*" >> "$FAKE_DIR/calls"
 case "$*" in
-  "get rayjob "*" -o name") test -f "$FAKE_DIR/exists" ;;
+  "get rayjob "*" -o name")
+    test -f "$FAKE_DIR/exists" && exit 0
+    line=$(head -n 1 "$FAKE_DIR/lookups" 2>/dev/null); sed -i 1d "$FAKE_DIR/lookups" 2>/dev/null
+    if test "$line" = ERROR; then echo "Unable to connect to the server: i/o timeout" >&2
+    else echo "Error from server (NotFound): rayjobs.ray.io \"${3}\" not found" >&2; fi
+    exit 1 ;;
+  "get job "*" -o jsonpath="*) printf %s 5f0c2a52-8d1e-4c1b-9a57-3f1d2b7e9c10 ;;
   "create -f -") cat > "$FAKE_DIR/created.yaml" && touch "$FAKE_DIR/exists" ;;
   "get rayjob "*" -o jsonpath="*)
     line=$(head -n 1 "$FAKE_DIR/statuses"); sed -i 1d "$FAKE_DIR/statuses"
     test "$line" != ERROR && printf %s "$line" ;;
-  "delete rayjob "*) ;;
+  "delete rayjob "*) rm -f "$FAKE_DIR/exists" ;;
   *) echo "unexpected kubectl $*" >&2; exit 3 ;;
 esac
 """
 
 
 def _run_refresh_script(tmp_path: Path, statuses: list[str], job_name: str = "cellfm-refresh-29123456",
-                        exists: bool = False) -> tuple[subprocess.CompletedProcess, list[str]]:
+                        exists: bool = False, lookups: list[str] = ()) -> tuple[subprocess.CompletedProcess, list[str]]:
     """The CronJob's own run-refresh.sh and RayJob template (from the rendered ConfigMap) against a fake
-    kubectl that reports `statuses` one per poll."""
+    kubectl that reports `statuses` one per poll; while the RayJob does not exist, each look-up for it fails
+    as `lookups` says (ERROR: the API server is unreachable), then with NotFound."""
     config_map = _refresh_docs()["ConfigMap"]
     for name, text in config_map["data"].items():
         (tmp_path / name).write_text(text)
@@ -1047,6 +1055,7 @@ def _run_refresh_script(tmp_path: Path, statuses: list[str], job_name: str = "ce
     (bin_dir / "kubectl").write_text(FAKE_KUBECTL)
     (bin_dir / "kubectl").chmod(0o755)
     (tmp_path / "statuses").write_text("".join(f"{line}\n" for line in statuses))
+    (tmp_path / "lookups").write_text("".join(f"{line}\n" for line in lookups))
     if exists:
         (tmp_path / "exists").touch()
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_DIR": str(tmp_path), "JOB_NAME": job_name, "POLL_SECONDS": "0",
@@ -1061,12 +1070,19 @@ def test_refresh_script_creates_the_runs_rayjob_and_waits_for_success(tmp_path):
     done, calls = _run_refresh_script(tmp_path, ["/", "Initializing/", "Running/RUNNING", "Running/RUNNING",
                                                  "Complete/SUCCEEDED", "Complete/SUCCEEDED"])
     assert (done.returncode, done.stderr) == (0, ""), done.stderr
-    assert calls[:2] == ["get rayjob cellfm-refresh-29123456-ray -o name", "create -f -"]
-    assert len(calls) == 2 + 5  # polled until the RayJob completed, then stopped
+    assert calls[:3] == ["get rayjob cellfm-refresh-29123456-ray -o name",
+                         "get job cellfm-refresh-29123456 -o jsonpath={.metadata.uid}", "create -f -"]
+    assert len(calls) == 3 + 5  # polled until the RayJob completed, then stopped
     created = yaml.safe_load((tmp_path / "created.yaml").read_text())
     template = embedded_rayjobs(_refresh_docs()["ConfigMap"])[0]
     assert created["metadata"]["name"] == "cellfm-refresh-29123456-ray"
-    assert {**created, "metadata": template["metadata"]} == template  # only the name differs
+    # Owned by the pod's Job, so the CronJob's history limit deletes old RayJobs with their Jobs.
+    assert created["metadata"]["ownerReferences"] == [{"apiVersion": "batch/v1", "kind": "Job",
+                                                       "name": "cellfm-refresh-29123456",
+                                                       "uid": "5f0c2a52-8d1e-4c1b-9a57-3f1d2b7e9c10"}]
+    assert {**created, "metadata": template["metadata"]} == template  # only name and owner differ
+    assert {k: v for k, v in created["metadata"].items() if k not in ("name", "ownerReferences")} == \
+        {k: v for k, v in template["metadata"].items() if k != "name"}
     assert "RayJob cellfm-refresh-29123456-ray succeeded" in done.stdout
 
 
@@ -1074,7 +1090,7 @@ def test_refresh_script_creates_the_runs_rayjob_and_waits_for_success(tmp_path):
 def test_refresh_script_fails_when_the_rayjob_failed(tmp_path, final):
     done, calls = _run_refresh_script(tmp_path, ["Running/RUNNING", final])
     assert done.returncode == 1 and f"ended as {final}" in done.stderr, (done.returncode, done.stderr)
-    assert calls.count("create -f -") == 1 and len(calls) == 4
+    assert calls.count("create -f -") == 1 and len(calls) == 5
 
 
 def test_refresh_script_retried_pod_waits_for_the_existing_rayjob(tmp_path):
@@ -1084,12 +1100,26 @@ def test_refresh_script_retried_pod_waits_for_the_existing_rayjob(tmp_path):
 
 def test_refresh_script_gives_up_when_the_rayjob_cannot_be_read(tmp_path):
     (tmp_path / "lost").mkdir()
-    done, _ = _run_refresh_script(tmp_path / "lost", ["Running/RUNNING", "ERROR", "ERROR", "ERROR"])
+    done, calls = _run_refresh_script(tmp_path / "lost", ["Running/RUNNING", "ERROR", "ERROR", "ERROR"])
     assert done.returncode == 1 and "3 attempts in a row" in done.stderr
+    # Given up: the refresh it can no longer follow is stopped, not left running into the next night's.
+    assert calls[-1].startswith("delete rayjob cellfm-refresh-29123456-ray") and \
+        not (tmp_path / "lost" / "exists").exists()
     # Failed reads between successful ones do not add up.
     (tmp_path / "flaky").mkdir()
     done, _ = _run_refresh_script(tmp_path / "flaky", ["ERROR", "ERROR", "Running/RUNNING", "ERROR", "Complete/SUCCEEDED"])
     assert done.returncode == 0, done.stderr
+
+
+def test_refresh_script_retries_a_failed_lookup_instead_of_creating_a_second_refresh(tmp_path):
+    """A look-up that fails for another reason than NotFound (API server unreachable) is retried; only
+    NotFound creates the RayJob, and a retried pod whose RayJob exists never creates one."""
+    done, calls = _run_refresh_script(tmp_path, ["Complete/SUCCEEDED"], lookups=["ERROR", "ERROR"])
+    assert done.returncode == 0, done.stderr
+    assert calls.count("get rayjob cellfm-refresh-29123456-ray -o name") == 3 and calls.count("create -f -") == 1
+    (tmp_path / "down").mkdir()
+    done, calls = _run_refresh_script(tmp_path / "down", ["Complete/SUCCEEDED"], lookups=["ERROR"] * 5)
+    assert done.returncode == 1 and "cannot create or read RayJob" in done.stderr and "create -f -" not in calls
 
 
 def test_refresh_script_rejects_a_rayjob_name_over_kuberays_limit(tmp_path):
