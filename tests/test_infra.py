@@ -1232,3 +1232,126 @@ def test_kubernetes_check_rejects_a_broken_object():
     assert problems and set(problems) == {"PodMonitor/cellfm-ray-head: port 'prometheus' is not named on a selected pod"}
     monitor["spec"]["selector"]["matchLabels"]["ray.io/node-type"] = "driver"
     assert pod_monitor_problems(monitor, all_documents()) == ["PodMonitor/cellfm-ray-head selects no Ray pod of infra/kuberay"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# infra/aws/eks-cluster.yaml: node groups every pod of infra/kuberay fits on
+
+EKS_CLUSTER = REPO / "infra" / "aws" / "eks-cluster.yaml"
+# Allocatable (CPUs, GiB, GPUs) of the runbook's instance types on the EKS AMI: capacity less kube-reserved
+# (CPU 6% of the first core, 1% of the second, 0.5% of cores 3-4, 0.25% of the rest; memory 255 MiB +
+# 11 MiB per allowed pod, maxPods 234 / 737) and 100 MiB eviction threshold.
+ALLOCATABLE = {"m6i.4xlarge": (15.89, 61.1, 0), "p4d.24xlarge": (95.69, 1116.0, 8)}
+# What the node's own pods (aws-node, kube-proxy, the NVIDIA device plugin) request, left free on every node.
+DAEMON_RESERVE = (0.5, 1.0)
+# The ClusterConfig fields (eksctl.io/v1alpha5) this file may use; a misspelt one would be rejected by eksctl.
+EKSCTL_FIELDS = {
+    "": {"apiVersion", "kind", "metadata", "iam", "managedNodeGroups"},
+    "metadata": {"name", "region", "version"},
+    "iam": {"withOIDC"},
+    "managedNodeGroups": {"name", "instanceType", "desiredCapacity", "minSize", "maxSize", "volumeSize", "labels",
+                          "taints"},
+    "taints": {"key", "value", "effect"},
+}
+TAINT_EFFECTS = {"NoSchedule", "PreferNoSchedule", "NoExecute"}
+
+
+def eks_cluster() -> dict:
+    return yaml.safe_load(render(EKS_CLUSTER.read_text(), TEMPLATE_VALUES, source=str(EKS_CLUSTER)))
+
+
+def eks_config_problems(config: dict) -> list[str]:
+    problems = [f"{where or 'top level'}: unknown field {key!r}" for where, keys in
+                [("", config), ("metadata", config.get("metadata", {})), ("iam", config.get("iam", {}))]
+                for key in keys if key not in EKSCTL_FIELDS[where]]
+    if (config.get("apiVersion"), config.get("kind")) != ("eksctl.io/v1alpha5", "ClusterConfig"):
+        problems.append("not an eksctl.io/v1alpha5 ClusterConfig")
+    for group in config.get("managedNodeGroups", []):
+        problems += [f"node group {group.get('name')}: unknown field {key!r}" for key in group
+                     if key not in EKSCTL_FIELDS["managedNodeGroups"]]
+        if group.get("instanceType") not in ALLOCATABLE:
+            problems.append(f"node group {group.get('name')}: instance type {group.get('instanceType')} has no "
+                            "allocatable figures in this test")
+        if not group.get("minSize", 0) <= group.get("desiredCapacity", 0) <= group.get("maxSize", 0):
+            problems.append(f"node group {group.get('name')}: needs minSize <= desiredCapacity <= maxSize")
+        for taint in group.get("taints", []):
+            problems += [f"node group {group.get('name')}: taint field {key!r}" for key in taint
+                         if key not in EKSCTL_FIELDS["taints"]]
+            if taint.get("effect") not in TAINT_EFFECTS:
+                problems.append(f"node group {group.get('name')}: taint effect {taint.get('effect')!r}")
+    return problems
+
+
+def _quantity(value: str | int | float, binary: bool) -> float:
+    """A Kubernetes quantity as CPUs (`500m` -> 0.5) or GiB (`512Mi` -> 0.5)."""
+    text = str(value)
+    if text.endswith("m") and not binary:
+        return float(text[:-1]) / 1000
+    for suffix, scale in {"Ki": 2 ** -20, "Mi": 2 ** -10, "Gi": 1.0, "Ti": 2 ** 10}.items():
+        if text.endswith(suffix):
+            return float(text[:-2]) * scale
+    return float(text) / (2 ** 30 if binary else 1)
+
+
+def _tolerated(template: dict, taints: list[dict]) -> bool:
+    tolerations = template["spec"].get("tolerations", [])
+    return all(any(t.get("key") == taint["key"] and (t.get("operator") == "Exists" or t.get("value") == taint["value"])
+                   and t.get("effect") in (None, taint["effect"]) for t in tolerations) for taint in taints)
+
+
+def unschedulable_pods(docs: list[dict], config: dict) -> list[str]:
+    """Pod templates no node group can ever hold: requests above one node's allocatable (less the daemon
+    reserve), a GPU on a group without GPUs, or taints of every group that fits not tolerated."""
+    problems = []
+    for doc in docs:
+        for template in pod_templates(doc):
+            requests = {}
+            for container in template["spec"]["containers"]:
+                for key, value in container.get("resources", {}).get("requests", {}).items():
+                    requests[key] = requests.get(key, 0.0) + _quantity(value, binary=key == "memory")
+            fits = []
+            for group in config["managedNodeGroups"]:
+                cpus, gib, gpus = ALLOCATABLE[group["instanceType"]]
+                if (requests.get("cpu", 0) <= cpus - DAEMON_RESERVE[0] and requests.get("memory", 0) <= gib - DAEMON_RESERVE[1]
+                        and requests.get("nvidia.com/gpu", 0) <= gpus and _tolerated(template, group.get("taints", []))):
+                    fits.append(group["name"])
+            if not fits:
+                problems.append(f"{_named(doc)}: a pod requesting {requests} fits no node group")
+    return problems
+
+
+def _scheduled_documents() -> list[dict]:
+    docs = all_documents()
+    return docs + [job for doc in docs if doc.get("kind") == "ConfigMap" for job in embedded_rayjobs(doc)]
+
+
+def test_eks_cluster_config_uses_only_eksctl_fields_and_taints_the_gpu_group():
+    config = eks_cluster()
+    assert eks_config_problems(config) == []
+    groups = {g["name"]: g for g in config["managedNodeGroups"]}
+    assert groups["gpu"]["taints"] == [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]
+
+
+def test_every_pod_of_infra_kuberay_fits_a_node_of_the_runbooks_cluster():
+    docs = _scheduled_documents()
+    assert sum(1 for doc in docs for _ in pod_templates(doc)) >= 14  # heads, worker groups, submitters, CronJob pod
+    assert unschedulable_pods(docs, eks_cluster()) == []
+
+
+def test_the_schedulability_check_rejects_what_would_stay_pending():
+    config = eks_cluster()
+    pretrain = _pretrain()
+    data = next(g for g in pretrain["spec"]["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "data")
+    data["template"]["spec"]["containers"][0]["resources"]["requests"] = {"cpu": "16", "memory": "64Gi"}
+    assert any("fits no node group" in p for p in unschedulable_pods([pretrain], config))
+    untolerated = _pretrain()
+    _gpu_group(untolerated)["template"]["spec"].pop("tolerations")
+    assert any("nvidia.com/gpu" in p for p in unschedulable_pods([untolerated], config))
+    assert any("unknown field 'nodeTaints'" in p for p in eks_config_problems(
+        {**config, "managedNodeGroups": [{**config["managedNodeGroups"][1], "nodeTaints": []}]}))
+
+
+def test_the_runbook_creates_the_cluster_from_the_config_file_and_uses_no_missing_eksctl_flag():
+    runbook = (REPO / "docs" / "cluster.md").read_text()
+    assert "eksctl create cluster -f eks-cluster.yaml" in runbook and "infra/aws/eks-cluster.yaml" in runbook
+    assert "--node-taints" not in runbook  # not an eksctl flag: taints come from the ClusterConfig
