@@ -172,8 +172,8 @@ CLEAR_MOA_EFFECTS: dict[str, dict[str, float]] = {
     "cell_cycle_arrest": {"nucleus_scale": 0.45, "nucleus_irregularity": 0.1, "dna_content": 1.0},
     "mitochondrial_uncoupler": {"mito_fragmentation": 0.85},
     "er_stress": {"er_swelling": 1.2},
-    "actin_stabilizer": {"stress_fibres": 0.7, "cell_elongation": 0.8},
-    "nucleolar_stress": {"nucleoli_count": -2.0, "nucleoli_size": 2.0},
+    "actin_stabilizer": {"stress_fibres": 0.8, "cell_elongation": 1.2},
+    "nucleolar_stress": {"nucleoli_count": -2.0, "nucleoli_size": 2.4},
 }
 _CLEAR_MIN_STRENGTH = 0.7            # strength = min + (1 - min) * dose / (dose + EC50)
 _CLEAR_PENETRANCE = (0.85, 0.15)     # penetrance = a + b * strength
