@@ -3,6 +3,7 @@ before Ray starts, and `ray job submit` of a short pre-training to a real local 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -20,6 +21,8 @@ import pytest
 from tests.conftest import REPO, SMOKE_CONFIG
 
 PYTHON = sys.executable
+# The documented submission's runtime env: it ships the checkout's cellfm package with the job.
+SHIP_CELLFM = '{"py_modules": ["platform/cellfm"]}'
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
@@ -70,16 +73,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """A real local head node with its dashboard / job server on loopback.
+@contextlib.contextmanager
+def local_head(path: str):
+    """A real local head node with its dashboard / job server on loopback, started by the venv's `ray` with
+    `path` as PATH (the jobs' entrypoints find `python` there); yields {"address", "env"}.
 
     `ray start --block` runs as our child and tears down exactly the processes it started when
     signalled; `ray stop` would kill every Ray process on the machine, the test session's own too."""
     temp_dir = Path("/tmp") / f"cellfm-head-{uuid.uuid4().hex[:8]}"
     dashboard_port = _free_port()
-    env = dict(os.environ, PATH=f"{Path(PYTHON).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               RAY_AUTH_MODE="token")
+    env = dict(os.environ, PATH=path, RAY_AUTH_MODE="token")
+    env.pop("PYTHONPATH", None)  # a job imports the cellfm it is given (installed or shipped), not the test's
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={_free_port()}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
@@ -109,6 +113,13 @@ def ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def ray_head():
+    """A head started as docs/user-guide.md says: with the venv's bin first on PATH."""
+    with local_head(f"{Path(PYTHON).parent}{os.pathsep}{os.environ.get('PATH', '')}") as head:
+        yield head
+
+
 def _submit(ray_head: dict, command: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run a shell command holding `ray job submit` in the repository, retrying while a fresh head's job
     agent is not up yet (Ray's own advice for "No available agent to submit job")."""
@@ -128,6 +139,7 @@ def test_the_readmes_cluster_example_runs_as_written(ray_head, tiny_screen, tmp_
     from tests.test_docs import readme_cluster_example
 
     example = readme_cluster_example()
+    assert f"--runtime-env-json '{SHIP_CELLFM}'" in example  # the job runs this checkout's cellfm
     placeholders = {"http://127.0.0.1:8265": ray_head["address"], "configs/cellrep_vits16.yaml": "configs/smoke.yaml",
                     "/shared/screen/train.parquet": str(tiny_screen["train"]), "/shared/runs": str(tmp_path / "runs")}
     for placeholder, value in placeholders.items():
@@ -168,3 +180,26 @@ def test_a_git_ignored_relative_manifest_fails_at_the_jobs_first_line(ray_head, 
            "sees (e.g. /shared/...) or an s3:// URI" in plain
     assert "Started a local Ray instance" not in plain and "TrainController" not in plain  # failed at once
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.integration
+def test_a_job_imports_the_cellfm_it_ships_even_on_a_head_without_the_venv():
+    """A head started by the venv's `ray` without the venv on PATH runs a job's entrypoint with the
+    system's Python, where no cellfm is installed: with the documented `--runtime-env-json` the job still
+    imports cellfm, the copy of platform/cellfm that the submission shipped."""
+    system_path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                                  if Path(p).resolve() != Path(PYTHON).parent.resolve())
+    python = shutil.which("python3", path=system_path)
+    assert python, "no python3 on the system PATH"
+    with local_head(system_path) as head:
+        # Submitted from a shell with the venv (its `ray` CLI) on PATH; only the head lacks it.
+        submitter = {**head, "env": dict(head["env"], PATH=f"{Path(PYTHON).parent}{os.pathsep}{system_path}")}
+        submit = _submit(submitter, f"ray job submit --address {head['address']} --working-dir . "
+                               f"--runtime-env-json '{SHIP_CELLFM}' -- "
+                               f"python3 -c 'import cellfm, sys; print(\"cellfm from\", cellfm.__file__, sys.executable)'")
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    shipped = re.search(r"cellfm from (\S+) (\S+)", submit.stdout)
+    assert shipped, submit.stdout[-3000:]
+    # Ray unpacks a py_modules entry under its session's runtime_resources/py_modules_files/.
+    assert "/runtime_resources/py_modules_files/" in shipped.group(1) and shipped.group(1).endswith("cellfm/__init__.py")
+    assert not shipped.group(2).startswith(str(Path(PYTHON).parent))  # the system's Python, not the venv's
