@@ -266,3 +266,19 @@ def test_store_output_and_checkpoint_paths_are_checked_before_ray(damaged, tmp_p
     assert capsys.readouterr().err.splitlines() == [
         f"error: train.storage_path={a_file}: {a_file} is a file; this must be a folder (or a path where one can be "
         f"created)"]
+
+
+def test_a_restored_sweeps_progress_counts_the_trials_stopped_before_the_restore():
+    """After a restore the callback has seen no trial end, yet two trials ended stopped early: the line
+    said "0 stopped early"."""
+    from types import SimpleNamespace
+
+    from cellfm.tune.driver import SweepProgress
+    from cellfm.tune.search import TIME_ATTR
+
+    plan = SimpleNamespace(epochs=2, grid_size=lambda: 4, spec=SimpleNamespace(name="s"))
+    trials = [SimpleNamespace(trial_id=str(i), status=status, last_result={TIME_ATTR: epochs})
+              for i, (status, epochs) in enumerate([("TERMINATED", 1), ("TERMINATED", 1), ("TERMINATED", 2),
+                                                    ("RUNNING", 1)])]
+    line = SweepProgress(plan)._status(trials)
+    assert line.startswith("3/4 trials done (2 stopped early) | "), line

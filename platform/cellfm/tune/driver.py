@@ -122,7 +122,6 @@ class SweepProgress(Callback):
         self.started = time.monotonic()
         self.epochs_done: dict[str, int] = {}     # trial id -> epochs trained (as reported)
         self.epochs_this_session = 0
-        self.ended: dict[str, str] = {}          # trial id -> status
         self.best: tuple[float, str] | None = None
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
@@ -148,11 +147,9 @@ class SweepProgress(Callback):
         if done < self.plan.epochs:
             mark_stopped(self.plan, trial_name(trial.trial_id), done, (trial.last_result or {}).get(
                 self.plan.spec.objective.metric))
-        self.ended[trial.trial_id] = status
         _log(f"sweep {self.plan.spec.name}: {trial_name(trial.trial_id)} {status} | {self._status(trials)}")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.ended[trial.trial_id] = "error"
         _log(f"sweep {self.plan.spec.name}: {trial_name(trial.trial_id)} failed (see its error in results.md) | "
              f"{self._status(trials)}")
 
@@ -162,7 +159,9 @@ class SweepProgress(Callback):
     def _status(self, trials) -> str:
         total = max(self.plan.grid_size(), len(trials))
         finished = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-        stopped = sum(s.startswith("stopped") for s in self.ended.values())
+        # From the trials themselves, so a restored sweep counts the trials ASHA stopped before the restore.
+        stopped = sum(t.status == "TERMINATED" and int((t.last_result or {}).get(TIME_ATTR, 0)) < self.plan.epochs
+                      for t in trials)
         epochs_left = sum(self.plan.epochs - self.epochs_done.get(t.trial_id, 0)
                           for t in trials if t.status not in ("TERMINATED", "ERROR"))
         epochs_left += (total - len(trials)) * self.plan.epochs
