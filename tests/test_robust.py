@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -266,3 +267,79 @@ def test_store_output_and_checkpoint_paths_are_checked_before_ray(damaged, tmp_p
     assert capsys.readouterr().err.splitlines() == [
         f"error: train.storage_path={a_file}: {a_file} is a file; this must be a folder (or a path where one can be "
         f"created)"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# A killed driver leaves no Ray process behind
+
+
+def test_reap_stops_exactly_the_processes_holding_the_sessions_files(tmp_path):
+    from cellfm.reaper import reap, session_processes
+
+    session = tmp_path / "session_x"
+    (session / "logs").mkdir(parents=True)
+    holder = "import sys, time; f = open(sys.argv[1], 'a'); print('ready', flush=True); time.sleep(600)"
+    inside = subprocess.Popen([sys.executable, "-c", holder, str(session / "logs" / "raylet.out")], stdout=subprocess.PIPE)
+    outside = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path / "other.log")], stdout=subprocess.PIPE)
+    try:
+        assert inside.stdout.readline() == b"ready\n" and outside.stdout.readline() == b"ready\n"
+        assert [p.pid for p in session_processes(str(session))] == [inside.pid]
+        assert reap(str(session)) == [inside.pid]
+        assert inside.wait(timeout=10) is not None and outside.poll() is None
+    finally:
+        for proc in (inside, outside):
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.integration
+def test_a_sigkilled_driver_leaves_no_ray_process_of_its_session(tmp_path):
+    """The embedded Ray of a driver killed with SIGKILL: without the reaper, Ray's dashboard and runtime-env
+    agents run on (observed); with it, no process holds a file of the session a few seconds later."""
+    import psutil
+
+    from cellfm.reaper import session_processes
+
+    driver = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import os, time, ray
+        from cellfm.config import RayConfig
+        from cellfm.runtime import init_ray
+        init_ray(RayConfig(num_cpus=1), watch_pending=False)
+        print(ray._private.worker._global_node.get_session_dir_path(), flush=True)
+        time.sleep(600)
+        """)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        session = driver.stdout.readline().strip()
+        assert Path(session).is_dir(), session
+        ray_pids = {p.pid for p in session_processes(session, exclude=[driver.pid])}
+        assert len(ray_pids) >= 3  # GCS, raylet and agents, at least
+        driver.kill()
+        driver.wait()
+        deadline = time.monotonic() + 30
+        while session_processes(session) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert session_processes(session) == []
+        assert not [pid for pid in ray_pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    finally:
+        driver.kill()
+
+
+@pytest.mark.integration
+def test_a_driver_that_shuts_ray_down_lives_on_and_leaves_no_ray_process():
+    """A normal `ray.shutdown()` ends the watch too: the reaper stops what is left of the session and
+    never the driver (which holds files of the session itself)."""
+    from cellfm.reaper import session_processes
+
+    driver = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import time, ray
+        from cellfm.config import RayConfig
+        from cellfm.runtime import init_ray
+        init_ray(RayConfig(num_cpus=1), watch_pending=False)
+        print(ray._private.worker._global_node.get_session_dir_path(), flush=True)
+        ray.shutdown()
+        time.sleep(8)  # the reaper polls every 0.5 s and gives SIGTERM 3 s
+        print("alive", flush=True)
+        """)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    session, alive = driver.stdout.split()
+    assert (driver.returncode, alive) == (0, "alive"), driver.stderr[-2000:]
+    assert session_processes(session) == []

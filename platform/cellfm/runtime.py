@@ -10,6 +10,7 @@ import threading
 import time
 
 from cellfm.config import RayConfig
+from cellfm.reaper import watch_session
 
 # Lines Ray's own processes print that tell a cellfm user nothing, matched exactly (as substrings of
 # the forwarded line). They are dropped from the driver's console only: Ray's log files under the
@@ -85,6 +86,9 @@ def init_ray(cfg: RayConfig, dashboard: bool = False, need=None, watch_pending: 
         ports = {"dashboard_port": _free_port()} if dashboard else {}
         # address="local": start one, never the cluster of a stale ray_current_cluster file.
         ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=dashboard, log_to_driver=True, **ports)
+        node = ray._private.worker._global_node
+        # Its processes go with this driver even when it is SIGKILLed (Ray's agents would run on).
+        watch_session(node.get_session_dir_path(), node.all_processes["gcs_server"][0].process.pid)
     quiet_known_ray_noise()
     if watch_pending and cfg.pending_timeout_s > 0:
         PendingWatch(cfg.pending_timeout_s).start()
