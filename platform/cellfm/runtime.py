@@ -83,15 +83,21 @@ def init_ray(cfg: RayConfig, dashboard: bool = False, need=None, watch_pending: 
         if ignored:
             print(f"[cellfm] RAY_ADDRESS={ignored} ignored: starting an embedded local Ray (join a cluster with "
                   f"--address, or ray.use_env_address=true)", flush=True)
-        ports = {"dashboard_port": _free_port()} if dashboard else {}
-        # address="local": start one, never the cluster of a stale ray_current_cluster file.
-        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=dashboard, log_to_driver=True, **ports)
-        node = ray._private.worker._global_node
-        # Its processes go with this driver even when it is SIGKILLed (Ray's agents would run on).
-        watch_session(node.get_session_dir_path(), node.all_processes["gcs_server"][0].process.pid)
+        start_embedded_ray(cfg.num_cpus, dashboard)
     quiet_known_ray_noise()
     if watch_pending and cfg.pending_timeout_s > 0:
         PendingWatch(cfg.pending_timeout_s).start()
+
+
+def start_embedded_ray(num_cpus: int | None, dashboard: bool = False, log_to_driver: bool = True) -> None:
+    """Start a Ray of this process's own (`address="local"`: never the cluster of a stale
+    ray_current_cluster file), whose processes go with this driver even when it is SIGKILLed."""
+    import ray
+
+    ports = {"dashboard_port": _free_port()} if dashboard else {}
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=log_to_driver, **ports)
+    node = ray._private.worker._global_node
+    watch_session(node.get_session_dir_path(), node.all_processes["gcs_server"][0].process.pid)
 
 
 def cluster_capacity() -> tuple[float, float]:

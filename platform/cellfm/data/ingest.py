@@ -726,8 +726,10 @@ def run_ingestion(plan: IngestPlan, out: str, manifest_path: str | Path, storage
     if use_ray and batches:
         import ray
 
+        from cellfm.runtime import start_embedded_ray
+
         if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=False)
+            start_embedded_ray(num_cpus=None, log_to_driver=False)
         task = ray.remote(num_cpus=1)(_ingest_fields)
         plans_ref = ray.put(plan.plates)
         refs = [task.remote(batch, plans_ref, plate_uris, state_dirs, storage_options, field_delay_s)
