@@ -127,6 +127,7 @@ def test_platemap_joins_on_plate_and_well_with_jump_names_and_column_map(plate, 
     assert by_well.loc["B3", "is_control"] and by_well.loc["B3", "perturbation_id"] == "DMSO"
     assert (by_well.loc["C5", "perturbation_id"], by_well.loc["C5", "moa"], by_well.loc["C5", "dose"]) == ("BRD-1", "tubulin", 10.0)
     assert not by_well.loc["C5", "is_control"] and list(by_well["Metadata_Compartment"]) == ["a", "b"]
+    assert "Metadata_moa" not in df.columns and "Metadata_broad_sample" not in df.columns  # they became moa, ...
     platemap.rename(columns={"Metadata_Plate": "Barcode", "Metadata_Well": "Pos"}).to_parquet(tmp_path / "map.parquet")
     mapped = plan_ome_zarr([uri], platemap=tmp_path / "map.parquet", column_map={"Barcode": "plate", "Pos": "well"})
     pd.testing.assert_frame_equal(mapped, df)

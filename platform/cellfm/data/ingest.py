@@ -268,6 +268,14 @@ def _to_float(value: Any) -> float:
         return float("nan")
 
 
+# Metadata columns perturbation_meta turns into manifest columns (not kept again as extra columns).
+PERTURBATION_SOURCE_COLUMNS = frozenset({
+    "perturbation_id", "broad_sample", "Metadata_broad_sample", "pert_iname", "is_control", "target", "gene",
+    "Metadata_target", "Metadata_gene", "moa", "Metadata_moa", "dose", "mmoles_per_liter",
+    "Metadata_mmoles_per_liter", "concentration", "cell_line", "Metadata_cell_line", "cell_type", "batch",
+    "Metadata_Batch"})
+
+
 def perturbation_meta(record: Mapping[str, Any], cell_line: str = "", batch: str = "") -> dict[str, Any]:
     """Manifest perturbation columns from a joined metadata record (CPG / JUMP column names or the
     manifest's own). A well without a treatment (empty ``broad_sample``) or with ``control_type``
@@ -914,9 +922,11 @@ def _plate_fields(uri: str, acquisition: str | None, storage_options) -> tuple[s
                  if acquisition is None or str(image.get("acquisition")) == acquisition]
     if not jobs:
         raise IngestError(f"plate {uri!r}: no fields" + (f" of acquisition {acquisition!r}" if acquisition else ""))
+    if "://" not in uri:
+        return name, [_field_info(root, uri, *job) for job in jobs]
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(16 if "://" in uri else 1) as pool:  # remote metadata: requests in parallel
+    with ThreadPoolExecutor(16) as pool:  # remote metadata: one request per document, many in flight
         return name, list(pool.map(lambda job: _field_info(root, uri, *job), jobs))
 
 
@@ -951,8 +961,8 @@ def plan_ome_zarr(plates: Sequence[str], platemap: str | Path | None = None,
             names, labels = _channel_names(info, channel_map, uri)
             record = lookup.get((name, f"{info.row}{info.col}"), {})
             meta = perturbation_meta(record, cell_line, batch)
-            taken = key_columns | set(MANIFEST_COLUMNS) | set(meta) | {"channel_labels", "acquisition", "size_z",
-                                                                       "content_version"}
+            taken = (key_columns | set(MANIFEST_COLUMNS) | set(meta) | PERTURBATION_SOURCE_COLUMNS
+                     | {"channel_labels", "acquisition", "size_z", "content_version"})
             extra = {k: str(v) for k, v in record.items() if k not in taken}
             records.append({
                 "source": source, "plate": name, "well": f"{info.row}{info.col}", "row": info.row, "col": info.col,
