@@ -1,0 +1,54 @@
+"""benchmarks/gpu_train.py --tiny on CPU: the JSON's fields and that its figures agree with each other."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("gpu_train", REPO / "benchmarks" / "gpu_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.integration  # four tiny models and a batch scan: ~1 min on a loaded 2-core machine
+def test_tiny_run_writes_consistent_json(tmp_path):
+    out = tmp_path / "gpu_train.json"
+    result = _benchmark().main(["--tiny", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["device_type"] == "cpu" and result["tiny"] is True
+    assert set(result["models"]) == {"cellrep", "c3r", "channelvit", "vit_rgb"}
+    assert [run["batch_size"] for run in result["cellrep_batch_scan"]] == [2, 4]
+    for run in [*result["models"].values(), *result["cellrep_batch_scan"]]:
+        assert run["images_per_s"] == pytest.approx(run["steps"] * run["batch_size"] / run["seconds"])
+        assert run["flops_per_image"] > 0
+        assert run["peak_flops_per_s"] is None and run["mfu"] is None  # CPU: no peak in the table
+        assert run["peak_memory_bytes"] > 10 * 2**20  # the process's RSS: torch alone is more than 10 MiB
+        assert 0 <= run["data_wait_fraction"] < 1
+    # The counted FLOPs scale with the batch: per image they match across the scan.
+    scan = result["cellrep_batch_scan"]
+    assert scan[0]["flops_per_image"] == pytest.approx(scan[1]["flops_per_image"], rel=1e-6)
+    # CellRep mixes channels, the RGB ViT sees one 3-channel image: CellRep costs more per image.
+    assert result["models"]["cellrep"]["flops_per_image"] > result["models"]["vit_rgb"]["flops_per_image"]
+
+
+def test_mfu_formula_matches_the_telemetry_table():
+    import torch
+    from cellfm.train.telemetry import PEAK_BF16_TFLOPS, model_flops_utilisation
+
+    assert dict(PEAK_BF16_TFLOPS)["H100"] == pytest.approx(989.4) and dict(PEAK_BF16_TFLOPS)["H200"] == pytest.approx(989.4)
+    assert model_flops_utilisation(2e9, 100.0, 1, 1e12) == pytest.approx(0.2)
+    assert _benchmark().peak_memory_bytes(torch.device("cpu")) > 0
+
+
+def test_on_cpu_nothing_is_written_without_out(tmp_path, monkeypatch):
+    module = _benchmark()
+    monkeypatch.setattr(module, "RESULTS", tmp_path)
+    monkeypatch.setattr(module, "measure", lambda *a, **k: {"images_per_s": 1.0, "mfu": None, "data_wait_fraction": 0.0})
+    module.main(["--tiny"])
+    assert list(tmp_path.iterdir()) == []
