@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     setup = TINY if args.tiny else FULL
+    if device.type == "cuda":
+        args.override = ["train.use_gpu=true", *args.override]  # bf16 autocast and fused AdamW, as a GPU run
     common = dict(steps=setup["steps"], warmup=setup["warmup"], field_size=setup["field_size"],
                   channels=setup["channels"], device=device, extra=args.override)
     runs = {}

@@ -52,3 +52,14 @@ def test_on_cpu_nothing_is_written_without_out(tmp_path, monkeypatch):
     monkeypatch.setattr(module, "measure", lambda *a, **k: {"images_per_s": 1.0, "mfu": None, "data_wait_fraction": 0.0})
     module.main(["--tiny"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fused_adamw_only_with_use_gpu():
+    import torch
+    from cellfm.config import load_config
+    from cellfm.train.engines import _adamw
+
+    params = [{"params": [torch.nn.Parameter(torch.ones(3))]}]
+    assert not _adamw(params, load_config(None, [])).defaults["fused"]
+    assert _adamw(params, load_config(None, ["train.use_gpu=true"])).defaults["fused"]
+    assert not _adamw(params, load_config(None, ["train.use_gpu=true", "optim.fused_adamw=false"])).defaults["fused"]

@@ -304,6 +304,8 @@ class OptimConfig:
     patch_embed_lr_mult: float = 1.0
     # Micro-batches per optimizer step (global batch = batch_size_per_worker * workers * this).
     accumulate_steps: int = 1
+    # With train.use_gpu: AdamW's fused CUDA step (one kernel for all parameters); CPU keeps the for-each step.
+    fused_adamw: bool = True
 
 
 @dataclass
