@@ -63,3 +63,23 @@ def test_fused_adamw_only_with_use_gpu():
     assert not _adamw(params, load_config(None, [])).defaults["fused"]
     assert _adamw(params, load_config(None, ["train.use_gpu=true"])).defaults["fused"]
     assert not _adamw(params, load_config(None, ["train.use_gpu=true", "optim.fused_adamw=false"])).defaults["fused"]
+
+
+@pytest.mark.integration  # compiles a tiny backbone on CPU (inductor): tens of seconds
+def test_train_compile_gives_the_eager_loss_and_state_dict_keys():
+    import torch
+    from cellfm.config import load_config
+    from cellfm.data.pipeline import FieldBatch
+    from cellfm.train.meta_arch import SSLMetaArch
+
+    batch = FieldBatch(torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(0)), [["a", "b", "c"]] * 2)
+    losses, keys = [], []
+    for compile_ in (False, True):
+        cfg = load_config(REPO / "configs" / "smoke.yaml", [f"train.compile={str(compile_).lower()}",
+                                                            "optim.batch_size_per_worker=2"])
+        meta_arch = SSLMetaArch(cfg, steps_per_epoch=1, rank=0, world_size=1, device=torch.device("cpu"),
+                                prepare_model=lambda model: model)
+        losses.append(meta_arch.forward(batch, epoch=0, step=0, micro=0).total.item())
+        keys.append(list(meta_arch.teacher.state_dict()))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert keys[1] == keys[0]  # compiled in place: checkpoints keep their keys
