@@ -318,6 +318,8 @@ class OptimConfig:
     patch_embed_lr_mult: float = 1.0
     # Micro-batches per optimizer step (global batch = batch_size_per_worker * workers * this).
     accumulate_steps: int = 1
+    # With train.use_gpu: AdamW's fused CUDA step (one kernel for all parameters); CPU keeps the for-each step.
+    fused_adamw: bool = True
 
 
 @dataclass
@@ -331,6 +333,9 @@ class TrainConfig:
     zero_stage: int = 2
     # bf16 autocast on GPU (fp32 on CPU regardless): bf16 | fp32.
     mixed_precision: str = "bf16"
+    # torch.compile the student's and teacher's backbones in place (weights and checkpoints unchanged); the first
+    # steps pay the compilation. Off by default: eager is the reference path.
+    compile: bool = False
     # GPUs per training worker (with use_gpu).
     gpus_per_worker: float = 1.0
     # Ray Train workers (one per GPU, or CPU slots).

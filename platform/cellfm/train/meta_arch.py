@@ -107,6 +107,9 @@ class SSLMetaArch:
             options = cfg.data.storage_options or None
             load_initial_weights(resolve_init_from(cfg.train.init_from, options), student=self.student,
                                  teacher=self.teacher, dino_loss=self.objective.dino_loss, storage_options=options)
+        if cfg.train.compile:
+            self.student.backbone.compile(dynamic=False)  # crop sizes are few: one graph each
+            self.teacher.backbone.compile(dynamic=False)
         groups = parameter_groups(self.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
         self.engine: TrainingEngine = build_engine(cfg, self.student, groups, world_size, prepare_model)
         self.teacher.to(self.device)
