@@ -138,7 +138,7 @@ def main() -> None:
     from cellfm.data.synthetic import ScreenLayout, generate_screen
     from cellfm.train.in_memory import load_normalized_fields
 
-    # Faster Train V2 control loop, as in the tests (STACK_NOTES); inherited by Ray workers.
+    # Faster Train V2 control loop, as in the tests; inherited by Ray workers.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     t_start = time.perf_counter()
