@@ -1,42 +1,53 @@
 """The seed papers' model comparisons in miniature: CellRep, C3R and the baselines they beat, trained on one
-budget and scored with one protocol on seen and unseen channel configurations of the synthetic family.
+budget and scored with one protocol on seen and unseen channel configurations of the synthetic family, beside
+the known ceilings of each configuration.
 
-    python benchmarks/model_quality.py                  # 5 models x 3 seeds, both readouts, 5 held-out plates
+    python benchmarks/model_quality.py                      # clear screen: 8 rows x 3 seeds, ceilings, 5 held-out plates
+    python benchmarks/model_quality.py --difficulty subtle  # the original screen -> model_quality_subtle.{json,md,png}
     python benchmarks/model_quality.py --models cellrep vit_rgb --seeds 0 --epochs 2    # a quick look
-    python benchmarks/model_quality.py --models cellrep --seeds 0 --epochs 1 --heldout-plates 2   # a smoke run
+    python benchmarks/model_quality.py --models cellrep --seeds 0 --epochs 1 --heldout-plates 2 --ceilings  # smoke
+    python benchmarks/model_quality.py --resume --models cellrep ...   # add runs to an existing result
+
+Screen (`--difficulty`, default `clear`: the calibrated one of docs/screens.md): per configuration 3 training
+plates and --heldout-plates (default 5) held-out plates of 56 wells (8 controls + 12 compounds x 4; hpa4: 24
+proteins x 4), 4 fields of 96 px a well, wells restricted to the labels the configuration's stains can reveal.
 
 Training: every model gets configs/model_quality.yaml (same optimizer steps, batch, crops, image size,
 schedules) plus its own objective (MODELS: CellRep DINO; C3R iBOT + Masked Context Distillation; ChannelViT
-iBOT + hierarchical channel sampling; vit_rgb (RGB composite, hues evenly spaced) and single_channel iBOT),
-on the `cp5` training plates (5 Cell Painting stains), single-process on fields held in memory, through the
-one training step (`cellfm.train.in_memory.train_in_memory` -> `SSLMetaArch`). Seeds are train.seed: the
-init, every augmentation draw and the field order.
+iBOT + hierarchical channel sampling; DiChaViT iBOT + diverse channel sampling; CA-MAE masked reconstruction;
+vit_rgb (RGB composite, hues evenly spaced) and single_channel iBOT), on the `cp5` training plates (5 Cell
+Painting stains), single-process on fields held in memory, through the one training step
+(`cellfm.train.in_memory.train_in_memory` -> `SSLMetaArch`). Seeds are train.seed: the init, every augmentation
+draw and the field order. `vit_rgb_finetuned` is the CellRep paper's "DINOv2 Finetuned": the same seed's vit_rgb
+continued (`train.init_from`, fresh optimizer) for the same epochs on novel4's training plates, so it saw the
+assay it is evaluated on (other plates), which no other encoder did.
 
 Evaluation (`score_features`: the probes across plates of `cellfm.evaluate.protocols`): the teacher backbone
-embeds every field of --heldout-plates (default 5) held-out plates per configuration (CLS + mean patch token of
-the whole field resized to eval.image_size), fields are averaged per well, and a standardized logistic
-regression of MoA is scored two ways: within each plate on eval.n_splits fixed stratified splits (mean ± standard
-error over plates), and leave one plate out (features z-scored per plate, trained on the other plates, every
-well tested once; ± the binomial standard error over wells). One plate of 56 wells cannot resolve 0.05: a probe
-tested on 28 wells moves in steps of 0.036, and an encoder's score moves from plate to plate by more.
-Configurations: `cp5` held-out wells (seen configuration), `novel4` (Golgi, Mito, DNA, Tubulin: two stains never
-seen, another count and order), `brightfield1` (one label-free channel) and protein localization on `hpa4`
-(Microtubules, Protein, Nucleus, ER). Where a model cannot take a configuration (ChannelViT has no embedding for a
-stain it never saw), the cell is "n/a" with the reason.
+embeds every held-out field (CLS + mean patch token of the whole field resized to eval.image_size), fields are
+averaged per well, and a standardized logistic regression of MoA is scored two ways: within each plate on
+eval.n_splits fixed stratified splits (mean ± standard error over plates), and leave one plate out (features
+z-scored per plate, trained on the other plates, every well tested once; ± the binomial standard error over
+wells). Configurations: `cp5` held-out wells (seen configuration), `novel4` (Golgi, Mito, DNA, Tubulin: two stains
+never seen, another count and order), `brightfield1` (one label-free channel) and protein localization on
+`hpa4` (Microtubules, Protein, Nucleus, ER). Where a model cannot take a configuration (ChannelViT has no
+embedding for a stain it never saw), the cell is "n/a" with the reason.
 
 Readouts (`eval.channel_readout`): every model pooled (its one embedding of all channels); the models that pool
 over channels (CellRep, C3R, single_channel) also per channel (each channel embedded alone, the embeddings
 concatenated in channel order), since pooling hides which stain a feature came from. Beside each trained
-encoder, its architecture at random init (same seed) read out the same way; and per-channel intensity
-statistics. Ceilings (an oracle, a supervised CNN, a CellProfiler-style baseline) plug in as extra rows through
-`extra_rows=` of `main` (`score_features` on their own well features), scored with the same protocol.
+encoder, its architecture at random init (same seed) read out the same way; per-channel intensity statistics;
+and (`--ceilings`) the oracle (the generator's per-cell parameters per well, `cellfm.evaluate.ceilings`), a
+supervised CNN trained on each configuration's own training plates (`cellfm.evaluate.supervised_cnn`,
+--cnn-epochs) and the CellProfiler-style baseline (cp-measure on the generator's masks,
+`cellfm.features.morphology`), all scored with the same protocol. Share of headroom: (score - intensity) /
+(oracle - intensity).
 
 Each cell is the mean over seeds with a standard error that adds the seeds' spread to the wells' sampling error:
 sqrt(mean over seeds of se² + var over seeds (ddof=1) / n_seeds). Claims compare two cells with
 `cellfm.evaluate.metrics.compare_scores`: a direction only where the difference exceeds two standard errors.
 
-Writes benchmarks/results/model_quality.{json,md,png} (after every run, so a run that dies keeps what it
-measured) and prints progress with an ETA.
+Writes benchmarks/results/model_quality.{json,md,png} (subtle: model_quality_subtle.*) after every run, so a run
+that dies keeps what it measured (continue it with --resume), and prints progress with an ETA.
 """
 
 from __future__ import annotations
@@ -60,11 +71,14 @@ import torch
 
 from cellfm.config import Config, ModelConfig, load_config
 from cellfm.data.manifest import read_manifest
-from cellfm.data.synthetic import FAMILY_CONFIGS, ScreenLayout, generate_family_screen
+from cellfm.data.synthetic import DIFFICULTIES, FAMILY_CONFIGS, ScreenLayout, generate_family_screen, revealed_labels
+from cellfm.evaluate.ceilings import oracle_features
 from cellfm.evaluate.metrics import compare_scores
 from cellfm.evaluate.protocols import lopo_probe, per_plate_probe, split_seeds
+from cellfm.evaluate.supervised_cnn import CNNSettings, cnn_well_features, train_supervised_cnn
 from cellfm.evaluate.wells import well_profiles
 from cellfm.features.embed import IntensityStatistics, embed_fields
+from cellfm.features.morphology import well_morphology
 from cellfm.models.registry import VOCABULARY_BACKBONES, build_backbone
 from cellfm.train.in_memory import load_normalized_fields, train_in_memory
 from cellfm.train.trainer import record_channel_metadata
@@ -72,7 +86,7 @@ from cellfm.train.trainer import record_channel_metadata
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 CONFIG = REPO / "configs" / "model_quality.yaml"
-FORMAT = 2  # of the results JSON: 2 = several held-out plates, readouts, per-plate and LOPO probes
+FORMAT = 3  # of the results JSON: 3 = a screen difficulty, training plates per configuration, ceilings, finetuning
 
 IBOT = ["ssl.objective=ibot", "ssl.kl_uniform_weight=0.0"]
 # name -> overrides on configs/model_quality.yaml: the model and the objective its paper trains it with.
@@ -84,7 +98,12 @@ MODELS = {
     "single_channel": ["model.name=single_channel", *IBOT],
     "dichavit": ["model.name=dichavit", *IBOT, "ssl.channel_sampling=dcs"],
     "ca_mae": ["model.name=ca_mae", "ssl.objective=mae", "ssl.n_local_crops=0"],
+    "vit_rgb_finetuned": ["model.name=vit_rgb", *IBOT],
 }
+# The CellRep paper's "DINOv2 Finetuned" row: a model pre-trained on cp5 (the same seed's run of FINETUNED[m][0]),
+# then continued (`train.init_from`: its student, teacher and centers; a fresh optimizer and schedules) for the
+# same number of epochs on the training plates of FINETUNED[m][1], which the evaluation's held-out plates are not.
+FINETUNED = {"vit_rgb_finetuned": ("vit_rgb", "novel4")}
 # Models whose one embedding pools over channels (a mean after the mixer, per group, or of per-channel
 # embeddings): read out both ways. vit_rgb fuses stains at the input and ChannelViT keeps a token per channel.
 CHANNEL_POOLING = ("cellrep", "c3r", "single_channel")
@@ -110,19 +129,22 @@ EVALUATIONS = (
 )
 UNSEEN = ("novel4", "brightfield1", "hpa4")  # configurations the models never trained on
 
-# cp5: 3 training plates + the held-out plates; every other configuration: its held-out plates only. Per plate
-# 8 control wells + 12 compounds x 4 wells (hpa4: 24 proteins x 4 wells), 4 fields of 96 px a well.
+# Every configuration: 3 training plates (cp5's train every encoder; the others' train only the supervised CNN
+# ceiling and the finetuned row) + the held-out plates the probes score. Per plate 8 control wells + 12 compounds
+# x 4 wells (hpa4: 24 proteins x 4 wells), 4 fields of 96 px a well; wells restricted to the labels the
+# configuration's stains can reveal (`revealed_labels`: brightfield shows no ER or mitochondria).
 N_HELDOUT_PLATES = 5
+DIFFICULTY = "clear"  # the calibrated screen (docs/screens.md); "subtle" is the original one
 
 
-def layouts(n_heldout_plates: int = N_HELDOUT_PLATES) -> tuple[ScreenLayout, ScreenLayout]:
-    """(cp5's layout: training + held-out plates, every other configuration's: held-out plates only)."""
-    train = ScreenLayout(n_train_plates=3, n_heldout_plates=n_heldout_plates, n_unseen_plates=0, replicates_per_plate=4,
-                         controls_per_plate=8, fields_per_well=4, field_size=96)
-    return train, ScreenLayout(**{**train.__dict__, "n_train_plates": 0})
+def layout(n_heldout_plates: int = N_HELDOUT_PLATES) -> ScreenLayout:
+    return ScreenLayout(n_train_plates=3, n_heldout_plates=n_heldout_plates, n_unseen_plates=0, replicates_per_plate=4,
+                        controls_per_plate=8, fields_per_well=4, field_size=96)
 
 
-TRAIN_LAYOUT, EVAL_LAYOUT = layouts()
+def training(config: str) -> str:
+    """The Screens key of a configuration's training plates (the configuration's own name keys its held-out plates)."""
+    return f"{config}/train"
 
 
 def readouts(model: str) -> tuple[str, ...]:
@@ -163,23 +185,27 @@ def log(message: str) -> None:
 
 
 class Screens:
-    """The family's plates (generated into `root` once), their manifests and normalized fields in memory."""
+    """The family's plates at one difficulty (generated into `root` once): per configuration its training and
+    held-out plates, wells restricted to the labels its stains can reveal; their manifests, and normalized fields
+    in memory (loaded on first use)."""
 
-    def __init__(self, root: Path, cfg: Config, seed: int, n_heldout_plates: int = N_HELDOUT_PLATES):
+    def __init__(self, root: Path, cfg: Config, seed: int, n_heldout_plates: int = N_HELDOUT_PLATES,
+                 difficulty: str = DIFFICULTY):
         self.manifests: dict[str, pd.DataFrame] = {}
-        self.fields: dict[str, torch.Tensor] = {}
-        train_layout, eval_layout = layouts(n_heldout_plates)
-        cp5 = generate_family_screen(root / TRAIN_CONFIG, TRAIN_CONFIG, train_layout, seed=seed)
-        self._add("train", read_manifest(cp5["train"]), cfg)
-        self._add(TRAIN_CONFIG, read_manifest(cp5["heldout"]), cfg)
+        self._fields: dict[str, torch.Tensor] = {}
+        self._data = cfg.data
         for evaluation in EVALUATIONS:
-            if evaluation.config != TRAIN_CONFIG:
-                paths = generate_family_screen(root / evaluation.config, evaluation.config, eval_layout, seed=seed)
-                self._add(evaluation.config, read_manifest(paths["heldout"]), cfg)
+            name = evaluation.config
+            paths = generate_family_screen(root / name, name, layout(n_heldout_plates), seed=seed, difficulty=difficulty)
+            labels = revealed_labels(FAMILY_CONFIGS[name].channels)
+            for split, key in (("train", training(name)), ("heldout", name)):
+                manifest = read_manifest(paths[split])
+                self.manifests[key] = manifest[manifest["moa"].isin(labels)].reset_index(drop=True)
 
-    def _add(self, name: str, manifest: pd.DataFrame, cfg: Config) -> None:
-        self.manifests[name] = manifest
-        self.fields[name] = load_normalized_fields(manifest, cfg.data)
+    def fields(self, name: str) -> torch.Tensor:
+        if name not in self._fields:
+            self._fields[name] = load_normalized_fields(self.manifests[name], self._data)
+        return self._fields[name]
 
     def channels(self, name: str) -> list[str]:
         return list(self.manifests[name]["channel_names"].iloc[0])
@@ -188,11 +214,11 @@ class Screens:
         return dict(zip(self.channels(name), self.manifests[name]["channel_groups"].iloc[0]))
 
 
-def model_config(model: str, seed: int, screens: Screens, extra: Sequence[str]) -> Config:
+def model_config(model: str, seed: int, screens: Screens, extra: Sequence[str], config: str = TRAIN_CONFIG) -> Config:
     """configs/model_quality.yaml + the model's objective + the seed, with the channel metadata the training
-    driver records from the manifest (C3R's groups, ChannelViT's vocabulary)."""
+    driver records from the manifest of `config`'s training plates (C3R's groups, ChannelViT's vocabulary)."""
     cfg = load_config(CONFIG, [*MODELS[model], f"train.seed={seed}", *extra])
-    record_channel_metadata(cfg, screens.manifests["train"])
+    record_channel_metadata(cfg, screens.manifests[training(config)])
     return cfg
 
 
@@ -225,25 +251,60 @@ def score(backbone: torch.nn.Module, model: ModelConfig | None, screens: Screens
             continue
         if hasattr(backbone, "set_channel_groups"):  # C3R: the evaluated stains' groups (as cellfm evaluate)
             backbone.set_channel_groups({**cfg.model.channel_groups, **screens.groups(name)})
-        embedding = embed_fields(backbone, screens.fields[name], channels, cfg.eval.image_size, readout=readout)
+        embedding = embed_fields(backbone, screens.fields(name), channels, cfg.eval.image_size, readout=readout)
         out[name] = score_features(screens.manifests[name], embedding, cfg, source=f"{name} ({readout})")
     return out
 
 
-# Ceiling rows (an oracle of the generator's parameters, a supervised CNN, a CellProfiler-style baseline):
-# name -> a function of the screens giving each evaluated configuration's (metadata, features), scored by
-# `score_features` like every encoder.
+# Rows beside the encoders, each a function of the screens giving every evaluated configuration's (well metadata,
+# well features), scored by `score_features` like every encoder: the known ceilings (an oracle of the generator's
+# parameters, a supervised CNN per configuration) and the field's baseline (CellProfiler measurements).
 ExtraRow = Callable[[Screens], Mapping[str, tuple[pd.DataFrame, np.ndarray]]]
+
+
+def oracle_row(screens: Screens) -> dict[str, tuple[pd.DataFrame, np.ndarray]]:
+    return {e.config: oracle_features(screens.manifests[e.config]) for e in EVALUATIONS}
+
+
+def morphology_row(screens: Screens) -> dict[str, tuple[pd.DataFrame, np.ndarray]]:
+    return {e.config: well_morphology(screens.manifests[e.config]) for e in EVALUATIONS}
+
+
+def cnn_row(settings: CNNSettings) -> ExtraRow:
+    """A small CNN trained on each configuration's own training plates and labels; its penultimate features of the
+    held-out fields, averaged per well."""
+    def features(screens: Screens) -> dict[str, tuple[pd.DataFrame, np.ndarray]]:
+        out = {}
+        for e in EVALUATIONS:
+            train = training(e.config)
+            cnn, _ = train_supervised_cnn(screens.fields(train), screens.manifests[train]["moa"].tolist(), settings)
+            out[e.config] = cnn_well_features(cnn, screens.fields(e.config), screens.manifests[e.config])
+        return out
+    return features
+
+
+CEILINGS = {"oracle": "oracle (generator's per-cell parameters)",
+            "cnn": "supervised CNN (the configuration's training plates)",
+            "cp_measure": "CellProfiler-style (cp-measure on the known masks)"}
+ORACLE = CEILINGS["oracle"]
+
+
+def ceiling_rows(names: Sequence[str], cnn: CNNSettings) -> dict[str, ExtraRow]:
+    functions = {"oracle": oracle_row, "cnn": cnn_row(cnn), "cp_measure": morphology_row}
+    return {CEILINGS[name]: functions[name] for name in names}
 
 
 def score_extra_rows(extra_rows: Mapping[str, ExtraRow], screens: Screens, cfg: Config) -> dict:
     """{row name: {configuration: scores}} of the extra rows; a configuration a row gives no features for is n/a."""
     out = {}
     for name, features_of in extra_rows.items():
+        started = time.perf_counter()
         features = features_of(screens)
         out[name] = {e.config: (score_features(*features[e.config], cfg, source=f"{e.config} ({name})")
                                 if e.config in features else {"unsupported": f"{name} gives no features here"})
                      for e in EVALUATIONS}
+        log(f"{name} in {time.perf_counter() - started:.0f} s: LOPO top-1 "
+            + ", ".join(f"{c} {v['lopo']['top1']:.3f}" for c, v in out[name].items() if "lopo" in v))
     return out
 
 
@@ -272,7 +333,8 @@ def summarize(results: dict) -> dict:
     for kind in ("trained", "random_init"):
         for model in models:
             for readout in readouts(model):
-                mine = [r["readouts"][readout][kind] for r in runs if r["model"] == model and readout in r["readouts"]]
+                mine = [r["readouts"][readout][kind] for r in runs
+                        if r["model"] == model and kind in r["readouts"].get(readout, {})]
                 if mine:
                     name = row_name(model, readout, kind.replace("_", " "))
                     rows[name], keys[name] = aggregate(mine), {"model": model, "readout": readout, "kind": kind}
@@ -280,7 +342,29 @@ def summarize(results: dict) -> dict:
         rows["intensity statistics"] = aggregate([results["intensity_stats"]])
     for name, scores in results.get("extra_rows", {}).items():
         rows[name] = aggregate([scores])
-    return {"rows": rows, "keys": keys}
+    return {"rows": rows, "keys": keys, "headroom": headroom(rows)}
+
+
+def headroom(rows: dict) -> dict:
+    """Each row's share of the headroom above intensity statistics, per configuration (LOPO):
+    (score - intensity) / (oracle - intensity), ± the row's standard error over the same denominator (the
+    intensity and oracle rows' own errors not included); None where either reference is missing or the oracle
+    is within 0.05 of intensity (no headroom to share)."""
+    intensity, oracle = rows.get("intensity statistics"), rows.get(ORACLE)
+    out = {}
+    for name, cells in rows.items():
+        if name in ("intensity statistics", ORACLE):
+            continue
+        out[name] = {}
+        for config, protocols in cells.items():
+            cell = protocols["lopo"]
+            refs = None if intensity is None or oracle is None else (intensity[config]["lopo"], oracle[config]["lopo"])
+            if refs is None or any("unsupported" in c for c in (cell, *refs)) or refs[1]["mean"] - refs[0]["mean"] < 0.05:
+                out[name][config] = None
+                continue
+            room = refs[1]["mean"] - refs[0]["mean"]
+            out[name][config] = {"share": (cell["mean"] - refs[0]["mean"]) / room, "se": cell["se"] / room}
+    return out
 
 
 def _cell(summary: dict, model: str, readout: str, config: str, kind: str = "trained") -> dict | None:
@@ -313,7 +397,13 @@ def claims(summary: dict) -> list[str]:
     for title, a, b in (("CellRep vs vit_rgb (RGB composite) (seed paper: CellRep ahead, most on unseen channel "
                          "sets)", "cellrep", "vit_rgb"),
                         ("C3R vs ChannelViT (seed paper: C3R ahead out of distribution)", "c3r", "channelvit"),
-                        ("C3R vs single_channel (seed paper: C3R ahead out of distribution)", "c3r", "single_channel")):
+                        ("C3R vs single_channel (seed paper: C3R ahead out of distribution)", "c3r", "single_channel"),
+                        ("CellRep vs CA-MAE (CellRep paper: CellRep ahead of the Phenom-style channel-agnostic MAE)",
+                         "cellrep", "ca_mae"),
+                        ("C3R vs DiChaViT (C3R paper: C3R ahead out of distribution)", "c3r", "dichavit"),
+                        ("CellRep vs vit_rgb pre-trained on cp5 and continued on novel4's training plates (CellRep "
+                         "paper: CellRep, which never saw the assay, ahead of DINOv2 Finetuned, which did)", "cellrep",
+                         "vit_rgb_finetuned")):
         if a in models and b in models:
             for readout in readouts(a):
                 other = readout if readout in readouts(b) else "pooled"
@@ -327,6 +417,8 @@ def claims(summary: dict) -> list[str]:
                 sentence("per-channel", _cell(summary, model, "per_channel", c), "pooled",
                          _cell(summary, model, "pooled", c), c) for c in configs) + ".")
         readout = best_readout(model)
+        if summary["rows"].get(row_name(model, readout, "random init")) is None:
+            continue
         lines.append(f"- **{model} ({readout}): pre-training vs the same architecture at random init.** " + "; ".join(
             sentence("trained", _cell(summary, model, readout, c), "random init",
                      _cell(summary, model, readout, c, "random_init"), c) for c in configs) + ".")
@@ -348,8 +440,8 @@ def markdown(results: dict) -> str:
                   + "." if incomplete else "")
     threads = "/".join(str(t) for t in sorted({r.get("threads", results["threads"]) for r in results["runs"]}))
     lines = [
-        "# Model quality on one budget (benchmarks/model_quality.py)", "",
-        f"Written by `python benchmarks/model_quality.py` on {results['date']} ({results['machine']}, torch threads "
+        f"# Model quality on one budget, {results['difficulty']} screen (benchmarks/model_quality.py)", "",
+        f"Written by `python benchmarks/model_quality.py --difficulty {results['difficulty']}` on {results['date']} ({results['machine']}, torch threads "
         f"{threads or results['threads']}, {results['runtime_s'] / 60:.1f} min). MoA top-1 (hpa4: localization) of a "
         f"well-level logistic regression on {results['n_heldout_plates']} held-out plates per configuration, over "
         f"{len(results['seeds'])} seed(s) ({', '.join(map(str, results['seeds']))}). ± is a standard error: the "
@@ -373,7 +465,17 @@ def markdown(results: dict) -> str:
         lines += [row(name, cells, protocol) for name, cells in summary["rows"].items()]
         lines += ["| chance (largest class) | " + " | ".join(f"{results['chance'][e.config]:.3f}"
                                                              for e in EVALUATIONS) + " |", ""]
-    lines += [f"[{n}] n/a: {reason}." for reason, n in notes.items()]
+    shared = any(cell is not None for cells in summary["headroom"].values() for cell in cells.values())
+    lines += [] if not shared else ["## Share of headroom (leave-one-plate-out)", "",
+              "(score - intensity statistics) / (oracle - intensity statistics): 0 = no better than intensity "
+              "statistics, 1 = as good as the generator's own parameters; ± the row's standard error over the same "
+              "denominator. — where a reference is missing or the oracle is within 0.05 of intensity.", "",
+              "| encoder | " + " | ".join(e.title for e in EVALUATIONS) + " |", "|" + "---|" * (len(EVALUATIONS) + 1)]
+    for name, cells in summary["headroom"].items() if shared else ():
+        lines.append(f"| {name} | " + " | ".join("—" if cells[e.config] is None else
+                                                 f"{cells[e.config]['share']:.2f} ± {cells[e.config]['se']:.2f}"
+                                                 for e in EVALUATIONS) + " |")
+    lines += ["", *(f"[{n}] n/a: {reason}." for reason, n in notes.items())]
     lines += ["", "## The claims, as measured here (leave-one-plate-out probe)", "",
               "Direction: \"higher\"/\"lower\" only where the difference exceeds two standard errors "
               "(`cellfm.evaluate.metrics.compare_scores`), else \"within noise\".", "", *claims(summary), ""]
@@ -387,7 +489,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = results["summary"]["rows"]
-    names = list(rows)
+    names = [name for name in rows if "random init" not in name]  # the .md has them; the plot stays readable
     fig, ax = plt.subplots(figsize=(12, 4.8))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
@@ -398,8 +500,9 @@ def plot(results: dict, path: Path) -> None:
             if "unsupported" in cell:
                 ax.text(x, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color=colour)
                 continue
+            ceiling = name in CEILINGS.values()
             ax.bar(x, cell["mean"], width, yerr=cell["se"], color=colour, capsize=2, label=name if j == 0 else None,
-                   hatch="//" if "random init" in name else None, alpha=0.55 if "random init" in name else 1.0)
+                   hatch="//" if ceiling else None, alpha=0.55 if ceiling else 1.0)
     for j, e in enumerate(EVALUATIONS):
         ax.hlines(results["chance"][e.config], j - 0.45, j + 0.45, colors="k", linestyles=":",
                   label="chance" if j == 0 else None)
@@ -407,7 +510,8 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylabel("leave-one-plate-out top-1 (± standard error)")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=6, ncol=3, loc="upper right")
-    ax.set_title(f"Trained on cp5, one budget; {results['n_heldout_plates']} held-out plates per configuration")
+    ax.set_title(f"{results['difficulty']} screen: trained on cp5, one budget; {results['n_heldout_plates']} held-out "
+                 "plates per configuration (hatched: ceilings and the CellProfiler-style baseline)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -426,21 +530,60 @@ def write(results: dict, output: Path) -> None:
     tmp_png.replace(output.with_suffix(".png"))
 
 
-def main(argv: list[str] | None = None, extra_rows: Mapping[str, ExtraRow] | None = None) -> dict:
-    """The benchmark (see the module docstring); `extra_rows`: ceiling rows scored beside the encoders."""
+def default_output(difficulty: str) -> Path:
+    return RESULTS / ("model_quality.json" if difficulty == DIFFICULTY else f"model_quality_{difficulty}.json")
+
+
+def train_run(model: str, seed: int, screens: Screens, extra: Sequence[str], checkpoints: Path,
+              sources: dict[tuple[int, str], Path]) -> tuple[Config, torch.nn.Module, float]:
+    """Train one (model, seed) in memory: (its config, the teacher backbone, the last loss). A FINETUNED model
+    continues from the checkpoint its source model's run of the same seed saved in `checkpoints` (training
+    the source first if this process has not); every run saves its checkpoint there."""
+    config = TRAIN_CONFIG
+    if model in FINETUNED:
+        source, config = FINETUNED[model]
+        if (seed, source) not in sources:
+            train_run(source, seed, screens, extra, checkpoints, sources)
+        extra = [*extra, f"train.init_from={sources[(seed, source)]}"]
+    cfg = model_config(model, seed, screens, extra, config)
+    steps_per_epoch = len(screens.fields(training(config))) // cfg.optim.batch_size_per_worker
+    total_steps, last_loss = cfg.optim.epochs * steps_per_epoch, [math.nan]
+
+    def on_step(epoch: int, step: int, losses) -> None:
+        last_loss[0] = losses.total.item()
+        if (step + 1) % steps_per_epoch == 0:
+            log(f"  {model} seed {seed}: epoch {epoch + 1}/{cfg.optim.epochs}, step {step + 1}/{total_steps}, "
+                f"loss {last_loss[0]:.3f}")
+
+    meta_arch = train_in_memory(cfg, screens.fields(training(config)), screens.channels(training(config)),
+                                on_step=on_step)
+    sources[(seed, model)] = checkpoints / f"{model}-seed{seed}"
+    meta_arch.save(sources[(seed, model)], epoch=cfg.optim.epochs - 1, step=total_steps - 1)
+    return cfg, meta_arch.teacher.backbone.eval(), last_loss[0]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """The benchmark (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--difficulty", choices=sorted(DIFFICULTIES), default=DIFFICULTY,
+                        help="the synthetic screen (default: the calibrated 'clear' one)")
     parser.add_argument("--epochs", type=int, default=None, help="override optim.epochs (default: the config's)")
     parser.add_argument("--heldout-plates", type=int, default=N_HELDOUT_PLATES,
                         help="held-out plates per configuration (>= 2: the probes across plates need two)")
+    parser.add_argument("--ceilings", nargs="*", choices=list(CEILINGS), default=list(CEILINGS),
+                        help="rows beside the encoders (default: all; none with an empty list)")
+    parser.add_argument("--cnn-epochs", type=int, default=30, help="epochs of the supervised CNN ceiling")
     parser.add_argument("--screen-seed", type=int, default=0, help="seed of the synthetic plates")
     parser.add_argument("--screen-dir", default=None, help="where the plates go (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", default=str(RESULTS / "model_quality.json"),
-                        help="the JSON path; the .md and .png go beside it")
+    parser.add_argument("--output", default=None,
+                        help="the JSON path; the .md and .png go beside it (default: benchmarks/results/"
+                             "model_quality.json for the clear screen, model_quality_<difficulty>.json otherwise)")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the runs already in --output (same budget and plates) and train only the missing ones")
+                        help="keep the runs and rows already in --output (same budget, screen and plates) and compute "
+                             "only the missing ones")
     args = parser.parse_args(argv)
     if args.heldout_plates < 2:
         parser.error(f"--heldout-plates={args.heldout_plates}: the per-plate and leave-one-plate-out probes need two "
@@ -448,75 +591,75 @@ def main(argv: list[str] | None = None, extra_rows: Mapping[str, ExtraRow] | Non
     torch.set_num_threads(args.threads)
     extra = [] if args.epochs is None else [f"optim.epochs={args.epochs}"]
     base = load_config(CONFIG, extra)
-    train_layout, eval_layout = layouts(args.heldout_plates)
+    output = Path(args.output) if args.output else default_output(args.difficulty)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cellfm-model-quality-") as tmp:
         root = Path(args.screen_dir or tmp).resolve()
-        screens = Screens(root, base, args.screen_seed, args.heldout_plates)
+        screens = Screens(root, base, args.screen_seed, args.heldout_plates, args.difficulty)
+        train_fields = screens.fields(training(TRAIN_CONFIG))
         log(f"plates ready in {time.perf_counter() - started:.0f} s: "
-            + ", ".join(f"{k} {len(v)} fields" for k, v in screens.fields.items()))
-        steps_per_epoch = len(screens.fields["train"]) // base.optim.batch_size_per_worker
+            + ", ".join(f"{k} {m[['plate', 'well', 'field']].drop_duplicates().shape[0]} fields"
+                        for k, m in screens.manifests.items()))
+        steps_per_epoch = len(train_fields) // base.optim.batch_size_per_worker
+        plates = layout(args.heldout_plates)
+        cnn = CNNSettings(epochs=args.cnn_epochs)
         results = {
-            "benchmark": "cellfm model quality on one budget", "format": FORMAT,
+            "benchmark": "cellfm model quality on one budget", "format": FORMAT, "difficulty": args.difficulty,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()}, python {sys.version.split()[0]}, torch {torch.__version__}",
             "threads": args.threads, "config": str(CONFIG.relative_to(REPO)), "models": {m: MODELS[m] for m in args.models},
+            "finetuned": {m: FINETUNED[m] for m in args.models if m in FINETUNED},
             "seeds": args.seeds, "screen_seed": args.screen_seed, "n_heldout_plates": args.heldout_plates,
-            "split_seeds": split_seeds(base.eval, base.eval.n_splits), "protocols": PROTOCOLS,
-            "train_layout": train_layout.__dict__, "eval_layout": eval_layout.__dict__,
+            "split_seeds": split_seeds(base.eval, base.eval.n_splits), "protocols": PROTOCOLS, "layout": plates.__dict__,
+            "labels": {e.config: sorted(screens.manifests[e.config]["moa"].unique()) for e in EVALUATIONS},
+            "cnn": cnn.__dict__,
             "budget": (f"{base.optim.epochs * steps_per_epoch} optimizer steps of batch "
                        f"{base.optim.batch_size_per_worker} ({base.optim.epochs} epochs of "
-                       f"{len(screens.fields['train'])} cp5 fields of {train_layout.field_size} px), 2 global "
+                       f"{len(train_fields)} cp5 fields of {plates.field_size} px), 2 global "
                        f"{base.ssl.global_crop_size}-px + {base.ssl.n_local_crops} local {base.ssl.local_crop_size}-px "
                        f"crops, ViT {base.model.size}/{base.model.patch_size}, evaluated on whole fields at "
                        f"{base.eval.image_size} px"),
             "chance": {e.config: float(screens.manifests[e.config].groupby(["plate", "well"])["moa"].first()
                                        .value_counts(normalize=True).max()) for e in EVALUATIONS},
             "intensity_stats": score(IntensityStatistics(), None, screens, base),
-            "extra_rows": score_extra_rows(extra_rows or {}, screens, base),
-            "runs": [], "runtime_s": 0.0,
+            "extra_rows": {}, "runs": [], "runtime_s": 0.0,
         }
-        output = Path(args.output)
         previous_s = 0.0
         if args.resume and output.exists():
             previous = json.loads(output.read_text())
             same = (previous.get("format") == FORMAT and previous["budget"] == results["budget"]
-                    and previous["n_heldout_plates"] == args.heldout_plates
+                    and previous["difficulty"] == args.difficulty and previous["n_heldout_plates"] == args.heldout_plates
+                    and previous["cnn"] == results["cnn"]
                     and all(previous["models"].get(m, o) == o for m, o in results["models"].items()))
             if not same:
-                parser.error(f"--resume: {output} was written with another format, budget, plates or objectives; "
-                             "remove it")
+                parser.error(f"--resume: {output} was written with another format, budget, screen, plates or "
+                             "objectives; remove it")
             results["runs"] = [{"threads": previous["threads"], **r} for r in previous["runs"]
                                if r["model"] in args.models and r["seed"] in args.seeds]
+            results["extra_rows"] = previous["extra_rows"]
             previous_s = previous["runtime_s"]
-            log(f"resuming: {len(results['runs'])} runs kept from {output}")
+            log(f"resuming: {len(results['runs'])} runs and {len(results['extra_rows'])} rows kept from {output}")
+        missing_rows = {n: f for n, f in ceiling_rows(args.ceilings, cnn).items() if n not in results["extra_rows"]}
+        results["extra_rows"].update(score_extra_rows(missing_rows, screens, base))
+        results["runtime_s"] = previous_s + time.perf_counter() - started
+        write(results, output)  # a resumed run keeps the rows
         done = {(r["seed"], r["model"]) for r in results["runs"]}
         planned = [(seed, model) for seed in args.seeds for model in args.models if (seed, model) not in done]
         seconds: dict[str, list[float]] = {}
+        sources: dict[tuple[int, str], Path] = {}
+        checkpoints = Path(tmp) / "checkpoints"
         for index, (seed, model) in enumerate(planned):
-            cfg = model_config(model, seed, screens, extra)
             run_started = time.perf_counter()
-            total_steps = cfg.optim.epochs * steps_per_epoch
-
-            last_loss: list[float] = []
-
-            def on_step(epoch: int, step: int, losses, model=model, seed=seed, total_steps=total_steps,
-                        last_loss=last_loss) -> None:
-                last_loss[:] = [losses.total.item()]
-                if (step + 1) % steps_per_epoch == 0:
-                    log(f"  {model} seed {seed}: epoch {epoch + 1}/{cfg.optim.epochs}, step {step + 1}/{total_steps}, "
-                        f"loss {last_loss[0]:.3f}")
-
             torch.manual_seed(seed)
-            random_init = build_backbone(cfg.model).eval()
-            meta_arch = train_in_memory(cfg, screens.fields["train"], screens.channels("train"), on_step=on_step)
+            random_init = build_backbone(model_config(model, seed, screens, extra).model).eval()
+            cfg, trained, last_loss = train_run(model, seed, screens, extra, checkpoints, sources)
             train_s = time.perf_counter() - run_started
-            trained = meta_arch.teacher.backbone.eval()
             run = {"model": model, "seed": seed, "threads": args.threads, "train_seconds": round(train_s, 1),
-                   "final_loss": round(last_loss[0], 4),
-                   # The random init is read out as the model it is compared with.
+                   "final_loss": round(last_loss, 4),
+                   # The random init is read out as the model it is compared with (a finetuned model's is its source's).
                    "readouts": {readout: {"trained": score(trained, cfg.model, screens, cfg, readout),
-                                          "random_init": score(random_init, cfg.model, screens, cfg, readout)}
+                                          **({} if model in FINETUNED else
+                                             {"random_init": score(random_init, cfg.model, screens, cfg, readout)})}
                                 for readout in readouts(model)}}
             run["seconds"] = round(time.perf_counter() - run_started, 1)
             seconds.setdefault(model, []).append(run["seconds"])

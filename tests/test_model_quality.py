@@ -14,6 +14,7 @@ import pandas as pd
 
 from benchmarks.model_quality import (
     CHANNEL_POOLING,
+    ORACLE,
     EVALUATIONS,
     PROTOCOLS,
     markdown,
@@ -129,6 +130,7 @@ def test_table_shows_value_and_standard_error_per_readout_and_na_with_its_reason
     runs += [run("vit_rgb", s, 0.3) for s in range(3)] + [run("channelvit", s, 0.5) for s in range(3)]
     runs += [run("c3r", s, 0.6, 0.62) for s in range(3)]
     results = {"runs": runs, "intensity_stats": _scores(0.25), "date": "today", "machine": "cpu", "threads": 2,
+               "difficulty": "clear",
                "runtime_s": 60.0, "seeds": [0, 1, 2], "n_heldout_plates": 5, "budget": "b",
                "chance": {e.config: 0.2 for e in EVALUATIONS}}
     results["summary"] = summarize(results)
@@ -150,3 +152,24 @@ def test_table_shows_value_and_standard_error_per_readout_and_na_with_its_reason
     assert "C3R vs single_channel" not in text  # single_channel was not run
     assert ("cp5: per-channel 0.620 ± 0.020 vs pooled 0.600 ± 0.020, difference +0.020 (standard error 0.028): "
             "per-channel within noise") in text
+
+
+def test_share_of_headroom_and_a_finetuned_row_without_random_init():
+    runs = [{"model": "cellrep", "seed": s, "readouts": {"pooled": {"trained": _scores(0.55), "random_init": _scores(0.3)}}}
+            for s in range(2)]
+    runs += [{"model": "vit_rgb_finetuned", "seed": s, "readouts": {"pooled": {"trained": _scores(0.45)}}} for s in range(2)]
+    results = {"runs": runs, "intensity_stats": _scores(0.25), "extra_rows": {ORACLE: _scores(0.85, se=0.01)},
+               "date": "today", "machine": "cpu", "threads": 2, "difficulty": "clear", "runtime_s": 60.0,
+               "seeds": [0, 1], "n_heldout_plates": 5, "budget": "b", "chance": {e.config: 0.2 for e in EVALUATIONS}}
+    summary = summarize(results)
+    # (0.55 - 0.25) / (0.85 - 0.25) = 0.5, its standard error 0.02 / 0.6; the finetuned row: 0.2 / 0.6.
+    assert summary["headroom"]["cellrep (trained, pooled)"]["cp5"] == pytest.approx({"share": 0.5, "se": 0.02 / 0.6})
+    assert summary["headroom"]["vit_rgb_finetuned (trained, pooled)"]["novel4"]["share"] == pytest.approx(1 / 3)
+    assert "vit_rgb_finetuned (random init, pooled)" not in summary["rows"]
+    assert ORACLE not in summary["headroom"] and "intensity statistics" not in summary["headroom"]
+    results["summary"] = summary
+    text = markdown(results)
+    assert "| cellrep (trained, pooled) | 0.50 ± 0.03 | 0.50 ± 0.03 |" in text
+    # No headroom where the oracle is within 0.05 of intensity statistics.
+    results["extra_rows"] = {ORACLE: _scores(0.28)}
+    assert summarize(results)["headroom"]["cellrep (trained, pooled)"]["cp5"] is None
