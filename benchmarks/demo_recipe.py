@@ -33,7 +33,7 @@ import torch
 from cellfm.config import Config, load_config
 from cellfm.data.manifest import read_manifest
 from cellfm.data.normalize import normalize_field
-from cellfm.data.pipeline import FieldBatch
+from cellfm.data.batch import FieldBatch
 from cellfm.data.plate import read_field
 from cellfm.data.synthetic import generate_screen
 from cellfm.evaluate.protocols import evaluate_features

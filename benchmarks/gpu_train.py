@@ -64,7 +64,7 @@ def measure(config: Path, overrides: list[str], *, batch: int, steps: int, warmu
     from torch.utils.flop_counter import FlopCounterMode
 
     from cellfm.config import load_config
-    from cellfm.data.pipeline import FieldBatch
+    from cellfm.data.batch import FieldBatch
     from cellfm.train.in_memory import epoch_batches
     from cellfm.train.meta_arch import SSLMetaArch
     from cellfm.train.telemetry import model_flops_utilisation, peak_flops_per_s

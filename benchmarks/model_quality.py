@@ -81,7 +81,7 @@ from cellfm.features.embed import IntensityStatistics, embed_fields
 from cellfm.features.morphology import well_morphology
 from cellfm.models.registry import VOCABULARY_BACKBONES, build_backbone
 from cellfm.train.in_memory import load_normalized_fields, train_in_memory
-from cellfm.train.trainer import record_channel_metadata
+from cellfm.train.inputs import record_channel_metadata
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"

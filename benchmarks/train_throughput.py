@@ -67,7 +67,8 @@ def _scalars(run_dir: Path, tag: str) -> dict[int, float]:
 def measure(config: Path, overrides: list[str]) -> dict:
     """One training run; its steady-state figures from TensorBoard and the final epoch's metrics."""
     from cellfm.config import load_config
-    from cellfm.train.trainer import run_directory, run_pretraining
+    from cellfm.train.storage import run_directory
+    from cellfm.train.trainer import run_pretraining
 
     cfg = load_config(config, overrides)
     t0 = time.perf_counter()
@@ -99,7 +100,7 @@ def measure_plain_loop(config: Path, overrides: list[str], fields, channel_names
     first epoch."""
     from cellfm.config import load_config
     from cellfm.train.in_memory import train_in_memory
-    from cellfm.train.trainer import record_channel_metadata
+    from cellfm.train.inputs import record_channel_metadata
 
     cfg = load_config(config, overrides)
     cfg.optim.batch_size_per_worker *= workers * cfg.optim.accumulate_steps

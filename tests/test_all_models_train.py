@@ -25,7 +25,8 @@ from cellfm.data.pipeline import epoch_shard, load_manifests
 from cellfm.data.synthetic import generate_family_screen
 from cellfm.evaluate.run import run_evaluation
 from cellfm.train.checkpoint import latest_checkpoint
-from cellfm.train.trainer import run_directory, run_pretraining
+from cellfm.train.storage import run_directory
+from cellfm.train.trainer import run_pretraining
 from tests.conftest import SMOKE_CONFIG
 
 pytestmark = pytest.mark.integration

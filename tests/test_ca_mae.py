@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from cellfm.config import ConfigError, ModelConfig, load_config
-from cellfm.data.pipeline import FieldBatch
+from cellfm.data.batch import FieldBatch
 from cellfm.features.embed import field_embedding
 from cellfm.models.ca_mae import ChannelAgnosticMAE, self_standardize
 from cellfm.models.layers import sincos_pos_embed_2d

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from cellfm.config import load_config
 from cellfm.train.checkpoint import latest_checkpoint, load_inference_backbone
 from cellfm.train.meta_arch import Schedules
-from cellfm.train.trainer import run_directory, run_pretraining
+from cellfm.train.storage import run_directory
+from cellfm.train.trainer import run_pretraining
 from tests.conftest import SMOKE_CONFIG, tensorboard_scalars
 
 pytestmark = pytest.mark.integration

@@ -69,7 +69,7 @@ def test_fused_adamw_only_with_use_gpu():
 def test_train_compile_gives_the_eager_loss_and_state_dict_keys():
     import torch
     from cellfm.config import load_config
-    from cellfm.data.pipeline import FieldBatch
+    from cellfm.data.batch import FieldBatch
     from cellfm.train.meta_arch import SSLMetaArch
 
     batch = FieldBatch(torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(0)), [["a", "b", "c"]] * 2)

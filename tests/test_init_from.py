@@ -12,13 +12,15 @@ import torch
 from safetensors.torch import load_file
 
 from cellfm.config import ConfigError, load_config
-from cellfm.data.pipeline import FieldBatch
+from cellfm.data.batch import FieldBatch
 from cellfm.preflight import preflight_problems
 from cellfm.train.checkpoint import latest_checkpoint
 from cellfm.train.in_memory import train_in_memory
 from cellfm.train.init_from import init_from_problems
 from cellfm.train.meta_arch import SSLMetaArch
-from cellfm.train.trainer import record_channel_metadata, run_directory, run_pretraining
+from cellfm.train.inputs import record_channel_metadata
+from cellfm.train.storage import run_directory
+from cellfm.train.trainer import run_pretraining
 from tests.conftest import SMOKE_CONFIG
 
 CP5 = ["DNA", "ER", "RNA", "AGP", "Mito"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cellfm.config import load_config
-from cellfm.data.pipeline import FieldBatch
+from cellfm.data.batch import FieldBatch
 from cellfm.train.meta_arch import SSLMetaArch
 from tests.conftest import SMOKE_CONFIG
 

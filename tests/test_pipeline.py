@@ -65,7 +65,8 @@ import shutil  # noqa: E402
 import torch  # noqa: E402
 
 from cellfm.data.manifest import write_manifest  # noqa: E402
-from cellfm.data.pipeline import BadFieldError, FieldBatch, build_field_pipeline, iter_training_batches  # noqa: E402
+from cellfm.data.batch import FieldBatch  # noqa: E402
+from cellfm.data.pipeline import BadFieldError, build_field_pipeline, iter_training_batches  # noqa: E402
 from cellfm.data.plate import create_plate, write_field  # noqa: E402
 
 _FAST = dict(progress_interval_s=0.0, read_batch_size=4, shuffle_buffer=8)

@@ -193,3 +193,34 @@ def test_paths_a_submitted_job_cannot_see_are_explained(monkeypatch, tmp_path, s
                                f"cluster cannot see: it does not exist in the job's working directory {tmp_path} "
                                "(`--working-dir` uploaded only the files git does not ignore")
     assert lines[1].endswith("use an absolute path on storage every node sees (e.g. /shared/...) or an s3:// URI")
+
+
+def test_a_pretrain_run_reads_each_plates_metadata_once_before_training(smoke_overrides, monkeypatch, capsys):
+    """Preflight loads the training manifest with its plates checked and hands it to the trainer: the plates are
+    opened as often as one check of the manifest opens them, not once for preflight and again for the trainer."""
+    import collections
+
+    import cellfm.data.plate
+    import cellfm.train.trainer
+    from cellfm.config import ConfigError
+    from cellfm.data.pipeline import load_manifests
+
+    opened: collections.Counter = collections.Counter()
+    real_open_store = cellfm.data.plate.open_store
+
+    def counting_open_store(uri, *args, **kwargs):
+        opened[uri] += 1
+        return real_open_store(uri, *args, **kwargs)
+
+    def before_ray(*args, **kwargs):
+        raise ConfigError("stopped where Ray would start")
+
+    monkeypatch.setattr(cellfm.data.plate, "open_store", counting_open_store)
+    cfg = load_config(SMOKE_CONFIG, smoke_overrides)
+    load_manifests([cfg.data.train_manifest])
+    one_check = dict(opened)
+    opened.clear()
+    monkeypatch.setattr(cellfm.train.trainer, "init_ray", before_ray)
+    code, err = run_cellfm(capsys, "pretrain", "--config", str(SMOKE_CONFIG), *smoke_overrides)
+    assert code == 2 and err[-1].endswith("stopped where Ray would start")
+    assert one_check and dict(opened) == one_check

@@ -22,9 +22,12 @@ import importlib
 import re
 import signal
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from cellfm.config import Config, ConfigError, config_source, load_config
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # Command name -> module; a new command is one module and one line here.
 COMMANDS: dict[str, str] = {
@@ -80,11 +83,17 @@ def checked_config(args: argparse.Namespace, cfg: Config | None = None, **prefli
     of the config and of the manifests it names raises at once, before Ray starts. `cfg`: the config
     as the command already loaded it with `config_from_args(args, check_rules=False)` (e.g. to find
     the checkpoint to check)."""
+    return preflighted(args, cfg, **preflight_args)[0]
+
+
+def preflighted(args: argparse.Namespace, cfg: Config | None = None,
+                **preflight_args) -> tuple[Config, dict[str, "pd.DataFrame"]]:
+    """`checked_config` and the manifests preflight loaded (key -> manifest with its plates checked), for a job
+    that reads them next (pretrain: "data.train_manifest") without opening every plate again."""
     from cellfm.preflight import preflight
 
     cfg = cfg or config_from_args(args, check_rules=False)
-    preflight(cfg, source=config_source(args.config, _overrides(args)), **preflight_args)
-    return cfg
+    return cfg, preflight(cfg, source=config_source(args.config, _overrides(args)), **preflight_args)
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:

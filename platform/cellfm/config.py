@@ -37,6 +37,11 @@ class ConfigError(ValueError):
         super().__init__("\n".join(self.problems))
 
 
+class PreflightError(ConfigError):
+    """The config, its manifests or its paths cannot run (`cellfm.preflight`); `problems` holds one line per
+    problem."""
+
+
 # What a saved config holds in place of a credential. Loading drops it (credentials then come from
 # the environment), so the marker is never sent to a store as a credential.
 CREDENTIAL_MARKER = "<redacted>"

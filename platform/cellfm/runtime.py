@@ -1,5 +1,6 @@
 """Connect to a Ray cluster, or start an embedded local one when none is given, and keep Ray's known
-harmless messages out of the console (docs/user-guide.md, "Console output")."""
+harmless messages out of the console (docs/user-guide.md, "Console output"); what each job asks of Ray
+(`resource_need`) and whether the Ray it gets can ever give it (`resource_problems`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import os
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
-from cellfm.config import RayConfig
+from cellfm.config import Config, PreflightError, RayConfig
 from cellfm.reaper import watch_session
 
 # Lines Ray's own processes print that tell a cellfm user nothing, matched exactly (as substrings of
@@ -60,7 +62,7 @@ def init_ray(cfg: RayConfig, dashboard: bool = False, need=None, watch_pending: 
     the embedded Ray runs its dashboard too (on a free loopback port): Ray Train's PlacementGroupCleaner
     asks its State API whether a run's controller is alive, and only then frees the workers of a run whose
     controller was killed, as Ray Tune kills a trial that ASHA stops (without it the stopped trial's CPUs
-    stay reserved). `need` (a `cellfm.preflight.ResourceNeed`): on a cluster, checked against what it can
+    stay reserved). `need` (a `ResourceNeed`): on a cluster, checked against what it can
     ever give (`cluster_capacity`; the embedded Ray's was checked in preflight). `watch_pending`: placement
     groups and actors of this job still pending after `ray.pending_timeout_s` stop the run (`PendingWatch`)."""
     import ray
@@ -74,8 +76,6 @@ def init_ray(cfg: RayConfig, dashboard: bool = False, need=None, watch_pending: 
     if address:
         ray.init(address=address, log_to_driver=True)
         if need is not None:
-            from cellfm.preflight import PreflightError, resource_problems
-
             if problems := resource_problems(need, *cluster_capacity(), f"the Ray cluster at {address}"):
                 raise PreflightError(problems)
     else:
@@ -219,3 +219,63 @@ def quiet_known_ray_noise() -> None:
         if name == _PRINT_HANDLER and not isinstance(handler, WithoutKnownRayNoise):
             dispatcher.remove_handler(name)
             dispatcher.add_handler(name, WithoutKnownRayNoise(handler))
+
+
+@dataclass(frozen=True)
+class ResourceNeed:
+    """What a job's Ray work asks for at once, with the config keys it comes from (for the problem line)."""
+
+    cpus: float
+    gpus: float
+    cpu_keys: str  # e.g. "train.num_workers=8 x train.cpus_per_worker=1"
+    gpu_keys: str
+
+
+def resource_need(cfg: Config, job: str) -> ResourceNeed:
+    """The CPUs and GPUs `job` ("train", "features" or "evaluate") holds at once: its training workers or
+    inference actors, plus a pool of reader actors (data.read_actors) where it uses one."""
+    if job == "train":
+        t = cfg.train
+        cpus, cpu_keys = t.num_workers * t.cpus_per_worker, f"train.num_workers={t.num_workers} x train.cpus_per_worker={t.cpus_per_worker:g}"
+        gpus = t.num_workers * t.gpus_per_worker if t.use_gpu else 0.0
+        gpu_keys = f"train.use_gpu with train.num_workers={t.num_workers} x train.gpus_per_worker={t.gpus_per_worker:g}"
+        if cfg.data.read_actors:
+            cpus += cfg.data.read_actors * cfg.data.read_cpus
+            cpu_keys += f" + data.read_actors={cfg.data.read_actors} x data.read_cpus={cfg.data.read_cpus:g}"
+        return ResourceNeed(cpus, gpus, cpu_keys, gpu_keys)
+    if job == "features":
+        f = cfg.features
+        use_gpu = cfg.train.use_gpu if f.use_gpu is None else f.use_gpu
+        actors = f.actors or 1  # 0: sized from the cluster, at least one
+        which = "features.use_gpu" if f.use_gpu is not None else "train.use_gpu"
+        return ResourceNeed(actors * f.cpus_per_actor, actors * f.gpus_per_actor if use_gpu else 0.0,
+                            f"features.actors={f.actors} x features.cpus_per_actor={f.cpus_per_actor:g}",
+                            f"{which} with features.actors={f.actors} x features.gpus_per_actor={f.gpus_per_actor:g}")
+    if job == "evaluate":
+        # One CPU per embedding actor (cellfm.features.embed.embedding_dataset's default); no GPU.
+        return ResourceNeed(float(cfg.eval.embed_actors), 0.0, f"eval.embed_actors={cfg.eval.embed_actors} x 1 CPU", "")
+    raise ValueError(f"unknown job {job!r}")
+
+
+def resource_problems(need: ResourceNeed, cpus: float, gpus: float, described: str) -> list[str]:
+    """One line per resource `need` asks more of than `described` (which has `cpus` and `gpus`) can ever give."""
+    problems = []
+    if need.cpus > cpus + 1e-9:
+        problems.append(f"resources: {need.cpu_keys} = {need.cpus:g} CPUs, but {described} has {cpus:g}: the run "
+                        f"would wait forever; lower them{', raise ray.num_cpus' if 'embedded' in described else ''} "
+                        f"or join a larger cluster with --address")
+    if need.gpus > gpus + 1e-9:
+        problems.append(f"resources: {need.gpu_keys} = {need.gpus:g} GPUs, but {described} has {gpus:g}: the run "
+                        f"would wait forever; drop --use-gpu or join a cluster with GPUs (--address)")
+    return problems
+
+
+def local_resource_problems(cfg: Config, job: str) -> list[str]:
+    """`resource_problems` of `job` on the embedded Ray this machine would start (none when the job joins
+    a cluster: `cellfm.runtime.init_ray` checks that one once connected)."""
+    if cluster_address(cfg.ray):
+        return []
+    need = resource_need(cfg, job)
+    gpus = local_gpu_count() if need.gpus else 0
+    return resource_problems(need, cfg.ray.num_cpus, gpus,
+                             f"the embedded Ray (ray.num_cpus={cfg.ray.num_cpus}, {gpus} GPU(s) on this machine)")

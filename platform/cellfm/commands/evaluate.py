@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from cellfm.evaluate.run import DEFAULT_MODEL_NAME, checkpoints_from_args
     from cellfm.features.refresh import resolve_checkpoint
-    from cellfm.preflight import PreflightError, path_problem
+    from cellfm.config import PreflightError
+    from cellfm.paths import path_problem
 
     if args.from_store:
         args.overrides.append("eval.from_store=true")

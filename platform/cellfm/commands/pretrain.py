@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cellfm.cli import add_config_arguments, checked_config
+from cellfm.cli import add_config_arguments, preflighted
 
 DESCRIPTION = "Pre-train an encoder (DINO / iBOT self-distillation) on Ray Train."
 EXAMPLES = """examples:
@@ -23,10 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = checked_config(args, train=True)
+    cfg, manifests = preflighted(args, train=True)
     from cellfm.train.trainer import run_pretraining
 
-    result = run_pretraining(cfg)
+    result = run_pretraining(cfg, manifest=manifests["data.train_manifest"])
     print(f"[cellfm] checkpoint: {result.checkpoint.path}")
     print(f"[cellfm] final metrics: {result.metrics}")
     return 0

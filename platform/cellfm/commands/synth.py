@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cellfm.config import ConfigError
     from cellfm.data.synthetic import DIFFICULTIES, FAMILY_CONFIGS, LAYOUTS, generate_family_screen, generate_screen
-    from cellfm.preflight import check_paths
+    from cellfm.paths import check_paths
 
     problems = [f"--{flag}={value!r} is not one of {sorted(allowed)}"
                 for flag, value, allowed in (("layout", args.layout, LAYOUTS), ("family", args.family, FAMILY_CONFIGS),

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from cellfm.data.stores import storage_options_from_cli
     from cellfm.data.validate import validate_target
-    from cellfm.preflight import check_paths
+    from cellfm.paths import check_paths
 
     check_paths({"target": args.target})
     options = storage_options_from_cli(args.storage_options, args.endpoint_url)

@@ -942,7 +942,7 @@ def plan_ome_zarr(plates: Sequence[str], platemap: str | Path | None = None,
     with the level-0 shape, dtype and channel names (omero labels or ``channel_map``), joined with the
     platemap on plate + well, and each plate's ``content_version`` (its listing digest, as the feature
     store computes it). Reads metadata only, never pixels."""
-    from cellfm.features.refresh import plate_content_version
+    from cellfm.data.content_version import plate_content_version
 
     found = {}
     for uri in plates:

@@ -280,3 +280,14 @@ def manifest_unchanged(df: pd.DataFrame, path: str | Path, storage_options: dict
         return json.dumps(frame.to_dict("records"), default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))
 
     return records(old) == records(new)
+
+
+WELL_KEYS = ["plate", "well"]
+_WELL_LABEL_COLUMNS = ("moa", "perturbation_id", "is_control", "localization", "compound_split")
+
+
+def well_meta(manifest: pd.DataFrame) -> pd.DataFrame:
+    """One row per (plate, well), sorted, with the manifest's label columns: the row order of every per-well
+    feature table built outside the pipeline (ceilings, the CellProfiler-style baseline)."""
+    columns = [*WELL_KEYS, *(c for c in _WELL_LABEL_COLUMNS if c in manifest.columns)]
+    return manifest[columns].drop_duplicates(WELL_KEYS).sort_values(WELL_KEYS).reset_index(drop=True)

@@ -9,6 +9,7 @@ stores. Nothing here logs option values.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
 import fsspec
@@ -47,3 +48,11 @@ def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.Ab
 
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def modified_time(info: dict) -> float:
+    """An fsspec file info's modification time in seconds since the epoch (local mtime, S3 LastModified)."""
+    value = info.get("mtime", info.get("LastModified"))
+    if isinstance(value, datetime):
+        return value.timestamp()
+    return float(value) if value is not None else 0.0

@@ -4,8 +4,7 @@
   per-cell morphology parameter the configuration's stains show (`visible_parameters`), cells per
   field and the fraction of responding cells; for a protein screen also the protein's compartments.
   No image model can know more about a well than this.
-* `well_meta`: the per-well label columns of a manifest, in the order every feature function here
-  returns its rows.
+Every feature function here returns its rows in `cellfm.data.manifest.well_meta` order.
 
 The supervised CNN ceiling is `cellfm.evaluate.supervised_cnn`; the CellProfiler-style baseline is
 `cellfm.features.morphology`.
@@ -16,18 +15,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from cellfm.data.manifest import WELL_KEYS, well_meta
 from cellfm.data.synthetic import LOCALIZATIONS, visible_parameters
 from cellfm.data.truth import read_cells
-
-WELL_KEYS = ["plate", "well"]
-_META_COLUMNS = ("moa", "perturbation_id", "is_control", "localization", "compound_split")
-
-
-def well_meta(manifest: pd.DataFrame) -> pd.DataFrame:
-    """One row per (plate, well), sorted, with the manifest's label columns."""
-    columns = [*WELL_KEYS, *(c for c in _META_COLUMNS if c in manifest.columns)]
-    return manifest[columns].drop_duplicates(WELL_KEYS).sort_values(WELL_KEYS).reset_index(drop=True)
-
 
 def oracle_feature_names(channels: list[str]) -> list[str]:
     """Column names of `oracle_features` for a configuration with stains ``channels``."""

@@ -21,8 +21,7 @@ from cellfm.evaluate.report import write_report
 from cellfm.evaluate.stored import StoredFeatures
 from cellfm.evaluate.wells import OPTIONAL_COLUMNS
 from cellfm.features.embed import METADATA_COLUMNS, EncoderSpec, embed_manifest
-from cellfm.preflight import resource_need
-from cellfm.runtime import init_ray
+from cellfm.runtime import init_ray, resource_need
 from cellfm.train.checkpoint import load_inference_backbone
 from cellfm.train.storage import is_remote
 

@@ -17,12 +17,12 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from cellfm.config import Config
+from cellfm.config import Config, PreflightError
+from cellfm.data.content_version import plate_content_version
 from cellfm.evaluate.wells import OPTIONAL_COLUMNS, REQUIRED_COLUMNS
 from cellfm.features.aggregate import WELL_KEYS
-from cellfm.features.refresh import plate_content_version, resolve_feature_key
+from cellfm.features.refresh import resolve_feature_key
 from cellfm.features.store import FeatureStore, read_features
-from cellfm.preflight import PreflightError
 
 REFILL = "run `cellfm refresh` (or `cellfm embed`) with this config first"
 

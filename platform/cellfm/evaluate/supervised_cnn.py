@@ -107,9 +107,9 @@ def cnn_field_features(model: SmallCNN, fields: Tensor, batch_size: int = 64) ->
 
 
 def cnn_well_features(model: SmallCNN, fields: Tensor, manifest: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
-    """(`cellfm.evaluate.ceilings.well_meta`, (wells, D)): the CNN's features of the manifest's
+    """(`cellfm.data.manifest.well_meta`, (wells, D)): the CNN's features of the manifest's
     fields (``fields`` in manifest order) averaged per well."""
-    from cellfm.evaluate.ceilings import WELL_KEYS, well_meta
+    from cellfm.data.manifest import WELL_KEYS, well_meta
 
     per_field = pd.DataFrame(cnn_field_features(model, fields))
     per_field[WELL_KEYS] = manifest[WELL_KEYS].to_numpy()

@@ -74,14 +74,14 @@ def field_profile(image: np.ndarray, channel_names: Sequence[str], nuclei: np.nd
 
 def well_morphology(manifest: pd.DataFrame, storage_options: dict | None = None,
                     clip: tuple[float, float] = (1.0, 99.0)) -> tuple[pd.DataFrame, np.ndarray]:
-    """(`cellfm.evaluate.ceilings.well_meta`, (wells, features)) of every field in ``manifest``:
+    """(`cellfm.data.manifest.well_meta`, (wells, features)) of every field in ``manifest``:
     fields percentile-clipped to [0, 1] as the pipeline does, measured on the generator's masks,
     field profiles averaged per well. Features that are not finite everywhere (a measurement
     undefined for some object) are dropped."""
     from cellfm.data.normalize import percentile_clip
     from cellfm.data.plate import read_field
     from cellfm.data.truth import read_labels
-    from cellfm.evaluate.ceilings import WELL_KEYS, well_meta
+    from cellfm.data.manifest import WELL_KEYS, well_meta
 
     rows = []
     for r in manifest.itertuples():

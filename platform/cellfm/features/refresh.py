@@ -40,11 +40,12 @@ import pandas as pd
 import yaml
 
 from cellfm.config import Config, ConfigError, FeaturesConfig, saved_config_dict
+from cellfm.data.content_version import plate_content_version
 from cellfm.data.manifest import ManifestError
 from cellfm.data.plate import redact
 from cellfm.data.stores import filesystem
 from cellfm.features.aggregate import normalize_to_controls, well_aggregates
-from cellfm.features.store import FIELD_COORDS, FIELD_ONLY, FeatureStore, KeyState, PlateFeatures, modified_time
+from cellfm.features.store import FIELD_COORDS, FIELD_ONLY, FeatureStore, KeyState, PlateFeatures
 from cellfm.train.checkpoint import CONFIG_FILE, INFERENCE_WEIGHTS, CheckpointError
 
 ENCODER = "checkpoint"  # the FieldEmbedder column is embedding_<ENCODER>
@@ -67,29 +68,6 @@ def _sha256(text: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ identities
-
-
-def plate_content_version(plate_uri: str, rows: pd.DataFrame, storage_options: dict | None = None) -> str:
-    """The plate's content version (see the module docstring): one listing of the plate, no pixel read."""
-    fs, root = filesystem(plate_uri, storage_options)
-    root = root.rstrip("/")
-    try:
-        infos = fs.find(root, detail=True)
-    except Exception as exc:
-        reason = redact(f"{type(exc).__name__}: {exc}", storage_options)
-        raise ManifestError(f"plate {plate_uri}: cannot list: {reason}") from exc
-    if not infos:
-        raise ManifestError(f"plate {plate_uri}: no files (the manifest names a plate that is not there)")
-    digest = hashlib.sha256(b"cellfm plate content version 1\n")
-    for name in sorted(infos):
-        info = infos[name]
-        if info.get("type") == "directory":
-            continue
-        stamp = info.get("ETag") or repr(modified_time(info))
-        digest.update(f"{name[len(root) + 1:]}\t{info.get('size')}\t{stamp}\n".encode())
-    annotations = rows.drop(columns=["store_uri", ROW], errors="ignore").sort_values(["well", "field"])
-    digest.update(json.dumps(annotations.to_dict("records"), sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:16]
 
 
 def resolve_checkpoint(cfg: Config, checkpoint: str | None = None) -> str:
@@ -222,7 +200,7 @@ def _check_manifest(df: pd.DataFrame, cfg: Config) -> None:
         if len(few):
             raise ManifestError(f"plate {few.index[0]!r} has {few.iloc[0]} negative-control well(s); "
                                 f"features.normalization={cfg.features.normalization} needs at least 2 per plate")
-    from cellfm.preflight import field_layout_problems
+    from cellfm.data.layout import field_layout_problems
 
     problems = field_layout_problems(df, inference_data_config(cfg), source="features.manifests")
     if problems:
@@ -249,7 +227,8 @@ def plan_refresh(cfg: Config, manifests: dict[str, str] | None = None, checkpoin
     manifests = manifests if manifests is not None else cfg.features.manifests
     if not manifests:
         raise ConfigError("features.manifests is empty: name the manifests whose plates the store keeps embedded")
-    from cellfm.preflight import folder_problem, local_resource_problems
+    from cellfm.paths import folder_problem
+    from cellfm.runtime import local_resource_problems
 
     if problem := folder_problem("features.store", cfg.features.store):
         raise ConfigError(problem)
@@ -278,7 +257,8 @@ def plan_refresh(cfg: Config, manifests: dict[str, str] | None = None, checkpoin
     plates = [(str(plate), rows) for plate, rows in manifest.groupby("plate", sort=True)]
     # One listing per plate; threads hide an object store's per-request latency.
     with ThreadPoolExecutor(max_workers=8) as pool:
-        found = pool.map(lambda item: plate_content_version(item[1]["store_uri"].iloc[0], item[1], options), plates)
+        found = pool.map(lambda item: plate_content_version(item[1]["store_uri"].iloc[0], item[1].drop(columns=[ROW]),
+                                                            options), plates)
         versions = dict(zip([plate for plate, _ in plates], found))
     plan = RefreshPlan(cfg, store, key, resolved, checkpoint_hash, model, recipe, manifest, dict(manifests),
                        listed_by, versions, state, started)
@@ -444,7 +424,7 @@ def run_refresh(plan: RefreshPlan, dry_run: bool = False) -> RefreshSummary:
 
 def _embed(plan: RefreshPlan) -> _PlateWriter:
     from cellfm.features.embed import EncoderSpec, embedding_dataset
-    from cellfm.preflight import resource_need
+    from cellfm.runtime import resource_need
     from cellfm.runtime import init_ray
 
     cfg, f = plan.cfg, plan.cfg.features

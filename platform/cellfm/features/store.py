@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 
 from cellfm.data.plate import redact
-from cellfm.data.stores import filesystem
+from cellfm.data.stores import filesystem, modified_time
 
 # Entries keep Zarr v3 consolidated metadata (one read per entry on S3); zarr warns on every write and
 # read that the v3 spec lacks it (readers without it read each array's own metadata).
@@ -333,14 +333,6 @@ class KeyState:
     key: str
     markers: dict[tuple[str, str], str]
     runs: dict[tuple[str, str, str], float]
-
-
-def modified_time(info: dict) -> float:
-    """An fsspec file info's modification time in seconds since the epoch (local mtime, S3 LastModified)."""
-    value = info.get("mtime", info.get("LastModified"))
-    if isinstance(value, datetime):
-        return value.timestamp()
-    return float(value) if value is not None else 0.0
 
 
 def _index_row(marker: dict) -> dict:

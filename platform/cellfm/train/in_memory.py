@@ -20,7 +20,7 @@ import torch
 
 from cellfm.config import Config, ConfigError, DataConfig
 from cellfm.data.normalize import normalize_field
-from cellfm.data.pipeline import FieldBatch
+from cellfm.data.batch import FieldBatch
 from cellfm.data.plate import read_field
 from cellfm.seeding import Stream, numpy_rng, torch_generator
 from cellfm.train.meta_arch import SSLMetaArch

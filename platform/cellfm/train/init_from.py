@@ -63,7 +63,7 @@ def init_from_problems(cfg: Config, manifest: pd.DataFrame) -> list[str]:
     if not cfg.train.init_from:
         return []
     from cellfm.models.registry import VOCABULARY_BACKBONES
-    from cellfm.train.trainer import record_channel_metadata
+    from cellfm.train.inputs import record_channel_metadata
 
     key = f"train.init_from={cfg.train.init_from}"
     options = cfg.data.storage_options or None

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from cellfm.config import Config, ConfigError, student_channel_sampling
-from cellfm.data.pipeline import FieldBatch
+from cellfm.data.batch import FieldBatch
 from cellfm.seeding import Stream, torch_generator
 from cellfm.ssl.channel_sampling import diverse_channel_mask, hierarchical_channel_mask
 from cellfm.ssl.ema import update_ema

@@ -9,34 +9,17 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+import pandas as pd
+
 from cellfm.config import Config, ConfigError, save_config
-from cellfm.data.pipeline import check_pipeline_config, create_monitor, field_cache_problem, fill_field_cache, load_manifests
-from cellfm.preflight import resource_need
-from cellfm.runtime import init_ray
+from cellfm.data.pipeline import create_monitor, fill_field_cache, load_manifests
+from cellfm.runtime import init_ray, resource_need
 from cellfm.train import storage
-from cellfm.train.storage import run_directory  # noqa: F401 - also imported from here
-from cellfm.train.init_from import init_from_config, init_from_problems, resolve_init_from
+from cellfm.train.init_from import resolve_init_from
+from cellfm.train.inputs import record_channel_metadata, training_input_problems
 from cellfm.train.loop import train_loop_per_worker
 from cellfm.train.meta_arch import check_training_config
-from cellfm.train.self_distillation import supcon_label
-
-
-def record_channel_metadata(cfg: Config, manifest) -> None:
-    """Fill `model.channel_groups` (C3R) and `model.channel_vocabulary` (ChannelViT, DiChaViT) from the training
-    manifest where the config leaves them empty, so the run's saved config rebuilds the model at
-    inference. Explicit config entries win; a stain given two groups in the manifest is an error. With
-    `train.init_from` an empty vocabulary is the checkpoint's (its channel embeddings are in that order)."""
-    groups: dict[str, str] = {}
-    for row in manifest.itertuples():
-        for name, group in zip(row.channel_names, row.channel_groups):
-            if groups.setdefault(name, group) != group:
-                raise ConfigError(f"manifest gives channel {name!r} two groups ({groups[name]!r}, {group!r}), "
-                                  f"e.g. plate {row.plate} well {row.well} field {row.field}; set model.channel_groups")
-    cfg.model.channel_groups = {**groups, **cfg.model.channel_groups}
-    if not cfg.model.channel_vocabulary:
-        source = init_from_config(cfg)
-        cfg.model.channel_vocabulary = list(source.model.channel_vocabulary) if source is not None \
-            and source.model.channel_vocabulary else sorted(groups)
+from cellfm.train.storage import run_directory
 
 
 def stopped_by_first_sigint(trainer_cls):
@@ -58,31 +41,25 @@ def stopped_by_first_sigint(trainer_cls):
     return Trainer
 
 
-def run_pretraining(cfg: Config, *, callbacks: Sequence = (), epoch_evaluator=None):
-    """Train and return the Ray Train `Result` (its `.checkpoint` is the latest epoch's). `callbacks`: Ray
-    Train callbacks of the run (a sweep's trial forwards its reports to Tune); `epoch_evaluator`: called by
-    rank 0 with the teacher's backbone at every epoch report, its metrics reported with the epoch's (a
-    sweep's objective, `cellfm.tune.objective.HeldOutObjective`)."""
+def run_pretraining(cfg: Config, *, manifest: pd.DataFrame | None = None, callbacks: Sequence = (),
+                    epoch_evaluator=None):
+    """Train and return the Ray Train `Result` (its `.checkpoint` is the latest epoch's). `manifest`: the training
+    manifest with its plates checked, as preflight loaded it (default: loaded here), so a CLI run reads each
+    plate's metadata once. `callbacks`: Ray Train callbacks of the run (a sweep's trial forwards its reports to
+    Tune); `epoch_evaluator`: called by rank 0 with the teacher's backbone at every epoch report, its metrics
+    reported with the epoch's (a sweep's objective, `cellfm.tune.objective.HeldOutObjective`)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    manifest = load_manifests([cfg.data.train_manifest], storage_options=cfg.data.storage_options or None)
-    record_channel_metadata(cfg, manifest)
-    if problems := init_from_problems(cfg, manifest):
+    if manifest is None:
+        manifest = load_manifests([cfg.data.train_manifest], storage_options=cfg.data.storage_options or None)
+    if problems := training_input_problems(cfg, manifest):
         raise ConfigError(problems)
+    record_channel_metadata(cfg, manifest)
     if cfg.train.init_from:
         # The checkpoint folder itself (not a run folder's latest, which may change) is saved with the run.
         cfg.train.init_from = resolve_init_from(cfg.train.init_from, cfg.data.storage_options or None)
     check_training_config(cfg)
-    try:
-        check_pipeline_config(manifest, cfg.data)
-    except ValueError as exc:
-        raise ConfigError(f"{cfg.data.train_manifest}: {exc}") from exc
-    if problem := field_cache_problem(manifest, cfg.data, cfg.data.train_manifest):
-        raise ConfigError(problem)
-    label = supcon_label(cfg)
-    if label and label not in manifest.columns:
-        raise ConfigError(f"ssl.supcon_label={label!r} is not a column of {cfg.data.train_manifest}")
     run_dir = run_directory(cfg)
     # The resolved config lives beside the run (and inside every checkpoint).
     if storage.is_remote(run_dir):

@@ -18,18 +18,17 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from cellfm.config import PLATE_PROTOCOLS, Config, ConfigError, config_problems, student_channel_sampling
-from cellfm.runtime import cluster_address, local_gpu_count
+from cellfm.config import PLATE_PROTOCOLS, Config, ConfigError, PreflightError, config_problems, student_channel_sampling
+from cellfm.paths import path_problem
 from cellfm.preflight import (
     MAX_PROBLEMS,
-    PreflightError,
     evaluation_manifest_problems,
     load_checked_manifest,
     model_size_problems,
     one_plate_problem,
-    path_problem,
-    training_manifest_problems,
 )
+from cellfm.runtime import cluster_address, local_gpu_count
+from cellfm.train.inputs import training_input_problems
 from cellfm.tune.sweep_config import LISTED_KINDS, SEARCH_ALGORITHMS, SWEEP_RECORD, SweepPlan, describe_trial
 
 # A trial's Tune driver builds and fits its TorchTrainer; Tune rejects 0 CPUs, a sliver works.
@@ -263,7 +262,7 @@ def trial_config_problems(plan: SweepPlan) -> list[str]:
         train = manifest("data.train_manifest", cfg.data.train_manifest)
         trained = cfg
         if train is not None:
-            lines += training_manifest_problems(cfg, train)
+            lines += training_input_problems(cfg, train)
             trained = _with_channel_metadata(cfg, train)
         for name, path in objective.items():
             held_out = manifest(f"eval.manifests.{name}", path)
@@ -287,13 +286,13 @@ def trial_config_problems(plan: SweepPlan) -> list[str]:
 
 def _with_channel_metadata(cfg: Config, manifest) -> Config:
     """The trial's config as its run saves it: channel groups / vocabulary filled from the training manifest."""
-    from cellfm.train.trainer import record_channel_metadata
+    from cellfm.train.inputs import record_channel_metadata
 
     trained = copy.deepcopy(cfg)
     try:
         record_channel_metadata(trained, manifest)
     except ConfigError:
-        pass  # training_manifest_problems reports it
+        pass  # training_input_problems reports it
     return trained
 
 
