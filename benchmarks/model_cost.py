@@ -164,9 +164,10 @@ def plot(results: dict, path: Path) -> None:
               "c3r": "C3R (n_pre=2)", "c3r_attention_pool": "C3R, attention pooling",
               "channelvit": "ChannelViT", "dichavit": "DiChaViT",
               "ca_mae": "CA-MAE encoder (inference)", "ca_mae_pretrain": "CA-MAE encoder (pre-training, 25% visible)"}
-    for model, rows in results["models"].items():
+    for i, (model, rows) in enumerate(results["models"].items()):
         cs = [r["C"] for r in rows]
-        style = dict(marker="o", label=labels[model], linestyle="--" if model in VARIANTS else "-")
+        style = dict(marker="o", label=labels[model], linestyle="--" if model in VARIANTS else "-",
+                     color=plt.cm.tab20.colors[i % 20])
         axes[0, 0].plot(cs, [r["gflops"] for r in rows], **style)
         axes[0, 1].plot(cs, [r["params"] / 1e6 for r in rows], **style)
         if timed:
