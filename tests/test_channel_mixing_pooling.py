@@ -206,6 +206,6 @@ def test_in_memory_training_lowers_the_loss(options):
     fields = torch.rand(16, 5, 32, 32, generator=torch.Generator().manual_seed(0))
     losses: dict[int, list[float]] = {}
     train_in_memory(cfg, fields, CP5, on_step=lambda epoch, step, l: losses.setdefault(epoch, []).append(
-        float(l.total)))
+        float(l.total.detach())))
     first, last = (sum(v) / len(v) for v in (losses[0], losses[cfg.optim.epochs - 1]))
     assert last < first, losses

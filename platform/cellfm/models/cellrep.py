@@ -32,7 +32,7 @@ from cellfm.models.layers import (
 
 class CellRep(ViTTrunk):
     """CellRep: content-aware channel embedding + shared per-channel patch embedding + channel-mixing transformer
-    over L*C tokens + mean pooling over channels + ViT trunk (DESIGN §4).
+    over L*C tokens (or channel-axial attention layers) + mean (or attention) pooling over channels + ViT trunk.
 
     No parameter is tied to a channel index, so one model accepts any number and order of channels;
     with pooling_ratio=1 it is exactly invariant to channel order."""
