@@ -1,11 +1,12 @@
 """Compute cost of the backbones vs the number of input channels C.
 
-For ViT-S/16 (C-channel patch embedding, the reference), CellRep (2-block channel mixer), C3R, ChannelViT,
-DiChaViT and CA-MAE, all at `small` size (D=384, 12 blocks, 6 heads), 224x224, patch 16 (CA-MAE twice: its
-encoder at inference, over all L*C tokens, and in pre-training, over the quarter of them its 0.75 masking leaves
-visible; the MAE decoder is not counted):
-  * forward FLOPs per image, counted with torch.utils.flop_counter.FlopCounterMode (2 FLOPs per MAC;
-    matmuls, convolutions and attention), for C = 1, 2, 3, 4, 5, 8, 12, 16;
+For ViT-S/16 (C-channel patch embedding, the reference), CellRep (2-block channel mixer) and its cheaper or
+stain-keeping variants (VARIANTS: channel-axial mixer, pooling after 1 mixer block, attention pooling), C3R
+(and with attention pooling), ChannelViT, DiChaViT and CA-MAE, all at `small` size (D=384, 12 blocks, 6 heads),
+224x224, patch 16 (CA-MAE twice: its encoder at inference, over all L*C tokens, and in pre-training, over the
+quarter of them its 0.75 masking leaves visible; the MAE decoder is not counted):
+  * parameters, and forward FLOPs per image, counted with torch.utils.flop_counter.FlopCounterMode
+    (2 FLOPs per MAC; matmuls, convolutions and attention), for C = 1, 2, 3, 4, 5, 8, 12, 16;
     Attention is counted by running F.scaled_dot_product_attention on its math backend while counting
     (the fused CPU kernel has no FLOP formula in torch 2.13 and would count as 0);
   * CPU forward+backward time per image (batch 1, best of --repeats runs; the FLOP-counting forward
@@ -76,16 +77,27 @@ class MaskedPretrainingEncoder(nn.Module):
         return {"cls": out["cls"], "patch": out["visible"]}
 
 
+# Variants of CellRep and C3R: model name -> (the base model, its constructor options = config `model.*` keys).
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "cellrep_axial": ("cellrep", {"channel_mixer": "axial"}),
+    "cellrep_pool_after_1": ("cellrep", {"channel_pool_after": 1}),
+    "cellrep_attention_pool": ("cellrep", {"channel_pooling": "attention"}),
+    "cellrep_axial_attention_pool": ("cellrep", {"channel_mixer": "axial", "channel_pooling": "attention"}),
+    "c3r_attention_pool": ("c3r", {"channel_pooling": "attention"}),
+}
+
+
 def build(model: str, C: int) -> torch.nn.Module:
     s = SIZES["small"]
     common = dict(img_size=IMG, patch_size=PATCH, embed_dim=s.embed_dim, depth=s.depth, num_heads=s.num_heads)
+    model, options = VARIANTS.get(model, (model, {}))
     torch.manual_seed(0)
     if model == "vit_s":
         return VisionTransformer(in_chans=C, **common)
     if model == "cellrep":
-        return CellRep(mixer_depth=2, **common)
+        return CellRep(mixer_depth=2, **options, **common)
     if model == "c3r":
-        return C3R(channel_groups=c3r_groups(C), n_pre=2, **common)
+        return C3R(channel_groups=c3r_groups(C), n_pre=2, **options, **common)
     if model == "channelvit":
         return ChannelViT(channel_vocabulary=NAMES, **common)
     if model == "dichavit":
@@ -97,7 +109,8 @@ def build(model: str, C: int) -> torch.nn.Module:
     raise ValueError(model)
 
 
-MODELS = ["vit_s", "cellrep", "c3r", "channelvit", "dichavit", "ca_mae", "ca_mae_pretrain"]
+MODELS = ["vit_s", "cellrep", *(v for v in VARIANTS if v.startswith("cellrep")), "c3r", "c3r_attention_pool",
+          "channelvit", "dichavit", "ca_mae", "ca_mae_pretrain"]
 
 
 def forward(model: torch.nn.Module, x: torch.Tensor, names: list[str]):
@@ -143,20 +156,28 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     timed = any(r.get("cpu_ms") is not None for rows in results["models"].values() for r in rows)
-    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(11 if timed else 6, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, 3 if timed else 2, figsize=(17 if timed else 11.5, 5), squeeze=False)
     labels = {"vit_s": "ViT-S/16 (C-channel patch embed)", "cellrep": "CellRep (2-block mixer)",
-              "c3r": "C3R (n_pre=2)", "channelvit": "ChannelViT", "dichavit": "DiChaViT",
+              "cellrep_axial": "CellRep, channel-axial mixer", "cellrep_pool_after_1": "CellRep, pool after 1 block",
+              "cellrep_attention_pool": "CellRep, attention pooling",
+              "cellrep_axial_attention_pool": "CellRep, axial mixer + attention pooling",
+              "c3r": "C3R (n_pre=2)", "c3r_attention_pool": "C3R, attention pooling",
+              "channelvit": "ChannelViT", "dichavit": "DiChaViT",
               "ca_mae": "CA-MAE encoder (inference)", "ca_mae_pretrain": "CA-MAE encoder (pre-training, 25% visible)"}
-    for model, rows in results["models"].items():
+    for i, (model, rows) in enumerate(results["models"].items()):
         cs = [r["C"] for r in rows]
-        axes[0, 0].plot(cs, [r["gflops"] for r in rows], marker="o", label=labels[model])
+        style = dict(marker="o", label=labels[model], linestyle="--" if model in VARIANTS else "-",
+                     color=plt.cm.tab20.colors[i % 20])
+        axes[0, 0].plot(cs, [r["gflops"] for r in rows], **style)
+        axes[0, 1].plot(cs, [r["params"] / 1e6 for r in rows], **style)
         if timed:
             pts = [(r["C"], r["cpu_ms"]) for r in rows if r.get("cpu_ms") is not None]
-            axes[0, 1].plot(*zip(*pts), marker="o", label=labels[model])
+            axes[0, 2].plot(*zip(*pts), **style)
     axes[0, 0].set(xlabel="channels C", ylabel="forward GFLOPs / image", yscale="log",
                    title="Forward FLOPs, small size, 224², patch 16")
+    axes[0, 1].set(xlabel="channels C", ylabel="parameters (millions)", title="Parameters")
     if timed:
-        axes[0, 1].set(xlabel="channels C", ylabel="CPU ms / image (process time)", yscale="log",
+        axes[0, 2].set(xlabel="channels C", ylabel="CPU ms / image (process time)", yscale="log",
                        title=f"fwd+bwd CPU time ({results['meta']['threads']} thread(s), batch 1)")
     for ax in axes[0]:
         ax.set_xticks(CHANNELS)
@@ -190,7 +211,8 @@ def main() -> None:
             "size": "small",
             "flops": "forward, torch.utils.flop_counter.FlopCounterMode, 2 FLOPs per multiply-add",
             "time": None if args.no_time else (
-                f"forward+backward, batch 1, best of {args.repeats} after a warm-up forward, C in {args.time_channels}; "
+                f"forward+backward, batch 1, best of {args.repeats} after a warm-up forward, "
+                f"C in {args.time_channels}; "
                 "cpu_ms = process CPU time, wall_ms = wall clock; load average at start "
                 + ", ".join(f"{v:.1f}" for v in os.getloadavg())),
         },
@@ -202,10 +224,10 @@ def main() -> None:
             model = build(model_name, C)
             flops = count_flops(model, C)
             t = None if args.no_time or C not in args.time_channels else time_fwd_bwd(model, C, args.repeats)
-            rows.append({"C": C, "gflops": round(flops / 1e9, 4),
+            rows.append({"C": C, "gflops": round(flops / 1e9, 4), "params": sum(p.numel() for p in model.parameters()),
                          "cpu_ms": None if t is None else round(1000 * t[0], 1),
                          "wall_ms": None if t is None else round(1000 * t[1], 1)})
-            print(f"{model_name:10s} C={C:2d}  {flops / 1e9:8.2f} GFLOPs"
+            print(f"{model_name:28s} C={C:2d}  {flops / 1e9:8.2f} GFLOPs"
                   + ("" if t is None else f"  cpu {1000 * t[0]:8.1f} ms  wall {1000 * t[1]:8.1f} ms"), flush=True)
             if model_name == "vit_s" and C == 3:
                 results["meta"]["vit_s_params"] = sum(p.numel() for p in model.parameters())
@@ -231,6 +253,7 @@ def main() -> None:
         "c3r_linear_r2_ge_0.99": r2 >= 0.99,
         "channelvit_superlinear": gflops("channelvit", 16) / gflops("channelvit", 1) > 16,
         "cellrep_le_2.2x_vit_s_at_C5": ratios["cellrep"] <= 2.2,
+        "cellrep_axial_le_1.3x_vit_s_at_C5": ratios["cellrep_axial"] <= 1.3,
         "channelvit_ge_5x_vit_s_at_C5": ratios["channelvit"] >= 5.0,
         "dichavit_within_1pct_of_channelvit": all(abs(r - 1) <= 0.01
                                                   for r in results["dichavit_over_channelvit"].values()),

@@ -67,10 +67,13 @@ def test_paper_sweep_runs_every_setting_with_two_seeds_and_passes_preflight(tmp_
 
     points = param_space(plan)["grid"]["grid_search"]
     settings = [plan.values_of({"grid": p}) for p in points]
-    assert len(points) == plan.grid_size() == 2 * (3 + 3 * 4)
-    cellrep = {(v["model.pooling_ratio"], v["train.seed"]) for arm, v in settings if arm == "cellrep"}
+    assert len(points) == plan.grid_size() == 2 * (3 + 2 + 1 + 3 * 4)
+    models = [(arm, plan.trial_config(arm, v, "t").model, v["train.seed"]) for arm, v in settings]
+    cellrep = {(arm, m.pooling_ratio, m.channel_mixer, m.channel_pooling, s) for arm, m, s in models if arm != "c3r"}
     c3r = {(v["model.n_pre"], tuple(v["ssl.mcd_keep_counts"]), v["train.seed"]) for arm, v in settings if arm == "c3r"}
-    assert cellrep == {(k, s) for k in (1, 2, 4) for s in (0, 1)}
+    assert cellrep == ({("cellrep", k, "full", "mean", s) for k in (1, 2, 4) for s in (0, 1)}
+                       | {("cellrep_axial", 1, "axial", p, s) for p in ("mean", "attention") for s in (0, 1)}
+                       | {("cellrep_attention_pool", 1, "full", "attention", s) for s in (0, 1)})
     assert c3r == {(n, keep, s) for n in (0, 2, 4) for keep in ((5,), (), (1,), (2,)) for s in (0, 1)}
     assert not plan.spec.asha.enabled  # every setting trains its whole budget: the comparison is the point
 

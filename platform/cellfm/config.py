@@ -171,6 +171,20 @@ class ModelConfig:
     channel_encoder_stride: int = 2
     # CellRep: pooled channel slots kept after the mixer (k*L tokens enter the ViT).
     pooling_ratio: int = 1
+    # CellRep: the mixer's layers. full: transformer blocks over all L*C tokens (2 blocks: 2.07x a ViT-S/16's
+    # FLOPs at 5 channels, 224 px); axial: attention across the channels at each patch position, no MLP (an
+    # MLP mixes no channels), about a third of a full block's cost per layer (2 layers: 1.27x).
+    channel_mixer: str = "full"
+    # CellRep: mixer layers run on the L*C per-channel tokens before the channel pooling (null: all
+    # mixer_depth of them); the others run after it on the k*L pooled tokens, at 1/C of the cost.
+    channel_pool_after: Optional[int] = None
+    # CellRep, C3R: how channels are pooled into a fixed size. mean: the mean over channels (C3R: per group);
+    # attention: the mean plus k content-chosen channel slots (learned queries pick channels by what they
+    # show, not by their index), which keeps which stain showed what. Exactly invariant to channel order and
+    # padding either way; CellRep's attention pooling needs pooling_ratio=1.
+    channel_pooling: str = "mean"
+    # channel_pooling=attention: the k learned queries (slots per position).
+    channel_pooling_queries: int = 4
     # Register tokens of the ViT trunk.
     num_register_tokens: int = 0
     # Stochastic depth rate of the trunk, in [0, 1).
@@ -545,6 +559,8 @@ _CHOICES = {
     "ssl.objective": {"dino", "ibot", "mae"},
     "ssl.channel_sampling": {"auto", "none", "hcs", "dcs"},
     "model.input_norm": {"none", "percentile", "adaptive_hist"},
+    "model.channel_mixer": {"full", "axial"},
+    "model.channel_pooling": {"mean", "attention"},
     "model.size": {"tiny", "small", "base", "large"},
     "ssl.centering": {"centering", "sinkhorn_knopp"},
     "train.engine": {"ddp", "deepspeed"},
@@ -556,7 +572,7 @@ _CHOICES = {
 
 _POSITIVE = (
     "model.patch_size", "model.img_size", "model.pooling_ratio", "model.channel_encoder_dim",
-    "model.channel_encoder_stride",
+    "model.channel_encoder_stride", "model.channel_pooling_queries",
     "ssl.head_out_dim", "ssl.head_hidden_dim", "ssl.head_bottleneck_dim", "ssl.head_nlayers",
     "ssl.global_crop_size", "ssl.local_crop_size", "ssl.student_temp", "ssl.teacher_temp",
     "ssl.warmup_teacher_temp", "ssl.supcon_temperature", "ssl.dcs_temperature", "ssl.mae_decoder_dim",
@@ -729,6 +745,23 @@ def _model_problems(cfg: Config) -> list[str]:
         problems.append(f"model.channel_groups values must be one of {list(CHANNEL_GROUPS)}, got {bad}")
     if len(set(m.channel_vocabulary)) != len(m.channel_vocabulary):
         problems.append(f"model.channel_vocabulary has duplicate names: {m.channel_vocabulary}")
+    if m.channel_mixer != "full" and m.name != "cellrep":
+        problems.append(f"model.channel_mixer={m.channel_mixer} is a CellRep setting; model.name={m.name} has no "
+                        "channel mixer (use full)")
+    if m.channel_pool_after is not None:
+        if m.name != "cellrep":
+            problems.append(f"model.channel_pool_after is a CellRep setting; model.name={m.name} has no channel "
+                            "mixer (use null)")
+        elif not 0 <= m.channel_pool_after <= m.mixer_depth:
+            problems.append(f"model.channel_pool_after must be in [0, model.mixer_depth={m.mixer_depth}] or null "
+                            f"(after every mixer layer), got {m.channel_pool_after}")
+    if m.channel_pooling == "attention":
+        if m.name not in ("cellrep", "c3r"):
+            problems.append(f"model.channel_pooling=attention is for model.name=cellrep or c3r (the models that pool "
+                            f"channels), got {m.name}")
+        elif m.name == "cellrep" and m.pooling_ratio != 1:
+            problems.append(f"model.channel_pooling=attention makes one token per position; it needs "
+                            f"model.pooling_ratio=1, got {m.pooling_ratio}")
     if m.patch_size > 0:
         for key in ("ssl.global_crop_size", "ssl.local_crop_size", "model.img_size"):
             if _get(cfg, key) % m.patch_size:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from cellfm.models.layers import (
     Block,
+    ChannelAttentionPool,
     LayerNorm,
     PatchEmbed,
     ViTTrunk,
@@ -48,7 +49,8 @@ class C3R(ViTTrunk):
                 no channel-identity embedding anywhere
       f_c       n_pre pre-norm blocks at width D/2, run on every channel independently
     combiner g  per sample and group: mean over that group's real channels (CLS and patch tokens),
-                concat(context mean, concept mean) -> LayerNorm(D)
+                concat(context mean, concept mean) -> LayerNorm(D); with channel_pooling="attention" each
+                group's mean is a ChannelAttentionPool (the mean plus k content-chosen channel slots)
     f_s         the ViT trunk: `c3r_joint_depth(depth, n_pre)` blocks at width D (+ optional registers), final
                 LayerNorm; its CLS input is the combined CLS.
 
@@ -81,9 +83,15 @@ class C3R(ViTTrunk):
         layerscale_init: float | None = 1e-5,
         qkv_bias: bool = True,
         branch_num_heads: int | None = None,
+        channel_pooling: str = "mean",
+        channel_pooling_queries: int = 4,
     ):
         """channel_groups: channel name -> "context" | "concept" (config `model.channel_groups`); may be
-        changed later with set_channel_groups (e.g. at inference for unseen stains)."""
+        changed later with set_channel_groups (e.g. at inference for unseen stains).
+        channel_pooling: how the combiner pools a group's channels: "mean" (C3R's) or "attention" (per group a
+        ChannelAttentionPool with `channel_pooling_queries` content-chosen slots, at width D/2)."""
+        if channel_pooling not in ("mean", "attention"):
+            raise ValueError(f"channel_pooling must be 'mean' or 'attention', got {channel_pooling!r}")
         if embed_dim % 2:
             raise ValueError(f"C3R needs an even embed_dim (two halves of D/2), got {embed_dim}")
         if n_pre < 0:
@@ -120,21 +128,31 @@ class C3R(ViTTrunk):
             }
         )
         self.combiner_norm = LayerNorm(embed_dim)
+        # None with mean pooling: the default module tree (and its seeded init) is C3R's.
+        self.channel_pools = (nn.ModuleDict({g: ChannelAttentionPool(half, channel_pooling_queries) for g in GROUPS})
+                              if channel_pooling == "attention" else None)
         self.init_weights()
 
     def token_parameters(self) -> list[nn.Parameter]:
-        return [*super().token_parameters(), self.absent_token]
+        queries = [] if self.channel_pools is None else [self.channel_pools[g].queries for g in GROUPS]
+        return [*super().token_parameters(), self.absent_token, *queries]
+
+    def combiner(self) -> list[nn.Module]:
+        """The combiner's modules: its norm and, with attention pooling, the pools' layers."""
+        if self.channel_pools is None:
+            return [self.combiner_norm]
+        return [self.combiner_norm, *(m for g in GROUPS for m in self.channel_pools[g].weight_modules())]
 
     def input_embedding(self) -> list[nn.Module]:
-        """The two stems (and the combiner's norm when there are no branch blocks)."""
-        return [self.stems] + ([] if self.n_pre else [self.combiner_norm])
+        """The two stems (and the combiner when there are no branch blocks)."""
+        return [self.stems] + ([] if self.n_pre else self.combiner())
 
     def block_layers(self) -> list[list[nn.Module]]:
-        """Branch depth i (both groups' block i) at layer i + 1, the combiner's norm with the last branch
+        """Branch depth i (both groups' block i) at layer i + 1, the combiner with the last branch
         blocks, then the joint trunk's blocks: true depth, the branches below the trunk."""
         branch = [[self.branches[g][i] for g in GROUPS] for i in range(self.n_pre)]
         if branch:
-            branch[-1].append(self.combiner_norm)
+            branch[-1].extend(self.combiner())
         return branch + super().block_layers()
 
     # -- channel grouping -------------------------------------------------------------------------
@@ -224,16 +242,24 @@ class C3R(ViTTrunk):
                 # Nobody in the batch has this group: no compute; its weights stay in the graph (DDP).
                 halves.append(absent)
                 unused += list(self.stems[g].parameters()) + list(self.branches[g].parameters())
+                if self.channel_pools is not None:
+                    unused += list(self.channel_pools[g].parameters())
                 continue
             b_idx, c_idx = member.nonzero(as_tuple=True)  # real channels of this group, flattened
             planes = x[b_idx, c_idx].unsqueeze(1)  # (n, 1, H, W)
             tokens = self.embed_channels(planes, group, grid, None if patch_mask is None else patch_mask[b_idx])
             for blk in self.branches[g]:
                 tokens = blk(tokens)  # every channel alone: cost linear in C
-            summed = tokens.new_zeros(B, 1 + L, self.half).index_add_(0, b_idx, tokens)
-            mean = summed / count.clamp_min(1).to(tokens.dtype)[:, None, None]
             present = (count > 0)[:, None, None]
-            halves.append(torch.where(present, mean, absent))
+            if self.channel_pools is None:
+                summed = tokens.new_zeros(B, 1 + L, self.half).index_add_(0, b_idx, tokens)
+                pooled = summed / count.clamp_min(1).to(tokens.dtype)[:, None, None]
+            else:
+                per_channel = tokens.new_zeros(B, C, 1 + L, self.half).index_put((b_idx, c_idx), tokens)
+                # A sample without this group pools its zero tokens (finite, replaced by `absent` below) rather
+                # than an empty set (a softmax over no channel is NaN, and NaN would leak into the gradients).
+                pooled = self.channel_pools[g](per_channel, member | (count == 0)[:, None])
+            halves.append(torch.where(present, pooled, absent))
             if bool(present.all()):
                 unused.append(self.absent_token)
 

@@ -1,5 +1,10 @@
 """CellRep: a channel-adaptive ViT that embeds every channel with shared weights, lets the
-channels talk in a small mixing transformer, then pools channels away before a standard ViT."""
+channels talk in a small mixing transformer, then pools channels away before a standard ViT.
+
+Options that trade the mixer's cost (2.07x a ViT-S/16's FLOPs at 5 channels, 224 px, by default) or change what
+the pooling keeps: `channel_mixer="axial"` (attention across the channels at each patch position, no MLP),
+`channel_pool_after` (pool after the first k mixer layers; the rest run on the pooled tokens) and
+`channel_pooling="attention"` (k content-chosen channel slots instead of the plain mean)."""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ from torch import Tensor, nn
 from cellfm.models.input_norm import InputNorm
 from cellfm.models.layers import (
     Block,
+    ChannelAttentionPool,
+    ChannelAxialAttention,
     LayerNorm,
     PatchEmbed,
     ViTTrunk,
@@ -25,7 +32,7 @@ from cellfm.models.layers import (
 
 class CellRep(ViTTrunk):
     """CellRep: content-aware channel embedding + shared per-channel patch embedding + channel-mixing transformer
-    over L*C tokens + mean pooling over channels + ViT trunk (DESIGN §4).
+    over L*C tokens (or channel-axial attention layers) + mean (or attention) pooling over channels + ViT trunk.
 
     No parameter is tied to a channel index, so one model accepts any number and order of channels;
     with pooling_ratio=1 it is exactly invariant to channel order."""
@@ -47,15 +54,37 @@ class CellRep(ViTTrunk):
         layerscale_init: float | None = 1e-5,
         qkv_bias: bool = True,
         input_norm: str = "none",
+        channel_mixer: str = "full",
+        channel_pool_after: int | None = None,
+        channel_pooling: str = "mean",
+        channel_pooling_queries: int = 4,
     ):
         """input_norm: optional in-model per-channel preprocessing, "none" | "percentile" (1-99th percentile
-        clip to [0, 1]) | "adaptive_hist" (min-max then CLAHE), see cellfm.models.input_norm."""
+        clip to [0, 1]) | "adaptive_hist" (min-max then CLAHE), see cellfm.models.input_norm.
+        channel_mixer: "full" = transformer blocks over all L*C tokens; "axial" = ChannelAxialAttention layers
+        (each token attends to the channels at its own patch position; no MLP).
+        channel_pool_after: mixer layers run before the channel pooling (None = all of them); the others run
+        after it, on the pooled k*L tokens (full blocks: ordinary spatial blocks; axial: across the k slots).
+        channel_pooling: "mean" (per slot, the mean of its channels) or "attention" (ChannelAttentionPool with
+        `channel_pooling_queries` content-chosen slots; needs pooling_ratio=1)."""
         if pooling_ratio < 1:
             raise ValueError(f"pooling_ratio must be >= 1, got {pooling_ratio}")
+        if channel_mixer not in ("full", "axial"):
+            raise ValueError(f"channel_mixer must be 'full' or 'axial', got {channel_mixer!r}")
+        if channel_pool_after is not None and not 0 <= channel_pool_after <= mixer_depth:
+            raise ValueError(f"channel_pool_after must be in [0, mixer_depth={mixer_depth}] or None, "
+                             f"got {channel_pool_after}")
+        if channel_pooling not in ("mean", "attention"):
+            raise ValueError(f"channel_pooling must be 'mean' or 'attention', got {channel_pooling!r}")
+        if channel_pooling == "attention" and pooling_ratio != 1:
+            raise ValueError(f"channel_pooling='attention' makes one token per position; needs pooling_ratio=1, "
+                             f"got {pooling_ratio}")
         super().__init__(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, num_heads=num_heads,
                          block_drop_path=drop_path_rates(drop_path_rate, depth), mlp_ratio=mlp_ratio,
                          num_register_tokens=num_register_tokens, layerscale_init=layerscale_init, qkv_bias=qkv_bias)
         self.pooling_ratio = pooling_ratio
+        self.channel_mixer = channel_mixer
+        self.channel_pool_after = mixer_depth if channel_pool_after is None else channel_pool_after
         self.input_norm = InputNorm(input_norm)
 
         # Content-aware channel embedding: what a channel looks like, never which index it has.
@@ -71,16 +100,29 @@ class CellRep(ViTTrunk):
         )
         self.patch_embed = PatchEmbed(1, embed_dim, patch_size)
         self.token_norm = LayerNorm(embed_dim)
-        self.mixer = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, layerscale_init=layerscale_init)
-            for _ in range(mixer_depth)
-        )
+        if channel_mixer == "full":
+            self.mixer = nn.ModuleList(
+                Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, layerscale_init=layerscale_init)
+                for _ in range(mixer_depth)
+            )
+        else:
+            self.mixer = nn.ModuleList(
+                ChannelAxialAttention(embed_dim, num_heads, qkv_bias=qkv_bias, layerscale_init=layerscale_init)
+                for _ in range(mixer_depth)
+            )
+        # None with mean pooling: the default module tree (and its seeded init) is today's CellRep's.
+        self.channel_pool = (ChannelAttentionPool(embed_dim, channel_pooling_queries)
+                             if channel_pooling == "attention" else None)
         self.init_weights()
 
+    def token_parameters(self) -> list[nn.Parameter]:
+        return [*super().token_parameters(), *([] if self.channel_pool is None else [self.channel_pool.queries])]
+
     def input_embedding(self) -> list[nn.Module]:
-        """Channel encoder, patch embedding, token norm and channel mixer: together they make the L*C tokens
-        that pooling turns into the trunk's input."""
-        return [self.channel_encoder, self.patch_embed, self.token_norm, self.mixer]
+        """Channel encoder, patch embedding, token norm, channel mixer and channel pooling: together they turn
+        the L*C tokens into the trunk's input."""
+        pool = [] if self.channel_pool is None else self.channel_pool.weight_modules()
+        return [self.channel_encoder, self.patch_embed, self.token_norm, self.mixer, *pool]
 
     def num_patch_tokens(self, img_size: int | tuple[int, int]) -> int:
         """N of the output `patch` (and of patch_mask): pooling_ratio * L."""
@@ -125,17 +167,30 @@ class CellRep(ViTTrunk):
         content = self.channel_encoder(planes).reshape(B, C, 1, D)
         tokens = self.patch_embed(planes).reshape(B, C, L, D)
         pos = self.positions(grid)  # same for every channel
-        tokens = self.token_norm(tokens + content + pos.unsqueeze(1)).reshape(B, C * L, D)
+        tokens = self.token_norm(tokens + content + pos.unsqueeze(1))  # (B, C, L, D)
 
-        key_mask = None if channel_mask is None else channel_mask.repeat_interleave(L, dim=1)
-        for blk in self.mixer:
-            tokens = blk(tokens, key_mask)
-
-        weights = self._pooling_weights(channel_mask, B, C, x.device).to(tokens.dtype)
-        pooled = torch.einsum("bgc,bcld->bgld", weights, tokens.reshape(B, C, L, D)).reshape(B, -1, D)
+        k = self.channel_pool_after
+        for layer in self.mixer[:k]:
+            tokens = self._mix(layer, tokens, channel_mask)
+        if self.channel_pool is None:
+            weights = self._pooling_weights(channel_mask, B, C, x.device).to(tokens.dtype)
+            pooled = torch.einsum("bgc,bcld->bgld", weights, tokens)  # (B, k, L, D)
+        else:
+            pooled = self.channel_pool(tokens, channel_mask).unsqueeze(1)  # (B, 1, L, D)
+        for layer in self.mixer[k:]:
+            pooled = self._mix(layer, pooled, None)
+        pooled = pooled.reshape(B, -1, D)
         check_patch_mask(patch_mask, B, pooled.shape[1])
         # iBOT: a masked pooled token becomes mask_token + its grid position (positions entered before the mixer).
         return apply_patch_mask(pooled, patch_mask, (self.mask_token + pos).repeat(1, self.pooling_ratio, 1))
+
+    def _mix(self, layer: nn.Module, tokens: Tensor, slot_mask: Tensor | None) -> Tensor:
+        """One mixer layer on (B, S, L, D) tokens (S channels, or S pooled slots); slot_mask (B, S) bool or None."""
+        if self.channel_mixer == "axial":
+            return layer(tokens, slot_mask)
+        B, S, L, D = tokens.shape
+        key_mask = None if slot_mask is None else slot_mask.repeat_interleave(L, dim=1)
+        return layer(tokens.reshape(B, S * L, D), key_mask).reshape(B, S, L, D)
 
     def _pooling_weights(self, channel_mask: Tensor | None, B: int, C: int, device: torch.device) -> Tensor:
         """(B, k, C) averaging weights: the n real channels of a sample (in order, padding skipped) are split

@@ -61,11 +61,16 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
             channel_encoder_stride=cfg.channel_encoder_stride,
             pooling_ratio=cfg.pooling_ratio,
             input_norm=cfg.input_norm,
+            channel_mixer=cfg.channel_mixer,
+            channel_pool_after=cfg.channel_pool_after,
+            channel_pooling=cfg.channel_pooling,
+            channel_pooling_queries=cfg.channel_pooling_queries,
         )
     if cfg.name == "c3r":
         from cellfm.models.c3r import C3R
 
-        return C3R(channel_groups=dict(cfg.channel_groups or {}), n_pre=cfg.n_pre, **common)
+        return C3R(channel_groups=dict(cfg.channel_groups or {}), n_pre=cfg.n_pre, channel_pooling=cfg.channel_pooling,
+                   channel_pooling_queries=cfg.channel_pooling_queries, **common)
     if cfg.name == "vit_rgb":
         from cellfm.models.vit_rgb import RGBCompositeViT
 

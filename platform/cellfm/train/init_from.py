@@ -27,7 +27,8 @@ from cellfm.train.checkpoint import STATE_FILE, latest_checkpoint, load_checkpoi
 ARCHITECTURE_KEYS = (
     "model.name", "model.size", "model.patch_size", "model.img_size", "model.num_register_tokens",
     "model.layerscale_init", "model.mixer_depth", "model.channel_encoder_dim", "model.channel_encoder_stride",
-    "model.pooling_ratio", "model.n_pre", "model.channel_vocabulary",
+    "model.pooling_ratio", "model.channel_mixer", "model.channel_pooling", "model.channel_pooling_queries",
+    "model.n_pre", "model.channel_vocabulary",
     "ssl.objective", "ssl.ibot_separate_head", "ssl.head_out_dim", "ssl.head_hidden_dim", "ssl.head_bottleneck_dim",
     "ssl.head_nlayers", "ssl.head_use_bn", "ssl.mae_decoder_dim", "ssl.mae_decoder_depth", "ssl.mae_decoder_heads",
 )

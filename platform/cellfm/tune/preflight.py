@@ -65,7 +65,10 @@ def _ibot(c: Config) -> bool:
 # Config keys that mean something only for some trials: key -> (whether it applies to a config, what it needs).
 APPLIES_TO: dict[str, tuple[Callable[[Config], bool], str]] = {
     **{f"model.{k}": (_cellrep, "model.name=cellrep (a CellRep setting)")
-       for k in ("pooling_ratio", "mixer_depth", "channel_encoder_dim", "channel_encoder_stride", "input_norm")},
+       for k in ("pooling_ratio", "mixer_depth", "channel_encoder_dim", "channel_encoder_stride", "input_norm",
+                 "channel_mixer", "channel_pool_after")},
+    **{f"model.{k}": (lambda c: c.model.name in ("cellrep", "c3r"), "model.name=cellrep or c3r (they pool channels)")
+       for k in ("channel_pooling", "channel_pooling_queries")},
     "model.n_pre": (lambda c: c.model.name == "c3r", "model.name=c3r (C3R's branch depth)"),
     "model.channel_groups": (lambda c: c.model.name == "c3r", "model.name=c3r (C3R's context/concept groups)"),
     "model.channel_vocabulary": (lambda c: c.model.name in ("channelvit", "dichavit", "vit_rgb"),
