@@ -317,40 +317,12 @@ def measure_memory(manifest: pd.DataFrame, cfg) -> dict:
 # ------------------------------------------------------------------------------------ multi-crop
 
 
-def _per_view_loop(images, global_size, local_size, n_local, gen):
-    """torchvision-style: per image, per view, crop a random box, resize, flip/rotate, jitter."""
-    import math
-
-    import torch
-    import torch.nn.functional as F
-
-    B, C, H, W = images.shape
-    views_g, views_l = [], []
-    for b in range(B):
-        for size, scale, n, out in ((global_size, (0.32, 1.0), 2, views_g), (local_size, (0.05, 0.32), n_local, views_l)):
-            for _ in range(n):
-                area = H * W * float(torch.empty(1).uniform_(*scale, generator=gen))
-                ratio = math.exp(float(torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)))
-                w = min(W, int(round(math.sqrt(area * ratio))))
-                h = min(H, int(round(math.sqrt(area / ratio))))
-                y = int(torch.randint(0, H - h + 1, (1,), generator=gen))
-                x = int(torch.randint(0, W - w + 1, (1,), generator=gen))
-                view = F.interpolate(images[b:b + 1, :, y:y + h, x:x + w], size=(size, size), mode="bilinear",
-                                     align_corners=False)[0]
-                if torch.rand(1, generator=gen) < 0.5:
-                    view = view.flip(-1)
-                view = torch.rot90(view, int(torch.randint(0, 4, (1,), generator=gen)), dims=(-2, -1))
-                gain = 1 + 0.2 * (2 * torch.rand(C, 1, 1, generator=gen) - 1)
-                view = view * gain
-                out.append(view)
-    return torch.stack(views_g), torch.stack(views_l)
-
-
 def measure_multicrop(batch: int, channels: int, size: int, global_size: int, local_size: int, n_local: int,
                       repeats: int, threads: int) -> dict:
     import torch
 
     from cellfm.ssl.multicrop import MultiCrop
+    from multicrop_ablation import per_view_loop
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -370,7 +342,7 @@ def measure_multicrop(batch: int, channels: int, size: int, global_size: int, lo
             crop(images[b:b + 1], generator=gen, channel_mask=mask[b:b + 1])
 
     def per_view():
-        _per_view_loop(images, global_size, local_size, n_local, gen)
+        per_view_loop(images, global_size, local_size, n_local, gen)
 
     result = {"batch": batch, "channels": channels, "input": size, "global": global_size, "local": local_size,
               "n_local": n_local, "crops_per_call": views, "torch_threads": threads}

@@ -1,6 +1,8 @@
 """Batched multi-crop: channel padding (padded channels stay exactly zero, the mask is left as it is),
 geometry and intensity semantics, and the resampling against independent references."""
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -103,33 +105,36 @@ def test_jitter_is_a_gain_then_contrast_around_each_channel_mean():
 # ---------------------------------------------------------------- resampling against references
 
 
-def _theta(boxes, H, W):
-    """(n, 2, 3) affine_grid maps (align_corners=False) of boxes (x, y, w, h) in input pixels, each
-    with an orientation (k quarter turns, x flip, y flip) acting on output coordinates."""
-    rows = []
-    for (x, y, w, h), (k, fx, fy) in boxes:
-        cos, sin = [(1, 0), (0, 1), (-1, 0), (0, -1)][k]
-        sx, sy = w / W, h / H
-        rows.append([[sx * cos * fx, -sx * sin * fy, 2 * (x + w / 2) / W - 1],
-                     [sy * sin * fx, sy * cos * fy, 2 * (y + h / 2) / H - 1]])
-    return torch.tensor(rows, dtype=torch.float64)
+@pytest.fixture(params=["grid_sample", "per_view"])
+def resampler(request, monkeypatch):
+    """Runs a test with every view resampled by batched grid_sample, then by one F.interpolate per view."""
+    monkeypatch.setattr(multicrop, "_PER_VIEW_MIN_SIZE", 1 << 30 if request.param == "grid_sample" else 1)
+    return request.param
+
+
+def _boxes(boxes):
+    """_Boxes of ((x, y, w, h), (k quarter turns, x mirror, y mirror)) per view."""
+    (x, y, w, h), (k, fx, fy) = (torch.tensor(c).T for c in zip(*boxes))
+    return multicrop._Boxes(x, y, w, h, transpose=k % 2 == 1,
+                            **multicrop._orientation_flips(k, fx.bool(), fy.bool()))
 
 
 def _crop_with_boxes(monkeypatch, images, size, boxes):
     """Global views of the given boxes (2 per image, in image-major order), no jitter."""
-    B, _, H, W = images.shape
     crop = MultiCrop(size, 8, n_local=0, intensity_jitter=0.0)
-    monkeypatch.setattr(crop, "_sample_theta", lambda n, *_: _theta(boxes, H, W).to(images.dtype))
+    monkeypatch.setattr(crop, "_draw_boxes", lambda *_: _boxes(boxes))
     views, _ = crop(images)
     return views
 
 
-def test_integer_boxes_match_crop_then_interpolate(monkeypatch):
-    # Downscaling boxes on the pixel grid: the view is exactly what cropping the box and resizing it
-    # with F.interpolate (bilinear, align_corners=False, no antialiasing) gives, in every channel.
-    images = torch.rand(3, 4, 40, 48)
-    boxes = [((0, 0, 48, 40), (0, 1, 1)), ((5, 3, 20, 17), (0, 1, 1)), ((30, 21, 18, 19), (0, 1, 1)),
-             ((11, 8, 33, 16), (0, 1, 1)), ((2, 30, 16, 10), (0, 1, 1)), ((47 - 24, 1, 24, 37), (0, 1, 1))]
+def test_boxes_are_cropped_then_resized_as_f_interpolate_does(monkeypatch, resampler):
+    # Down- and up-scaling boxes: the view is exactly what cropping the box and resizing it with
+    # F.interpolate (bilinear, align_corners=False, no antialiasing) gives, in every channel: up-scaled
+    # edges clamp at the box, not at the image border.
+    images = torch.rand(4, 4, 40, 48)
+    boxes = [((0, 0, 48, 40), (0, 0, 0)), ((5, 3, 20, 17), (0, 0, 0)), ((30, 21, 18, 19), (0, 0, 0)),
+             ((11, 8, 33, 16), (0, 0, 0)), ((2, 30, 16, 10), (0, 0, 0)), ((47 - 24, 1, 24, 37), (0, 0, 0)),
+             ((20, 12, 5, 7), (0, 0, 0)), ((1, 1, 3, 30), (0, 0, 0))]
     views = _crop_with_boxes(monkeypatch, images, 10, boxes)
     for i, ((x, y, w, h), _) in enumerate(boxes):
         b, v = divmod(i, 2)
@@ -138,43 +143,71 @@ def test_integer_boxes_match_crop_then_interpolate(monkeypatch):
         assert (views[v, b] - expected).abs().max() < 1e-5
 
 
-def test_orientations_of_a_box_are_its_eight_dihedral_transforms(monkeypatch):
-    # One box in 16 (rot90, x flip, y flip) draws: each view is one of the 8 flips/rotations of the
-    # upright view (exactly, up to float64 rounding of the sample positions), all 8 occur, and all
-    # channels turn together.
+def test_orientations_of_a_box_are_its_eight_dihedral_transforms(monkeypatch, resampler):
+    # One box in 16 (quarter turns, x mirror, y mirror) draws: without mirrors, k quarter turns are
+    # torch.rot90(k); with them each view is one of the 8 flips/rotations of the upright view (exactly,
+    # up to float64 rounding), all 8 occur equally often, and all channels turn together.
     images = torch.rand(1, 3, 40, 48, dtype=torch.float64).expand(8, -1, -1, -1)
-    orientations = [(k, fx, fy) for k in range(4) for fx in (1, -1) for fy in (1, -1)]
+    orientations = [(k, fx, fy) for k in range(4) for fx in (0, 1) for fy in (0, 1)]
     views = _crop_with_boxes(monkeypatch, images, 12, [((7, 4, 26, 30), o) for o in orientations])
     upright = _dihedral(views[0, 0])
-    seen = set()
-    for i in range(len(orientations)):
+    counts = [0] * 8
+    for i, (k, fx, fy) in enumerate(orientations):
         b, v = divmod(i, 2)
+        if not fx and not fy:
+            assert (views[v, b] - torch.rot90(views[0, 0], k, dims=(-2, -1))).abs().max() < 1e-12
         matches = [t for t, d in enumerate(upright) if (views[v, b] - d).abs().max() < 1e-12]
         assert len(matches) == 1
-        seen.add(matches[0])
-    assert seen == set(range(8))
+        counts[matches[0]] += 1
+    assert counts == [2] * 8
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_drawn_views_match_affine_grid_and_grid_sample_per_view(monkeypatch, dtype):
-    # Independent of the blocking and of how the grid is built: per image and view, affine_grid +
-    # grid_sample with the same drawn boxes and orientations. Blocks of one image and of all images.
-    images = torch.rand(5, 3, 40, 48, dtype=dtype)
-    crop = MultiCrop(24, 12, n_local=3, intensity_jitter=0.0)
-    draws = torch.Generator().manual_seed(4)
-    thetas = [crop._sample_theta(5 * n, 40, 48, scale, draws).view(5, n, 2, 3)
-              for n, scale in ((2, crop.global_scale), (3, crop.local_scale))]
-    for block_bytes in (1, 1 << 30):
-        monkeypatch.setattr(multicrop, "_CPU_BLOCK_BYTES_PER_THREAD", block_bytes)
-        views = crop(images, torch.Generator().manual_seed(4))
-        for out, theta, size in zip(views, thetas, (24, 12)):
-            for b in range(5):
-                for v in range(theta.shape[1]):
-                    grid = F.affine_grid(theta[b, v][None].to(dtype), [1, 1, size, size], align_corners=False)
-                    expected = F.grid_sample(images[b:b + 1], grid, mode="bilinear", padding_mode="border",
-                                             align_corners=False)[0]
-                    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
-                    assert (out[v, b] - expected).abs().max() < tolerance
+def test_both_resamplers_give_the_same_views(monkeypatch):
+    # The same draws (boxes, orientations, jitter, padding) through batched grid_sample and through one
+    # F.interpolate per view: equal up to float rounding; each is bit-identical for the same seed.
+    images, mask = _padded_batch()
+    crop = MultiCrop(16, 12, n_local=3, local_scale=(0.05, 0.2), intensity_jitter=0.3)
+    results = {}
+    for name, min_size in (("grid_sample", 1 << 30), ("per_view", 1)):
+        monkeypatch.setattr(multicrop, "_PER_VIEW_MIN_SIZE", min_size)
+        results[name] = crop(images, torch.Generator().manual_seed(9), channel_mask=mask)
+        again = crop(images, torch.Generator().manual_seed(9), channel_mask=mask)
+        assert all(torch.equal(a, b) for a, b in zip(results[name], again))
+    for a, b in zip(results["grid_sample"], results["per_view"]):
+        assert a.shape == b.shape
+        assert (a - b).abs().max() < 1e-5
+        assert torch.all(b[:, ~mask] == 0)
+
+
+def test_views_switch_to_per_view_resizing_from_the_size_threshold_on_cpu(monkeypatch):
+    # 128-px globals go view by view, 32-px locals through grid_sample.
+    crop = MultiCrop(multicrop._PER_VIEW_MIN_SIZE, 32, n_local=2)
+    with mock.patch.object(multicrop.F, "interpolate", wraps=F.interpolate) as interpolate, \
+            mock.patch.object(multicrop.F, "grid_sample", wraps=F.grid_sample) as grid_sample:
+        crop(torch.rand(3, 2, 160, 160), torch.Generator().manual_seed(0))
+    assert interpolate.call_count == 3 * 2
+    assert grid_sample.call_count >= 1
+    assert all(c.args[1].shape[1:3] == (2 * 32, 32) for c in grid_sample.call_args_list)  # locals only
+
+
+def test_boxes_follow_random_resized_crop_scale_ratio_and_position():
+    # Whole-pixel boxes inside the image whose area fraction and aspect ratio span the configured
+    # ranges (up to rounding to whole pixels) and whose position is uniform over every valid pixel.
+    crop = MultiCrop(16, 8, n_local=0, ratio=(3 / 4, 4 / 3))
+    H, W, n = 60, 80, 4000
+    boxes = crop._draw_boxes(n, H, W, (0.2, 0.6), torch.Generator().manual_seed(0))
+    w, h = boxes.w.double(), boxes.h.double()
+    assert boxes.w.dtype == torch.long and (boxes.x0 >= 0).all() and (boxes.x0 + boxes.w <= W).all()
+    assert (boxes.y0 >= 0).all() and (boxes.y0 + boxes.h <= H).all()
+    area = w * h / (H * W)
+    assert 0.19 < area.min() < 0.21 and 0.58 < area.max() < 0.61
+    log_ratio = (w / h).log()
+    assert -0.33 < log_ratio.min() < -0.25 and 0.25 < log_ratio.max() < 0.33  # log(4/3) = 0.288
+    slack = W - boxes.w  # the left column is uniform over 0..slack: its mean fraction is 1/2
+    assert abs(float((boxes.x0 / slack.clamp_min(1)).mean()) - 0.5) < 0.02
+    assert bool((boxes.x0 == slack).any()) and bool((boxes.x0 == 0).any())
+    assert boxes.transpose.float().mean().sub(0.5).abs() < 0.03
+    assert boxes.flip_x.float().mean().sub(0.5).abs() < 0.03
 
 
 def test_block_size_does_not_change_the_views(monkeypatch):
@@ -189,7 +222,7 @@ def test_block_size_does_not_change_the_views(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_dtype_is_kept(dtype):
+def test_dtype_is_kept(dtype, resampler):
     g, loc = MultiCrop(16, 8, n_local=2)(torch.rand(2, 3, 32, 32, dtype=dtype), torch.Generator().manual_seed(0))
     assert g.dtype == loc.dtype == dtype
     assert g.shape == (2, 2, 3, 16, 16) and loc.shape == (2, 2, 3, 8, 8)

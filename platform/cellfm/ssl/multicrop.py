@@ -19,14 +19,35 @@ _BOX_ATTEMPTS = 10
 # while each multithreaded op still gets enough work to amortize its fork-join (measured in
 # benchmarks/multicrop_ablation.py: 2-6 MB alike, 1 MB and 16 MB about 1.7-1.8x slower).
 _CPU_BLOCK_BYTES_PER_THREAD = 1 << 22
+# On CPU, views at least this size are resampled one F.interpolate per view instead of by batched
+# grid_sample: a separable resize of a box costs less per pixel than grid_sample's gathers, which
+# outweighs the per-call Python for large views (multicrop_ablation, resampler section: grid_sample
+# takes 0.94x the per-view time at 96 px, 1.15x at 128 px, 1.35x at 224 px).
+_PER_VIEW_MIN_SIZE = 128
+
+
+@dataclass
+class _Boxes:
+    """The drawn views of one size, image-major ((image, view) pairs, flattened): an integer box per view
+    and its orientation as a transpose and two flips of the input axes' sample order."""
+
+    x0: Tensor  # (n,) long: the box's left column
+    y0: Tensor  # (n,) long: its top row
+    w: Tensor  # (n,) long: its width in input pixels
+    h: Tensor  # (n,) long: its height
+    transpose: Tensor  # (n,) bool: x runs along the view's rows (a quarter turn)
+    flip_x: Tensor  # (n,) bool: x positions run backwards along their view axis
+    flip_y: Tensor  # (n,) bool: y positions run backwards
 
 
 @dataclass
 class _ViewSet:
-    """The drawn views of one size for a whole batch, resampled block by block into ``out``."""
+    """The drawn views of one size for a whole batch, resampled into ``out`` block by block (one
+    grid_sample per block) or view by view (one F.interpolate per view, see _PER_VIEW_MIN_SIZE)."""
 
-    grid_column: Tensor  # (B, n_views, 1, size) complex: x + iy grid term of each output column
-    grid_row: Tensor  # (B, n_views, size, 1) complex: x + iy grid term of each output row
+    boxes: _Boxes
+    grid_column: Tensor | None  # (B, n_views, 1, size) complex: x + iy grid term of each output column
+    grid_row: Tensor | None  # (B, n_views, size, 1) complex: x + iy grid term of each output row
     slope: Tensor  # (n_views, B, C): intensity map slope (0 for masked channels)
     mean_weight: Tensor | None  # (n_views, B, C): weight of the view's channel mean; None without jitter
     out: Tensor  # (n_views, B, C, size, size)
@@ -52,6 +73,47 @@ class _ViewSet:
             mean = sampled.view(b, C, n_views, size * size).mean(dim=-1).permute(2, 0, 1)
             out.add_((self.mean_weight[:, start:stop] * mean)[..., None, None])
 
+    def resample_per_view(self, images: Tensor) -> None:
+        """Crop each box and resize it with F.interpolate, then flip and jitter it while it is in cache:
+        the same views as resample (up to float rounding), cheaper per pixel for large views on CPU."""
+        n_views = self.out.shape[0]
+        columns = (self.boxes.x0, self.boxes.y0, self.boxes.w, self.boxes.h, self.boxes.transpose,
+                   self.boxes.flip_x, self.boxes.flip_y)
+        for n, (x0, y0, w, h, transpose, flip_x, flip_y) in enumerate(zip(*(c.tolist() for c in columns))):
+            b, v = divmod(n, n_views)
+            region = images[b, :, y0:y0 + h, x0:x0 + w]
+            if transpose:  # rows along x: the view's rows then sample x, its columns y
+                region, flip_x, flip_y = region.transpose(-1, -2), flip_y, flip_x
+            view = F.interpolate(region[None], size=self.out.shape[-2:], mode="bilinear", align_corners=False)[0]
+            flips = [dim for dim, flip in ((-2, flip_y), (-1, flip_x)) if flip]
+            if flips:
+                view = view.flip(flips)
+            out = self.out[v, b]
+            torch.mul(view, self.slope[v, b, :, None, None], out=out)
+            if self.mean_weight is not None:
+                out.add_((self.mean_weight[v, b] * view.mean(dim=(-2, -1)))[:, None, None])
+
+
+def _axis_positions(start: Tensor, length: Tensor, size: int, extent: int, backwards: Tensor,
+                    dtype: torch.dtype) -> Tensor:
+    """(n, size) normalised (align_corners=False) sample positions along one input axis of ``extent``
+    pixels: the centres of ``size`` equal cells of the box [start, start + length), clamped to the box's
+    edge pixels, i.e. where cropping the box and resizing it with F.interpolate (bilinear,
+    align_corners=False) samples it; in reverse order where ``backwards``."""
+    start, length = start.double()[:, None], length.double()[:, None]
+    cells = torch.arange(size, dtype=torch.float64, device=start.device) + 0.5
+    pixel = torch.minimum(torch.maximum(start + cells * length / size - 0.5, start), start + length - 1)
+    pixel = torch.where(backwards[:, None], pixel.flip(-1), pixel)
+    return ((2 * pixel + 1) / extent - 1).to(dtype)
+
+
+def _orientation_flips(k: Tensor, fx: Tensor, fy: Tensor) -> dict[str, Tensor]:
+    """Which input axes a view samples backwards, for k quarter turns (odd k: transposed) and mirror
+    flags fx, fy: without flips, k gives torch.rot90(box, k); with uniform fx, fy each of the 8 flips
+    and rotations is equally likely, for any k."""
+    return {"flip_x": torch.stack([fx, ~fy, ~fx, fy], dim=1).gather(1, k[:, None])[:, 0],
+            "flip_y": torch.stack([fy, fx, ~fy, ~fx], dim=1).gather(1, k[:, None])[:, 0]}
+
 
 def gaussian_blur_views(views: Tensor, sigma: Tensor) -> Tensor:
     """Blur every (view, image) of ``views`` (V, B, C, s, s) with its own isotropic Gaussian, the same
@@ -74,14 +136,16 @@ def gaussian_blur_views(views: Tensor, sigma: Tensor) -> Tensor:
 
 class MultiCrop:
     """Batched multi-crop on the training device: each view is a random box (scale, aspect ratio) shared
-    by ALL channels of that image, resampled bilinearly by grid_sample (align_corners=False, border
-    padding, no antialiasing), plus random h/v flip, rot90, and per-channel intensity jitter
-    (brightness/contrast). One grid_sample call resamples all views of a block of images (the whole
-    batch on accelerators, a cache-sized block on CPU); the views do not depend on the block size.
+    by ALL channels of that image, cropped and resized bilinearly as F.interpolate does (align_corners=False,
+    no antialiasing, edges clamped at the box), plus random h/v flip, rot90, and per-channel intensity
+    jitter (brightness/contrast). One grid_sample call resamples all views of a block of images (the
+    whole batch on accelerators, a cache-sized block on CPU); on CPU, views of _PER_VIEW_MIN_SIZE pixels
+    or more are resized one F.interpolate per view instead. The views depend on neither choice.
 
-    scale is the box area as a fraction of the image area, ratio its width/height (log-uniform), as in
-    torchvision's RandomResizedCrop. Brightness multiplies a channel by U(1-j, 1+j); contrast scales its
-    deviation from its own mean by U(1-j, 1+j), drawn independently for every view and channel.
+    scale is the box area as a fraction of the image area, ratio its width/height (log-uniform), and the
+    box has whole-pixel sides and position, as in torchvision's RandomResizedCrop. Brightness
+    multiplies a channel by U(1-j, 1+j); contrast scales its deviation from its own mean by U(1-j, 1+j),
+    drawn independently for every view and channel.
     With ``blur_probability`` > 0 each view is, with that probability, Gaussian-blurred with a sigma
     drawn from ``blur_sigma`` (pixels of the view), as DINO's augmentations do: a field's focus is
     then no shortcut for telling fields apart."""
@@ -146,14 +210,18 @@ class MultiCrop:
         if self.n_local > 0:
             view_sets.append(self._view_set(images, self.n_local, self.local_size, self.local_scale, generator, valid))
         sigmas = [self._blur_sigmas(view_set.out.shape[:2], gen=generator) for view_set in view_sets]
-        block = self._images_per_block(images)
-        for start in range(0, B, block):
+        gridded = [view_set for view_set in view_sets if view_set.grid_row is not None]
+        block = self._images_per_block(images, gridded)
+        for start in range(0, B if gridded else 0, block):
             if images.device.type == "cpu":
                 # A streaming read of the block first: grid_sample's gathers then hit cache instead of
                 # missing on cold input rows (measured: grid_sample about 1.4x faster, multicrop_ablation).
                 images[start:start + block].sum()
-            for view_set in view_sets:
+            for view_set in gridded:
                 view_set.resample(images, start, min(B, start + block))
+        for view_set in view_sets:
+            if view_set.grid_row is None:
+                view_set.resample_per_view(images)
         views = [view_set.out if sigma is None else gaussian_blur_views(view_set.out, sigma.to(images.device))
                  for view_set, sigma in zip(view_sets, sigmas)]
         return views[0], views[1] if self.n_local > 0 else None
@@ -165,7 +233,7 @@ class MultiCrop:
         blurred = self._uniform(tuple(shape), 0.0, 1.0, gen) < self.blur_probability
         return torch.where(blurred, self._uniform(tuple(shape), *self.blur_sigma, gen), 0.0)
 
-    def _images_per_block(self, images: Tensor) -> int:
+    def _images_per_block(self, images: Tensor, view_sets: list[_ViewSet]) -> int:
         """How many images to resample at a time. On CPU a few, so that a block's input, grid and samples
         stay in cache from the input read to the intensity pass and their buffers are reused, instead
         of batch-sized ones that go through memory (and page faults) on every call; on accelerators the
@@ -173,7 +241,7 @@ class MultiCrop:
         B, C = images.shape[:2]
         if images.device.type != "cpu":
             return B
-        pixels = 2 * self.global_size**2 + self.n_local * self.local_size**2
+        pixels = sum(view_set.out[:, 0, 0].numel() for view_set in view_sets)
         # input, samples, output, (x, y) grid
         bytes_per_image = images.element_size() * (images[0].numel() + pixels * (2 * C + 2))
         return max(1, min(B, _CPU_BLOCK_BYTES_PER_THREAD * torch.get_num_threads() // bytes_per_image))
@@ -183,25 +251,27 @@ class MultiCrop:
         """Draws the boxes and intensity jitter of n_views views of every image; valid (B, C) bool marks
         the real channels (padding comes out zero)."""
         B, C, H, W = images.shape
-        theta = self._sample_theta(B * n_views, H, W, scale, gen)
-        # The grid is built in complex numbers (see resample): in float32 for half-precision images,
-        # which have no complex type of their own on every device, and rounded once to their dtype.
-        grid_dtype = images.dtype if images.dtype in (torch.float32, torch.float64) else torch.float32
-        theta = theta.to(device=images.device, dtype=grid_dtype).view(B, n_views, 2, 3)
-        # affine_grid's output pixel centres (align_corners=False). A box is axis-aligned and rot90/flips
-        # only permute or negate its axes, so the grid is one term per output column plus one per
-        # output row: built by one broadcast add per block instead of a (views, size^2, 3) x (3, 2) bmm.
-        centres = (2 * torch.arange(size, device=images.device, dtype=grid_dtype) + 1) / size - 1
-        theta = torch.complex(theta[:, :, 0], theta[:, :, 1])[..., None, None, :]  # (B, n_views, 1, 1, 3): x + iy
-        grid_column = theta[..., 0] * centres + theta[..., 2]
-        grid_row = (theta[..., 1] * centres).transpose(-2, -1)
+        boxes = self._draw_boxes(B * n_views, H, W, scale, gen)
+        grid_column = grid_row = None
+        if images.device.type != "cpu" or size < _PER_VIEW_MIN_SIZE:
+            # The grid is built in complex numbers (see resample): in float32 for half-precision images,
+            # which have no complex type of their own on every device, and rounded once to their dtype.
+            grid_dtype = images.dtype if images.dtype in (torch.float32, torch.float64) else torch.float32
+            x = _axis_positions(boxes.x0, boxes.w, size, W, boxes.flip_x, grid_dtype)
+            y = _axis_positions(boxes.y0, boxes.h, size, H, boxes.flip_y, grid_dtype)
+            x, y = torch.complex(x, torch.zeros_like(x)), torch.complex(torch.zeros_like(y), y)
+            # x depends on one output axis and y on the other, so the grid is one term per output column
+            # plus one per output row: built by one broadcast add per block, not a per-pixel affine map.
+            transpose = boxes.transpose[:, None]
+            grid_column = torch.where(transpose, y, x).to(images.device).view(B, n_views, 1, size)
+            grid_row = torch.where(transpose, x, y).to(images.device).view(B, n_views, size, 1)
         slope, mean_weight = self._intensity_affine(n_views, valid, gen, images)
         if not bool(valid.all()):
             keep = valid.to(device=images.device, dtype=images.dtype)
             slope = slope * keep
             mean_weight = None if mean_weight is None else mean_weight * keep
         out = torch.empty((n_views, B, C, size, size), dtype=images.dtype, device=images.device)
-        return _ViewSet(grid_column, grid_row, slope, mean_weight, out)
+        return _ViewSet(boxes, grid_column, grid_row, slope, mean_weight, out)
 
     def _intensity_affine(self, n_views: int, valid: Tensor, gen: torch.Generator | None, like: Tensor
                           ) -> tuple[Tensor, Tensor | None]:
@@ -219,42 +289,31 @@ class MultiCrop:
         gain, contrast = (spread_over_real_channels(d, valid, fill=1.0).to(like) for d in (gain, contrast))
         return gain * contrast, gain * (1 - contrast)
 
-    def _sample_theta(
-        self, n: int, H: int, W: int, scale: tuple[float, float], gen: torch.Generator | None
-    ) -> Tensor:
-        """(n, 2, 3) affine maps from output to input normalised coordinates (align_corners=False)."""
-        area = H * W
-        s = self._uniform((n, _BOX_ATTEMPTS), *scale, gen) * area
-        log_r = self._uniform((n, _BOX_ATTEMPTS), math.log(self.ratio[0]), math.log(self.ratio[1]), gen)
-        w_try, h_try = torch.sqrt(s * log_r.exp()), torch.sqrt(s / log_r.exp())
-        fits = (w_try <= W) & (h_try <= H)
-        first = fits.float().argmax(dim=1, keepdim=True)  # first attempt that fits
+    def _draw_boxes(self, n: int, H: int, W: int, scale: tuple[float, float], gen: torch.Generator | None
+                    ) -> _Boxes:
+        """n boxes and orientations. As torchvision's RandomResizedCrop: area ~ U(scale) * H * W and
+        log(w / h) ~ U(log ratio), sides rounded to whole pixels, the first of _BOX_ATTEMPTS draws that
+        fits (else the whole image), at a uniform whole-pixel position."""
+        area = self._uniform((n, _BOX_ATTEMPTS), *scale, gen) * H * W
+        ratio = self._uniform((n, _BOX_ATTEMPTS), math.log(self.ratio[0]), math.log(self.ratio[1]), gen).exp()
+        w_try, h_try = torch.sqrt(area * ratio).round().long(), torch.sqrt(area / ratio).round().long()
+        fits = (w_try >= 1) & (w_try <= W) & (h_try >= 1) & (h_try <= H)
+        first = fits.long().argmax(dim=1, keepdim=True)  # first attempt that fits
         found = fits.any(dim=1)
-        w = torch.where(found, w_try.gather(1, first)[:, 0], torch.full_like(found, W, dtype=s.dtype))
-        h = torch.where(found, h_try.gather(1, first)[:, 0], torch.full_like(found, H, dtype=s.dtype))
-        cx = w / 2 + (W - w) * self._uniform((n,), 0.0, 1.0, gen)
-        cy = h / 2 + (H - h) * self._uniform((n,), 0.0, 1.0, gen)
+        w = torch.where(found, w_try.gather(1, first)[:, 0], W)
+        h = torch.where(found, h_try.gather(1, first)[:, 0], H)
+        x0 = (self._uniform((n,), 0.0, 1.0, gen) * (W - w + 1)).long().clamp_max(W - w)
+        y0 = (self._uniform((n,), 0.0, 1.0, gen) * (H - h + 1)).long().clamp_max(H - h)
 
-        # Rotation (k * 90 deg) and flips act on output coordinates, so a square view stays square.
-        if self.rot90:
-            k = torch.randint(0, 4, (n,), generator=gen, device=s.device)
-            cos = torch.tensor([1.0, 0.0, -1.0, 0.0], device=s.device)[k]
-            sin = torch.tensor([0.0, 1.0, 0.0, -1.0], device=s.device)[k]
-        else:
-            cos, sin = torch.ones(n, device=s.device), torch.zeros(n, device=s.device)
+        device = area.device
+        k = (torch.randint(0, 4, (n,), generator=gen, device=device) if self.rot90
+             else torch.zeros(n, dtype=torch.long, device=device))
         if self.flip:
-            fx = torch.randint(0, 2, (n,), generator=gen, device=s.device) * 2.0 - 1.0
-            fy = torch.randint(0, 2, (n,), generator=gen, device=s.device) * 2.0 - 1.0
+            fx = torch.randint(0, 2, (n,), generator=gen, device=device).bool()
+            fy = torch.randint(0, 2, (n,), generator=gen, device=device).bool()
         else:
-            fx, fy = torch.ones(n, device=s.device), torch.ones(n, device=s.device)
-        sx, sy = w / W, h / H
-        return torch.stack(
-            [
-                torch.stack([sx * cos * fx, -sx * sin * fy, 2 * cx / W - 1], dim=1),
-                torch.stack([sy * sin * fx, sy * cos * fy, 2 * cy / H - 1], dim=1),
-            ],
-            dim=1,
-        )
+            fx = fy = torch.zeros(n, dtype=torch.bool, device=device)
+        return _Boxes(x0, y0, w, h, transpose=k % 2 == 1, **_orientation_flips(k, fx, fy))
 
     @staticmethod
     def _uniform(shape: tuple[int, ...], lo: float, hi: float, gen: torch.Generator | None) -> Tensor:
