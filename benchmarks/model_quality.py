@@ -99,6 +99,11 @@ MODELS = {
     "dichavit": ["model.name=dichavit", *IBOT, "ssl.channel_sampling=dcs"],
     "ca_mae": ["model.name=ca_mae", "ssl.objective=mae", "ssl.n_local_crops=0"],
     "vit_rgb_finetuned": ["model.name=vit_rgb", *IBOT],
+    # CellRep at 1.26x ViT-S/16's FLOPs (attention across channels per patch position; docs/models.md), and the
+    # pooling that keeps which stain showed what (learned content-chosen queries), for CellRep and C3R.
+    "cellrep_axial": ["model.name=cellrep", "ssl.objective=dino", "model.channel_mixer=axial"],
+    "cellrep_attention_pool": ["model.name=cellrep", "ssl.objective=dino", "model.channel_pooling=attention"],
+    "c3r_attention_pool": ["model.name=c3r", *IBOT, "ssl.mcd=true", "model.channel_pooling=attention"],
 }
 # The CellRep paper's "DINOv2 Finetuned" row: a model pre-trained on cp5 (the same seed's run of FINETUNED[m][0]),
 # then continued (`train.init_from`: its student, teacher and centers; a fresh optimizer and schedules) for the
@@ -106,7 +111,7 @@ MODELS = {
 FINETUNED = {"vit_rgb_finetuned": ("vit_rgb", "novel4")}
 # Models whose one embedding pools over channels (a mean after the mixer, per group, or of per-channel
 # embeddings): read out both ways. vit_rgb fuses stains at the input and ChannelViT keeps a token per channel.
-CHANNEL_POOLING = ("cellrep", "c3r", "single_channel")
+CHANNEL_POOLING = ("cellrep", "c3r", "single_channel", "cellrep_axial", "cellrep_attention_pool", "c3r_attention_pool")
 READOUTS = ("pooled", "per_channel")
 TRAIN_CONFIG = "cp5"
 PROTOCOLS = {"lopo": "leave-one-plate-out probe (features z-scored per plate; ± standard error over wells)",
@@ -403,7 +408,11 @@ def claims(summary: dict) -> list[str]:
                         ("C3R vs DiChaViT (C3R paper: C3R ahead out of distribution)", "c3r", "dichavit"),
                         ("CellRep vs vit_rgb pre-trained on cp5 and continued on novel4's training plates (CellRep "
                          "paper: CellRep, which never saw the assay, ahead of DINOv2 Finetuned, which did)", "cellrep",
-                         "vit_rgb_finetuned")):
+                         "vit_rgb_finetuned"),
+                        ("CellRep with the channel-axial mixer (1.26x ViT-S/16 FLOPs) vs today's CellRep (2.07x)",
+                         "cellrep_axial", "cellrep"),
+                        ("CellRep attention pooling vs mean pooling", "cellrep_attention_pool", "cellrep"),
+                        ("C3R attention pooling vs mean pooling", "c3r_attention_pool", "c3r")):
         if a in models and b in models:
             for readout in readouts(a):
                 other = readout if readout in readouts(b) else "pooled"

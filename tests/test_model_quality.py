@@ -76,7 +76,8 @@ def test_both_readouts_exactly_for_the_models_that_pool_over_channels():
     assert {m: readouts(m) for m in ("cellrep", "c3r", "single_channel", "vit_rgb", "channelvit")} == {
         "cellrep": ("pooled", "per_channel"), "c3r": ("pooled", "per_channel"),
         "single_channel": ("pooled", "per_channel"), "vit_rgb": ("pooled",), "channelvit": ("pooled",)}
-    assert set(CHANNEL_POOLING) == {"cellrep", "c3r", "single_channel"}
+    assert set(CHANNEL_POOLING) == {"cellrep", "c3r", "single_channel", "cellrep_axial", "cellrep_attention_pool",
+                                    "c3r_attention_pool"}
 
 
 def _plates(n_plates: int = 3, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
