@@ -1,28 +1,24 @@
 """The per-worker training loop run by Ray Train: each epoch, this rank's fields of the epoch
 (`cellfm.data.pipeline.epoch_shard`, streamed in a fixed order) through the one training step
-(`cellfm.train.meta_arch.SSLMetaArch`), an epoch checkpoint through Ray Train, TensorBoard events and a
-progress line from rank 0."""
+(`cellfm.train.meta_arch.SSLMetaArch`); what it measures (data wait, FLOPs, TensorBoard events, rank 0's
+progress lines) is `cellfm.train.telemetry.TrainingTelemetry`, and each epoch ends in `report_epoch`
+(metrics, the epoch evaluator, a checkpoint through Ray Train)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from cellfm.config import Config
 from cellfm.data.pipeline import DataMonitor, FieldCache, build_field_pipeline, epoch_shard, iter_training_batches
 from cellfm.seeding import Stream, derive_seed
 from cellfm.train.meta_arch import SSLMetaArch
-from cellfm.train.progress import TrainingProgress
 from cellfm.train.self_distillation import supcon_label
-from cellfm.train.telemetry import RunEvents, model_flops_utilisation, peak_flops_per_s
+from cellfm.train.telemetry import TrainingTelemetry
 
 
 def log_progress(message: str) -> None:
@@ -78,18 +74,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             log_progress(f"resumed from epoch {state['epoch']} step {step}")
 
-    # MFU only where a peak is known (GPUs); the FLOPs of one training image (student forward + backward
-    # over all crops, teacher forward) are counted on the first micro-batch.
-    peak_flops = peak_flops_per_s(device, cfg.train.peak_tflops)
-    flops_per_image: float | None = None
-
-    events = RunEvents(tensorboard_dir, cfg.data.storage_options) if rank == 0 and tensorboard_dir else None
-    writer = events.writer if events is not None else None
-    if rank == 0 and peak_flops is None:
-        log_progress(f"MFU not reported: no known peak FLOP/s for {device} (set train.peak_tflops on a GPU)")
-
-    progress = TrainingProgress(cfg.optim.epochs * steps_per_epoch, batch * world * accumulate, first_step=step)
-    sched = meta_arch.schedules
+    telemetry = TrainingTelemetry(cfg, rank=rank, world_size=world, device=device, steps_per_epoch=steps_per_epoch,
+                                  first_step=step, tensorboard_dir=tensorboard_dir, log=log_progress)
     label = supcon_label(cfg)
     for epoch in range(start_epoch, cfg.optim.epochs):
         # This rank's fields of the epoch in a fixed order, each with its seeded channel order (data.pipeline).
@@ -97,86 +83,41 @@ def train_loop_per_worker(loop_config: dict) -> None:
         stream = build_field_pipeline(shard, cfg.data, training=True, keep_columns=[label] if label else [],
                                       seed=cfg.train.seed, epoch=epoch, monitor=monitor, cache=cache).dataset
         shuffle_seed = derive_seed(cfg.train.seed, Stream.SHUFFLE_BUFFER, epoch, rank)
-        sums: dict[str, float] = {}
-        n_steps, micro, wait_s, epoch_t0 = 0, 0, 0.0, time.perf_counter()
-        t_wait = time.perf_counter()
-        for fields in iter_training_batches(stream, cfg.data, batch, device, label_column=label,
-                                            shuffle_seed=shuffle_seed):
-            t_step = time.perf_counter()
-            wait_s += t_step - t_wait
-            if n_steps == steps_per_epoch:
-                t_wait = time.perf_counter()
+        batches = iter_training_batches(stream, cfg.data, batch, device, label_column=label, shuffle_seed=shuffle_seed)
+        telemetry.start_epoch()
+        micro = 0
+        for fields in telemetry.timed(batches):
+            if telemetry.steps == steps_per_epoch:
                 continue  # remainder micro-batches that cannot fill an accumulation step
             if micro == 0:
-                step_started = t_wait  # the step's first wait for data counts toward its time
-            count_flops = peak_flops is not None and flops_per_image is None
-            flop_counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
-            with flop_counter:
+                telemetry.start_step()
+            with telemetry.counting_flops():
                 losses = meta_arch.forward_backward(fields, epoch=epoch, step=step, micro=micro)
-            if count_flops:
-                flops_per_image = flop_counter.get_total_flops() / batch
-            values = {"loss": losses.total.item(), **{k: v.item() for k, v in losses.terms.items()}}
-            if not math.isfinite(values["loss"]):
-                raise FloatingPointError(f"loss is {values['loss']} at epoch {epoch} step {step}")
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v / accumulate
+            values = telemetry.micro_batch(losses, epoch=epoch, step=step)
             micro += 1
             if micro < accumulate:
-                t_wait = time.perf_counter()
                 continue
             micro = 0
             grad_norm = meta_arch.optimizer_step(step)
-
-            step_s = time.perf_counter() - step_started
-            if writer is not None:
-                for k, v in values.items():
-                    writer.add_scalar(f"train/{k}", v, step)
-                writer.add_scalar("train/grad_norm", float(grad_norm), step)
-                writer.add_scalar("schedule/lr", sched.lr[step], step)
-                writer.add_scalar("schedule/weight_decay", sched.wd[step], step)
-                writer.add_scalar("schedule/teacher_temp", sched.teacher_temp[step], step)
-                writer.add_scalar("schedule/ema_momentum", sched.momentum[step], step)
-                images_per_s = accumulate * batch * world / max(step_s, 1e-9)
-                writer.add_scalar("perf/images_per_s", images_per_s, step)
-                if flops_per_image is not None:
-                    writer.add_scalar("perf/mfu", model_flops_utilisation(flops_per_image, images_per_s, world,
-                                                                          peak_flops), step)
-            if rank == 0 and step % cfg.train.log_every_steps == 0:
-                log_progress(progress.line(epoch=epoch, epochs=cfg.optim.epochs, step=step + 1, loss=values["loss"],
-                                           data_wait_fraction=wait_s / max(time.perf_counter() - epoch_t0, 1e-9),
-                                           lr=sched.lr[step], teacher_temp=sched.teacher_temp[step]))
+            telemetry.optimizer_step(epoch=epoch, step=step, values=values, grad_norm=grad_norm,
+                                     schedules=meta_arch.schedules)
             step += 1
-            n_steps += 1
-            t_wait = time.perf_counter()
+        report_epoch(meta_arch, telemetry, epoch=epoch, step=step, epoch_evaluator=epoch_evaluator, rank=rank)
+    telemetry.close()
 
-        epoch_s = time.perf_counter() - epoch_t0
-        metrics = {k: v / max(n_steps, 1) for k, v in sums.items()}
-        metrics.update(epoch=epoch, step=step, images_per_s=n_steps * accumulate * batch * world / max(epoch_s, 1e-9),
-                       data_wait_fraction=wait_s / max(epoch_s, 1e-9))
-        # None (not a made-up number) where MFU cannot be measured.
-        metrics["mfu"] = (None if flops_per_image is None else
-                          model_flops_utilisation(flops_per_image, metrics["images_per_s"], world, peak_flops))
-        # A sweep's objective: rank 0 scores the teacher (Ray Tune forwards rank 0's metrics only).
-        if epoch_evaluator is not None and rank == 0:
-            evaluated = epoch_evaluator(meta_arch.teacher.backbone)
-            metrics.update(evaluated)
-            if writer is not None:
-                for name, value in evaluated.items():
-                    writer.add_scalar(f"eval/{name}", value, step)
-        if rank == 0:
-            log_progress("end of " + progress.line(epoch=epoch, epochs=cfg.optim.epochs, step=step, loss=metrics.get("loss", float("nan")),
-                                                   data_wait_fraction=metrics["data_wait_fraction"],
-                                                   images_per_s=metrics["images_per_s"]))
-        if events is not None:
-            writer.add_scalar("perf/data_wait_fraction", metrics["data_wait_fraction"], step)
-            writer.add_scalar("train/epoch_loss", metrics["loss"], step)
-            if metrics["mfu"] is not None:
-                writer.add_scalar("perf/epoch_mfu", metrics["mfu"], step)
-            events.flush()
-        # Every rank writes its part (if any) into a folder of the same name; Ray Train merges them.
-        with tempfile.TemporaryDirectory() as tmp:
-            meta_arch.save(Path(tmp), epoch=epoch, step=step)
-            part = ray.train.Checkpoint.from_directory(tmp) if any(Path(tmp).iterdir()) else None
-            ray.train.report(metrics, checkpoint=part, checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}")
-    if events is not None:
-        events.close()
+
+def report_epoch(meta_arch: SSLMetaArch, telemetry: TrainingTelemetry, *, epoch: int, step: int, epoch_evaluator,
+                 rank: int) -> None:
+    """The end of an epoch: its metrics (with a sweep objective's, scored by rank 0 on the teacher: Ray Tune
+    forwards rank 0's metrics only), the line and scalars, and the checkpoint reported to Ray Train (every rank
+    writes its part, if any, into a folder of the same name; Ray Train merges them)."""
+    import ray.train
+
+    metrics = telemetry.epoch_metrics(epoch=epoch, step=step)
+    evaluated = epoch_evaluator(meta_arch.teacher.backbone) if epoch_evaluator is not None and rank == 0 else {}
+    metrics.update(evaluated)
+    telemetry.end_epoch(metrics, evaluated)
+    with tempfile.TemporaryDirectory() as tmp:
+        meta_arch.save(Path(tmp), epoch=epoch, step=step)
+        part = ray.train.Checkpoint.from_directory(tmp) if any(Path(tmp).iterdir()) else None
+        ray.train.report(metrics, checkpoint=part, checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}")
