@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,30 @@ SMOKE_CONFIG = REPO / "configs" / "smoke.yaml"
 # Faster Train V2 control loop for short test runs (STACK_NOTES); inherited by Ray workers.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that asks for Ray (the `ray_session` fixture) must say so with `@pytest.mark.integration`, so
+    that `-m "not integration"` runs no Ray at all."""
+    unmarked = [item.nodeid for item in items
+                if "ray_session" in item.fixturenames and item.get_closest_marker("integration") is None]
+    if unmarked:
+        raise pytest.UsageError("tests that start Ray must be marked integration: " + ", ".join(unmarked))
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_in_integration_tests(request):
+    """Fails a test not marked integration that starts Ray in this process (ray.init called by the code under
+    test, not through `ray_session`)."""
+
+    def ray_up() -> bool:
+        return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+    was_up = ray_up()
+    yield
+    if request.node.get_closest_marker("integration") is None and not was_up and ray_up():
+        sys.modules["ray"].shutdown()
+        pytest.fail("this test started Ray: mark it @pytest.mark.integration")
 
 
 @pytest.fixture(scope="module")

@@ -166,6 +166,7 @@ def _chammi(root: Path, widths=(16, 16, 16)) -> Path:
     return sub
 
 
+@pytest.mark.integration
 def test_chammi_strips_end_to_end_on_ray(tmp_path, ray_session):
     sub = _chammi(tmp_path / "CHAMMI")
     plan = plan_chammi(sub)
@@ -212,6 +213,7 @@ def _generic(root: Path, plates=("PL1", "PL2"), wells=("A01", "A02", "B05"), sit
     return root
 
 
+@pytest.mark.integration
 def test_generic_layout_end_to_end_on_ray(tmp_path, ray_session):
     root = _generic(tmp_path / "raw")
     plan = plan_generic(f"{root}/*/*.tif", GENERIC_REGEX, GENERIC_MAP, well_metadata=root / "wells.csv")

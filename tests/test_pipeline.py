@@ -15,6 +15,7 @@ def _rows(ds) -> list[dict]:
     return list(ds.iter_rows())
 
 
+@pytest.mark.integration
 def test_evaluation_stream_is_normalized_and_keeps_metadata(ray_session, tiny_screen):
     manifest = load_manifests([tiny_screen["heldout"]])
     rows = _rows(build_field_dataset(manifest, DataConfig(), training=False, keep_columns=["plate", "well", "field"]))
@@ -29,6 +30,7 @@ def test_evaluation_stream_is_normalized_and_keeps_metadata(ray_session, tiny_sc
     assert 0.0 <= row["image"].min() and row["image"].max() <= 1.0
 
 
+@pytest.mark.integration
 def test_training_permutation_moves_names_with_channels(ray_session, tiny_screen):
     manifest = load_manifests([tiny_screen["train"]])
     rows = _rows(build_field_dataset(manifest, DataConfig(), training=True, keep_columns=["plate", "well", "field"]))
@@ -192,6 +194,7 @@ def test_field_size_crop_reads_the_centre(ray_session, tiny_screen):
         np.testing.assert_allclose(r["image"].astype(np.float32), percentile_clip(raw), atol=1e-3)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("normalization", ["clahe", "standardize", "none"])
 def test_each_normalization_streams(ray_session, tiny_screen, normalization):
     manifest = load_manifests([tiny_screen["heldout"]]).iloc[:4]
@@ -256,6 +259,7 @@ def test_corrupt_chunk_is_named_in_fail_mode(ray_session, corrupt_manifest):
     assert "BadFieldError" in text and "bad_field_policy" in text
 
 
+@pytest.mark.integration
 def test_uint8_transfer_halves_bytes_and_decodes_to_unit_range(ray_session, tiny_screen):
     manifest = load_manifests([tiny_screen["train"]]).iloc[:8]
     cfg = DataConfig(transfer_dtype="uint8", channel_permutation=False, **_FAST)
