@@ -113,6 +113,31 @@ def write_control_manifest(uri: str, wells: list[tuple[str, str]], n_fields: int
     return write_manifest(pd.DataFrame(rows), path)
 
 
+def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.2) -> None:
+    """Polls `predicate` until it holds; TimeoutError naming `what` after `timeout_s`."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s} s for {what}")
+        time.sleep(poll_s)
+
+
+def group_process_names(pgid: int) -> list[str]:
+    """The names of the live (not zombie) processes in process group `pgid`."""
+    import psutil
+
+    names = []
+    for proc in psutil.process_iter(["name", "status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                names.append(proc.info["name"])
+        except (ProcessLookupError, PermissionError):
+            continue
+    return names
+
+
 def tensorboard_scalars(run_dir: Path, tag: str) -> dict[int, float]:
     """step -> value of one TensorBoard scalar of a run; a resumed run appends a second events file,
     later values win."""
