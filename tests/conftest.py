@@ -60,6 +60,23 @@ def tiny_screen(tmp_path_factory) -> dict[str, Path]:
     return generate_screen(tmp_path_factory.mktemp("screen"), layout="tiny", seed=0)
 
 
+@pytest.fixture(scope="session")
+def family_screen(tmp_path_factory):
+    """`family_screen(config, seed=0)`: the tiny screen of one synthetic family configuration (cp5, novel4,
+    hpa4, brightfield1, ...), generated once per test session; tests only read it."""
+    from cellfm.data.synthetic import generate_family_screen
+
+    made: dict[tuple[str, int], dict[str, Path]] = {}
+
+    def get(config: str, seed: int = 0) -> dict[str, Path]:
+        if (config, seed) not in made:
+            made[config, seed] = generate_family_screen(tmp_path_factory.mktemp(f"{config}-{seed}"), config, "tiny",
+                                                        seed=seed)
+        return made[config, seed]
+
+    return get
+
+
 @pytest.fixture
 def smoke_overrides(tiny_screen, tmp_path) -> list[str]:
     """Overrides pointing the smoke config at the session's tiny screen and a fresh run folder."""
@@ -136,6 +153,25 @@ def group_process_names(pgid: int) -> list[str]:
         except (ProcessLookupError, PermissionError):
             continue
     return names
+
+
+def ray_session_dir_of_group(pgid: int) -> str | None:
+    """The Ray session folder (…/session_<time>) that a process of group `pgid` has a file open in, if any."""
+    import re
+
+    import psutil
+
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) != pgid:
+                continue
+            for f in proc.open_files():
+                match = re.match(r"(.*/session_[^/]+)/", f.path)
+                if match:
+                    return match.group(1)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return None
 
 
 def tensorboard_scalars(run_dir: Path, tag: str) -> dict[int, float]:

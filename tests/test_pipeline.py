@@ -123,13 +123,10 @@ def test_mixed_channel_counts_reach_the_trainer_padded_with_mask(ray_session, ti
 
 
 @pytest.fixture(scope="module")
-def family_manifest(tmp_path_factory):
+def family_manifest(family_screen):
     """cp5-, hpa4- and brightfield1-like plates (5, 4 and 1 channels) of the synthetic family in one
     manifest: 10, 7 and 5 fields, so no count fills a whole number of 4-field batches."""
-    from cellfm.data.synthetic import generate_family_screen
-
-    root = tmp_path_factory.mktemp("family")
-    parts = [load_manifests([generate_family_screen(root / name, name, "tiny", seed=0)["train"]]).iloc[:n]
+    parts = [load_manifests([family_screen(name)["train"]]).iloc[:n]
              for name, n in (("cp5", 10), ("hpa4", 7), ("brightfield1", 5))]
     return pd.concat(parts, ignore_index=True)
 
