@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,30 @@ SMOKE_CONFIG = REPO / "configs" / "smoke.yaml"
 # Faster Train V2 control loop for short test runs (STACK_NOTES); inherited by Ray workers.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that asks for Ray (the `ray_session` fixture) must say so with `@pytest.mark.integration`, so
+    that `-m "not integration"` runs no Ray at all."""
+    unmarked = [item.nodeid for item in items
+                if "ray_session" in item.fixturenames and item.get_closest_marker("integration") is None]
+    if unmarked:
+        raise pytest.UsageError("tests that start Ray must be marked integration: " + ", ".join(unmarked))
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_in_integration_tests(request):
+    """Fails a test not marked integration that starts Ray in this process (ray.init called by the code under
+    test, not through `ray_session`)."""
+
+    def ray_up() -> bool:
+        return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+    was_up = ray_up()
+    yield
+    if request.node.get_closest_marker("integration") is None and not was_up and ray_up():
+        sys.modules["ray"].shutdown()
+        pytest.fail("this test started Ray: mark it @pytest.mark.integration")
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +58,23 @@ def tiny_screen(tmp_path_factory) -> dict[str, Path]:
     from cellfm.data.synthetic import generate_screen
 
     return generate_screen(tmp_path_factory.mktemp("screen"), layout="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def family_screen(tmp_path_factory):
+    """`family_screen(config, seed=0)`: the tiny screen of one synthetic family configuration (cp5, novel4,
+    hpa4, brightfield1, ...), generated once per test session; tests only read it."""
+    from cellfm.data.synthetic import generate_family_screen
+
+    made: dict[tuple[str, int], dict[str, Path]] = {}
+
+    def get(config: str, seed: int = 0) -> dict[str, Path]:
+        if (config, seed) not in made:
+            made[config, seed] = generate_family_screen(tmp_path_factory.mktemp(f"{config}-{seed}"), config, "tiny",
+                                                        seed=seed)
+        return made[config, seed]
+
+    return get
 
 
 @pytest.fixture
@@ -86,6 +128,50 @@ def write_control_manifest(uri: str, wells: list[tuple[str, str]], n_fields: int
              "width": shape[1], "dtype": dtype, "perturbation_id": "DMSO", "moa": "control", "is_control": True,
              "dose": 0.0, "cell_line": "U2OS", "batch": "b"} for r, c in wells for f in range(n_fields)]
     return write_manifest(pd.DataFrame(rows), path)
+
+
+def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.2) -> None:
+    """Polls `predicate` until it holds; TimeoutError naming `what` after `timeout_s`."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s} s for {what}")
+        time.sleep(poll_s)
+
+
+def group_process_names(pgid: int) -> list[str]:
+    """The names of the live (not zombie) processes in process group `pgid`."""
+    import psutil
+
+    names = []
+    for proc in psutil.process_iter(["name", "status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                names.append(proc.info["name"])
+        except (ProcessLookupError, PermissionError):
+            continue
+    return names
+
+
+def ray_session_dir_of_group(pgid: int) -> str | None:
+    """The Ray session folder (…/session_<time>) that a process of group `pgid` has a file open in, if any."""
+    import re
+
+    import psutil
+
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) != pgid:
+                continue
+            for f in proc.open_files():
+                match = re.match(r"(.*/session_[^/]+)/", f.path)
+                if match:
+                    return match.group(1)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return None
 
 
 def tensorboard_scalars(run_dir: Path, tag: str) -> dict[int, float]:

@@ -1,7 +1,8 @@
-"""DeepSpeed ZeRO-1 and ZeRO-2 under the same Ray Train loop on 2 CPU workers (gloo): a run trains and writes a
-merged checkpoint (every rank's optimizer partition, rank 0's weights), the inference backbone loads from it,
-and relaunching the same run name with more epochs resumes with the step counter, optimizer state and
-schedules continuing exactly."""
+"""DeepSpeed under the same Ray Train loop on 2 CPU workers (gloo): a run trains and writes a merged checkpoint
+(every rank's optimizer partition, rank 0's weights), the inference backbone loads from it, and relaunching
+the same run name with more epochs resumes with the step counter, optimizer state and schedules continuing
+exactly. ZeRO-2 only: that ZeRO-1 and ZeRO-2 partitions both restore exactly is proven without Ray
+(tests/test_engines.py); the Ray loop and the checkpoint layout are the same for both stages."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from tests.conftest import SMOKE_CONFIG, tensorboard_scalars
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [2])
 def test_deepspeed_trains_checkpoints_and_resumes(ray_session, smoke_overrides, stage):
     common = smoke_overrides + ["train.engine=deepspeed", f"train.zero_stage={stage}", f"train.run_name=zero{stage}",
                                 "ssl.warmup_teacher_temp_epochs=2", "optim.warmup_epochs=1"]

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -28,7 +27,7 @@ from cellfm.config import load_config
 from cellfm.train.checkpoint import latest_checkpoint
 from cellfm.train.storage import run_directory
 from cellfm.train.trainer import run_pretraining
-from tests.conftest import REPO, SMOKE_CONFIG, tensorboard_scalars
+from tests.conftest import REPO, SMOKE_CONFIG, tensorboard_scalars, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -101,14 +100,6 @@ def _checkpoint_registered(run_dir: Path, name: str) -> bool:
         return False
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout}s for {what}")
-        time.sleep(0.2)
-
-
 def test_hard_stop_after_epoch_1_then_relaunch_ends_bit_identical(reference, overrides):
     """Kill the whole job (driver, its embedded Ray and workers) once epoch 1's checkpoint is recorded;
     relaunching the same run name resumes there and ends with every checkpoint and every step's loss
@@ -119,7 +110,7 @@ def test_hard_stop_after_epoch_1_then_relaunch_ends_bit_identical(reference, ove
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        _wait_for(lambda: _checkpoint_registered(run_dir, "checkpoint_epoch0000") or proc.poll() is not None, 300,
+        wait_until(lambda: _checkpoint_registered(run_dir, "checkpoint_epoch0000") or proc.poll() is not None, 300,
                   "the first checkpoint")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # a hard stop
@@ -161,14 +152,14 @@ def test_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint_bit_i
 
     thread = threading.Thread(target=fit)
     thread.start()
-    _wait_for(lambda: _checkpoint_registered(run_dir, "checkpoint_epoch0000") or not thread.is_alive(), 300,
+    wait_until(lambda: _checkpoint_registered(run_dir, "checkpoint_epoch0000") or not thread.is_alive(), 300,
               "the first checkpoint")
     workers = _our_train_workers()
     assert len(workers) == 2, f"expected this run's 2 Ray Train workers, found {sorted(workers)}"
     killed = max(workers)
     workers[killed].send_signal(signal.SIGKILL)
     # Ray Train restarts the worker group: new worker processes appear.
-    _wait_for(lambda: set(_our_train_workers()) - set(workers) or not thread.is_alive(), 120, "replacement workers")
+    wait_until(lambda: set(_our_train_workers()) - set(workers) or not thread.is_alive(), 120, "replacement workers")
     replaced = set(_our_train_workers()) - set(workers)
     thread.join(timeout=600)
     assert "error" not in outcome, outcome.get("error")

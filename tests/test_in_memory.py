@@ -12,15 +12,14 @@ from cellfm.config import load_config
 from cellfm.data.manifest import read_manifest
 from cellfm.data.normalize import normalize_field
 from cellfm.data.plate import read_field
-from cellfm.data.synthetic import generate_family_screen
 from cellfm.train.in_memory import epoch_batches, load_normalized_fields, train_in_memory
 from tests.conftest import SMOKE_CONFIG
 
 CP5 = ["DNA", "ER", "RNA", "AGP", "Mito"]
 
 
-def test_fields_load_as_the_pipeline_normalizes_them(tmp_path):
-    paths = generate_family_screen(tmp_path / "cp5", "cp5", "tiny", seed=0)
+def test_fields_load_as_the_pipeline_normalizes_them(family_screen):
+    paths = family_screen("cp5")
     manifest = read_manifest(paths["heldout"])
     cfg = load_config(SMOKE_CONFIG)
     fields = load_normalized_fields(manifest, cfg.data)

@@ -38,6 +38,8 @@ from cellfm.data.ingest import (
 from cellfm.data.manifest import MANIFEST_COLUMNS, check_manifest_against_plates, read_manifest
 from cellfm.data.plate import read_field
 from cellfm.data.validate import plate_problems
+from cellfm.reaper import session_processes
+from tests.conftest import ray_session_dir_of_group, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 PLATE = "BR00116991"
@@ -166,6 +168,7 @@ def _chammi(root: Path, widths=(16, 16, 16)) -> Path:
     return sub
 
 
+@pytest.mark.integration
 def test_chammi_strips_end_to_end_on_ray(tmp_path, ray_session):
     sub = _chammi(tmp_path / "CHAMMI")
     plan = plan_chammi(sub)
@@ -212,6 +215,7 @@ def _generic(root: Path, plates=("PL1", "PL2"), wells=("A01", "A02", "B05"), sit
     return root
 
 
+@pytest.mark.integration
 def test_generic_layout_end_to_end_on_ray(tmp_path, ray_session):
     root = _generic(tmp_path / "raw")
     plan = plan_generic(f"{root}/*/*.tif", GENERIC_REGEX, GENERIC_MAP, well_metadata=root / "wells.csv")
@@ -290,10 +294,13 @@ def test_rerun_after_sigkill_completes_every_field_exactly_once(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and len(list(state.glob("*/*_*.json"))) < 4:
         time.sleep(0.1)
+    session = ray_session_dir_of_group(proc.pid)
+    assert session, "the ingest job's Ray session was not found"
     os.killpg(proc.pid, signal.SIGKILL)  # the process group started above: driver + its Ray processes
     proc.wait(timeout=30)
     killed_with = len(list(state.glob("*/*_*.json")))
-    time.sleep(3)  # Ray worker processes outside the group may still finish the field they hold, then die
+    # Ray worker processes outside the group may still finish the field they hold, then die.
+    wait_until(lambda: not session_processes(session), 60, "the killed ingest's Ray processes to exit")
     written_before = len(list(state.glob("*/*_*.json")))
     assert written_before - killed_with <= 4  # at most one field per in-flight task
     assert 4 <= written_before < 18, f"kill came too late or too early ({written_before} fields)"

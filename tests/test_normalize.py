@@ -165,12 +165,27 @@ def _low_contrast(seed=0, shape=(2, 96, 128)):
     return np.stack([ramp + rng.integers(0, 20, shape[1:]) for _ in range(shape[0])]).astype(np.uint16)
 
 
-def test_clahe_output_range_dtype_and_shape():
+def test_clahe_one_tile_equals_hand_computed_equalization():
+    # Values 0..3 (min-max clipped, 4 bins: value v is bin v), 16 pixels of which 10 are 0: counts 10, 2, 2, 2.
+    image = np.array([0] * 10 + [1, 1, 2, 2, 3, 3], np.uint16).reshape(1, 4, 4)
+    plain = clahe(image, clip_limit=1.0, tiles=1, nbins=4, low=0.0, high=100.0)
+    # No clipping: the cumulative histogram over the pixel count, 10/16, 12/16, 14/16, 16/16.
+    np.testing.assert_allclose(plain[0], np.array([0.625, 0.75, 0.875, 1.0])[image[0]], rtol=1e-6)
+    # Clip at 25% of 16 pixels = 4: bin 0 gives its excess 6 spread evenly (1.5 each): 5.5, 3.5, 3.5, 3.5.
+    limited = clahe(image, clip_limit=0.25, tiles=1, nbins=4, low=0.0, high=100.0)
+    np.testing.assert_allclose(limited[0], np.array([5.5, 9.0, 12.5, 16.0])[image[0]] / 16, rtol=1e-6)
+    assert limited.dtype == np.float32 and clahe(image, dtype=np.float16).dtype == np.float16
+
+
+def test_clahe_one_tile_unclipped_is_histogram_equalization_of_the_percentile_bins():
     image = _low_contrast()
-    out = clahe(image)
+    out = clahe(image, clip_limit=1.0, tiles=1)
     assert out.shape == image.shape and out.dtype == np.float32
-    assert np.isfinite(out).all() and 0.0 <= out.min() and out.max() <= 1.0
-    assert clahe(image, dtype=np.float16).dtype == np.float16
+    for c in range(image.shape[0]):
+        p_low, p_high = np.percentile(image[c].astype(np.float64), [1.0, 99.0])
+        bins = np.floor(np.clip((image[c] - p_low) / (p_high - p_low), 0, 1) * 255 + 0.5).astype(int)
+        cdf = np.cumsum(np.bincount(bins.ravel(), minlength=256)) / bins.size
+        np.testing.assert_allclose(out[c], cdf[bins], rtol=1e-6)
 
 
 def test_clahe_equalizes_locally():
@@ -204,7 +219,9 @@ def test_clahe_tile_grid_has_no_seams():
 def test_clahe_constant_channel_becomes_zeros(value):
     image = np.stack([np.full((16, 16), value, np.uint16), _low_contrast(shape=(1, 16, 16))[0]])
     out = clahe(image)
-    assert np.all(out[0] == 0.0) and np.isfinite(out).all() and out[1].max() > 0.5
+    # The constant channel is zeros and leaves the other channel as CLAHE gives it alone.
+    assert np.all(out[0] == 0.0)
+    np.testing.assert_array_equal(out[1], clahe(image[1:])[0])
 
 
 def test_clahe_nan_pixels_and_all_nan_channel():
@@ -254,7 +271,11 @@ def test_standardize_constant_nan_and_spikes_are_safe():
     assert np.all(out[2][~finite] == 0)
     values = out[2][finite].astype(np.float64)
     assert abs(values.mean()) < 1e-2 and abs(values.std() - 1) < 1e-2
-    assert out[3, 0, 0] > 50
+    # One spike among n pixels: mean s/n, std s*sqrt(n-1)/n, so the spike is at sqrt(n - 1), the rest at
+    # -1/sqrt(n - 1) (to float16's precision).
+    n = spike.size
+    assert out[3, 0, 0] == np.float16(np.sqrt(n - 1))
+    np.testing.assert_allclose(out[3].ravel()[1:].astype(np.float64), -1 / np.sqrt(n - 1), rtol=1e-3)
 
 
 def test_normalize_field_dispatches_every_method():

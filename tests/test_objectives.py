@@ -370,8 +370,21 @@ def test_ibot_objective_supcon_only_with_labels():
     cfg = small_cfg("ssl.objective=ibot", "ssl.supcon_weight=0.5", "ssl.supcon_label=antibody")
     objective = build_objective(cfg)
     student, teacher = stand_in_pair(cfg)
-    with_labels = objective(student, teacher, views(labels=["a", "b", "a", "c"]), 0.04)
-    assert with_labels.terms["supcon"].item() > 0
+    outputs = []
+    student.register_forward_hook(lambda module, args, out: outputs.append(out))
+    labels = ["a", "b", "a", "c"]
+    with_labels = objective(student, teacher, views(labels=labels), 0.04)
+    # SupCon on the student's CLS of both global crops (view-major), each image's label repeated per crop.
+    expected = SupConLoss(cfg.ssl.supcon_temperature)(outputs[0]["global_cls"], label_ids(labels).repeat(2))
+    torch.testing.assert_close(with_labels.terms["supcon"], expected)
+    # ... entering the loss with its weight; the same labels under other names give the same term.
+    without_supcon = {k: v for k, v in with_labels.terms.items() if k not in ("supcon", "mask_ratio")}
+    s = cfg.ssl
+    rest = ((without_supcon["dino_global"] * 2 + without_supcon["dino_local"] * 6) / 8
+            + s.ibot_loss_weight * without_supcon["ibot"] + s.kl_uniform_weight * without_supcon["kl_uniform"])
+    torch.testing.assert_close(with_labels.total, rest + 0.5 * expected)
+    renamed = objective(student, teacher, views(labels=["x", "y", "x", "z"]), 0.04)
+    torch.testing.assert_close(renamed.terms["supcon"], expected)
     with_labels.total.backward()
     assert "supcon" not in objective(student, teacher, views(labels=None), 0.04).terms
 

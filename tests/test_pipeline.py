@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from cellfm.config import DataConfig
-from cellfm.data.normalize import percentile_clip
+from cellfm.data.normalize import normalize_field, percentile_clip
 from cellfm.data.pipeline import CHANNEL_SEPARATOR, build_field_dataset, load_manifests
 from cellfm.data.plate import PlateError, read_field
 
@@ -15,6 +15,7 @@ def _rows(ds) -> list[dict]:
     return list(ds.iter_rows())
 
 
+@pytest.mark.integration
 def test_evaluation_stream_is_normalized_and_keeps_metadata(ray_session, tiny_screen):
     manifest = load_manifests([tiny_screen["heldout"]])
     rows = _rows(build_field_dataset(manifest, DataConfig(), training=False, keep_columns=["plate", "well", "field"]))
@@ -29,6 +30,7 @@ def test_evaluation_stream_is_normalized_and_keeps_metadata(ray_session, tiny_sc
     assert 0.0 <= row["image"].min() and row["image"].max() <= 1.0
 
 
+@pytest.mark.integration
 def test_training_permutation_moves_names_with_channels(ray_session, tiny_screen):
     manifest = load_manifests([tiny_screen["train"]])
     rows = _rows(build_field_dataset(manifest, DataConfig(), training=True, keep_columns=["plate", "well", "field"]))
@@ -122,13 +124,10 @@ def test_mixed_channel_counts_reach_the_trainer_padded_with_mask(ray_session, ti
 
 
 @pytest.fixture(scope="module")
-def family_manifest(tmp_path_factory):
+def family_manifest(family_screen):
     """cp5-, hpa4- and brightfield1-like plates (5, 4 and 1 channels) of the synthetic family in one
     manifest: 10, 7 and 5 fields, so no count fills a whole number of 4-field batches."""
-    from cellfm.data.synthetic import generate_family_screen
-
-    root = tmp_path_factory.mktemp("family")
-    parts = [load_manifests([generate_family_screen(root / name, name, "tiny", seed=0)["train"]]).iloc[:n]
+    parts = [load_manifests([family_screen(name)["train"]]).iloc[:n]
              for name, n in (("cp5", 10), ("hpa4", 7), ("brightfield1", 5))]
     return pd.concat(parts, ignore_index=True)
 
@@ -193,18 +192,27 @@ def test_field_size_crop_reads_the_centre(ray_session, tiny_screen):
         np.testing.assert_allclose(r["image"].astype(np.float32), percentile_clip(raw), atol=1e-3)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("normalization", ["clahe", "standardize", "none"])
 def test_each_normalization_streams(ray_session, tiny_screen, normalization):
+    """Every field arrives as `normalize_field` makes it from the plate's pixels (in float16), or with
+    `none` as the plate's own uint16 pixels."""
     manifest = load_manifests([tiny_screen["heldout"]]).iloc[:4]
-    rows = _rows(build_field_dataset(manifest, DataConfig(normalization=normalization, **_FAST), training=False))
-    assert len(rows) == 4
-    image = rows[0]["image"]
-    assert image.dtype == (np.uint16 if normalization == "none" else np.float16)
-    assert np.isfinite(image.astype(np.float32)).all()
-    if normalization == "clahe":
-        assert 0 <= image.min() and image.max() <= 1
-    if normalization == "standardize":
-        assert abs(float(image.astype(np.float32).mean())) < 0.05
+    cfg = DataConfig(normalization=normalization, **_FAST)
+    rows = _rows(build_field_dataset(manifest, cfg, training=False, keep_columns=["well", "field"]))
+    assert sorted((r["well"], r["field"]) for r in rows) == sorted(zip(manifest["well"], manifest["field"]))
+    for row in rows:
+        m = manifest[(manifest.well == row["well"]) & (manifest.field == row["field"])].iloc[0]
+        raw, _ = read_field(m.store_uri, m.row, m.col, int(m.field), channels=list(m.channel_names))
+        if normalization == "none":
+            assert row["image"].dtype == np.uint16
+            np.testing.assert_array_equal(row["image"], raw)
+        else:
+            expected = normalize_field(raw, normalization, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                                       clahe_clip_limit=cfg.clahe_clip_limit, clahe_tiles=cfg.clahe_tiles,
+                                       dtype=np.float16)
+            assert row["image"].dtype == np.float16
+            np.testing.assert_array_equal(row["image"], expected)
 
 
 @pytest.fixture
@@ -257,6 +265,7 @@ def test_corrupt_chunk_is_named_in_fail_mode(ray_session, corrupt_manifest):
     assert "BadFieldError" in text and "bad_field_policy" in text
 
 
+@pytest.mark.integration
 def test_uint8_transfer_halves_bytes_and_decodes_to_unit_range(ray_session, tiny_screen):
     manifest = load_manifests([tiny_screen["train"]]).iloc[:8]
     cfg = DataConfig(transfer_dtype="uint8", channel_permutation=False, **_FAST)

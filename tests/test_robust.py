@@ -331,13 +331,18 @@ def test_a_driver_that_shuts_ray_down_lives_on_and_leaves_no_ray_process():
     from cellfm.reaper import session_processes
 
     driver = subprocess.run([sys.executable, "-c", textwrap.dedent("""
-        import time, ray
+        import os, time, ray
         from cellfm.config import RayConfig
         from cellfm.runtime import init_ray
+        from cellfm.reaper import session_processes
         init_ray(RayConfig(num_cpus=1), watch_pending=False)
-        print(ray._private.worker._global_node.get_session_dir_path(), flush=True)
+        session = ray._private.worker._global_node.get_session_dir_path()
+        print(session, flush=True)
         ray.shutdown()
-        time.sleep(8)  # the reaper polls every 0.5 s and gives SIGTERM 3 s
+        # The reaper polls every 0.5 s and gives SIGTERM 3 s: wait (at most 60 s) for the session to empty.
+        deadline = time.monotonic() + 60
+        while session_processes(session, exclude=[os.getpid()]) and time.monotonic() < deadline:
+            time.sleep(0.2)
         print("alive", flush=True)
         """)], cwd=REPO, capture_output=True, text=True, timeout=120)
     session, alive = driver.stdout.split()

@@ -54,11 +54,8 @@ def test_smoke_sweep_passes_preflight_and_covers_the_three_dimensions(screen_ove
     assert (resources.cpus, resources.data_cpus, resources.concurrent) == (1.01, 1.0, 2)
 
 
-def test_paper_sweep_runs_every_setting_with_two_seeds_and_passes_preflight(tmp_path):
-    from cellfm.data.synthetic import generate_family_screen
-
-    cp5 = generate_family_screen(tmp_path / "cp5", "cp5", "tiny", seed=0)
-    novel4 = generate_family_screen(tmp_path / "novel4", "novel4", "tiny", seed=1)
+def test_paper_sweep_runs_every_setting_with_two_seeds_and_passes_preflight(tmp_path, family_screen):
+    cp5, novel4 = family_screen("cp5"), family_screen("novel4", seed=1)
     overrides = [f"data.train_manifest={cp5['train']}",
                  f"eval.manifests={{cp5: {cp5['heldout']}, novel4: {novel4['heldout']}}}"]
     plan = load_sweep(str(PAPER_SWEEP), overrides=overrides, storage=str(tmp_path / "sweeps"))
