@@ -88,6 +88,8 @@ def preflight_problems(cfg: Config, *, train: bool = False, evaluate: bool = Fal
         problems += model_size_problems(cfg)
     for job in ("train",) * train + ("evaluate",) * (evaluate and not cfg.eval.from_store):
         problems += local_resource_problems(cfg, job)
+    if cfg.data.crop_mode == "cells" and cfg.data.cell_locations and loaded:
+        problems += cell_location_problems(cfg, loaded)
     if train and "data.train_manifest" in loaded:
         problems += training_manifest_problems(cfg, loaded["data.train_manifest"])
     if evaluate:
@@ -292,10 +294,35 @@ def field_layout_problems(manifest: pd.DataFrame, data: DataConfig, source: str 
     return problems
 
 
+def cell_location_problems(cfg: Config, loaded: Mapping[str, pd.DataFrame]) -> list[str]:
+    """``data.cell_locations`` (``data.crop_mode=cells``) against the fields it may name: one line if it is
+    unreadable or lacks a column, else one per plate, well or field it names that none of the job's `loaded`
+    manifests nor the config's other manifests (training, evaluation, features) lists, and per centre outside
+    its field. One table may serve a screen's training and held-out plates."""
+    from cellfm.data.cells import LocationsError, location_problems, read_cell_locations
+    from cellfm.data.manifest import ManifestError, read_manifest
+
+    path = cfg.data.cell_locations
+    if problem := path_problem("data.cell_locations", path):
+        return [problem]
+    try:
+        locations = read_cell_locations(path, cfg.data.storage_options or None)
+    except LocationsError as exc:
+        return [str(exc)]
+    manifests = list(loaded.values())
+    for other in sorted({cfg.data.train_manifest, *cfg.eval.manifests.values(), *cfg.features.manifests.values()}):
+        try:  # a manifest the job does not read is only a list of the fields the table may name
+            manifests.append(read_manifest(other, cfg.data.storage_options or None))
+        except (ManifestError, OSError):
+            continue
+    return location_problems(locations, pd.concat(manifests, ignore_index=True), path)
+
+
 def training_manifest_problems(cfg: Config, manifest: pd.DataFrame) -> list[str]:
     """The training manifest against the config: layout, channel groups, the SupCon label column,
     ChannelViT's vocabulary, and at least one optimizer step per epoch."""
-    from cellfm.data.pipeline import field_cache_problem
+    from cellfm.data.cells import LocationsError, with_cell_locations
+    from cellfm.data.pipeline import field_cache_problem, samples_per_rank
     from cellfm.models.registry import VOCABULARY_BACKBONES
     from cellfm.train.init_from import init_from_problems
     from cellfm.train.trainer import record_channel_metadata
@@ -318,11 +345,19 @@ def training_manifest_problems(cfg: Config, manifest: pd.DataFrame) -> list[str]
             problems.append(f"model.channel_vocabulary lacks channel(s) {unknown} of {source}; add them or leave "
                             f"model.channel_vocabulary empty (= the manifest's channels)")
     o, world = cfg.optim, cfg.train.num_workers
-    # Every rank runs floor(fields / workers / batch / accumulation) steps (train.loop); sizes that are
-    # not positive are config problems already.
+    # Every rank runs floor(samples / batch / accumulation) steps (train.loop; samples_per_rank: its fields,
+    # or its fewest cells); sizes that are not positive are config problems already.
+    samples = len(manifest) // max(world, 1)
+    if cfg.data.crop_mode == "cells" and min(world, o.epochs) > 0:
+        try:
+            located = with_cell_locations(manifest, cfg.data, source)
+            samples = samples_per_rank(located, cfg.data, seed=cfg.train.seed, epochs=o.epochs, world_size=world)
+        except (LocationsError, OSError):
+            pass  # cell_location_problems reports it
     if min(world, o.batch_size_per_worker, o.accumulate_steps) > 0 and \
-            len(manifest) // world // o.batch_size_per_worker // o.accumulate_steps < 1:
-        problems.append(f"{len(manifest)} training fields over train.num_workers={world} cannot fill one step of "
+            samples // o.batch_size_per_worker // o.accumulate_steps < 1:
+        cells = f" ({samples} cells for the worker with fewest)" if cfg.data.crop_mode == "cells" else ""
+        problems.append(f"{len(manifest)} training fields{cells} over train.num_workers={world} cannot fill one step of "
                         f"optim.batch_size_per_worker={o.batch_size_per_worker} x optim.accumulate_steps="
                         f"{o.accumulate_steps}; lower them or add plates")
     return problems + init_from_problems(cfg, manifest)

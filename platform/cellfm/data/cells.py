@@ -128,12 +128,16 @@ def attach_cell_locations(manifest: pd.DataFrame, locations: pd.DataFrame) -> pd
 
 
 def with_cell_locations(manifest: pd.DataFrame, data: DataConfig, source: str = "the manifest") -> pd.DataFrame:
-    """``manifest`` as ``data.crop_mode`` needs it: unchanged for fields; for cells, with its centres attached
-    from ``data.cell_locations`` (restricted to the manifest's plates), LocationsError on any
-    ``location_problems`` against ``source``'s fields."""
+    """``manifest`` as ``data.crop_mode`` needs it: unchanged for fields (or when its centres are attached);
+    for cells, with its centres attached from ``data.cell_locations``, LocationsError on a centre outside its
+    field. The table may list other fields too (one table for a screen's training and held-out plates):
+    preflight (``cellfm.preflight.cell_location_problems``) refuses the fields no manifest of the job lists."""
     if data.crop_mode != "cells" or CELLS_Y in manifest.columns:
         return manifest
     locations = read_cell_locations(data.cell_locations, data.storage_options or None)
+    keys = pd.MultiIndex.from_frame(manifest[["plate", "well", "field"]].astype(
+        {"plate": str, "well": str, "field": np.int64}))
+    locations = locations[pd.MultiIndex.from_frame(locations[["plate", "well", "field"]]).isin(keys)]
     problems = location_problems(locations, manifest, data.cell_locations)
     if problems:
         raise LocationsError(problems[0])

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cellfm.config import Config, ConfigError, save_config
+from cellfm.data.cells import with_cell_locations
 from cellfm.data.pipeline import check_pipeline_config, create_monitor, field_cache_problem, fill_field_cache, load_manifests
 from cellfm.preflight import resource_need
 from cellfm.runtime import init_ray
@@ -67,6 +68,8 @@ def run_pretraining(cfg: Config, *, callbacks: Sequence = (), epoch_evaluator=No
     from ray.train.torch import TorchConfig, TorchTrainer
 
     manifest = load_manifests([cfg.data.train_manifest], storage_options=cfg.data.storage_options or None)
+    # data.crop_mode=cells: every field's cell centres travel with the manifest to the workers.
+    manifest = with_cell_locations(manifest, cfg.data, cfg.data.train_manifest)
     record_channel_metadata(cfg, manifest)
     if problems := init_from_problems(cfg, manifest):
         raise ConfigError(problems)
