@@ -140,3 +140,28 @@ def test_synthetic_ground_truth_gives_a_locations_table_of_cells_inside_their_fi
     inside = truth[(truth["centre_y"].between(0, 63)) & (truth["centre_x"].between(0, 63)) & (truth["cell_area"] > 0)]
     assert len(table) == len(inside) < len(truth)  # the renderer also centres cells just outside a field
     np.testing.assert_array_equal(table["y"].to_numpy(), inside["centre_y"].to_numpy())
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.drop(columns=["y"]), "missing column(s) ['y']"),
+    (lambda t: pd.concat([t, t.iloc[:1].assign(plate="SYN-GONE-07")]), "plate 'SYN-GONE-07' is not in the manifest"),
+    (lambda t: pd.concat([t, t.iloc[:1].assign(field=9)]), "field 9 is not in the manifest (1 row(s))"),
+])
+def test_pretrain_refuses_a_bad_locations_table_with_one_line_before_ray(change, message, tiny_screen, tmp_path,
+                                                                          monkeypatch, capsys):
+    import cellfm.train.trainer
+    from cellfm.cli import main
+    from cellfm.data.manifest import read_manifest
+    from cellfm.data.truth import cell_locations
+    from tests.conftest import SMOKE_CONFIG
+
+    monkeypatch.setattr(cellfm.train.trainer, "run_pretraining", lambda *a, **k: pytest.fail("preflight let it through"))
+    manifest = pd.concat([read_manifest(tiny_screen[s]) for s in ("train", "heldout")], ignore_index=True)
+    path = tmp_path / "cells.parquet"
+    change(cell_locations(manifest)).to_parquet(path, index=False)
+    code = main(["pretrain", "--config", str(SMOKE_CONFIG), f"data.train_manifest={tiny_screen['train']}",
+                 f"eval.manifests={{seen: {tiny_screen['heldout']}}}", f"train.storage_path={tmp_path / 'runs'}",
+                 "data.crop_mode=cells", f"data.cell_locations={path}"])
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: cell locations {path}: "), lines
+    assert message in lines[0], lines
