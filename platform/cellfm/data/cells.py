@@ -92,7 +92,8 @@ def location_problems(locations: pd.DataFrame, manifest: pd.DataFrame, source: s
     problems = []
     keys = locations[["plate", "well", "field"]]
     fields = manifest[["plate", "well", "field", "height", "width"]].astype({"plate": str, "well": str})
-    fields = fields.astype({"field": np.int64})
+    # Several manifests may list a field (one table serves a job's manifests): one row per field.
+    fields = fields.astype({"field": np.int64}).drop_duplicates(["plate", "well", "field"])
     for level, columns in (("plate", ["plate"]), ("well", ["plate", "well"]), ("field", ["plate", "well", "field"])):
         known = pd.MultiIndex.from_frame(fields[columns])
         unknown = ~pd.MultiIndex.from_frame(keys[columns]).isin(known)
