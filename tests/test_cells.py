@@ -166,3 +166,42 @@ def test_pretrain_refuses_a_bad_locations_table_with_one_line_before_ray(change,
     lines = capsys.readouterr().err.splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: cell locations {path}: "), lines
     assert message in lines[0], lines
+
+
+# configs/model_quality.yaml's short-run self-distillation, under which a few epochs lower the DINO loss.
+RECIPE = ["ssl.centering=sinkhorn_knopp", "ssl.head_use_bn=true", "ssl.warmup_teacher_temp=0.04",
+          "ssl.teacher_temp=0.04", "ssl.ema_momentum_start=0.9", "ssl.ema_momentum_end=0.99", "optim.base_lr=1.6e-2"]
+
+
+def test_in_memory_training_on_cell_crops_lowers_the_loss_and_reruns_bit_identically(tiny_screen):
+    import torch
+
+    from cellfm.config import load_config
+    from cellfm.data.manifest import read_manifest
+    from cellfm.data.truth import cell_locations
+    from cellfm.train.in_memory import cell_crops, load_normalized_fields, train_in_memory
+    from tests.conftest import SMOKE_CONFIG
+
+    torch.set_num_threads(1)
+    manifest = read_manifest(tiny_screen["train"])
+    cfg = load_config(SMOKE_CONFIG, ["optim.epochs=3", "optim.warmup_epochs=1", *RECIPE])
+    fields = load_normalized_fields(manifest, cfg.data)
+    located = attach_cell_locations(manifest, standard_locations(cell_locations(manifest), "truth"))
+    crops = cell_crops(fields, located, 24)
+    assert len(crops) == sum(len(y) for y in located[CELLS_Y]) > len(fields)
+    np.testing.assert_array_equal(crops[:len(located[CELLS_Y].iloc[0])].numpy(),
+                                  crop_cells(fields[0].numpy(), located[CELLS_Y].iloc[0], located[CELLS_X].iloc[0], 24))
+
+    def losses(steps_per_epoch=None) -> list[float]:
+        out: list[float] = []
+        meta_arch = train_in_memory(cfg, crops, list(manifest["channel_names"].iloc[0]), steps_per_epoch=steps_per_epoch,
+                                    on_step=lambda epoch, step, l: out.append(l.total.item()))
+        return out, meta_arch
+
+    first, meta_arch = losses()
+    steps = len(crops) // cfg.optim.batch_size_per_worker
+    assert len(first) == 3 * steps
+    assert np.mean(first[-steps:]) < np.mean(first[:steps]), first
+    again, other = losses()
+    assert again == first
+    assert all(torch.equal(a, b) for a, b in zip(meta_arch.teacher.state_dict().values(), other.teacher.state_dict().values()))
