@@ -205,3 +205,18 @@ def test_in_memory_training_on_cell_crops_lowers_the_loss_and_reruns_bit_identic
     again, other = losses()
     assert again == first
     assert all(torch.equal(a, b) for a, b in zip(meta_arch.teacher.state_dict().values(), other.teacher.state_dict().values()))
+
+
+def test_evaluation_takes_per_cell_rows_and_averages_a_wells_cells():
+    from cellfm.evaluate.run import field_features
+    from cellfm.evaluate.wells import well_profiles
+
+    manifest = pd.DataFrame({"plate": "P1", "well": ["A01", "A02"], "field": 0, "perturbation_id": ["DMSO", "C1"],
+                             "moa": ["control", "m"], "is_control": [True, False], "localization": ["", "er"]})
+    rows = manifest.iloc[[0, 0, 0, 1]].drop(columns="localization").assign(
+        **{CELL_Y: [1.0, 5.0, 9.0, 3.0], CELL_X: [2.0, 2.0, 2.0, 4.0],
+           "embedding_m": [np.array([1.0, 2.0]), np.array([3.0, 4.0]), np.array([5.0, 9.0]), np.array([7.0, 7.0])]})
+    meta, features = field_features(rows, manifest, "embedding_m", ["moa"])
+    assert meta[CELL_Y].tolist() == [1.0, 5.0, 9.0, 3.0] and meta["localization"].tolist() == ["", "", "", "er"]
+    profiles = well_profiles(meta, features, "none", ["moa"])
+    np.testing.assert_array_equal(profiles.features, [[3.0, 5.0], [7.0, 7.0]])
