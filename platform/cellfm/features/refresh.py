@@ -454,9 +454,10 @@ def run_refresh(plan: RefreshPlan, dry_run: bool = False) -> RefreshSummary:
         _log(f"features: nothing to do: all {len(plan.up_to_date)} plate(s) are stored for key {plan.key} "
              f"({summary.seconds:.1f} s, no embedding)")
     else:
-        _log(f"features: embedded {len(summary.embedded)} plate(s) ({summary.fields} fields) in "
-             f"{_duration(summary.seconds)} ({summary.fields / max(summary.seconds, 1e-9):.1f} fields/s; first "
-             f"embeddings after {summary.startup_s:.0f} s, then {summary.sustained_fields_per_s:.1f} fields/s); "
+        unit = "cells" if cfg.data.crop_mode == "cells" else "fields"
+        _log(f"features: embedded {len(summary.embedded)} plate(s) ({summary.fields} {unit}) in "
+             f"{_duration(summary.seconds)} ({summary.fields / max(summary.seconds, 1e-9):.1f} {unit}/s; first "
+             f"embeddings after {summary.startup_s:.0f} s, then {summary.sustained_fields_per_s:.1f} {unit}/s); "
              f"{len(summary.written_by_other)} stored first by a concurrent refresh; {len(plan.up_to_date)} up to date; "
              f"{len(summary.removed_runs)} stale run folder(s) removed; store {store.uri}, key {plan.key}")
     return summary
