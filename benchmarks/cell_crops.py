@@ -1,7 +1,7 @@
 """Whole fields vs single-cell crops (data.crop_mode=cells) at one budget on the synthetic screen, scored with
 the model-quality instrument (benchmarks/model_quality.py).
 
-    python benchmarks/cell_crops.py                      # cellrep, seeds 0 1, cp5, 2 held-out plates (~15 min on 2 cores)
+    python benchmarks/cell_crops.py                      # cellrep, seeds 0 1, cp5, 2 held-out plates: 4 trainings
     python benchmarks/cell_crops.py --seeds 0            # one seed
     python benchmarks/cell_crops.py --configs cp5 novel4 --heldout-plates 3
 
