@@ -133,11 +133,15 @@ def test_embed_stores_each_cell_with_its_centre_and_well_profiles_the_evaluation
     pd.testing.assert_frame_equal(stored.reset_index(drop=True), expected.reset_index(drop=True), check_dtype=False)
     wells_meta, wells_mean = read_features(str(store), summary.key, level="well", variable="mean")
     _, wells_median = read_features(str(store), summary.key, level="well", variable="median")
+    # The stored well profiles are the wells' cell aggregates, exactly (what eval.from_store scores) ...
+    groups = cells_meta.groupby(["plate", "well"], sort=True).indices
+    np.testing.assert_array_equal(np.stack([np.mean(cells[i], axis=0) for i in groups.values()]), wells_mean)
+    np.testing.assert_array_equal(np.stack([np.median(cells[i], axis=0) for i in groups.values()]), wells_median)
+    assert all(len(i) > 1 for i in groups.values())  # wells of several cells: a mean, not a copy
+    # ... and the evaluation's profiles of the stored cells (averaged in float64) are the same wells.
     profiles = well_profiles(cells_meta, cells, "none")
     assert profiles.meta[["plate", "well"]].equals(wells_meta[["plate", "well"]])
-    np.testing.assert_array_equal(profiles.features.astype(np.float32), wells_mean)
-    groups = cells_meta.groupby(["plate", "well"], sort=True).indices
-    np.testing.assert_array_equal(np.stack([np.median(cells[i], axis=0) for i in groups.values()]), wells_median)
+    np.testing.assert_allclose(profiles.features, wells_mean, rtol=1e-6, atol=1e-6)
     # The crop mode is part of the feature key (and the lineage): field features live under another key.
     field_cfg = load_config(SMOKE_CONFIG, overrides + [f"features.store={store}", "data.crop_mode=field"])
     assert resolve_feature_key(field_cfg, checkpoint) != summary.key
