@@ -40,6 +40,7 @@ COMMANDS: dict[str, str] = {
     "embed": "cellfm.commands.embed",
     "refresh": "cellfm.commands.refresh",
     "sweep": "cellfm.commands.sweep",
+    "cells": "cellfm.commands.cells",
 }
 
 # Flag -> dotted config key, for the settings people change most from the command line.
@@ -179,10 +180,11 @@ def bad_input_in(exc: BaseException) -> str | None:
 def _input_errors() -> tuple[type[ValueError], ...]:
     """The errors that mean bad input (manifest, plate and its fields, checkpoint, ingestion, feature store), not a bug. Imported only
     when needed: their modules pull in pandas, zarr and torch."""
+    from cellfm.data.cells import LocationsError
     from cellfm.data.ingest import IngestError
     from cellfm.data.manifest import ManifestError
     from cellfm.data.plate import PlateError
     from cellfm.features.store import StoreError
     from cellfm.train.checkpoint import CheckpointError
 
-    return ManifestError, PlateError, CheckpointError, IngestError, StoreError
+    return ManifestError, PlateError, CheckpointError, IngestError, StoreError, LocationsError

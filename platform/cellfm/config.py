@@ -148,6 +148,18 @@ class DataConfig:
     # Multiscale level read from every field (0 = full resolution; k = the plate's k-th level, e.g. 2^k
     # times smaller), so large fields can be read downsampled; above 0 needs data.field_size.
     resolution_level: int = 0
+    # What one training or embedding sample is: field = a whole field (data.field_size); cells = one
+    # data.cell_crop_size crop around every cell centre of data.cell_locations, cut from the normalized
+    # (and channel-permuted) field inside the read task, so crops are never written to disk.
+    crop_mode: str = "field"
+    # crop_mode=cells: Parquet table of cell centres (local path or s3://), one row per cell: plate, well,
+    # field, y, x (pixels of the full-resolution field), or CellProfiler's Metadata_Plate, Metadata_Well,
+    # Metadata_Site (or Metadata_Field), Location_Center_Y, Location_Center_X. `cellfm cells` writes one from
+    # a synthetic screen's ground truth.
+    cell_locations: str = ""
+    # crop_mode=cells: edge in pixels of the square crop around each centre (rows round(y) - size // 2 up to
+    # round(y) - size // 2 + size, columns alike); the part of a crop outside its field is zero.
+    cell_crop_size: int = 48
 
 
 @dataclass
@@ -555,6 +567,7 @@ _CHOICES = {
     "data.bad_field_policy": {"fail", "skip"},
     "data.mixed_channels": {"pad", "group"},
     "data.z_projection": {"", "max", "mean"},
+    "data.crop_mode": {"field", "cells"},
     "model.name": {"cellrep", "c3r", "vit_rgb", "channelvit", "single_channel", "dichavit", "ca_mae"},
     "ssl.objective": {"dino", "ibot", "mae"},
     "ssl.channel_sampling": {"auto", "none", "hcs", "dcs"},
@@ -711,6 +724,16 @@ def data_config_problems(data: DataConfig) -> list[str]:
                         f"z-stacks are read; set data.z_plane=-1 or data.z_projection=''")
     if data.resolution_level < 0:
         problems.append(f"data.resolution_level must be >= 0, got {data.resolution_level}")
+    if data.crop_mode == "cells":
+        if not data.cell_locations:
+            problems.append("data.crop_mode=cells needs data.cell_locations: a Parquet table of cell centres "
+                            "(plate, well, field, y, x)")
+        if data.cell_crop_size < 1:
+            problems.append(f"data.cell_crop_size must be > 0, got {data.cell_crop_size}")
+        if data.field_size or data.resolution_level:
+            problems.append(f"data.crop_mode=cells crops around centres given in full-resolution field pixels; set "
+                            f"data.field_size=0 and data.resolution_level=0 (got {data.field_size}, "
+                            f"{data.resolution_level})")
     if data.resolution_level > 0 and not data.field_size:
         problems.append(f"data.resolution_level={data.resolution_level} reads fields smaller than the manifest's "
                         f"height/width; set data.field_size to the edge the trainer gets")

@@ -91,6 +91,8 @@ def _preflight(cfg: Config, *, train: bool, evaluate: bool, checkpoint: str | No
         problems += model_size_problems(cfg)
     for job in ("train",) * train + ("evaluate",) * (evaluate and not cfg.eval.from_store):
         problems += local_resource_problems(cfg, job)
+    if cfg.data.crop_mode == "cells" and cfg.data.cell_locations and loaded:
+        problems += cell_location_problems(cfg, loaded)
     if train and "data.train_manifest" in loaded:
         from cellfm.train.inputs import training_input_problems
 
@@ -140,6 +142,30 @@ def model_size_problems(cfg: Config) -> list[str]:
         problems.append(f"model.n_pre={cfg.model.n_pre} leaves no joint block at model.size={cfg.model.size} "
                         f"(depth {size.depth}; the joint encoder gets depth - ceil(n_pre / 2) blocks)")
     return problems
+
+
+def cell_location_problems(cfg: Config, loaded: Mapping[str, pd.DataFrame]) -> list[str]:
+    """``data.cell_locations`` (``data.crop_mode=cells``) against the fields it may name: one line if it is
+    unreadable or lacks a column, else one per plate, well or field it names that none of the job's `loaded`
+    manifests nor the config's other manifests (training, evaluation, features) lists, and per centre outside
+    its field. One table may serve a screen's training and held-out plates."""
+    from cellfm.data.cells import LocationsError, location_problems, read_cell_locations
+    from cellfm.data.manifest import ManifestError, read_manifest
+
+    path = cfg.data.cell_locations
+    if problem := path_problem("data.cell_locations", path):
+        return [problem]
+    try:
+        locations = read_cell_locations(path, cfg.data.storage_options or None)
+    except LocationsError as exc:
+        return [str(exc)]
+    manifests = list(loaded.values())
+    for other in sorted({cfg.data.train_manifest, *cfg.eval.manifests.values(), *cfg.features.manifests.values()}):
+        try:  # a manifest the job does not read is only a list of the fields the table may name
+            manifests.append(read_manifest(other, cfg.data.storage_options or None))
+        except (ManifestError, OSError):
+            continue
+    return location_problems(locations, pd.concat(manifests, ignore_index=True), path)
 
 
 def evaluation_manifest_problems(cfg: Config, manifest: pd.DataFrame, source: str,

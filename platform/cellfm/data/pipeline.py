@@ -39,6 +39,7 @@ import pandas as pd
 
 from cellfm.config import ConfigError, DataConfig, data_config_problems
 from cellfm.data.batch import FieldBatch
+from cellfm.data.cells import CELLS_X, CELLS_Y, cell_crop_batch, cells_per_field, with_cell_locations
 from cellfm.data.layout import field_layout_problems
 from cellfm.data.manifest import check_manifest_against_plates, read_manifest
 from cellfm.data.normalize import normalize_field, quantize_unit
@@ -233,12 +234,15 @@ class FieldLoader:
     With ``permute_channels``, a field's channel order is drawn from (``seed``, ``epoch``, its
     ``field_index``): the same in every rerun, a new one every epoch. With a ``cache`` (``FieldCache``)
     the normalized fields come from Ray's object store instead of the plates, bit for bit the same rows.
+    With ``cell_crop_size`` (``data.crop_mode=cells``) each field leaves as one row per cell centre of its
+    CELLS_Y / CELLS_X columns (``cellfm.data.cells.cell_crop_batch``), after normalization and permutation.
     """
 
     def __init__(self, cfg: DataConfig, permute_channels: bool, keep_columns: Sequence[str] = (),
                  layout: _Layout | None = None, monitor=None, max_bad: int = 0, total: int = 0,
-                 seed: int = 0, epoch: int = 0, cache: "FieldCache | None" = None):
+                 seed: int = 0, epoch: int = 0, cache: "FieldCache | None" = None, cell_crop_size: int = 0):
         self.cfg = cfg
+        self.cell_crop_size = cell_crop_size
         self.cache = cache
         self._cached_blocks: dict[int, dict[str, np.ndarray]] = {}
         self.permute_channels = permute_channels
@@ -364,6 +368,8 @@ class FieldLoader:
         out = {"image": images, "channel_mask": masks, "channel_names": np.asarray(names, dtype=object)}
         for col in self.keep_columns:
             out[col] = np.asarray(batch[col])[kept]
+        if self.cell_crop_size:
+            out = cell_crop_batch(out, self.cell_crop_size)
         return out
 
 
@@ -490,6 +496,18 @@ def epoch_shard(manifest: pd.DataFrame, cfg: DataConfig, *, seed: int, epoch: in
     return shuffled.iloc[rank * share:(rank + 1) * share]
 
 
+def samples_per_rank(manifest: pd.DataFrame, cfg: DataConfig, *, seed: int, epochs: int, world_size: int) -> int:
+    """The fewest samples a rank streams in an epoch: ``len(manifest) // world_size`` fields, or with
+    ``data.crop_mode=cells`` (centres attached: ``with_cell_locations``) the fewest cells of any rank's
+    ``epoch_shard`` in any of ``epochs`` epochs, so every rank can run that many steps every epoch."""
+    if cfg.crop_mode != "cells":
+        return len(manifest) // world_size
+    counts = pd.Series(cells_per_field(manifest), index=manifest.index)
+    return min(int(counts.loc[epoch_shard(manifest, cfg, seed=seed, epoch=epoch, rank=rank,
+                                          world_size=world_size).index].sum())
+               for epoch in range(epochs) for rank in range(world_size))
+
+
 def build_field_pipeline(
     manifest: pd.DataFrame,
     cfg: DataConfig,
@@ -523,6 +541,10 @@ def build_field_pipeline(
 
         eval_cfg = dataclasses.replace(cfg, transfer_dtype="float16")
     layout = check_pipeline_config(manifest, eval_cfg)
+    cells = cfg.crop_mode == "cells"
+    if cells:  # each field's centres travel with it to the read task that crops them
+        manifest = with_cell_locations(manifest, cfg)
+        keep_columns = [*keep_columns, CELLS_Y, CELLS_X]
     table = _field_table(manifest, keep_columns)
     if monitor is None:
         monitor = create_monitor(cfg, len(table), name)
@@ -534,7 +556,7 @@ def build_field_pipeline(
     loader_kwargs = dict(cfg=eval_cfg, permute_channels=training and cfg.channel_permutation,
                          keep_columns=keep_columns, layout=layout, monitor=monitor.actor if monitor else None,
                          max_bad=monitor.max_bad if monitor else 0, total=monitor.total if monitor else len(table),
-                         seed=seed, epoch=epoch, cache=cache)
+                         seed=seed, epoch=epoch, cache=cache, cell_crop_size=cfg.cell_crop_size if cells else 0)
     kwargs: dict[str, Any] = {}
     if cfg.read_actors > 0:
         # Two blocks queued per actor: the next block is already there when one finishes.
@@ -550,7 +572,8 @@ def build_field_pipeline(
     ds = ds.map_batches(loader, batch_size=None if cfg.mixed_channels == "group" else max(1, cfg.read_batch_size),
                         num_cpus=cfg.read_cpus, batch_format="numpy", **kwargs)
     ds.context.execution_options = _execution_options(cfg)
-    return FieldPipeline(ds, monitor, layout.channels, (layout.height, layout.width))
+    shape = (cfg.cell_crop_size, cfg.cell_crop_size) if cells else (layout.height, layout.width)
+    return FieldPipeline(ds, monitor, layout.channels, shape)
 
 
 def build_field_dataset(

@@ -102,3 +102,19 @@ def read_labels(store_uri: str, row: str, col: str, field: int,
     group = zarr.open_group(open_store(truth_uris(store_uri)[1], "r", storage_options), mode="r")
     image = group[f"{row}/{col}/{field}"][...]
     return image[0], image[1]
+
+
+def cell_locations(manifest: pd.DataFrame, storage_options: dict | None = None) -> pd.DataFrame:
+    """A locations table (plate, well, field, y, x: ``data.cell_locations``) of the manifest's fields from their
+    plates' ground truth: every cell with pixels in its field and its centre inside it (the renderer also
+    places cells centred just outside, of which a field shows only an edge). Rows follow the manifest's fields."""
+    tables = []
+    for store_uri, rows in manifest.groupby("store_uri", sort=False):
+        cells = read_cells(str(store_uri), storage_options)
+        fields = rows[["plate", "well", "field", "height", "width"]].astype({"field": np.int64})
+        cells = cells.astype({"field": np.int64}).merge(fields, on=["plate", "well", "field"])
+        inside = ((cells["cell_area"] > 0) & (cells["centre_y"] >= 0) & (cells["centre_y"] <= cells["height"] - 1)
+                  & (cells["centre_x"] >= 0) & (cells["centre_x"] <= cells["width"] - 1))
+        tables.append(cells.loc[inside, ["plate", "well", "field", "centre_y", "centre_x"]]
+                      .rename(columns={"centre_y": "y", "centre_x": "x"}))
+    return pd.concat(tables, ignore_index=True)

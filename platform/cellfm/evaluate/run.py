@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from cellfm.config import Config, ConfigError
+from cellfm.data.cells import CELL_X, CELL_Y
 from cellfm.data.pipeline import load_manifests
 from cellfm.evaluate.protocols import evaluate_features, evaluation_settings
 from cellfm.evaluate.report import write_report
@@ -59,10 +60,11 @@ def field_features(fields: pd.DataFrame, manifest: pd.DataFrame, embedding_colum
     output; `label_columns` (eval.labels) and the optional columns (localization) come from the manifest."""
     optional = [c for c in dict.fromkeys([*OPTIONAL_COLUMNS, *label_columns])
                 if c in manifest.columns and c not in METADATA_COLUMNS]
-    meta = fields[METADATA_COLUMNS]
+    # With data.crop_mode=cells a row is a cell: its centre tells it from its field's other cells.
+    meta = fields[METADATA_COLUMNS + [c for c in (CELL_Y, CELL_X) if c in fields.columns]]
     if optional:
         keys = ["plate", "well", "field"]
-        meta = meta.merge(manifest[keys + optional], on=keys, how="left", validate="one_to_one")
+        meta = meta.merge(manifest[keys + optional], on=keys, how="left", validate="many_to_one")
     return meta, np.stack(fields[embedding_column].to_numpy())
 
 
@@ -136,7 +138,8 @@ class EmbeddedFeatures:
                                 actors=cfg.eval.embed_actors, image_size=cfg.eval.image_size,
                                 channel_readout=cfg.eval.channel_readout)
         seconds = time.perf_counter() - started
-        print(f"[cellfm] embedded {len(fields)} fields of '{name}' with {len(encoders)} models in {seconds:.0f} s "
-              f"({len(fields) / max(seconds, 1e-9):.1f} fields/s)", flush=True)
+        unit = "cells" if cfg.data.crop_mode == "cells" else "fields"
+        print(f"[cellfm] embedded {len(fields)} {unit} of '{name}' with {len(encoders)} models in {seconds:.0f} s "
+              f"({len(fields) / max(seconds, 1e-9):.1f} {unit}/s)", flush=True)
         return {spec.name: field_features(fields, manifest, f"embedding_{spec.name}", cfg.eval.labels)
                 for spec in encoders}

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from cellfm.data.cells import CELL_X, CELL_Y
 from cellfm.features.aggregate import WELL_KEYS, aggregate_wells, normalize_to_controls
 
 # Metadata every protocol needs, per well.
@@ -49,7 +50,8 @@ def _validate(meta: pd.DataFrame, features: np.ndarray, label_columns: list[str]
     bad = ~np.isfinite(features).all(axis=1)
     if bad.any():
         raise ValueError(f"{source}: non-finite features at {_row_name(meta.iloc[int(np.argmax(bad))])}")
-    keys = WELL_KEYS + (["field"] if "field" in meta.columns else [])
+    # Per-cell rows (data.crop_mode=cells) share their field's key: a cell is told apart by its centre.
+    keys = WELL_KEYS + [c for c in ("field", CELL_Y, CELL_X) if c in meta.columns]
     duplicated = meta.duplicated(keys)
     if duplicated.any():
         raise ValueError(f"{source}: {_row_name(meta[duplicated].iloc[0])} appears more than once")

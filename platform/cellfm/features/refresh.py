@@ -11,7 +11,7 @@ Work is keyed by (plate content version, feature key):
   of the checkpoint's config.yaml.
 - feature key: ``<model name>-<12 hex>``, a hash of the checkpoint hash and the embedding recipe (the
   channel readout, input normalization and sizes, features.image_size, model.channel_groups, aggregations,
-  normalization):
+  normalization, and with data.crop_mode=cells the crop size and a digest of the cell locations table):
   everything that changes the stored numbers apart from the pixels. A new checkpoint gets a new key.
 
 Everything is decided before Ray starts (`plan_refresh`): manifests and plates validated, checkpoint
@@ -40,6 +40,8 @@ import pandas as pd
 import yaml
 
 from cellfm.config import Config, ConfigError, FeaturesConfig, saved_config_dict
+from cellfm.data.cells import (CELL_X, CELL_Y, CELLS_X, CELLS_Y, cells_per_field, locations_digest, read_cell_locations,
+                               with_cell_locations)
 from cellfm.data.content_version import plate_content_version
 from cellfm.data.manifest import ManifestError
 from cellfm.data.plate import redact
@@ -111,6 +113,9 @@ def embedding_recipe(cfg: Config) -> dict:
         "aggregations": sorted(f.aggregations),
         "normalization": f.normalization,
         "spherize_regularization": f.spherize_regularization,
+        # Only in cells mode: field keys stay those stores had before the option.
+        **({"crop": {"mode": "cells", "size": d.cell_crop_size, "locations": locations_digest(
+            read_cell_locations(d.cell_locations, d.storage_options or None))}} if d.crop_mode == "cells" else {}),
     }
 
 
@@ -260,6 +265,8 @@ def plan_refresh(cfg: Config, manifests: dict[str, str] | None = None, checkpoin
         found = pool.map(lambda item: plate_content_version(item[1]["store_uri"].iloc[0], item[1].drop(columns=[ROW]),
                                                             options), plates)
         versions = dict(zip([plate for plate, _ in plates], found))
+    # data.crop_mode=cells: each field's centres (after the versions: those hash the manifest's own rows).
+    manifest = with_cell_locations(manifest, cfg.data, "features.manifests")
     plan = RefreshPlan(cfg, store, key, resolved, checkpoint_hash, model, recipe, manifest, dict(manifests),
                        listed_by, versions, state, started)
     for plate, version in versions.items():
@@ -303,12 +310,15 @@ def build_plate_features(fields: pd.DataFrame, embeddings: np.ndarray, features:
 
 
 class _PlateWriter:
-    """Collects streamed field embeddings per plate and writes each plate once its fields are all in."""
+    """Collects streamed field (or, with data.crop_mode=cells, cell) embeddings per plate and writes each plate
+    once its rows are all in."""
 
     def __init__(self, plan: RefreshPlan, rows: pd.DataFrame, run_id: str):
         self.plan, self.rows, self.run_id = plan, rows, run_id
-        self.expected = rows.groupby("plate").size().to_dict()
-        self.parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        self.cells = CELLS_Y in rows.columns
+        per_field = cells_per_field(rows) if self.cells else np.ones(len(rows), dtype=np.int64)
+        self.expected = pd.Series(per_field).groupby(rows["plate"].to_numpy()).sum().to_dict()
+        self.parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]] = {}
         self.received: dict[str, int] = {}
         self.embedded: list[str] = []
         self.written_by_other: list[str] = []
@@ -318,14 +328,16 @@ class _PlateWriter:
         self.last_batch = self.t0
         self.plates_done = 0
 
-    def add(self, positions: np.ndarray, embeddings: np.ndarray) -> None:
+    def add(self, positions: np.ndarray, embeddings: np.ndarray, centres: np.ndarray | None = None) -> None:
+        """A batch's rows: their fields' positions in `rows`, embeddings, and with cells (n, 2) centres (y, x)."""
         self.last_batch = time.monotonic()
         if self.first_batch is None:
             self.first_batch = (self.last_batch, len(positions))
         plates = self.rows["plate"].to_numpy()[positions]
         for plate in pd.unique(plates):
             mine = plates == plate
-            self.parts.setdefault(plate, []).append((positions[mine], embeddings[mine]))
+            self.parts.setdefault(plate, []).append((positions[mine], embeddings[mine],
+                                                     None if centres is None else centres[mine]))
             self.received[plate] = self.received.get(plate, 0) + int(mine.sum())
             self.fields_done += int(mine.sum())
             if self.received[plate] == self.expected[plate]:
@@ -344,12 +356,18 @@ class _PlateWriter:
 
     def write(self, plate: str) -> None:
         plan, cfg = self.plan, self.plan.cfg
-        positions = np.concatenate([p for p, _ in self.parts[plate]])
-        embeddings = np.concatenate([e for _, e in self.parts.pop(plate)])
-        order = np.argsort(positions)  # positions follow (plate, well, field): the stored order
+        parts = self.parts.pop(plate)
+        positions = np.concatenate([p for p, _, _ in parts])
+        embeddings = np.concatenate([e for _, e, _ in parts])
+        # Positions follow (plate, well, field): the stored order; a field's cells keep their table order.
+        order = np.argsort(positions, kind="stable")
         positions, embeddings = positions[order], embeddings[order].astype(np.float32)
         plate_rows = self.rows[self.rows["plate"] == plate]
         fields = self.rows.iloc[positions]
+        if self.cells:
+            centres = np.concatenate([c for _, _, c in parts])[order]
+            fields = fields.drop(columns=[CELLS_Y, CELLS_X]).assign(**{CELL_Y: centres[:, 0], CELL_X: centres[:, 1]})
+            plate_rows = plate_rows[cells_per_field(plate_rows) > 0]  # a field without cells gives no row
         skipped = plate_rows.loc[~plate_rows[ROW].isin(fields[ROW]), ["well", "field"]]
         lineage = {
             "key": plan.key,
@@ -360,6 +378,7 @@ class _PlateWriter:
                            "model": plan.model},
             "recipe": plan.recipe,
             "channel_readout": cfg.features.channel_readout,
+            "crop_mode": cfg.data.crop_mode,
             "config": saved_config_dict(cfg),
             "code": code_version(),
             "run": self.run_id,
@@ -369,13 +388,14 @@ class _PlateWriter:
         won = plan.store.write_entry(plan.key, entry, self.run_id)
         (self.embedded if won else self.written_by_other).append(plate)
         self.plates_done += 1
-        total = len(self.rows)
+        total = sum(self.expected.values())
+        unit = "cells" if self.cells else "fields"
         rate = self.fields_done / max(time.monotonic() - self.t0, 1e-9)
         eta = (total - self.fields_done) / max(rate, 1e-9)
         how = "stored" if won else "already stored by another refresh (identical; this copy discarded)"
         extra = f", {len(skipped)} bad field(s) skipped" if len(skipped) else ""
-        _log(f"features: plate {self.plates_done}/{len(self.expected)} {plate} {how} ({len(entry.meta)} fields, "
-             f"{len(entry.wells)} wells{extra}); {self.fields_done}/{total} fields, {rate:.1f} fields/s, "
+        _log(f"features: plate {self.plates_done}/{len(self.expected)} {plate} {how} ({len(entry.meta)} {unit}, "
+             f"{len(entry.wells)} wells{extra}); {self.fields_done}/{total} {unit}, {rate:.1f} {unit}/s, "
              f"ETA {_duration(eta)}")
 
 
@@ -414,9 +434,10 @@ def run_refresh(plan: RefreshPlan, dry_run: bool = False) -> RefreshSummary:
         _log(f"features: nothing to do: all {len(plan.up_to_date)} plate(s) are stored for key {plan.key} "
              f"({summary.seconds:.1f} s, no embedding)")
     else:
-        _log(f"features: embedded {len(summary.embedded)} plate(s) ({summary.fields} fields) in "
-             f"{_duration(summary.seconds)} ({summary.fields / max(summary.seconds, 1e-9):.1f} fields/s; first "
-             f"embeddings after {summary.startup_s:.0f} s, then {summary.sustained_fields_per_s:.1f} fields/s); "
+        unit = "cells" if cfg.data.crop_mode == "cells" else "fields"
+        _log(f"features: embedded {len(summary.embedded)} plate(s) ({summary.fields} {unit}) in "
+             f"{_duration(summary.seconds)} ({summary.fields / max(summary.seconds, 1e-9):.1f} {unit}/s; first "
+             f"embeddings after {summary.startup_s:.0f} s, then {summary.sustained_fields_per_s:.1f} {unit}/s); "
              f"{len(summary.written_by_other)} stored first by a concurrent refresh; {len(plan.up_to_date)} up to date; "
              f"{len(summary.removed_runs)} stale run folder(s) removed; store {store.uri}, key {plan.key}")
     return summary
@@ -445,7 +466,8 @@ def _embed(plan: RefreshPlan) -> _PlateWriter:
                            one_batch_per_block=True, channel_readout=f.channel_readout)
     writer.t0 = time.monotonic()  # rates and ETA from here: Ray's start-up is not embedding
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        writer.add(np.asarray(batch[ROW], dtype=np.int64), np.asarray(batch[f"embedding_{ENCODER}"]))
+        centres = np.stack([batch[CELL_Y], batch[CELL_X]], axis=1) if writer.cells else None
+        writer.add(np.asarray(batch[ROW], dtype=np.int64), np.asarray(batch[f"embedding_{ENCODER}"]), centres)
     writer.finish()
     return writer
 

@@ -57,9 +57,11 @@ MARKER = "COMPLETE.json"
 INDEX = "index.json"
 LEVELS = ("field", "well")
 # Manifest columns kept as coordinates (and Parquet metadata) when present; per well, all but the field's own.
-FIELD_COORDS = ("plate", "well", "row", "col", "field", "site", "perturbation_id", "moa", "is_control", "dose",
-                "cell_line", "batch", "source", "compound_split", "localization", "target", "channel_names")
-FIELD_ONLY = ("field", "site")
+# With data.crop_mode=cells the field level holds one row per cell, its centre in cell_y / cell_x.
+FIELD_COORDS = ("plate", "well", "row", "col", "field", "site", "cell_y", "cell_x", "perturbation_id", "moa",
+                "is_control", "dose", "cell_line", "batch", "source", "compound_split", "localization", "target",
+                "channel_names")
+FIELD_ONLY = ("field", "site", "cell_y", "cell_x")
 # Parquet column names pycytominer expects for the plate/well/field keys; the rest are Metadata_<column>.
 PARQUET_NAMES = {"plate": "Metadata_Plate", "well": "Metadata_Well", "field": "Metadata_Field"}
 PERT_TYPE = "Metadata_pert_type"  # "negcon" for negative controls, "trt" otherwise (JUMP's convention)

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from cellfm.config import Config, ConfigError, DataConfig
+from cellfm.data.cells import CELLS_X, CELLS_Y, crop_cells
 from cellfm.data.normalize import normalize_field
 from cellfm.data.batch import FieldBatch
 from cellfm.data.plate import read_field
@@ -45,13 +46,25 @@ def load_normalized_fields(manifest: pd.DataFrame, data: DataConfig) -> torch.Te
         for r in manifest.itertuples()]))
 
 
-def epoch_batches(cfg: Config, fields: torch.Tensor, channel_names: list[str], epoch: int) -> list[FieldBatch]:
+def cell_crops(fields: torch.Tensor, manifest: pd.DataFrame, size: int) -> torch.Tensor:
+    """(M, C, size, size) float32: the crops around every cell centre of the manifest's fields (its
+    `cellfm.data.cells.with_cell_locations` columns), fields in manifest order then cells in table order, cut
+    from `fields` (the manifest's normalized fields, as `load_normalized_fields` gives them) as the pipeline
+    cuts them (`cellfm.data.cells.crop_cells`)."""
+    crops = [crop_cells(field.numpy(), ys, xs, size) for field, ys, xs in zip(fields, manifest[CELLS_Y], manifest[CELLS_X])]
+    return torch.from_numpy(np.concatenate(crops))
+
+
+def epoch_batches(cfg: Config, fields: torch.Tensor, channel_names: list[str], epoch: int,
+                  max_steps: int | None = None) -> list[FieldBatch]:
     """The epoch's batches: fields in a seeded order, the last incomplete batch dropped, each field's channels
-    permuted (with `data.channel_permutation`) by a draw from (seed, epoch, field index)."""
+    permuted (with `data.channel_permutation`) by a draw from (seed, epoch, field index); at most `max_steps`
+    of them (the first of the seeded order: each epoch then sees another draw of the samples)."""
     batch_size = cfg.optim.batch_size_per_worker
     order = torch.randperm(len(fields), generator=torch_generator(cfg.train.seed, Stream.FIELD_ORDER, epoch))
+    stop = len(fields) - batch_size + 1 if max_steps is None else min(len(fields) - batch_size + 1, max_steps * batch_size)
     batches = []
-    for start in range(0, len(fields) - batch_size + 1, batch_size):
+    for start in range(0, stop, batch_size):
         index = order[start:start + batch_size].tolist()
         if cfg.data.channel_permutation:
             perms = [numpy_rng(cfg.train.seed, Stream.CHANNEL_PERMUTATION, epoch, i).permutation(len(channel_names))
@@ -64,20 +77,22 @@ def epoch_batches(cfg: Config, fields: torch.Tensor, channel_names: list[str], e
 
 
 def train_in_memory(cfg: Config, fields: torch.Tensor, channel_names: list[str], *,
-                    on_step: StepCallback | None = None) -> SSLMetaArch:
-    """`optim.epochs` epochs of `len(fields) // optim.batch_size_per_worker` optimizer steps on one process;
-    returns the trained SSLMetaArch (its `teacher.backbone` is what evaluation embeds with)."""
+                    on_step: StepCallback | None = None, steps_per_epoch: int | None = None) -> SSLMetaArch:
+    """`optim.epochs` epochs of `len(fields) // optim.batch_size_per_worker` optimizer steps on one process,
+    or of `steps_per_epoch` (at most that) to give more samples (e.g. cell crops) the schedule and budget of
+    fewer; returns the trained SSLMetaArch (its `teacher.backbone` is what evaluation embeds with)."""
     if cfg.optim.accumulate_steps != 1:
         raise ConfigError(f"in-memory training takes one batch per step; optim.accumulate_steps="
                           f"{cfg.optim.accumulate_steps} is not supported")
-    steps_per_epoch = len(fields) // cfg.optim.batch_size_per_worker
+    available = len(fields) // cfg.optim.batch_size_per_worker
+    steps_per_epoch = available if steps_per_epoch is None else min(steps_per_epoch, available)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(fields)} fields are fewer than one batch of {cfg.optim.batch_size_per_worker}")
     meta_arch = SSLMetaArch(cfg, steps_per_epoch=steps_per_epoch, rank=0, world_size=1, device=torch.device("cpu"),
                             prepare_model=lambda model: model)
     step = 0
     for epoch in range(cfg.optim.epochs):
-        for batch in epoch_batches(cfg, fields, channel_names, epoch):
+        for batch in epoch_batches(cfg, fields, channel_names, epoch, steps_per_epoch):
             losses = meta_arch.forward_backward(batch, epoch=epoch, step=step, micro=0)
             meta_arch.optimizer_step(step)
             if on_step is not None:

@@ -10,7 +10,8 @@ import pandas as pd
 
 from cellfm.config import Config, ConfigError
 from cellfm.data.layout import field_layout_problems
-from cellfm.data.pipeline import field_cache_problem
+from cellfm.data.cells import LocationsError, with_cell_locations
+from cellfm.data.pipeline import field_cache_problem, samples_per_rank
 from cellfm.models.registry import VOCABULARY_BACKBONES
 from cellfm.train.init_from import init_from_config, init_from_problems
 
@@ -55,11 +56,19 @@ def training_input_problems(cfg: Config, manifest: pd.DataFrame) -> list[str]:
             problems.append(f"model.channel_vocabulary lacks channel(s) {unknown} of {source}; add them or leave "
                             f"model.channel_vocabulary empty (= the manifest's channels)")
     o, world = cfg.optim, cfg.train.num_workers
-    # Every rank runs floor(fields / workers / batch / accumulation) steps (train.loop); sizes that are
-    # not positive are config problems already.
+    # Every rank runs floor(samples / batch / accumulation) steps (train.loop; samples_per_rank: its fields,
+    # or its fewest cells); sizes that are not positive are config problems already.
+    samples = len(manifest) // max(world, 1)
+    if cfg.data.crop_mode == "cells" and min(world, o.epochs) > 0:
+        try:
+            located = with_cell_locations(manifest, cfg.data, source)
+            samples = samples_per_rank(located, cfg.data, seed=cfg.train.seed, epochs=o.epochs, world_size=world)
+        except (LocationsError, OSError):
+            pass  # preflight's cell_location_problems reports it
     if min(world, o.batch_size_per_worker, o.accumulate_steps) > 0 and \
-            len(manifest) // world // o.batch_size_per_worker // o.accumulate_steps < 1:
-        problems.append(f"{len(manifest)} training fields over train.num_workers={world} cannot fill one step of "
+            samples // o.batch_size_per_worker // o.accumulate_steps < 1:
+        cells = f" ({samples} cells for the worker with fewest)" if cfg.data.crop_mode == "cells" else ""
+        problems.append(f"{len(manifest)} training fields{cells} over train.num_workers={world} cannot fill one step of "
                         f"optim.batch_size_per_worker={o.batch_size_per_worker} x optim.accumulate_steps="
                         f"{o.accumulate_steps}; lower them or add plates")
     return problems + init_from_problems(cfg, manifest)

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from cellfm.config import Config
-from cellfm.data.pipeline import DataMonitor, FieldCache, build_field_pipeline, epoch_shard, iter_training_batches
+from cellfm.data.pipeline import (DataMonitor, FieldCache, build_field_pipeline, epoch_shard, iter_training_batches,
+                                  samples_per_rank)
 from cellfm.seeding import Stream, derive_seed
 from cellfm.train.meta_arch import SSLMetaArch
 from cellfm.train.self_distillation import supcon_label
@@ -55,12 +56,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     batch, accumulate = cfg.optim.batch_size_per_worker, cfg.optim.accumulate_steps
-    # epoch_shard gives every rank len(manifest) // world fields and batches drop the remainder, so every
-    # rank runs the same number of steps (a rank with one step more would hang DDP).
-    steps_per_epoch = (len(manifest) // world) // batch // accumulate
+    # epoch_shard gives every rank len(manifest) // world fields (with data.crop_mode=cells, at least
+    # samples_per_rank cells) and batches drop the remainder, so every rank runs the same number of steps (a
+    # rank with one step more would hang DDP).
+    samples = samples_per_rank(manifest, cfg.data, seed=cfg.train.seed, epochs=cfg.optim.epochs, world_size=world)
+    steps_per_epoch = samples // batch // accumulate
     if steps_per_epoch < 1:
         raise ValueError(
-            f"{len(manifest)} training fields over {world} workers cannot fill one step of "
+            f"{len(manifest)} training fields ({samples} {cfg.data.crop_mode} samples per worker) over {world} "
+            f"workers cannot fill one step of "
             f"optim.batch_size_per_worker={batch} x optim.accumulate_steps={accumulate}; lower them or add plates"
         )
     checkpoint = ray.train.get_checkpoint()

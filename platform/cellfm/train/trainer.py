@@ -12,6 +12,7 @@ from typing import Sequence
 import pandas as pd
 
 from cellfm.config import Config, ConfigError, save_config
+from cellfm.data.cells import with_cell_locations
 from cellfm.data.pipeline import create_monitor, fill_field_cache, load_manifests
 from cellfm.runtime import init_ray, resource_need
 from cellfm.train import storage
@@ -55,6 +56,8 @@ def run_pretraining(cfg: Config, *, manifest: pd.DataFrame | None = None, callba
         manifest = load_manifests([cfg.data.train_manifest], storage_options=cfg.data.storage_options or None)
     if problems := training_input_problems(cfg, manifest):
         raise ConfigError(problems)
+    # data.crop_mode=cells: every field's cell centres travel with the manifest to the workers.
+    manifest = with_cell_locations(manifest, cfg.data, cfg.data.train_manifest)
     record_channel_metadata(cfg, manifest)
     if cfg.train.init_from:
         # The checkpoint folder itself (not a run folder's latest, which may change) is saved with the run.
