@@ -41,12 +41,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.model_quality import (  # noqa: E402
-    CONFIG, EVALUATIONS, MODELS, N_HELDOUT_PLATES, PROTOCOLS, TRAIN_CONFIG, Screens, layouts, model_config,
-    over_seeds, score_features)
+    CONFIG, EVALUATIONS, MODELS, N_HELDOUT_PLATES, PROTOCOLS, TRAIN_CONFIG, Screens, layout, model_config,
+    over_seeds, score_features, training)
 from cellfm.config import load_config  # noqa: E402
 from cellfm.data.cells import CELL_X, CELL_Y, CELLS_X, CELLS_Y, attach_cell_locations, cells_per_field, standard_locations  # noqa: E402
-from cellfm.data.manifest import read_manifest  # noqa: E402
-from cellfm.data.synthetic import generate_family_screen  # noqa: E402
+from cellfm.data.synthetic import DIFFICULTIES  # noqa: E402
 from cellfm.data.truth import cell_locations  # noqa: E402
 from cellfm.evaluate.metrics import compare_scores  # noqa: E402
 from cellfm.features.embed import IntensityStatistics, embed_fields  # noqa: E402
@@ -54,6 +53,7 @@ from cellfm.train.in_memory import cell_crops, train_in_memory  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 ARMS = ("field", "cells")
+TRAIN = training(TRAIN_CONFIG)  # the Screens key of cp5's training plates
 
 
 def log(message: str) -> None:
@@ -64,20 +64,15 @@ class CellScreens(Screens):
     """The model-quality screens of `configs` only (cp5 always: its training plates), and per configuration the
     crops around every ground-truth cell centre inside its field with one metadata row per crop."""
 
-    def __init__(self, root: Path, cfg, seed: int, n_heldout_plates: int, configs: list[str], crop_size: int):
-        self.manifests, self.fields = {}, {}
-        train_layout, eval_layout = layouts(n_heldout_plates)
-        cp5 = generate_family_screen(root / TRAIN_CONFIG, TRAIN_CONFIG, train_layout, seed=seed)
-        self._add("train", read_manifest(cp5["train"]), cfg)
-        self._add(TRAIN_CONFIG, read_manifest(cp5["heldout"]), cfg)
-        for config in configs:
-            if config != TRAIN_CONFIG:
-                paths = generate_family_screen(root / config, config, eval_layout, seed=seed)
-                self._add(config, read_manifest(paths["heldout"]), cfg)
+    def __init__(self, root: Path, cfg, seed: int, n_heldout_plates: int, configs: list[str], crop_size: int,
+                 difficulty: str):
+        super().__init__(root, cfg, seed, n_heldout_plates, difficulty, configs)
+        self.names = [TRAIN, *configs]
         self.crops, self.cell_meta = {}, {}
-        for name, manifest in self.manifests.items():
+        for name in self.names:
+            manifest = self.manifests[name]
             located = attach_cell_locations(manifest, standard_locations(cell_locations(manifest), "ground truth"))
-            self.crops[name] = cell_crops(self.fields[name], located, crop_size)
+            self.crops[name] = cell_crops(self.fields(name), located, crop_size)
             counts = cells_per_field(located)
             self.cell_meta[name] = (located.drop(columns=[CELLS_Y, CELLS_X]).loc[located.index.repeat(counts)]
                                     .assign(**{CELL_Y: np.concatenate(located[CELLS_Y].to_list()),
@@ -89,7 +84,7 @@ def score_arm(backbone, screens: CellScreens, configs: list[str], arm: str, cfg,
     """`score_features` of one arm's rows (fields or cells) per configuration, averaged per well by the instrument."""
     out = {}
     for name in configs:
-        images, meta = (screens.fields[name], screens.manifests[name]) if arm == "field" else \
+        images, meta = (screens.fields(name), screens.manifests[name]) if arm == "field" else \
             (screens.crops[name], screens.cell_meta[name])
         embedding = embed_fields(backbone, images, screens.channels(name), image_size)
         out[name] = score_features(meta, embedding, cfg, source=f"{name} ({arm})")
@@ -107,6 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
                         f"model_quality uses {N_HELDOUT_PLATES})")
     parser.add_argument("--cell-crop-size", type=int, default=48, help="data.cell_crop_size of the cells arm (px)")
     parser.add_argument("--cell-image-size", type=int, default=32, help="edge cells are embedded at (px)")
+    parser.add_argument("--difficulty", choices=sorted(DIFFICULTIES), default="subtle",
+                        help="the synthetic screen (default subtle: the committed result's)")
     parser.add_argument("--screen-seed", type=int, default=0)
     parser.add_argument("--screen-dir", default=None, help="where the plates go (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=2)
@@ -121,11 +118,12 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cellfm-cell-crops-") as tmp:
         root = Path(args.screen_dir or tmp).resolve()
-        screens = CellScreens(root, base, args.screen_seed, args.heldout_plates, configs, args.cell_crop_size)
+        screens = CellScreens(root, base, args.screen_seed, args.heldout_plates, configs, args.cell_crop_size,
+                              args.difficulty)
         batch = base.optim.batch_size_per_worker
-        steps_per_epoch = len(screens.fields["train"]) // batch
+        steps_per_epoch = len(screens.fields(TRAIN)) // batch
         log(f"plates ready in {time.perf_counter() - started:.0f} s: " + ", ".join(
-            f"{k} {len(v)} fields / {len(screens.crops[k])} cells" for k, v in screens.fields.items()))
+            f"{k} {len(screens.fields(k))} fields / {len(screens.crops[k])} cells" for k in screens.names))
         results = {
             "benchmark": "cellfm field vs single-cell crops on one budget", "format": 1,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -133,13 +131,14 @@ def main(argv: list[str] | None = None) -> dict:
             "threads": args.threads, "config": str(CONFIG.relative_to(REPO)), "model": args.model,
             "objective": MODELS[args.model], "seeds": args.seeds, "screen_seed": args.screen_seed,
             "n_heldout_plates": args.heldout_plates, "configs": configs, "protocols": PROTOCOLS,
+            "difficulty": args.difficulty,
             "cell_crop_size": args.cell_crop_size, "cell_image_size": args.cell_image_size,
             "field_image_size": base.eval.image_size,
-            "samples": {k: {"fields": len(v), "cells": len(screens.crops[k])} for k, v in screens.fields.items()},
+            "samples": {k: {"fields": len(screens.fields(k)), "cells": len(screens.crops[k])} for k in screens.names},
             "budget": (f"{base.optim.epochs * steps_per_epoch} optimizer steps of batch {batch} for both arms "
                        f"({base.optim.epochs} epochs of {steps_per_epoch} steps; fields: all "
-                       f"{len(screens.fields['train'])} cp5 training fields of {layouts()[0].field_size} px per epoch; "
-                       f"cells: a seeded draw of {steps_per_epoch * batch} of the {len(screens.crops['train'])} "
+                       f"{len(screens.fields(TRAIN))} cp5 training fields of {layout().field_size} px per epoch; "
+                       f"cells: a seeded draw of {steps_per_epoch * batch} of the {len(screens.crops[TRAIN])} "
                        f"{args.cell_crop_size}-px crops per epoch), 2 global {base.ssl.global_crop_size}-px + "
                        f"{base.ssl.n_local_crops} local {base.ssl.local_crop_size}-px crops, ViT "
                        f"{base.model.size}/{base.model.patch_size}"),
@@ -155,8 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
             for arm in ARMS:
                 run_started = time.perf_counter()
                 losses: list[float] = []
-                samples = screens.fields["train"] if arm == "field" else screens.crops["train"]
-                meta_arch = train_in_memory(cfg if arm == "field" else cells_cfg, samples, screens.channels("train"),
+                samples = screens.fields(TRAIN) if arm == "field" else screens.crops[TRAIN]
+                meta_arch = train_in_memory(cfg if arm == "field" else cells_cfg, samples, screens.channels(TRAIN),
                                             steps_per_epoch=steps_per_epoch,
                                             on_step=lambda epoch, step, l, losses=losses: losses.append(l.total.item()))
                 train_s = time.perf_counter() - run_started

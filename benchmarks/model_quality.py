@@ -190,17 +190,16 @@ def log(message: str) -> None:
 
 
 class Screens:
-    """The family's plates at one difficulty (generated into `root` once): per configuration its training and
-    held-out plates, wells restricted to the labels its stains can reveal; their manifests, and normalized fields
+    """The family's plates at one difficulty (generated into `root` once): per configuration (`configs`, default
+    every evaluated one) its training and held-out plates, wells restricted to the labels its stains can reveal; their manifests, and normalized fields
     in memory (loaded on first use)."""
 
     def __init__(self, root: Path, cfg: Config, seed: int, n_heldout_plates: int = N_HELDOUT_PLATES,
-                 difficulty: str = DIFFICULTY):
+                 difficulty: str = DIFFICULTY, configs: Sequence[str] | None = None):
         self.manifests: dict[str, pd.DataFrame] = {}
         self._fields: dict[str, torch.Tensor] = {}
         self._data = cfg.data
-        for evaluation in EVALUATIONS:
-            name = evaluation.config
+        for name in configs or [e.config for e in EVALUATIONS]:
             paths = generate_family_screen(root / name, name, layout(n_heldout_plates), seed=seed, difficulty=difficulty)
             labels = revealed_labels(FAMILY_CONFIGS[name].channels)
             for split, key in (("train", training(name)), ("heldout", name)):
