@@ -195,6 +195,25 @@ def test_mcd_keep_counts_need_mcd_and_ibot(screen_overrides, tmp_path):
     assert "it needs ssl.mcd=true with ssl.objective=ibot" in problem
 
 
+def test_a_sweep_of_cell_crops_is_refused(screen_overrides, tmp_path):
+    """The in-trial objective embeds whole held-out fields: trials trained on cell crops would be scored on
+    something else, so the sweep stops before Ray with the key named."""
+    locations = tmp_path / "cells.parquet"
+    pd.DataFrame({"plate": ["P"], "well": ["A01"], "field": [0], "y": [5.0], "x": [5.0]}).to_parquet(locations)
+    path = write_sweep(tmp_path, f"""
+        base: BASE
+        arms:
+          cellrep: {{overrides: {{data.crop_mode: cells, data.cell_locations: {locations}}}}}
+    """)
+    problems = problems_of(path, screen_overrides, tmp_path)
+    assert any("data.crop_mode=cells: a sweep's objective scores whole fields" in p for p in problems), problems
+    assert not any("crop_mode" in p for p in problems_of(write_sweep(tmp_path, """
+        base: BASE
+        arms:
+          cellrep: {}
+    """), screen_overrides, tmp_path))
+
+
 def test_a_changed_sweep_is_refused_in_the_old_sweeps_folder(screen_overrides, tmp_path):
     from cellfm.tune.driver import record_sweep
 

@@ -258,6 +258,9 @@ def trial_config_problems(plan: SweepPlan) -> list[str]:
             continue
         cfg.eval.labels = [plan.spec.objective.label]
         lines = config_problems(cfg) + model_size_problems(cfg)
+        if cfg.data.crop_mode == "cells":  # the in-trial objective embeds whole held-out fields
+            lines.append("data.crop_mode=cells: a sweep's objective scores whole fields, not the cells the trials "
+                         "would train on; sweep with data.crop_mode=field")
         lines += [f"{plan.arm(arm_name).dimension(key).where}: {key} does not apply to trials with "
                   f"model.name={cfg.model.name}, ssl.objective={cfg.ssl.objective}, ssl.mcd={str(cfg.ssl.mcd).lower()}; "
                   f"it needs {APPLIES_TO[key][1]}"
