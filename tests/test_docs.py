@@ -101,3 +101,25 @@ def test_set_up_commands_exist():
     for target in ("demo", "test"):
         assert re.search(rf"^{target}: ", makefile, flags=re.MULTILINE)
         assert f"make {target} " in readme
+
+
+@pytest.mark.parametrize("page", ["README.md", *sorted(f"docs/{p.name}" for p in DOCS.glob("*.md"))])
+def test_every_cellfm_name_a_page_cites_exists(page):
+    """`cellfm.x.y` in the docs names a module, or an attribute of one, that exists: a moved or renamed function
+    fails here instead of leaving a page that points nowhere."""
+    import importlib
+
+    missing = []
+    for name in sorted(set(re.findall(r"`(cellfm(?:\.\w+)+)", (REPO / page).read_text()))):
+        parts = name.split(".")
+        for split in range(len(parts), 0, -1):
+            try:
+                found = importlib.import_module(".".join(parts[:split]))
+                break
+            except ImportError:
+                continue
+        for attr in parts[split:]:
+            found = getattr(found, attr, None)
+        if found is None:
+            missing.append(name)
+    assert not missing, f"{page} cites names that do not exist: {missing}"
