@@ -659,14 +659,15 @@ def main(argv: list[str] | None = None) -> dict:
         for index, (seed, model) in enumerate(planned):
             run_started = time.perf_counter()
             torch.manual_seed(seed)
-            random_init = build_backbone(model_config(model, seed, screens, extra).model).eval()
+            # A finetuned model's random init is its source's, already scored in that model's rows.
+            random_init = None if model in FINETUNED else build_backbone(model_config(model, seed, screens, extra).model).eval()
             cfg, trained, last_loss = train_run(model, seed, screens, extra, checkpoints, sources)
             train_s = time.perf_counter() - run_started
             run = {"model": model, "seed": seed, "threads": args.threads, "train_seconds": round(train_s, 1),
                    "final_loss": round(last_loss, 4),
-                   # The random init is read out as the model it is compared with (a finetuned model's is its source's).
+                   # The random init is read out as the model it is compared with.
                    "readouts": {readout: {"trained": score(trained, cfg.model, screens, cfg, readout),
-                                          **({} if model in FINETUNED else
+                                          **({} if random_init is None else
                                              {"random_init": score(random_init, cfg.model, screens, cfg, readout)})}
                                 for readout in readouts(model)}}
             run["seconds"] = round(time.perf_counter() - run_started, 1)
