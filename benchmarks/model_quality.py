@@ -20,7 +20,9 @@ Painting stains), single-process on fields held in memory, through the one train
 (`cellfm.train.in_memory.train_in_memory` -> `SSLMetaArch`). Seeds are train.seed: the init, every augmentation
 draw and the field order. `vit_rgb_finetuned` is the CellRep paper's "DINOv2 Finetuned": the same seed's vit_rgb
 continued (`train.init_from`, fresh optimizer) for the same epochs on novel4's training plates, so it saw the
-assay it is evaluated on (other plates), which no other encoder did.
+assay it is evaluated on (other plates), which no other encoder did. `cellrep_mixed` / `c3r_mixed` pre-train on
+the training plates of cp5, hpa4 and brightfield1 in one padded stream (5-, 4- and 1-channel fields with a
+channel mask; `cellfm.train.in_memory.pad_field_sets`) for the same optimizer steps as cp5 alone (MIXES).
 
 Evaluation (`score_features`: the probes across plates of `cellfm.evaluate.protocols`): the teacher backbone
 embeds every held-out field (CLS + mean patch token of the whole field resized to eval.image_size), fields are
@@ -80,7 +82,7 @@ from cellfm.evaluate.wells import well_profiles
 from cellfm.features.embed import IntensityStatistics, embed_fields
 from cellfm.features.morphology import well_morphology
 from cellfm.models.registry import VOCABULARY_BACKBONES, build_backbone
-from cellfm.train.in_memory import load_normalized_fields, train_in_memory
+from cellfm.train.in_memory import load_normalized_fields, pad_field_sets, train_in_memory
 from cellfm.train.inputs import record_channel_metadata
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,14 +106,22 @@ MODELS = {
     "cellrep_axial": ["model.name=cellrep", "ssl.objective=dino", "model.channel_mixer=axial"],
     "cellrep_attention_pool": ["model.name=cellrep", "ssl.objective=dino", "model.channel_pooling=attention"],
     "c3r_attention_pool": ["model.name=c3r", *IBOT, "ssl.mcd=true", "model.channel_pooling=attention"],
+    "cellrep_mixed": ["model.name=cellrep", "ssl.objective=dino"],
+    "c3r_mixed": ["model.name=c3r", *IBOT, "ssl.mcd=true"],
 }
+# Pre-training on a mix of configurations (imaging-modality diversity, as CHAMMI-75 recommends): the training
+# plates of these configurations in one padded stream (`pad_field_sets`; 5-, 4- and 1-channel fields in each
+# batch with a channel mask), for the same number of optimizer steps as cp5 alone. novel4 stays unseen: its
+# Golgi never appears in training (its Tubulin does, as hpa4's "Microtubules" — another name, the same stain).
+MIXES = {"cellrep_mixed": ("cp5", "hpa4", "brightfield1"), "c3r_mixed": ("cp5", "hpa4", "brightfield1")}
 # The CellRep paper's "DINOv2 Finetuned" row: a model pre-trained on cp5 (the same seed's run of FINETUNED[m][0]),
 # then continued (`train.init_from`: its student, teacher and centers; a fresh optimizer and schedules) for the
 # same number of epochs on the training plates of FINETUNED[m][1], which the evaluation's held-out plates are not.
 FINETUNED = {"vit_rgb_finetuned": ("vit_rgb", "novel4")}
 # Models whose one embedding pools over channels (a mean after the mixer, per group, or of per-channel
 # embeddings): read out both ways. vit_rgb fuses stains at the input and ChannelViT keeps a token per channel.
-CHANNEL_POOLING = ("cellrep", "c3r", "single_channel", "cellrep_axial", "cellrep_attention_pool", "c3r_attention_pool")
+CHANNEL_POOLING = ("cellrep", "c3r", "single_channel", "cellrep_axial", "cellrep_attention_pool", "c3r_attention_pool",
+                   "cellrep_mixed", "c3r_mixed")
 READOUTS = ("pooled", "per_channel")
 TRAIN_CONFIG = "cp5"
 PROTOCOLS = {"lopo": "leave-one-plate-out probe (features z-scored per plate; ± standard error over wells)",
@@ -132,7 +142,6 @@ EVALUATIONS = (
     Evaluation("brightfield1", "brightfield1 (1 label-free channel), MoA"),
     Evaluation("hpa4", "hpa4 protein localization"),
 )
-UNSEEN = ("novel4", "brightfield1", "hpa4")  # configurations the models never trained on
 
 # Every configuration: 3 training plates (cp5's train every encoder; the others' train only the supervised CNN
 # ceiling and the finetuned row) + the held-out plates the probes score. Per plate 8 control wells + 12 compounds
@@ -218,11 +227,19 @@ class Screens:
         return dict(zip(self.channels(name), self.manifests[name]["channel_groups"].iloc[0]))
 
 
-def model_config(model: str, seed: int, screens: Screens, extra: Sequence[str], config: str = TRAIN_CONFIG) -> Config:
+def training_configs(model: str) -> tuple[str, ...]:
+    """The configurations whose training plates `model` trains on (a finetuned model: the ones it continues on)."""
+    if model in FINETUNED:
+        return (FINETUNED[model][1],)
+    return MIXES.get(model, (TRAIN_CONFIG,))
+
+
+def model_config(model: str, seed: int, screens: Screens, extra: Sequence[str],
+                 configs: Sequence[str] = (TRAIN_CONFIG,)) -> Config:
     """configs/model_quality.yaml + the model's objective + the seed, with the channel metadata the training
-    driver records from the manifest of `config`'s training plates (C3R's groups, ChannelViT's vocabulary)."""
+    driver records from the manifest of the `configs`' training plates (C3R's groups, ChannelViT's vocabulary)."""
     cfg = load_config(CONFIG, [*MODELS[model], f"train.seed={seed}", *extra])
-    record_channel_metadata(cfg, screens.manifests[training(config)])
+    record_channel_metadata(cfg, pd.concat([screens.manifests[training(c)] for c in configs], ignore_index=True))
     return cfg
 
 
@@ -346,7 +363,30 @@ def summarize(results: dict) -> dict:
         rows["intensity statistics"] = aggregate([results["intensity_stats"]])
     for name, scores in results.get("extra_rows", {}).items():
         rows[name] = aggregate([scores])
-    return {"rows": rows, "keys": keys, "headroom": headroom(rows)}
+    return {"rows": rows, "keys": keys, "headroom": headroom(rows), "calibration": calibration(rows, results["chance"])}
+
+
+# The clear screen's calibration bars (docs/screens.md), checked here under this benchmark's own protocol (LOPO
+# on its held-out plates): each known ceiling must reach its floor, and intensity statistics stay near chance.
+CALIBRATION_BARS = {ORACLE: ("at least", 0.9), CEILINGS["cnn"]: ("at least", 0.8),
+                    "intensity statistics": ("at most chance +", 0.15)}
+
+
+def calibration(rows: dict, chance: dict) -> dict:
+    """{row: {configuration: {"top1", "se", "bar", "met"}}} for the rows of CALIBRATION_BARS that were scored."""
+    out = {}
+    for name, (rule, value) in CALIBRATION_BARS.items():
+        if name not in rows:
+            continue
+        out[name] = {}
+        for config, protocols in rows[name].items():
+            cell = protocols["lopo"]
+            if "unsupported" in cell:
+                continue
+            bar = chance[config] + value if rule.startswith("at most") else value
+            met = cell["mean"] <= bar if rule.startswith("at most") else cell["mean"] >= bar
+            out[name][config] = {"top1": cell["mean"], "se": cell["se"], "bar": bar, "rule": rule, "met": bool(met)}
+    return out
 
 
 def headroom(rows: dict) -> dict:
@@ -411,7 +451,10 @@ def claims(summary: dict) -> list[str]:
                         ("CellRep with the channel-axial mixer (1.26x ViT-S/16 FLOPs) vs today's CellRep (2.07x)",
                          "cellrep_axial", "cellrep"),
                         ("CellRep attention pooling vs mean pooling", "cellrep_attention_pool", "cellrep"),
-                        ("C3R attention pooling vs mean pooling", "c3r_attention_pool", "c3r")):
+                        ("C3R attention pooling vs mean pooling", "c3r_attention_pool", "c3r"),
+                        ("CellRep pre-trained on cp5 + hpa4 + brightfield1 vs on cp5 alone (same steps; CHAMMI-75: "
+                         "modality diversity generalizes; novel4 unseen by both)", "cellrep_mixed", "cellrep"),
+                        ("C3R pre-trained on cp5 + hpa4 + brightfield1 vs on cp5 alone", "c3r_mixed", "c3r")):
         if a in models and b in models:
             for readout in readouts(a):
                 other = readout if readout in readouts(b) else "pooled"
@@ -484,6 +527,18 @@ def markdown(results: dict) -> str:
                                                  f"{cells[e.config]['share']:.2f} ± {cells[e.config]['se']:.2f}"
                                                  for e in EVALUATIONS) + " |")
     lines += ["", *(f"[{n}] n/a: {reason}." for reason, n in notes.items())]
+    if summary.get("calibration"):
+        lines += ["", "## Calibration bars under this protocol (leave-one-plate-out)", "",
+                  "The clear screen was tuned so that every known ceiling reaches its floor and intensity statistics "
+                  "stay near chance (docs/screens.md); here is whether that holds with this benchmark's held-out "
+                  "plates. **not met** marks a miss.", "",
+                  "| row | bar | " + " | ".join(e.config for e in EVALUATIONS) + " |", "|" + "---|" * (len(EVALUATIONS) + 2)]
+        for name, cells in summary["calibration"].items():
+            rule, value = CALIBRATION_BARS[name]
+            lines.append(f"| {name} | {rule} {value} | " + " | ".join(
+                "n/a" if e.config not in cells else
+                f"{cells[e.config]['top1']:.3f} vs {cells[e.config]['bar']:.3f}"
+                + ("" if cells[e.config]["met"] else " **not met**") for e in EVALUATIONS) + " |")
     lines += ["", "## The claims, as measured here (leave-one-plate-out probe)", "",
               "Direction: \"higher\"/\"lower\" only where the difference exceeds two standard errors "
               "(`cellfm.evaluate.metrics.compare_scores`), else \"within noise\".", "", *claims(summary), ""]
@@ -547,14 +602,16 @@ def train_run(model: str, seed: int, screens: Screens, extra: Sequence[str], che
     """Train one (model, seed) in memory: (its config, the teacher backbone, the last loss). A FINETUNED model
     continues from the checkpoint its source model's run of the same seed saved in `checkpoints` (training
     the source first if this process has not); every run saves its checkpoint there."""
-    config = TRAIN_CONFIG
+    configs = training_configs(model)
     if model in FINETUNED:
-        source, config = FINETUNED[model]
+        source = FINETUNED[model][0]
         if (seed, source) not in sources:
             train_run(source, seed, screens, extra, checkpoints, sources)
         extra = [*extra, f"train.init_from={sources[(seed, source)]}"]
-    cfg = model_config(model, seed, screens, extra, config)
-    steps_per_epoch = len(screens.fields(training(config))) // cfg.optim.batch_size_per_worker
+    cfg = model_config(model, seed, screens, extra, configs)
+    fields, names = pad_field_sets([(screens.fields(training(c)), screens.channels(training(c))) for c in configs])
+    # Every model takes the optimizer steps one configuration's training plates give (a mix: more samples, one budget).
+    steps_per_epoch = len(screens.fields(training(configs[0]))) // cfg.optim.batch_size_per_worker
     total_steps, last_loss = cfg.optim.epochs * steps_per_epoch, [math.nan]
 
     def on_step(epoch: int, step: int, losses) -> None:
@@ -563,8 +620,7 @@ def train_run(model: str, seed: int, screens: Screens, extra: Sequence[str], che
             log(f"  {model} seed {seed}: epoch {epoch + 1}/{cfg.optim.epochs}, step {step + 1}/{total_steps}, "
                 f"loss {last_loss[0]:.3f}")
 
-    meta_arch = train_in_memory(cfg, screens.fields(training(config)), screens.channels(training(config)),
-                                on_step=on_step)
+    meta_arch = train_in_memory(cfg, fields, names, on_step=on_step, steps_per_epoch=steps_per_epoch)
     sources[(seed, model)] = checkpoints / f"{model}-seed{seed}"
     meta_arch.save(sources[(seed, model)], epoch=cfg.optim.epochs - 1, step=total_steps - 1)
     return cfg, meta_arch.teacher.backbone.eval(), last_loss[0]
@@ -573,7 +629,9 @@ def train_run(model: str, seed: int, screens: Screens, extra: Sequence[str], che
 def main(argv: list[str] | None = None) -> dict:
     """The benchmark (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--models", nargs="*", choices=list(MODELS), default=list(MODELS),
+                        help="encoders to train (default: all; none with an empty list: the ceilings and intensity "
+                             "statistics only)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--difficulty", choices=sorted(DIFFICULTIES), default=DIFFICULTY,
                         help="the synthetic screen (default: the calibrated 'clear' one)")
@@ -590,8 +648,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the JSON path; the .md and .png go beside it (default: benchmarks/results/"
                              "model_quality.json for the clear screen, model_quality_<difficulty>.json otherwise)")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the runs and rows already in --output (same budget, screen and plates) and compute "
-                             "only the missing ones")
+                        help="keep every run and row already in --output (same budget, screen and plates) and compute "
+                             "only the missing (model, seed) runs of --models x --seeds and the missing rows")
     args = parser.parse_args(argv)
     if args.heldout_plates < 2:
         parser.error(f"--heldout-plates={args.heldout_plates}: the per-plate and leave-one-plate-out probes need two "
@@ -642,8 +700,11 @@ def main(argv: list[str] | None = None) -> dict:
             if not same:
                 parser.error(f"--resume: {output} was written with another format, budget, screen, plates or "
                              "objectives; remove it")
-            results["runs"] = [{"threads": previous["threads"], **r} for r in previous["runs"]
-                               if r["model"] in args.models and r["seed"] in args.seeds]
+            # Every earlier run stays (with its model's overrides); --models / --seeds say what to add.
+            results["runs"] = [{"threads": previous["threads"], **r} for r in previous["runs"]]
+            results["models"] = {**previous["models"], **results["models"]}
+            results["finetuned"] = {**previous.get("finetuned", {}), **results["finetuned"]}
+            results["seeds"] = sorted({*previous["seeds"], *args.seeds})
             results["extra_rows"] = previous["extra_rows"]
             previous_s = previous["runtime_s"]
             log(f"resuming: {len(results['runs'])} runs and {len(results['extra_rows'])} rows kept from {output}")
@@ -660,7 +721,8 @@ def main(argv: list[str] | None = None) -> dict:
             run_started = time.perf_counter()
             torch.manual_seed(seed)
             # A finetuned model's random init is its source's, already scored in that model's rows.
-            random_init = None if model in FINETUNED else build_backbone(model_config(model, seed, screens, extra).model).eval()
+            random_init = None if model in FINETUNED else build_backbone(
+                model_config(model, seed, screens, extra, training_configs(model)).model).eval()
             cfg, trained, last_loss = train_run(model, seed, screens, extra, checkpoints, sources)
             train_s = time.perf_counter() - run_started
             run = {"model": model, "seed": seed, "threads": args.threads, "train_seconds": round(train_s, 1),

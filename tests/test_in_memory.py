@@ -12,7 +12,7 @@ from cellfm.config import load_config
 from cellfm.data.manifest import read_manifest
 from cellfm.data.normalize import normalize_field
 from cellfm.data.plate import read_field
-from cellfm.train.in_memory import epoch_batches, load_normalized_fields, train_in_memory
+from cellfm.train.in_memory import epoch_batches, load_normalized_fields, pad_field_sets, train_in_memory
 from tests.conftest import SMOKE_CONFIG
 
 CP5 = ["DNA", "ER", "RNA", "AGP", "Mito"]
@@ -64,6 +64,52 @@ def test_epoch_batches_permute_fields_and_channels_with_their_names():
 
     fixed = load_config(SMOKE_CONFIG, ["optim.batch_size_per_worker=4", "data.channel_permutation=false"])
     assert all(names == CP5 for b in epoch_batches(fixed, fields, CP5, epoch=0) for names in b.channel_names)
+
+
+def test_mixed_configurations_pad_and_permute_only_real_channels():
+    """Fields of 5, 4 and 1 channels train together: padded to 5 with zero planes named "", each field's real
+    channels permuted among themselves, the padding last and masked out."""
+    novel4, brightfield = ["Golgi", "Mito", "DNA", "Tubulin"], ["Brightfield"]
+    sets = [(labelled_fields(6), CP5), (100 + labelled_fields(6)[:, :4], novel4), (200 + labelled_fields(4)[:, :1], brightfield)]
+    fields, names = pad_field_sets(sets)
+    assert fields.shape == (16, 5, 4, 4) and names[0] == CP5 and names[6] == [*novel4, ""] and names[15] == ["Brightfield", *[""] * 4]
+    assert float(fields[6:12, 4].abs().max()) == 0.0 and float(fields[12:, 1:].abs().max()) == 0.0
+    with pytest.raises(ValueError, match="one field size"):
+        pad_field_sets([(labelled_fields(2), CP5), (labelled_fields(2)[:, :, :2, :2], CP5)])
+
+    cfg = load_config(SMOKE_CONFIG, ["optim.batch_size_per_worker=8", "train.seed=1"])
+    batches = epoch_batches(cfg, fields, names, epoch=0)
+    assert len(batches) == 2
+    stain_sets, padded_batches = set(), 0
+    for batch in batches:
+        padded_batches += batch.channel_mask is not None
+        for image, row, mask in zip(batch.images, batch.channel_names, batch.real_channels):
+            real = [n for n in row if n]
+            stain_sets.add(frozenset(real))
+            # The real channels come first (in a drawn order) and the mask says which they are.
+            assert row == [*real, *[""] * (5 - len(real))] and mask.tolist() == [bool(n) for n in row]
+            assert not image[len(real):].any()
+            # Each real plane is the stain its name says: constants 10 * field + stain index (+100, +200 per set).
+            base = int(image[0, 0, 0]) - (CP5.index(real[0]) if len(real) == 5 else
+                                          novel4.index(real[0]) if len(real) == 4 else 0)
+            order = CP5 if len(real) == 5 else novel4 if len(real) == 4 else brightfield
+            assert [int(image[j, 0, 0]) for j in range(len(real))] == [base + order.index(n) for n in real]
+    assert padded_batches == 2 and stain_sets == {frozenset(CP5), frozenset(novel4), frozenset(brightfield)}
+    # One configuration alone: no mask, and the batches equal those from its single list of names.
+    alone = epoch_batches(cfg, labelled_fields(16), [CP5] * 16, epoch=0)
+    same = epoch_batches(cfg, labelled_fields(16), CP5, epoch=0)
+    assert all(a.channel_mask is None and torch.equal(a.images, b.images) and a.channel_names == b.channel_names
+               for a, b in zip(alone, same))
+
+    # The training step runs on the mixed stream: a mixed run is a function of its seed.
+    def run() -> dict[str, torch.Tensor]:
+        train_cfg = load_config(SMOKE_CONFIG, ["optim.batch_size_per_worker=8", "optim.epochs=1"])
+        rand = torch.rand(16, 5, 32, 32, generator=torch.Generator().manual_seed(0))
+        mixed, mixed_names = pad_field_sets([(rand[:8], CP5), (rand[8:12, :4], novel4), (rand[12:, :1], brightfield)])
+        return train_in_memory(train_cfg, mixed, mixed_names).teacher.backbone.state_dict()
+
+    first, second = run(), run()
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_training_runs_every_step_and_is_a_function_of_the_seed():

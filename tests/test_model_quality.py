@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.model_quality import (
+    CEILINGS,
     CHANNEL_POOLING,
     ORACLE,
     EVALUATIONS,
@@ -77,7 +78,7 @@ def test_both_readouts_exactly_for_the_models_that_pool_over_channels():
         "cellrep": ("pooled", "per_channel"), "c3r": ("pooled", "per_channel"),
         "single_channel": ("pooled", "per_channel"), "vit_rgb": ("pooled",), "channelvit": ("pooled",)}
     assert set(CHANNEL_POOLING) == {"cellrep", "c3r", "single_channel", "cellrep_axial", "cellrep_attention_pool",
-                                    "c3r_attention_pool"}
+                                    "c3r_attention_pool", "cellrep_mixed", "c3r_mixed"}
 
 
 def _plates(n_plates: int = 3, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
@@ -174,3 +175,23 @@ def test_share_of_headroom_and_a_finetuned_row_without_random_init():
     # No headroom where the oracle is within 0.05 of intensity statistics.
     results["extra_rows"] = {ORACLE: _scores(0.28)}
     assert summarize(results)["headroom"]["cellrep (trained, pooled)"]["cp5"] is None
+
+
+def test_calibration_bars_are_checked_under_the_benchmarks_protocol():
+    """The clear screen's bars (oracle >= 0.9, CNN >= 0.8, intensity <= chance + 0.15) on the LOPO cells, per
+    configuration: met and missed both reported, and a missed bar marked in the table."""
+    chance = {e.config: 0.2 for e in EVALUATIONS}
+    results = {"runs": [], "intensity_stats": _scores(0.30), "extra_rows": {ORACLE: _scores(0.95), CEILINGS["cnn"]: _scores(0.75)},
+               "date": "today", "machine": "cpu", "threads": 2, "difficulty": "clear", "runtime_s": 60.0,
+               "seeds": [0], "n_heldout_plates": 5, "budget": "b", "chance": chance}
+    results["chance"]["hpa4"] = 0.1  # intensity 0.30 > 0.1 + 0.15 there, <= 0.2 + 0.15 elsewhere
+    summary = summarize(results)
+    bars = summary["calibration"]
+    assert bars[ORACLE]["cp5"] == pytest.approx({"top1": 0.95, "se": 0.02, "bar": 0.9, "rule": "at least", "met": True})
+    assert not bars[CEILINGS["cnn"]]["novel4"]["met"] and bars[CEILINGS["cnn"]]["novel4"]["bar"] == 0.8
+    assert bars["intensity statistics"]["cp5"]["met"] and bars["intensity statistics"]["cp5"]["bar"] == pytest.approx(0.35)
+    assert not bars["intensity statistics"]["hpa4"]["met"]
+    results["summary"] = summary
+    text = markdown(results)
+    assert "| intensity statistics | at most chance + 0.15 | 0.300 vs 0.350 | 0.300 vs 0.350 | 0.300 vs 0.350 | " \
+           "0.300 vs 0.250 **not met** |" in text

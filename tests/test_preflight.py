@@ -224,3 +224,23 @@ def test_a_pretrain_run_reads_each_plates_metadata_once_before_training(smoke_ov
     code, err = run_cellfm(capsys, "pretrain", "--config", str(SMOKE_CONFIG), *smoke_overrides)
     assert code == 2 and err[-1].endswith("stopped where Ray would start")
     assert one_check and dict(opened) == one_check
+
+
+def test_a_manifest_mixing_configurations_validates_and_a_too_small_padding_is_named(family_screen, tmp_path):
+    """Pre-training on a mix of configurations: one training manifest of 5-channel cp5, 4-channel hpa4 and
+    1-channel brightfield plates passes preflight for C3R (every stain's group comes from the manifest); a
+    padding smaller than the largest channel count is one line naming the plate, well and field."""
+    from cellfm.data.manifest import read_manifest, write_manifest
+    from cellfm.preflight import preflight_problems
+
+    parts = [read_manifest(family_screen(config)["train"]) for config in ("cp5", "hpa4", "brightfield1")]
+    mixed = pd.concat(parts, ignore_index=True)
+    assert sorted(set(mixed["channel_names"].map(len))) == [1, 4, 5]
+    path = tmp_path / "mixed.parquet"
+    write_manifest(mixed, path)
+    overrides = [f"data.train_manifest={path}", f"train.storage_path={tmp_path / 'runs'}", "model.name=c3r"]
+    assert preflight_problems(load_config(SMOKE_CONFIG, overrides), train=True) == []
+    problems = preflight_problems(load_config(SMOKE_CONFIG, [*overrides, "data.pad_channels_to=4"]), train=True)
+    first = parts[0].iloc[0]  # the first field with the most channels: a cp5 one
+    assert len(problems) == 1 and (f"data.pad_channels_to=4 is smaller than the 5 channels of plate {first['plate']!r} "
+                                   f"well {first['well']} field {first['field']}") in problems[0]

@@ -8,7 +8,15 @@ and for the plain-loop baseline that Ray Train's throughput is measured against
 
 One process, one batch of `optim.batch_size_per_worker` fields per optimizer step (world size 1, so the
 schedules see that global batch). Each epoch draws the field order and, with `data.channel_permutation`,
-every field's channel order (as the pipeline does) from (train.seed, epoch, field): a rerun is bit-identical."""
+every field's channel order (as the pipeline does) from (train.seed, epoch, field): a rerun is bit-identical.
+
+Several channel configurations train together (pre-training on a mix of configurations) as the pipeline's
+``data.mixed_channels=pad`` stream does: `pad_field_sets` zero-pads every set to the largest channel count,
+padding named ``""``; each field's real channels are permuted, its padding stays last, and the batch
+carries the channel mask.
+
+    fields, names = pad_field_sets([(cp5_fields, cp5_names), (hpa4_fields, hpa4_names)])
+    meta_arch = train_in_memory(cfg, fields, names)                  # names: one list per field"""
 
 from __future__ import annotations
 
@@ -55,28 +63,62 @@ def cell_crops(fields: torch.Tensor, manifest: pd.DataFrame, size: int) -> torch
     return torch.from_numpy(np.concatenate(crops))
 
 
-def epoch_batches(cfg: Config, fields: torch.Tensor, channel_names: list[str], epoch: int,
+# Channel names of the fields held in memory: one list for every field, or one list per field (padding "").
+ChannelNames = list[str] | list[list[str]]
+
+
+def pad_field_sets(sets: list[tuple[torch.Tensor, list[str]]]) -> tuple[torch.Tensor, list[list[str]]]:
+    """Fields of several channel configurations (each set (N_i, C_i, H, W) with its channel names) as one
+    (sum N_i, max C_i, H, W) tensor, every set zero-padded to the largest channel count, and each field's
+    channel names with ``""`` for padding: the input of `train_in_memory` for a mix of configurations."""
+    sizes = {tuple(fields.shape[2:]) for fields, _ in sets}
+    if len(sizes) != 1:
+        raise ValueError(f"field sets must share one field size, got {sorted(sizes)}")
+    for fields, names in sets:
+        if fields.shape[1] != len(names) or "" in names:
+            raise ValueError(f"a set of {fields.shape[1]}-channel fields has channel names {names}")
+    channels = max(fields.shape[1] for fields, _ in sets)
+    padded = torch.cat([torch.nn.functional.pad(fields, (0, 0, 0, 0, 0, channels - fields.shape[1])) for fields, _ in sets])
+    names = [[*set_names, *[""] * (channels - len(set_names))] for fields, set_names in sets for _ in range(len(fields))]
+    return padded, names
+
+
+def _per_field_names(fields: torch.Tensor, channel_names: ChannelNames) -> list[list[str]]:
+    if all(isinstance(name, str) for name in channel_names):
+        channel_names = [list(channel_names)] * len(fields)
+    if len(channel_names) != len(fields) or any(len(names) != fields.shape[1] for names in channel_names):
+        raise ValueError(f"channel_names must be one list of {fields.shape[1]} names or one such list per field "
+                         f"({len(fields)})")
+    return channel_names
+
+
+def epoch_batches(cfg: Config, fields: torch.Tensor, channel_names: ChannelNames, epoch: int,
                   max_steps: int | None = None) -> list[FieldBatch]:
-    """The epoch's batches: fields in a seeded order, the last incomplete batch dropped, each field's channels
-    permuted (with `data.channel_permutation`) by a draw from (seed, epoch, field index); at most `max_steps`
-    of them (the first of the seeded order: each epoch then sees another draw of the samples)."""
+    """The epoch's batches: fields in a seeded order, the last incomplete batch dropped, each field's real
+    channels permuted (with `data.channel_permutation`) by a draw from (seed, epoch, field index), its padding
+    (channel name "") kept last and masked; at most `max_steps` of them (the first of the seeded order: each
+    epoch then sees another draw of the samples)."""
+    names_per_field = _per_field_names(fields, channel_names)
     batch_size = cfg.optim.batch_size_per_worker
     order = torch.randperm(len(fields), generator=torch_generator(cfg.train.seed, Stream.FIELD_ORDER, epoch))
     stop = len(fields) - batch_size + 1 if max_steps is None else min(len(fields) - batch_size + 1, max_steps * batch_size)
     batches = []
     for start in range(0, stop, batch_size):
         index = order[start:start + batch_size].tolist()
-        if cfg.data.channel_permutation:
-            perms = [numpy_rng(cfg.train.seed, Stream.CHANNEL_PERMUTATION, epoch, i).permutation(len(channel_names))
-                     for i in index]
-        else:
-            perms = [np.arange(len(channel_names))] * len(index)
+        perms = []
+        for i in index:
+            n_real = sum(1 for name in names_per_field[i] if name)
+            real = (numpy_rng(cfg.train.seed, Stream.CHANNEL_PERMUTATION, epoch, i).permutation(n_real)
+                    if cfg.data.channel_permutation else np.arange(n_real))
+            perms.append(np.concatenate([real, np.arange(n_real, fields.shape[1])]))
         images = torch.stack([fields[i][torch.from_numpy(p)] for i, p in zip(index, perms)])
-        batches.append(FieldBatch(images, [[channel_names[j] for j in p] for p in perms]))
+        names = [[names_per_field[i][j] for j in p] for i, p in zip(index, perms)]
+        mask = torch.tensor([[bool(name) for name in row] for row in names])
+        batches.append(FieldBatch(images, names, None if bool(mask.all()) else mask))
     return batches
 
 
-def train_in_memory(cfg: Config, fields: torch.Tensor, channel_names: list[str], *,
+def train_in_memory(cfg: Config, fields: torch.Tensor, channel_names: ChannelNames, *,
                     on_step: StepCallback | None = None, steps_per_epoch: int | None = None) -> SSLMetaArch:
     """`optim.epochs` epochs of `len(fields) // optim.batch_size_per_worker` optimizer steps on one process,
     or of `steps_per_epoch` (at most that) to give more samples (e.g. cell crops) the schedule and budget of
