@@ -1,6 +1,6 @@
 """The configuration reference (docs/configuration.md), generated from the typed config: every key with
 its type, default and meaning. A key's meaning is the comment directly above its field in
-`cellfm/config.py` (and any comment on the field's own line), so a key added with a comment is
+`cellfm/config/schema.py` (and any comment on the field's own line), so a key added with a comment is
 documented by regenerating:
 
     python -m cellfm.config_reference docs/configuration.md        # or: make docs
@@ -74,7 +74,7 @@ def reference_markdown(root: type = Config) -> str:
     """The Markdown reference of every key of `root`'s sections; UndocumentedKeyError lists every key
     without a comment."""
     lines = ["# Configuration reference", "",
-             "Generated from the typed config (`platform/cellfm/config.py`) by `make docs`; "
+             "Generated from the typed config (`platform/cellfm/config/schema.py`) by `make docs`; "
              "`tests/test_docs.py` fails when it is stale. Set a key in a YAML file (`--config`) or on the "
              "command line as `section.key=value` (values are YAML: `optim.epochs=3`, "
              "`ssl.global_crop_scale=[0.4,1]`, `'eval.manifests={seen: a.parquet}'`). Every job checks the "
@@ -93,7 +93,7 @@ def reference_markdown(root: type = Config) -> str:
                          f"| {_cell(meanings.get(f.name, ''))} |")
         lines.append("")
     if missing:
-        raise UndocumentedKeyError(f"config key(s) without a comment above their field in cellfm/config.py: "
+        raise UndocumentedKeyError(f"config key(s) without a comment above their field in cellfm/config/schema.py: "
                                    f"{', '.join(missing)}")
     return "\n".join(lines)
 
