@@ -1,9 +1,9 @@
 """The typed config: one section per stage, every key a field with its type and default.
 
-The comment lines directly above a field are its documentation: `docs/configuration.md` is generated from
-them (`cellfm.config_reference`), and a test fails when a field has none. Loading (`cellfm.config.files`),
-the typed-YAML rules (`cellfm.config.typed_yaml`), the rules beyond types (`cellfm.config.rules`) and
-credential handling (`cellfm.config.credentials`) live beside it.
+The comment lines directly above a field are its documentation: `docs/configuration.md` and
+`configs/defaults.yaml` are generated from them (`cellfm.config_reference`), and a test fails when a field
+has none. Loading (`cellfm.config.files`), the typed-YAML rules (`cellfm.config.typed_yaml`), the rules
+beyond types (`cellfm.config.rules`) and credential handling (`cellfm.config.credentials`) live beside it.
 """
 
 from __future__ import annotations
