@@ -25,9 +25,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not integration"
 
-# docs/configuration.md from the typed config (tests/test_docs.py fails when it is stale)
+# docs/configuration.md and configs/defaults.yaml from the typed config (tests/test_docs.py fails when stale)
 docs: $(STAMP)
-	$(PY) -m cellfm.config_reference docs/configuration.md
+	$(PY) -m cellfm.config_reference docs/configuration.md configs/defaults.yaml
 
 clean:
 	rm -rf $(VENV) demo_output

@@ -1,6 +1,6 @@
-"""The documentation stays true: the configuration reference is generated from the typed config (and
-every key has a comment to generate it from), the README is short and its links and cluster example
-are real."""
+"""The documentation stays true: the configuration reference and configs/defaults.yaml are generated from the
+typed config (and every key has a comment to generate it from), the README is short and its links and cluster
+example are real."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
-from cellfm.config_reference import UndocumentedKeyError, field_comments, reference_markdown
+from cellfm.config import Config
+from cellfm.config_reference import UndocumentedKeyError, defaults_yaml, field_comments, main, reference_markdown
 from tests.conftest import REPO
 
 DOCS = REPO / "docs"
@@ -22,9 +24,18 @@ def test_configuration_reference_is_generated_from_the_config():
         "docs/configuration.md is stale: run `make docs`")
 
 
-def test_every_key_is_in_the_reference_with_its_default():
-    from cellfm.config import Config
+def test_defaults_yaml_is_generated_from_the_config():
+    assert (REPO / "configs" / "defaults.yaml").read_text() == defaults_yaml(), (
+        "configs/defaults.yaml is stale: run `make docs`")
 
+
+def test_the_generator_writes_each_path_by_its_suffix(tmp_path):
+    main([str(tmp_path / "reference.md"), str(tmp_path / "defaults.yaml")])
+    assert (tmp_path / "reference.md").read_text() == reference_markdown()
+    assert yaml.safe_load((tmp_path / "defaults.yaml").read_text()) == Config().to_dict()
+
+
+def test_every_key_is_in_the_reference_with_its_default():
     text = (DOCS / "configuration.md").read_text()
     for section in dataclasses.fields(Config):
         for f in dataclasses.fields(getattr(Config(), section.name)):

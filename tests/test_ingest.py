@@ -26,15 +26,11 @@ import zarr
 from ome_zarr_models.v05.hcs import HCS
 from PIL import Image
 
-from cellfm.data.ingest import (
-    CPG_CHANNEL_MAP,
-    IngestError,
-    plan_chammi,
-    plan_cpg,
-    plan_generic,
-    run_ingestion,
-    split_well,
-)
+from cellfm.data.ingest.chammi import plan_chammi
+from cellfm.data.ingest.cpg import CPG_CHANNEL_MAP, plan_cpg
+from cellfm.data.ingest.generic import plan_generic
+from cellfm.data.ingest.plan import IngestError, split_well
+from cellfm.data.ingest.writer import run_ingestion
 from cellfm.data.manifest import MANIFEST_COLUMNS, check_manifest_against_plates, read_manifest
 from cellfm.data.plate import read_field
 from cellfm.data.validate import plate_problems

@@ -15,7 +15,8 @@ import pytest
 import zarr
 
 from cellfm.cli import main
-from cellfm.data.ingest import IngestError, plan_ome_zarr, register_ome_zarr
+from cellfm.data.ingest.ome_zarr import plan_ome_zarr, register_ome_zarr
+from cellfm.data.ingest.plan import IngestError
 from cellfm.data.manifest import read_manifest
 from cellfm.data.plate import PlateError, read_field
 from cellfm.data.validate import plate_problems, validate_target

@@ -181,7 +181,7 @@ def _input_errors() -> tuple[type[ValueError], ...]:
     """The errors that mean bad input (manifest, plate and its fields, checkpoint, ingestion, feature store), not a bug. Imported only
     when needed: their modules pull in pandas, zarr and torch."""
     from cellfm.data.cells import LocationsError
-    from cellfm.data.ingest import IngestError
+    from cellfm.data.ingest.plan import IngestError
     from cellfm.data.manifest import ManifestError
     from cellfm.data.plate import PlateError
     from cellfm.features.store import StoreError

@@ -1,11 +1,11 @@
 """The configuration reference (docs/configuration.md), generated from the typed config: every key with
-its type, default and meaning. A key's meaning is the comment directly above its field in
-`cellfm/config.py` (and any comment on the field's own line), so a key added with a comment is
-documented by regenerating:
+its type, default and meaning; and configs/defaults.yaml, every key at its default. A key's meaning is the
+comment directly above its field in `cellfm/config/schema.py` (and any comment on the field's own line), so
+a key added with a comment is documented by regenerating both:
 
-    python -m cellfm.config_reference docs/configuration.md        # or: make docs
+    python -m cellfm.config_reference docs/configuration.md configs/defaults.yaml     # or: make docs
 
-`tests/test_docs.py` fails when the file is stale or a key has no comment.
+`tests/test_docs.py` fails when either file is stale or a key has no comment.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def reference_markdown(root: type = Config) -> str:
     """The Markdown reference of every key of `root`'s sections; UndocumentedKeyError lists every key
     without a comment."""
     lines = ["# Configuration reference", "",
-             "Generated from the typed config (`platform/cellfm/config.py`) by `make docs`; "
+             "Generated from the typed config (`platform/cellfm/config/schema.py`) by `make docs`; "
              "`tests/test_docs.py` fails when it is stale. Set a key in a YAML file (`--config`) or on the "
              "command line as `section.key=value` (values are YAML: `optim.epochs=3`, "
              "`ssl.global_crop_scale=[0.4,1]`, `'eval.manifests={seen: a.parquet}'`). Every job checks the "
@@ -93,18 +93,33 @@ def reference_markdown(root: type = Config) -> str:
                          f"| {_cell(meanings.get(f.name, ''))} |")
         lines.append("")
     if missing:
-        raise UndocumentedKeyError(f"config key(s) without a comment above their field in cellfm/config.py: "
+        raise UndocumentedKeyError(f"config key(s) without a comment above their field in cellfm/config/schema.py: "
                                    f"{', '.join(missing)}")
     return "\n".join(lines)
 
 
+def defaults_yaml(root: type = Config) -> str:
+    """Every key of `root`'s sections at its default, as the YAML file `--config` takes (loading it gives
+    `root()`): one block per section under its description, one line per key."""
+    lines = ["# Every config key at its default, generated from the typed config (platform/cellfm/config/schema.py)",
+             "# by `make docs`; docs/configuration.md says what each key means. Copy the keys you change into your",
+             "# own config: a config file need only hold those."]
+    for section in dataclasses.fields(root):
+        cls = typing.get_type_hints(root)[section.name]
+        instance = cls()
+        lines += ["", *(f"# {line}" for line in textwrap.wrap(inspect.getdoc(cls) or "", 108)), f"{section.name}:"]
+        lines += [f"  {f.name}: {_default(getattr(instance, f.name))}" for f in dataclasses.fields(cls)]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Write the reference to every given .md path and the defaults to every given .yaml path; with no
+    path, print the reference."""
     argv = sys.argv[1:] if argv is None else argv
-    text = reference_markdown()
-    if argv:
-        Path(argv[0]).write_text(text)
-    else:
-        sys.stdout.write(text)
+    if not argv:
+        sys.stdout.write(reference_markdown())
+    for path in map(Path, argv):
+        path.write_text(defaults_yaml() if path.suffix in (".yaml", ".yml") else reference_markdown())
     return 0
 
 

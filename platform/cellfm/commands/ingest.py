@@ -78,7 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cellfm.config import ConfigError
-    from cellfm.data.ingest import plan_chammi, plan_cpg, plan_generic, run_ingestion
+    from cellfm.data.ingest.chammi import plan_chammi
+    from cellfm.data.ingest.cpg import plan_cpg
+    from cellfm.data.ingest.generic import plan_generic
+    from cellfm.data.ingest.writer import run_ingestion
     from cellfm.data.stores import json_object, storage_options_from_cli
     from cellfm.paths import check_paths
 
@@ -117,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _register(args: argparse.Namespace) -> int:
     """--layout ome-zarr: the manifest of existing plates, written unless it is already up to date."""
-    from cellfm.data.ingest import plan_ome_zarr, register_ome_zarr
+    from cellfm.data.ingest.ome_zarr import plan_ome_zarr, register_ome_zarr
     from cellfm.data.stores import json_object, storage_options_from_cli
     from cellfm.paths import check_paths
 
