@@ -12,7 +12,7 @@ import torch
 from cellfm.config import ConfigError, DataConfig, load_config
 from cellfm.data.pipeline import (_read_blocks, build_field_pipeline, epoch_shard, fill_field_cache,
                                   iter_training_batches, load_manifests)
-from cellfm.data.synthetic import generate_screen
+from cellfm.data.synthetic.screens import generate_screen
 from cellfm.preflight import preflight_problems
 from cellfm.train import trainer
 
