@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.plates, args.repeats = 1, 1
 
     from cellfm.config import load_config
-    from cellfm.data.pipeline import load_manifests
+    from cellfm.data.pipeline.dataset import load_manifests
     from cellfm.data.synthetic.catalog import ScreenLayout
     from cellfm.data.synthetic.screens import generate_screen
     from cellfm.models.registry import build_backbone
