@@ -45,7 +45,7 @@ from benchmarks.model_quality import (  # noqa: E402
     over_seeds, score_features, training)
 from cellfm.config import load_config  # noqa: E402
 from cellfm.data.cells import CELL_X, CELL_Y, CELLS_X, CELLS_Y, attach_cell_locations, cells_per_field, standard_locations  # noqa: E402
-from cellfm.data.synthetic import DIFFICULTIES  # noqa: E402
+from cellfm.data.synthetic.catalog import DIFFICULTIES  # noqa: E402
 from cellfm.data.truth import cell_locations  # noqa: E402
 from cellfm.evaluate.metrics import compare_scores  # noqa: E402
 from cellfm.features.embed import IntensityStatistics, embed_fields  # noqa: E402

@@ -35,7 +35,7 @@ from cellfm.data.manifest import read_manifest
 from cellfm.data.normalize import normalize_field
 from cellfm.data.batch import FieldBatch
 from cellfm.data.plate import read_field
-from cellfm.data.synthetic import generate_screen
+from cellfm.data.synthetic.screens import generate_screen
 from cellfm.evaluate.protocols import evaluate_features
 from cellfm.features.embed import IntensityStatistics, field_embedding
 from cellfm.models.registry import build_backbone

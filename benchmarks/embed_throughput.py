@@ -120,8 +120,9 @@ def main(argv: list[str] | None = None) -> dict:
         args.plates, args.repeats = 1, 1
 
     from cellfm.config import load_config
-    from cellfm.data.pipeline import load_manifests
-    from cellfm.data.synthetic import ScreenLayout, generate_screen
+    from cellfm.data.pipeline.dataset import load_manifests
+    from cellfm.data.synthetic.catalog import ScreenLayout
+    from cellfm.data.synthetic.screens import generate_screen
     from cellfm.models.registry import build_backbone
     from cellfm.runtime import init_ray
     from cellfm.train.checkpoint import save_inference_checkpoint

@@ -30,7 +30,8 @@ from sklearn.preprocessing import StandardScaler
 
 from cellfm.data.manifest import read_manifest
 from cellfm.data.plate import read_field
-from cellfm.data.synthetic import FAMILY_CONFIGS, ScreenLayout, generate_family_screen
+from cellfm.data.synthetic.catalog import FAMILY_CONFIGS, ScreenLayout
+from cellfm.data.synthetic.screens import generate_family_screen
 
 LAYOUT = ScreenLayout(n_train_plates=1, n_heldout_plates=1, n_unseen_plates=0, replicates_per_plate=3,
                       controls_per_plate=4, fields_per_well=2, field_size=96)

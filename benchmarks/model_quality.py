@@ -73,7 +73,8 @@ import torch
 
 from cellfm.config import Config, ModelConfig, load_config
 from cellfm.data.manifest import read_manifest
-from cellfm.data.synthetic import DIFFICULTIES, FAMILY_CONFIGS, ScreenLayout, generate_family_screen, revealed_labels
+from cellfm.data.synthetic.catalog import DIFFICULTIES, FAMILY_CONFIGS, ScreenLayout, revealed_labels
+from cellfm.data.synthetic.screens import generate_family_screen
 from cellfm.evaluate.ceilings import oracle_features
 from cellfm.evaluate.metrics import compare_scores
 from cellfm.evaluate.protocols import lopo_probe, per_plate_probe, split_seeds

@@ -208,7 +208,7 @@ def measure_ray(manifest: pd.DataFrame, cfg, batch_size: int = 16, training: boo
     pass (uint8 transfer applies to training only) without channel permutation."""
     import dataclasses
 
-    from cellfm.data.pipeline import build_field_dataset
+    from cellfm.data.pipeline.dataset import build_field_dataset
 
     if training:
         ds = build_field_dataset(manifest, dataclasses.replace(cfg, channel_permutation=False), training=True, seed=0)

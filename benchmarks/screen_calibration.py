@@ -44,7 +44,8 @@ from sklearn.linear_model import LogisticRegression
 
 from cellfm.config import DataConfig
 from cellfm.data.manifest import read_manifest
-from cellfm.data.synthetic import FAMILY_CONFIGS, ScreenLayout, generate_family_screen, revealed_labels
+from cellfm.data.synthetic.catalog import FAMILY_CONFIGS, ScreenLayout, revealed_labels
+from cellfm.data.synthetic.screens import generate_family_screen
 from cellfm.data.manifest import WELL_KEYS, well_meta
 from cellfm.evaluate.ceilings import oracle_features
 from cellfm.evaluate.supervised_cnn import CNNSettings, cnn_well_features, train_supervised_cnn

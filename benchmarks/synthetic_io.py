@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from cellfm.data.plate import create_plate, read_field, use_zarrs, write_field
-from cellfm.data.synthetic import (
-    CP5_CHANNELS, FAMILY_CONFIGS, PERTURBATIONS, PROTEINS, BatchEffect, render_family_field, render_field,
-)
+from cellfm.data.synthetic.catalog import CP5_CHANNELS, FAMILY_CONFIGS, PERTURBATIONS, PROTEINS
+from cellfm.data.synthetic.optics import BatchEffect, render_family_field, render_field
 
 SIZE = 128
 EFFECT = BatchEffect(gain={}, offset={}, vignetting=0.3, photons_per_count=1.0, read_noise=6.0)

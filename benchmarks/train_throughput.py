@@ -140,7 +140,8 @@ def main() -> None:
     import torch
 
     from cellfm.config import load_config
-    from cellfm.data.synthetic import ScreenLayout, generate_screen
+    from cellfm.data.synthetic.catalog import ScreenLayout
+    from cellfm.data.synthetic.screens import generate_screen
     from cellfm.train.in_memory import load_normalized_fields
 
     # Faster Train V2 control loop, as in the tests; inherited by Ray workers.

@@ -55,7 +55,7 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def tiny_screen(tmp_path_factory) -> dict[str, Path]:
-    from cellfm.data.synthetic import generate_screen
+    from cellfm.data.synthetic.screens import generate_screen
 
     return generate_screen(tmp_path_factory.mktemp("screen"), layout="tiny", seed=0)
 
@@ -64,7 +64,7 @@ def tiny_screen(tmp_path_factory) -> dict[str, Path]:
 def family_screen(tmp_path_factory):
     """`family_screen(config, seed=0)`: the tiny screen of one synthetic family configuration (cp5, novel4,
     hpa4, brightfield1, ...), generated once per test session; tests only read it."""
-    from cellfm.data.synthetic import generate_family_screen
+    from cellfm.data.synthetic.screens import generate_family_screen
 
     made: dict[tuple[str, int], dict[str, Path]] = {}
 

@@ -28,7 +28,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from cellfm.config import load_config
 from cellfm.data.manifest import MANIFEST_COLUMNS, write_manifest
 from cellfm.data.batch import FieldBatch
-from cellfm.data.pipeline import epoch_shard, load_manifests
+from cellfm.data.pipeline.dataset import epoch_shard, load_manifests
 from cellfm.evaluate.run import run_evaluation
 from cellfm.seeding import Stream, torch_generator
 from cellfm.train.checkpoint import latest_checkpoint, load_inference_backbone, save_inference_checkpoint

@@ -15,7 +15,7 @@ import pytest
 from cellfm.config import load_config
 from cellfm.data.cells import CELL_X, CELL_Y, attach_cell_locations, crop_cells, standard_locations
 from cellfm.data.manifest import read_manifest
-from cellfm.data.pipeline import build_field_pipeline
+from cellfm.data.pipeline.dataset import build_field_pipeline
 from cellfm.data.truth import cell_locations
 from tests.conftest import SMOKE_CONFIG, tensorboard_scalars
 

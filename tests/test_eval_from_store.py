@@ -13,7 +13,7 @@ import torch
 
 from cellfm.config import load_config
 from cellfm.data.manifest import write_manifest
-from cellfm.data.pipeline import load_manifests
+from cellfm.data.pipeline.dataset import load_manifests
 from cellfm.evaluate.run import run_evaluation
 from cellfm.features.refresh import refresh
 from cellfm.models.registry import build_backbone

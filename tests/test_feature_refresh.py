@@ -19,7 +19,7 @@ import torch
 from cellfm.config import load_config
 from cellfm.data.manifest import write_manifest
 from cellfm.data.normalize import normalize_field
-from cellfm.data.pipeline import load_manifests
+from cellfm.data.pipeline.dataset import load_manifests
 from cellfm.data.plate import read_field
 from cellfm.features.embed import field_embedding
 from cellfm.features.refresh import refresh

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cellfm.config import ConfigError, load_config
-from cellfm.data.pipeline import load_manifests
+from cellfm.data.pipeline.dataset import load_manifests
 from cellfm.data.plate import read_field, write_field
 from cellfm.features.aggregate import normalize_to_controls
 from cellfm.features.refresh import (build_plate_features, checkpoint_identity, embedding_recipe, feature_key,

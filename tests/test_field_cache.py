@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from cellfm.config import ConfigError, DataConfig, load_config
-from cellfm.data.pipeline import (_read_blocks, build_field_pipeline, epoch_shard, fill_field_cache,
-                                  iter_training_batches, load_manifests)
-from cellfm.data.synthetic import generate_screen
+from cellfm.data.pipeline.batches import iter_training_batches
+from cellfm.data.pipeline.cache import fill_field_cache
+from cellfm.data.pipeline.dataset import build_field_pipeline, epoch_shard, load_manifests
+from cellfm.data.pipeline.layout import read_blocks
+from cellfm.data.synthetic.screens import generate_screen
 from cellfm.preflight import preflight_problems
 from cellfm.train import trainer
 
@@ -59,7 +61,7 @@ def test_cached_epochs_equal_plate_reads_bit_for_bit_without_reading_a_plate(ray
 def test_read_blocks_never_span_plates():
     plates = ["P1"] * 5 + ["P2"] * 7 + ["P3"] * 2
     table = pd.DataFrame({"plate": plates, "channel_names": [["DNA"]] * len(plates)})
-    blocks = _read_blocks(table, DataConfig(read_batch_size=4))
+    blocks = read_blocks(table, DataConfig(read_batch_size=4))
     assert [len(b) for b in blocks] == [4, 1, 4, 3, 2]
     assert all(b["plate"].nunique() == 1 for b in blocks)
     assert pd.concat(blocks).index.tolist() == list(range(len(plates)))

@@ -29,7 +29,7 @@ from benchmarks.model_quality import (
 from cellfm.config import ModelConfig, load_config
 from cellfm.evaluate.plate_probes import lopo_probe_scores
 from cellfm.evaluate.protocols import split_seeds
-from cellfm.data.synthetic import FAMILY_CONFIGS
+from cellfm.data.synthetic.catalog import FAMILY_CONFIGS
 from cellfm.models.registry import VOCABULARY_BACKBONES, build_backbone
 
 CP5 = list(FAMILY_CONFIGS["cp5"].channels)

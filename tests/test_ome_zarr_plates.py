@@ -238,13 +238,14 @@ def _unlabelled_plate(tmp_path) -> tuple[str, dict, pd.DataFrame]:
 def test_the_loader_reads_a_level_and_a_plane_with_the_manifest_channel_labels(tmp_path):
     """data.resolution_level / data.z_plane and the manifest's channel_labels reach FieldLoader."""
     from cellfm.config import DataConfig
-    from cellfm.data.pipeline import FIELD_INDEX, FieldLoader, _field_table, check_pipeline_config
+    from cellfm.data.pipeline.layout import FIELD_INDEX, check_pipeline_config, field_table
+    from cellfm.data.pipeline.loader import FieldLoader
 
     uri, _, df = _unlabelled_plate(tmp_path)
     cfg = DataConfig(normalization="none", z_plane=0, resolution_level=1, field_size=18, channel_permutation=False,
                      progress_interval_s=0)
     loader = FieldLoader(cfg, permute_channels=False, layout=check_pipeline_config(df, cfg))
-    table = _field_table(df, [])
+    table = field_table(df, [])
     out = loader({k: table[k].to_numpy() for k in [*table.columns]} | {FIELD_INDEX: table[FIELD_INDEX].to_numpy()})
     assert list(out["channel_names"]) == ["Actin", "Actin"] and out["image"].shape == (2, 1, 18, 18)
     for i, (row, col) in enumerate([("B", "3"), ("C", "5")]):
@@ -255,7 +256,7 @@ def test_the_loader_reads_a_level_and_a_plane_with_the_manifest_channel_labels(t
 @pytest.mark.integration
 def test_a_registered_z_stack_streams_through_ray_data_as_its_projection(ray_session, tmp_path):
     from cellfm.config import DataConfig
-    from cellfm.data.pipeline import build_field_dataset
+    from cellfm.data.pipeline.dataset import build_field_dataset
 
     _, images, df = _unlabelled_plate(tmp_path)
     cfg = DataConfig(normalization="none", z_projection="max", progress_interval_s=0)

@@ -7,7 +7,8 @@ import pytest
 
 from cellfm.config import DataConfig
 from cellfm.data.normalize import normalize_field, percentile_clip
-from cellfm.data.pipeline import CHANNEL_SEPARATOR, build_field_dataset, load_manifests
+from cellfm.data.pipeline.dataset import build_field_dataset, load_manifests
+from cellfm.data.pipeline.layout import CHANNEL_SEPARATOR
 from cellfm.data.plate import PlateError, read_field
 
 
@@ -68,7 +69,9 @@ import torch  # noqa: E402
 
 from cellfm.data.manifest import write_manifest  # noqa: E402
 from cellfm.data.batch import FieldBatch  # noqa: E402
-from cellfm.data.pipeline import BadFieldError, build_field_pipeline, iter_training_batches  # noqa: E402
+from cellfm.data.pipeline.batches import iter_training_batches  # noqa: E402
+from cellfm.data.pipeline.dataset import build_field_pipeline  # noqa: E402
+from cellfm.data.pipeline.monitor import BadFieldError  # noqa: E402
 from cellfm.data.plate import create_plate, write_field  # noqa: E402
 
 _FAST = dict(progress_interval_s=0.0, read_batch_size=4, shuffle_buffer=8)

@@ -203,7 +203,7 @@ def test_a_pretrain_run_reads_each_plates_metadata_once_before_training(smoke_ov
     import cellfm.data.plate
     import cellfm.train.trainer
     from cellfm.config import ConfigError
-    from cellfm.data.pipeline import load_manifests
+    from cellfm.data.pipeline.dataset import load_manifests
 
     opened: collections.Counter = collections.Counter()
     real_open_store = cellfm.data.plate.open_store

@@ -201,7 +201,7 @@ def damaged(tiny_screen, tmp_path_factory):
 
     from cellfm.config import load_config
     from cellfm.data.manifest import write_manifest
-    from cellfm.data.pipeline import load_manifests
+    from cellfm.data.pipeline.dataset import load_manifests
     from cellfm.models.registry import build_backbone
     from cellfm.train.checkpoint import save_inference_checkpoint
 

@@ -90,7 +90,8 @@ def test_ingestion_writes_plates_and_manifest_to_s3_and_resumes(s3_server, tmp_p
 
 
 def test_synthetic_family_screen_to_s3(s3_server):
-    from cellfm.data.synthetic import ScreenLayout, generate_family_screen
+    from cellfm.data.synthetic.catalog import ScreenLayout
+    from cellfm.data.synthetic.screens import generate_family_screen
 
     so = s3_server["storage_options"]
     layout = ScreenLayout(n_train_plates=1, n_heldout_plates=1, n_unseen_plates=0, replicates_per_plate=1,

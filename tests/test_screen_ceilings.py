@@ -10,16 +10,9 @@ import pandas as pd
 import pytest
 
 from cellfm.data.manifest import read_manifest
-from cellfm.data.synthetic import (
-    CP5_CHANNELS,
-    PERTURBATIONS,
-    PROTEINS,
-    BatchEffect,
-    ScreenLayout,
-    generate_family_screen,
-    perturbations,
-    render_field,
-)
+from cellfm.data.synthetic.catalog import CP5_CHANNELS, PERTURBATIONS, PROTEINS, ScreenLayout, perturbations
+from cellfm.data.synthetic.optics import BatchEffect, render_field
+from cellfm.data.synthetic.screens import generate_family_screen
 from cellfm.data.truth import CELL_COLUMNS, field_truth, read_cells, read_labels, truth_uris
 from cellfm.evaluate.ceilings import oracle_feature_names, oracle_features
 

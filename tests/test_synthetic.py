@@ -19,16 +19,9 @@ from sklearn.preprocessing import StandardScaler
 from cellfm.data.manifest import MANIFEST_COLUMNS, check_manifest_against_plates, read_manifest
 from cellfm.data.normalize import percentile_clip
 from cellfm.data.plate import read_field
-from cellfm.data.synthetic import (
-    CP5_CHANNELS,
-    LAYOUTS,
-    PERTURBATIONS,
-    UNSEEN4_CHANNELS,
-    BatchEffect,
-    ScreenLayout,
-    generate_screen,
-    render_field,
-)
+from cellfm.data.synthetic.catalog import CP5_CHANNELS, LAYOUTS, PERTURBATIONS, UNSEEN4_CHANNELS, ScreenLayout
+from cellfm.data.synthetic.optics import BatchEffect, render_field
+from cellfm.data.synthetic.screens import generate_screen
 
 TINY = LAYOUTS["tiny"]
 BY_ID = {p.perturbation_id: p for p in PERTURBATIONS}
@@ -182,13 +175,15 @@ def test_per_cell_stain_amounts_do_not_depend_on_phenotype():
 def test_stain_histograms_inside_compartments_do_not_depend_on_phenotype():
     """Each stain's in-focus values inside its compartment keep their order and mean but take the
     control cells' distribution, whatever the MoA; outside the compartment nothing changes."""
-    from cellfm.data.synthetic import STAINS, _HISTOGRAM_COMPARTMENTS, _in_focus_signal, _psf, _render_stains
+    from cellfm.data.synthetic.catalog import STAINS
+    from cellfm.data.synthetic.optics import _HISTOGRAM_COMPARTMENTS, _in_focus_signal, _psf
+    from cellfm.data.synthetic.stains import render_stains
 
     levels = (5, 25, 50, 75, 95, 99)
     shapes = {}
     for pid in ("DMSO", "CMP-01", "CMP-04", "CMP-06", "CMP-09", "CMP-11"):
         context: dict = {}
-        raw = dict(zip(STAINS, _render_stains(np.random.default_rng([13, 0]), BY_ID[pid].phenotype, 128, context)))
+        raw = dict(zip(STAINS, render_stains(np.random.default_rng([13, 0]), BY_ID[pid].phenotype, 128, context)))
         matched = _in_focus_signal(raw, STAINS, context)
         for k, stain in enumerate(STAINS):
             mask = context[_HISTOGRAM_COMPARTMENTS[stain]]
@@ -264,15 +259,15 @@ def test_intensity_statistics_separate_moas_poorly_while_spatial_features_separa
 
 import hashlib  # noqa: E402
 
-from cellfm.data.synthetic import (  # noqa: E402
+from cellfm.data.synthetic.catalog import (  # noqa: E402
     FAMILY_CONFIGS,
     HELDOUT_COMPOUNDS,
     HELDOUT_PROTEINS,
     LOCALIZATIONS,
     PROTEINS,
-    generate_family_screen,
-    render_family_field,
 )
+from cellfm.data.synthetic.optics import render_family_field  # noqa: E402
+from cellfm.data.synthetic.screens import generate_family_screen  # noqa: E402
 
 # sha256 over "sha256sum" lines of every file under plates/ of the tiny seed-0 screen, as written
 # once stain histograms were fixed per compartment: the family must not change the demo's data.

@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
-# A traceback's last line for an exception of ours: "cellfm.data.pipeline.BadFieldError: 3 of 52 fields ...".
+# A traceback's last line for an exception of ours: "cellfm.data.pipeline.monitor.BadFieldError: 3 of 52 fields ...".
 _OUR_ERROR_LINE = re.compile(r"^(cellfm(?:\.\w+)+)\.(\w+): (.+)$", flags=re.MULTILINE)
 
 

@@ -119,7 +119,7 @@ def _preflight(cfg: Config, *, train: bool, evaluate: bool, checkpoint: str | No
 def load_checked_manifest(path: str, storage_options: dict | None) -> tuple[pd.DataFrame | None, list[str]]:
     """A manifest with its plates checked (`load_manifests`), or the problem lines why not."""
     from cellfm.data.manifest import ManifestError
-    from cellfm.data.pipeline import load_manifests
+    from cellfm.data.pipeline.dataset import load_manifests
     from cellfm.data.plate import PlateError
 
     try:

@@ -14,7 +14,7 @@ import torch
 class Stream(IntEnum):
     """What a seed is for; streams never share numbers, even at the same (epoch, rank, step)."""
 
-    BLOCK_ORDER = 1  # the epoch's order of read blocks (data.pipeline.epoch_shard)
+    BLOCK_ORDER = 1  # the epoch's order of read blocks (data.pipeline.dataset.epoch_shard)
     CHANNEL_PERMUTATION = 2  # a field's channel order in one epoch
     SHUFFLE_BUFFER = 3  # a rank's local shuffle buffer in one epoch
     CROPS = 4  # multi-crop boxes, flips, rotations, blur, intensity jitter of one micro-batch

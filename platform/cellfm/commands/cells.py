@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
 
     import pandas as pd
 
-    from cellfm.data.pipeline import load_manifests
+    from cellfm.data.pipeline.dataset import load_manifests
     from cellfm.data.truth import cell_locations
     from cellfm.preflight import check_paths
 

@@ -28,14 +28,15 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from cellfm.config import ConfigError
-    from cellfm.data.synthetic import LAYOUTS, generate_screen
+    from cellfm.data.synthetic.catalog import LAYOUTS
+    from cellfm.data.synthetic.screens import generate_screen
     from cellfm.preflight import preflight
 
     cfg = config_from_args(args, check_rules=False)
     if cfg.data.synthetic_layout not in LAYOUTS:
         raise ConfigError(f"data.synthetic_layout={cfg.data.synthetic_layout!r} is not one of {sorted(LAYOUTS)}")
     checked_config(args, cfg)  # the config alone, before minutes of screen generation
-    _log_to_console(logging.getLogger("cellfm.data.synthetic"))
+    _log_to_console(logging.getLogger("cellfm.data.synthetic.screens"))
     t0 = time.perf_counter()
     manifests = generate_screen(Path(cfg.data.screen_dir).resolve(), layout=cfg.data.synthetic_layout,
                                 seed=cfg.data.synthetic_seed)

@@ -10,7 +10,7 @@ EXAMPLES = """examples:
   cellfm synth screens/hpa4 --family hpa4 --layout tiny          # one configuration of the synthetic family
   cellfm synth screens/cp5-clear --family cp5 --difficulty clear  # the calibrated screen (docs/screens.md)
 
---layout: tiny | demo (cellfm.data.synthetic.LAYOUTS); --family: cp5 | novel4 | hpa4 | brightfield1;
+--layout: tiny | demo (cellfm.data.synthetic.catalog.LAYOUTS); --family: cp5 | novel4 | hpa4 | brightfield1;
 --difficulty: subtle | clear. Ground truth (cell tables, nucleus/cell labels) goes to OUT_DIR/truth/."""
 
 
@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from cellfm.config import ConfigError
-    from cellfm.data.synthetic import DIFFICULTIES, FAMILY_CONFIGS, LAYOUTS, generate_family_screen, generate_screen
+    from cellfm.data.synthetic.catalog import DIFFICULTIES, FAMILY_CONFIGS, LAYOUTS
+    from cellfm.data.synthetic.screens import generate_family_screen, generate_screen
     from cellfm.paths import check_paths
 
     problems = [f"--{flag}={value!r} is not one of {sorted(allowed)}"

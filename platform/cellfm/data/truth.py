@@ -27,7 +27,8 @@ from zarr.codecs import BloscCodec
 from cellfm.data.plate import open_store
 
 LABEL_CHANNELS = ("nuclei", "cells")
-# Morphology parameters of a cell, as `_Cells` holds them (responders carry the well's phenotype).
+# Morphology parameters of a cell, as `cellfm.data.synthetic.cells.Cells` holds them (responders carry the
+# well's phenotype).
 PARAMETER_COLUMNS = ("cell_radius", "cell_elongation", "nucleus_radius", "nucleus_elongation",
                      "nucleus_irregularity", "dna_content", "er_swelling", "mito_fragmentation", "stress_fibres",
                      "nucleoli_count", "nucleoli_size")

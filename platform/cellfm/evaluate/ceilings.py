@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from cellfm.data.manifest import WELL_KEYS, well_meta
-from cellfm.data.synthetic import LOCALIZATIONS, visible_parameters
+from cellfm.data.synthetic.catalog import LOCALIZATIONS, visible_parameters
 from cellfm.data.truth import read_cells
 
 def oracle_feature_names(channels: list[str]) -> list[str]:

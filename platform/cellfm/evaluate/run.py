@@ -16,7 +16,7 @@ import pandas as pd
 
 from cellfm.config import Config, ConfigError
 from cellfm.data.cells import CELL_X, CELL_Y
-from cellfm.data.pipeline import load_manifests
+from cellfm.data.pipeline.dataset import load_manifests
 from cellfm.evaluate.protocols import evaluate_features, evaluation_settings
 from cellfm.evaluate.report import write_report
 from cellfm.evaluate.stored import StoredFeatures

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from cellfm.config import CHANNEL_READOUTS, DataConfig, ModelConfig
-from cellfm.data.pipeline import CHANNEL_SEPARATOR
+from cellfm.data.pipeline.layout import CHANNEL_SEPARATOR
 
 # Manifest columns carried from each field to its embedding row.
 METADATA_COLUMNS = ["plate", "well", "field", "perturbation_id", "moa", "is_control"]
@@ -160,7 +160,7 @@ def embedding_dataset(manifest: pd.DataFrame, data_cfg: DataConfig, encoders: li
     embedder's batches hold `batch_size` fields, possibly of several plates."""
     import ray.data
 
-    from cellfm.data.pipeline import build_field_dataset
+    from cellfm.data.pipeline.dataset import build_field_dataset
 
     ds = build_field_dataset(manifest, data_cfg, training=False, keep_columns=keep_columns)
     return ds.map_batches(

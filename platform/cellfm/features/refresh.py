@@ -226,7 +226,7 @@ def inference_data_config(cfg: Config, use_gpu: bool = False):
 def plan_refresh(cfg: Config, manifests: dict[str, str] | None = None, checkpoint: str | None = None) -> RefreshPlan:
     """Validate everything and list what is missing; reads plate listings and metadata, the checkpoint's
     weights and the store's listing of the key. Starts nothing."""
-    from cellfm.data.pipeline import load_manifests
+    from cellfm.data.pipeline.dataset import load_manifests
 
     started = time.monotonic()
     manifests = manifests if manifests is not None else cfg.features.manifests

@@ -11,7 +11,8 @@ import pandas as pd
 from cellfm.config import Config, ConfigError
 from cellfm.data.layout import field_layout_problems
 from cellfm.data.cells import LocationsError, with_cell_locations
-from cellfm.data.pipeline import field_cache_problem, samples_per_rank
+from cellfm.data.pipeline.cache import field_cache_problem
+from cellfm.data.pipeline.dataset import samples_per_rank
 from cellfm.models.registry import VOCABULARY_BACKBONES
 from cellfm.train.init_from import init_from_config, init_from_problems
 

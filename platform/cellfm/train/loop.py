@@ -1,5 +1,5 @@
 """The per-worker training loop run by Ray Train: each epoch, this rank's fields of the epoch
-(`cellfm.data.pipeline.epoch_shard`, streamed in a fixed order) through the one training step
+(`cellfm.data.pipeline.dataset.epoch_shard`, streamed in a fixed order) through the one training step
 (`cellfm.train.meta_arch.SSLMetaArch`); what it measures (data wait, FLOPs, TensorBoard events, rank 0's
 progress lines) is `cellfm.train.telemetry.TrainingTelemetry`, and each epoch ends in `report_epoch`
 (metrics, the epoch evaluator, a checkpoint through Ray Train)."""
@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 
 from cellfm.config import Config
-from cellfm.data.pipeline import (DataMonitor, FieldCache, build_field_pipeline, epoch_shard, iter_training_batches,
-                                  samples_per_rank)
+from cellfm.data.pipeline.batches import iter_training_batches
+from cellfm.data.pipeline.cache import FieldCache
+from cellfm.data.pipeline.dataset import build_field_pipeline, epoch_shard, samples_per_rank
+from cellfm.data.pipeline.monitor import DataMonitor
 from cellfm.seeding import Stream, derive_seed
 from cellfm.train.meta_arch import SSLMetaArch
 from cellfm.train.self_distillation import supcon_label

@@ -1,7 +1,7 @@
 """Driver side of pre-training: validate inputs, then run the per-worker loop under Ray Train's
-`TorchTrainer` (Train V2); each worker streams its own share of every epoch (`cellfm.data.pipeline.
-epoch_shard`), so the run is a function of (config, seed, worker count). Relaunching with the same
-`train.storage_path` + `train.run_name` resumes from that run's latest checkpoint."""
+`TorchTrainer` (Train V2); each worker streams its own share of every epoch
+(`cellfm.data.pipeline.dataset.epoch_shard`), so the run is a function of (config, seed, worker count).
+Relaunching with the same `train.storage_path` + `train.run_name` resumes from that run's latest checkpoint."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import pandas as pd
 
 from cellfm.config import Config, ConfigError, save_config
 from cellfm.data.cells import with_cell_locations
-from cellfm.data.pipeline import create_monitor, fill_field_cache, load_manifests
+from cellfm.data.pipeline.cache import fill_field_cache
+from cellfm.data.pipeline.dataset import load_manifests
+from cellfm.data.pipeline.monitor import create_monitor
 from cellfm.runtime import init_ray, resource_need
 from cellfm.train import storage
 from cellfm.train.init_from import resolve_init_from

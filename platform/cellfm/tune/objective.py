@@ -45,7 +45,8 @@ class HeldOutFields:
 def read_held_out(cfg: Config, manifests: dict[str, str], label: str) -> dict[str, HeldOutFields]:
     """The fields of each named manifest (local or s3://), read and normalized with `cfg.data` by Ray Data
     (call after `init_ray`)."""
-    from cellfm.data.pipeline import CHANNEL_SEPARATOR, build_field_dataset, load_manifests
+    from cellfm.data.pipeline.dataset import build_field_dataset, load_manifests
+    from cellfm.data.pipeline.layout import CHANNEL_SEPARATOR
     from cellfm.features.embed import METADATA_COLUMNS
 
     keep = list(dict.fromkeys([*METADATA_COLUMNS, label]))
@@ -120,7 +121,7 @@ class HeldOutObjective:
         """(N, 2D) field embeddings of the first `limit` (default: all) fields, as evaluation embeds them."""
         import torch
 
-        from cellfm.data.pipeline import to_float_images
+        from cellfm.data.pipeline.batches import to_float_images
         from cellfm.features.embed import field_embedding
 
         device = next(backbone.parameters()).device
