@@ -23,7 +23,7 @@ class DataConfig:
 
     # Where `cellfm demo` generates the synthetic demo screen (skipped when its manifests exist).
     screen_dir: str = "demo_output/screen"
-    # Layout of the generated demo screen (cellfm.data.synthetic.LAYOUTS: tiny | demo).
+    # Layout of the generated demo screen (cellfm.data.synthetic.catalog.LAYOUTS: tiny | demo).
     synthetic_layout: str = "demo"
     # Seed of the generated demo screen.
     synthetic_seed: int = 0
@@ -85,7 +85,7 @@ class DataConfig:
     # Rows of the local shuffle buffer of each training worker (0 = no local shuffle).
     shuffle_buffer: int = 64
     # Training only: read and normalize every field once, before the first epoch, and keep them in Ray's
-    # object store (cellfm.data.pipeline.FieldCache); every epoch then takes its fields from memory
+    # object store (cellfm.data.pipeline.cache.FieldCache); every epoch then takes its fields from memory
     # instead of the plates. For screens that fit: the run refuses one above cache_max_mb.
     cache_fields: bool = False
     # Largest field cache (MB of normalized fields) data.cache_fields may build.
