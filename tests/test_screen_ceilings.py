@@ -93,9 +93,11 @@ def test_oracle_knows_the_protein_compartments(screens):
     df = screens["hpa4"]
     meta, features = oracle_features(df)
     names = oracle_feature_names(list(df["channel_names"].iloc[0]))
-    by_id = {(p.protein_id, p.localization): p for p in PROTEINS}  # HPA-NUCL-k names two proteins
+    by_id = {p.protein_id: p for p in PROTEINS}
+    assert len(by_id) == len(PROTEINS) == 3 * len({p.localization for p in PROTEINS})  # one id per protein
     for i, row in meta.iterrows():
-        protein = by_id[row.perturbation_id, row.localization]
+        protein = by_id[row.perturbation_id]
+        assert protein.localization == row.localization
         assert features[i, names.index(f"protein_in_{protein.localization}")] == pytest.approx(1 - protein.secondary_fraction)
         assert features[i, names.index(f"protein_in_{protein.secondary}")] == pytest.approx(protein.secondary_fraction)
 

@@ -267,7 +267,8 @@ def _proteins() -> tuple[Protein, ...]:
     for ci, loc in enumerate(LOCALIZATIONS):
         for k in range(3):
             others = [c for c in LOCALIZATIONS if c != loc]
-            out.append(Protein(f"HPA-{loc.upper()[:4]}-{k + 1}", loc, others[int(rng.integers(len(others)))],
+            # The whole class name: its first 4 letters would give nucleus and nucleoli proteins the same ids.
+            out.append(Protein(f"HPA-{loc.upper()}-{k + 1}", loc, others[int(rng.integers(len(others)))],
                                float(rng.uniform(0.05, 0.2)), float(rng.lognormal(0.0, 0.4))))
     return tuple(out)
 
