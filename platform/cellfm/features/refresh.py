@@ -45,7 +45,7 @@ from cellfm.data.cells import (CELL_X, CELL_Y, CELLS_X, CELLS_Y, cells_per_field
 from cellfm.data.content_version import plate_content_version
 from cellfm.data.manifest import ManifestError
 from cellfm.data.plate import redact
-from cellfm.data.stores import filesystem
+from cellfm.storage import filesystem
 from cellfm.features.aggregate import normalize_to_controls, well_aggregates
 from cellfm.features.store import FIELD_COORDS, FIELD_ONLY, FeatureStore, KeyState, PlateFeatures
 from cellfm.train.checkpoint import CONFIG_FILE, INFERENCE_WEIGHTS, CheckpointError

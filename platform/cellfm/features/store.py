@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 
 from cellfm.data.plate import redact
-from cellfm.data.stores import filesystem, modified_time
+from cellfm.storage import filesystem, modified_time
 
 # Entries keep Zarr v3 consolidated metadata (one read per entry on S3); zarr warns on every write and
 # read that the v3 spec lacks it (readers without it read each array's own metadata).
