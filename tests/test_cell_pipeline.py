@@ -83,7 +83,7 @@ def test_pipeline_crops_are_slices_of_the_normalized_field_around_each_centre(ra
 
 
 def _train(overrides: list[str], name: str) -> Path:
-    from cellfm.train.storage import run_directory
+    from cellfm.storage import run_directory
     from cellfm.train.trainer import run_pretraining
 
     cfg = load_config(SMOKE_CONFIG, overrides + [f"train.run_name={name}"])

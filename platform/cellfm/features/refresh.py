@@ -76,7 +76,7 @@ def resolve_checkpoint(cfg: Config, checkpoint: str | None = None) -> str:
     """`checkpoint` (or features.checkpoint): a folder or s3:// URI, or "latest" = the newest checkpoint of
     train.storage_path/train.run_name."""
     from cellfm.train.checkpoint import latest_checkpoint
-    from cellfm.train.storage import is_remote, run_directory
+    from cellfm.storage import is_remote, run_directory
 
     checkpoint = checkpoint or cfg.features.checkpoint
     if checkpoint == "latest":

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 import time
 import warnings
@@ -46,7 +45,7 @@ import numpy as np
 import pandas as pd
 
 from cellfm.data.plate import redact
-from cellfm.storage import filesystem, modified_time
+from cellfm.storage import create_exclusive, filesystem, modified_time, write_file
 
 # Entries keep Zarr v3 consolidated metadata (one read per entry on S3); zarr warns on every write and
 # read that the v3 spec lacks it (readers without it read each array's own metadata).
@@ -120,42 +119,12 @@ class FeatureStore:
                           f"{redact(f'{type(exc).__name__}: {exc}', self.storage_options)}")
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write a whole file so readers see the old or the new content, never a part: locally a temp
-        file renamed over it, on S3 one PUT."""
-        path = self.path(rel)
-        if not self.local:
-            self.fs.pipe_file(path, data)
-            return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write a whole file: readers see the old or the new content, never a part."""
+        write_file(self.url(rel), data, self.storage_options)
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         """Create a file whole unless it exists; True if this call created it."""
-        path = self.path(rel)
-        if not self.local:
-            try:
-                self.fs.pipe_file(path, data, mode="create")
-                return True
-            except FileExistsError:
-                return False
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.link(tmp, path)  # atomic, and fails if `path` exists
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        return create_exclusive(self.url(rel), data, self.storage_options)
 
     def read_json(self, rel: str) -> dict:
         return json.loads(self.fs.cat_file(self.path(rel)))

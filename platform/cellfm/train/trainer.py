@@ -15,12 +15,12 @@ from cellfm.config import Config, ConfigError, save_config
 from cellfm.data.cells import with_cell_locations
 from cellfm.data.pipeline import create_monitor, fill_field_cache, load_manifests
 from cellfm.runtime import init_ray, resource_need
-from cellfm.train import storage
+from cellfm import storage
 from cellfm.train.init_from import resolve_init_from
 from cellfm.train.inputs import record_channel_metadata, training_input_problems
 from cellfm.train.loop import train_loop_per_worker
 from cellfm.train.meta_arch import check_training_config
-from cellfm.train.storage import run_directory
+from cellfm.storage import run_directory
 
 
 def stopped_by_first_sigint(trainer_cls):
