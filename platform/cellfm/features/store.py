@@ -13,7 +13,7 @@ Layout (``<plate>`` is the plate name, percent-encoded)::
                          the same as tables for pycytominer / copairs: ``Metadata_*`` columns and
                          feature columns ``<model>_<i>``
 
-``key`` names what determines the numbers apart from the pixels (``cellfm.features.refresh``):
+``key`` names what determines the numbers apart from the pixels (``cellfm.features.identity``):
 ``<model name>-<hash of the checkpoint hash and the embedding recipe>``. Coordinates along ``field``
 / ``well`` come from the manifest (plate, well, row, col, field, perturbation_id, moa, is_control,
 dose, cell_line, batch, source, channel_names and the optional columns present); the Datasets'
