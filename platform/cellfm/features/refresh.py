@@ -33,8 +33,9 @@ from cellfm.data.content_version import plate_content_version
 from cellfm.data.manifest import ManifestError
 from cellfm.data.plate import redact
 from cellfm.features.aggregate import normalize_to_controls, well_aggregates
+from cellfm.features.entry import FIELD_COORDS, FIELD_ONLY, PlateFeatures
 from cellfm.features.identity import checkpoint_identity, code_version, embedding_recipe, feature_key, resolve_checkpoint
-from cellfm.features.store import FIELD_COORDS, FIELD_ONLY, FeatureStore, KeyState, PlateFeatures
+from cellfm.features.store import FeatureStore, KeyState
 
 ENCODER = "checkpoint"  # the FieldEmbedder column is embedding_<ENCODER>
 ROW = "feature_row"  # a field's position in the plan's manifest, carried through Ray Data
