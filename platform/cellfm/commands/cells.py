@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cellfm.data.pipeline import load_manifests
     from cellfm.data.truth import cell_locations
-    from cellfm.preflight import check_paths
+    from cellfm.paths import check_paths
     from cellfm.storage import replacing
 
     check_paths(outputs={"--output": args.output})
