@@ -49,6 +49,7 @@ from cellfm.data.synthetic.catalog import DIFFICULTIES  # noqa: E402
 from cellfm.data.truth import cell_locations  # noqa: E402
 from cellfm.evaluate.metrics import compare_scores  # noqa: E402
 from cellfm.features.embed import IntensityStatistics, embed_fields  # noqa: E402
+from cellfm.storage import write_file  # noqa: E402
 from cellfm.train.in_memory import cell_crops, train_in_memory  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -192,10 +193,7 @@ def summarize(runs: list[dict], configs: list[str]) -> dict:
 
 
 def write(results: dict, output: Path) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.name}.partial")
-    partial.write_text(json.dumps(results, indent=2) + "\n")
-    partial.replace(output)
+    write_file(output, json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

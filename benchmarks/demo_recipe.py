@@ -40,6 +40,7 @@ from cellfm.evaluate.protocols import evaluate_features
 from cellfm.features.embed import IntensityStatistics, field_embedding
 from cellfm.models.registry import build_backbone
 from cellfm.seeding import Stream, torch_generator
+from cellfm.storage import write_file
 from cellfm.train.meta_arch import Schedules, SSLMetaArch, build_multicrop
 
 REPO = Path(__file__).resolve().parent.parent
@@ -229,9 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{k} MoA {result[k]['moa']['top1']:.3f} pert {result[k]['perturbation_id']['top1']:.3f}"
                 for k in heldout))
         # After every setting, write then rename: a long sweep that dies keeps what it measured.
-        partial = output.with_suffix(".json.tmp")
-        partial.write_text(json.dumps(results, indent=2) + "\n")
-        partial.replace(output)
+        write_file(output, json.dumps(results, indent=2) + "\n")
         log(f"wrote {output}")
     return results
 

@@ -37,6 +37,7 @@ def main() -> None:
     import numpy as np
 
     from cellfm.data.plate import DEFAULT_TILE_SIZE, read_field
+    from cellfm.storage import write_file
 
     work = Path(tempfile.mkdtemp(prefix="cellfm-field-bytes-"))
     try:
@@ -71,10 +72,7 @@ def main() -> None:
         "read_field_s_median_one_process": float(np.median(read_s)),
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    write_file(out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print(f"wrote {out}")
 

@@ -153,10 +153,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out = args.out or (RESULTS / "gpu_train.json" if device.type == "cuda" else None)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(out)
+        from cellfm.storage import write_file
+
+        write_file(out, json.dumps(result, indent=2) + "\n")
         print(f"wrote {out}")
     return result
 

@@ -83,6 +83,7 @@ from cellfm.evaluate.wells import well_profiles
 from cellfm.features.embed import IntensityStatistics, embed_fields
 from cellfm.features.morphology import well_morphology
 from cellfm.models.registry import VOCABULARY_BACKBONES, build_backbone
+from cellfm.storage import replacing, write_file
 from cellfm.train.in_memory import load_normalized_fields, pad_field_sets, train_in_memory
 from cellfm.train.inputs import record_channel_metadata
 
@@ -584,14 +585,10 @@ def plot(results: dict, path: Path) -> None:
 def write(results: dict, output: Path) -> None:
     """JSON, Markdown and PNG, each written then renamed."""
     results["summary"] = summarize(results)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(results, indent=2) + "\n"), (".md", markdown(results))):
-        tmp = output.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(output.with_suffix(suffix))
-    tmp_png = output.with_name(output.stem + ".tmp.png")
-    plot(results, tmp_png)
-    tmp_png.replace(output.with_suffix(".png"))
+    write_file(output.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
+    write_file(output.with_suffix(".md"), markdown(results))
+    with replacing(output.with_suffix(".png")) as png:
+        plot(results, png)
 
 
 def default_output(difficulty: str) -> Path:

@@ -67,7 +67,7 @@ def _scalars(run_dir: Path, tag: str) -> dict[int, float]:
 def measure(config: Path, overrides: list[str]) -> dict:
     """One training run; its steady-state figures from TensorBoard and the final epoch's metrics."""
     from cellfm.config import load_config
-    from cellfm.train.storage import run_directory
+    from cellfm.storage import run_directory
     from cellfm.train.trainer import run_pretraining
 
     cfg = load_config(config, overrides)
@@ -142,6 +142,7 @@ def main() -> None:
     from cellfm.config import load_config
     from cellfm.data.synthetic.catalog import ScreenLayout
     from cellfm.data.synthetic.screens import generate_screen
+    from cellfm.storage import write_file
     from cellfm.train.in_memory import load_normalized_fields
 
     # Faster Train V2 control loop, as in the tests; inherited by Ray workers.
@@ -241,10 +242,7 @@ def main() -> None:
         "runtime_s": time.perf_counter() - t_start,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    write_file(out, json.dumps(result, indent=2) + "\n")
     print(json.dumps({name: {k: v for k, v in c.items() if k != "repeats"} for name, c in cpu.items()}, indent=1))
     for name, r in ray_over_plain.items():
         print(f"{name}: Ray Train / plain loop images/s {r['ray_over_plain_images_per_s']:.3f}, "

@@ -34,7 +34,7 @@ from cellfm.seeding import Stream, torch_generator
 from cellfm.train.checkpoint import latest_checkpoint, load_inference_backbone, save_inference_checkpoint
 from cellfm.train.in_memory import load_normalized_fields
 from cellfm.train.meta_arch import SSLMetaArch
-from cellfm.train.storage import run_directory
+from cellfm.storage import run_directory
 from cellfm.train.trainer import run_pretraining
 from tests.conftest import SMOKE_CONFIG
 

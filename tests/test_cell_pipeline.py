@@ -83,7 +83,7 @@ def test_pipeline_crops_are_slices_of_the_normalized_field_around_each_centre(ra
 
 
 def _train(overrides: list[str], name: str) -> Path:
-    from cellfm.train.storage import run_directory
+    from cellfm.storage import run_directory
     from cellfm.train.trainer import run_pretraining
 
     cfg = load_config(SMOKE_CONFIG, overrides + [f"train.run_name={name}"])
@@ -113,7 +113,8 @@ def test_training_on_cells_lowers_the_loss_and_reruns_bit_identically(reference,
 def test_embed_stores_each_cell_with_its_centre_and_well_profiles_the_evaluation_uses(reference, overrides,
                                                                                      tiny_screen, locations, tmp_path):
     from cellfm.evaluate.wells import well_profiles
-    from cellfm.features.refresh import refresh, resolve_feature_key
+    from cellfm.features.identity import resolve_feature_key
+    from cellfm.features.refresh import refresh
     from cellfm.features.store import read_features
     from cellfm.train.checkpoint import latest_checkpoint
 

@@ -129,13 +129,19 @@ def test_cells_mode_config_rules():
         "data.crop_mode='nuclei' is not one of ['cells', 'field']"]
 
 
-def test_synthetic_ground_truth_gives_a_locations_table_of_cells_inside_their_fields(tiny_screen):
+def test_synthetic_ground_truth_gives_a_locations_table_of_cells_inside_their_fields(tiny_screen, tmp_path):
+    from cellfm.cli import main
     from cellfm.data.manifest import read_manifest
     from cellfm.data.truth import cell_locations, read_cells
 
     manifest = read_manifest(tiny_screen["train"])
     table = cell_locations(manifest)
     assert list(table.columns) == ["plate", "well", "field", "y", "x"]
+    # `cellfm cells` writes the same table, whole (nothing else left in its folder).
+    output = tmp_path / "out" / "cells.parquet"
+    assert main(["cells", str(tiny_screen["train"]), "--output", str(output)]) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(output), table)
+    assert [p.name for p in output.parent.iterdir()] == ["cells.parquet"]
     assert location_problems(standard_locations(table, "truth"), manifest, "truth") == []
     truth = read_cells(str(manifest["store_uri"].iloc[0]))
     inside = truth[(truth["centre_y"].between(0, 63)) & (truth["centre_x"].between(0, 63)) & (truth["cell_area"] > 0)]

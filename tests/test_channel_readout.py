@@ -12,7 +12,7 @@ import torch
 from cellfm.config import ConfigError, ModelConfig, load_config
 from cellfm.data.synthetic.catalog import FAMILY_CONFIGS
 from cellfm.features.embed import EncoderSpec, FieldEmbedder, IntensityStatistics, embed_fields, field_embedding
-from cellfm.features.refresh import embedding_recipe, feature_key
+from cellfm.features.identity import embedding_recipe, feature_key
 from cellfm.models.registry import build_backbone
 
 CP5 = list(FAMILY_CONFIGS["cp5"].channels)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from cellfm.config import load_config
 from cellfm.train.checkpoint import latest_checkpoint, load_inference_backbone
 from cellfm.train.meta_arch import Schedules
-from cellfm.train.storage import run_directory
+from cellfm.storage import run_directory
 from cellfm.train.trainer import run_pretraining
 from tests.conftest import SMOKE_CONFIG, tensorboard_scalars
 

@@ -25,7 +25,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cellfm.config import load_config
 from cellfm.train.checkpoint import latest_checkpoint
-from cellfm.train.storage import run_directory
+from cellfm.storage import run_directory
 from cellfm.train.trainer import run_pretraining
 from tests.conftest import REPO, SMOKE_CONFIG, tensorboard_scalars, wait_until
 

@@ -16,11 +16,12 @@ import pytest
 import torch
 
 from cellfm.config import ConfigError, load_config
+from cellfm.data.content_version import plate_content_version
 from cellfm.data.pipeline.dataset import load_manifests
 from cellfm.data.plate import read_field, write_field
 from cellfm.features.aggregate import normalize_to_controls
-from cellfm.features.refresh import (build_plate_features, checkpoint_identity, embedding_recipe, feature_key,
-                                     plate_content_version)
+from cellfm.features.identity import checkpoint_identity, embedding_recipe, feature_key
+from cellfm.features.refresh import build_plate_features
 from cellfm.features.store import MARKER, FeatureStore, StoreError, list_entries, open_features, read_features
 from cellfm.models.registry import build_backbone
 from cellfm.train.checkpoint import save_inference_checkpoint

@@ -19,7 +19,7 @@ from cellfm.train.in_memory import train_in_memory
 from cellfm.train.init_from import init_from_problems
 from cellfm.train.meta_arch import SSLMetaArch
 from cellfm.train.inputs import record_channel_metadata
-from cellfm.train.storage import run_directory
+from cellfm.storage import run_directory
 from cellfm.train.trainer import run_pretraining
 from tests.conftest import SMOKE_CONFIG
 

@@ -142,7 +142,7 @@ def test_pretrain_and_evaluate_jobs_on_s3_storage(s3_server, smoke_overrides, tm
 
     from cellfm.config import CREDENTIAL_MARKER, load_config
     from cellfm.train.checkpoint import latest_checkpoint, load_inference_backbone
-    from cellfm.train.storage import run_directory
+    from cellfm.storage import run_directory
     from tests.conftest import REPO, SMOKE_CONFIG
 
     so = s3_server["storage_options"]

@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from cellfm.config import load_config
 from cellfm.evaluate.run import run_evaluation
 from cellfm.train.checkpoint import latest_checkpoint, load_inference_backbone
-from cellfm.train.storage import run_directory
+from cellfm.storage import run_directory
 from cellfm.train.trainer import run_pretraining
 from tests.conftest import SMOKE_CONFIG
 

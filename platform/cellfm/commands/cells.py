@@ -21,24 +21,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
     from pathlib import Path
 
     import pandas as pd
 
     from cellfm.data.pipeline.dataset import load_manifests
     from cellfm.data.truth import cell_locations
-    from cellfm.preflight import check_paths
+    from cellfm.paths import check_paths
+    from cellfm.storage import replacing
 
     check_paths(outputs={"--output": args.output})
     manifest = load_manifests(args.manifests, check_plates=False)
     manifest = manifest.drop_duplicates(["plate", "well", "field"])
     table = cell_locations(manifest)
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.name}.partial")
-    table.to_parquet(partial, index=False)
-    os.replace(partial, output)  # nothing half-written
+    with replacing(output) as partial:  # nothing half-written
+        table.to_parquet(partial, index=False)
     per_field = table.groupby(["plate", "well", "field"]).size().reindex(
         pd.MultiIndex.from_frame(manifest[["plate", "well", "field"]].astype({"field": "int64"})), fill_value=0)
     print(f"[cells] {len(table)} cells in {len(manifest)} fields of {manifest['plate'].nunique()} plate(s) "

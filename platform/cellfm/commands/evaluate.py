@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cellfm.evaluate.run import DEFAULT_MODEL_NAME, checkpoints_from_args
-    from cellfm.features.refresh import resolve_checkpoint
+    from cellfm.features.identity import resolve_checkpoint
     from cellfm.config import PreflightError
     from cellfm.paths import path_problem
 

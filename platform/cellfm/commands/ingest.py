@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from cellfm.data.ingest.cpg import plan_cpg
     from cellfm.data.ingest.generic import plan_generic
     from cellfm.data.ingest.writer import run_ingestion
-    from cellfm.data.stores import json_object, storage_options_from_cli
+    from cellfm.storage import json_object, storage_options_from_cli
     from cellfm.paths import check_paths
 
     needed = {"cpg": ("--load-data", args.load_data), "chammi": ("--chammi-root", args.chammi_root),
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
 def _register(args: argparse.Namespace) -> int:
     """--layout ome-zarr: the manifest of existing plates, written unless it is already up to date."""
     from cellfm.data.ingest.ome_zarr import plan_ome_zarr, register_ome_zarr
-    from cellfm.data.stores import json_object, storage_options_from_cli
+    from cellfm.storage import json_object, storage_options_from_cli
     from cellfm.paths import check_paths
 
     check_paths({"--platemap": args.platemap, **{f"--plates[{i}]": p for i, p in enumerate(args.plates)}},

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cellfm.data.stores import storage_options_from_cli
+    from cellfm.storage import storage_options_from_cli
     from cellfm.data.validate import validate_target
     from cellfm.paths import check_paths
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import typing
 from pathlib import Path
 from typing import Any
@@ -33,11 +32,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML atomically (temp file in the same folder, then rename),
     with credential values replaced by `CREDENTIAL_MARKER` (`saved_config_dict`)."""
+    from cellfm.storage import write_file  # cellfm.storage imports the config package
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".yaml", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        yaml.safe_dump(saved_config_dict(cfg), fh, sort_keys=False)
-    os.replace(tmp, path)
+    write_file(path, yaml.safe_dump(saved_config_dict(cfg), sort_keys=False))
     return path
 

@@ -10,7 +10,7 @@ import pandas as pd
 
 from cellfm.data.manifest import ManifestError
 from cellfm.data.plate import redact
-from cellfm.data.stores import filesystem, modified_time
+from cellfm.storage import filesystem, modified_time
 
 
 def plate_content_version(plate_uri: str, rows: pd.DataFrame, storage_options: dict | None = None) -> str:

@@ -21,8 +21,7 @@ fsspec URL) with ``storage_options``.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cellfm.config import CHANNEL_GROUPS
-from cellfm.data.plate import PlateError, plate_channel_names, plate_wells
+from cellfm.data.plate import PlateError, plate_channel_names, plate_wells, redact
+from cellfm.storage import replacing, write_file
 
 MANIFEST_COLUMNS: tuple[str, ...] = ("source", "plate", "well", "row", "col", "field", "store_uri",
     "channel_names", "channel_groups", "height", "width", "dtype",
@@ -115,11 +115,9 @@ def _is_remote(path: str | Path) -> bool:
 
 
 def write_manifest(df: pd.DataFrame, path: str | Path, storage_options: dict | None = None) -> Path | str:
-    """Validate and write a manifest atomically (temp file in the same directory, then ``os.replace``),
-    so readers never see a half-written file and a crash leaves the previous version intact.
-
-    Remote URLs (``s3://...``) are written with one PUT of the whole file, which object stores
-    make visible atomically; ``storage_options`` reach the fsspec filesystem.
+    """Validate and write a manifest whole (`cellfm.storage`: locally a temp file in the same folder renamed
+    over it, remotely one PUT), so readers never see a half-written file and a failed write leaves the
+    previous version intact. ``storage_options`` reach the fsspec filesystem of a remote URL (``s3://...``).
     """
     where = f"manifest {str(path)!r}"
     df = _validate(df, where)
@@ -132,47 +130,27 @@ def write_manifest(df: pd.DataFrame, path: str | Path, storage_options: dict | N
         except (pa.ArrowException, TypeError, ValueError) as exc:
             raise ManifestError(f"manifest {str(path)!r}: column {name!r} cannot be stored: {exc}") from exc
     table = pa.table(columns)
-    if _is_remote(path):
-        import io
-
-        import fsspec
-
-        from cellfm.data.plate import redact
-
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        try:
-            with fsspec.open(path, "wb", **(storage_options or {})) as out:
-                out.write(buffer.getvalue())
-        except Exception as exc:
-            raise ManifestError(f"{where}: cannot write: {redact(f'{type(exc).__name__}: {exc}', storage_options)}") from exc
+    remote = _is_remote(path)
+    try:
+        if remote:
+            buffer = io.BytesIO()
+            pq.write_table(table, buffer)
+            write_file(path, buffer.getvalue(), storage_options)
+            return path
+        path = Path(str(path).removeprefix("file://"))
+        with replacing(path) as tmp:
+            pq.write_table(table, tmp)
         return path
-    path = Path(str(path).removeprefix("file://"))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise ManifestError(f"{where}: cannot write: {type(exc).__name__}: {exc}") from exc
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise ManifestError(f"{where}: cannot write: {type(exc).__name__}: {exc}") from exc
-        raise
-    return path
+    except Exception as exc:
+        if not (remote or isinstance(exc, OSError)):
+            raise
+        raise ManifestError(f"{where}: cannot write: {redact(f'{type(exc).__name__}: {exc}', storage_options)}") from exc
 
 
 def read_manifest(path: str | Path, storage_options: dict | None = None) -> pd.DataFrame:
     """Read and validate a manifest (local path or fsspec URL); list columns come back as lists of str."""
     if _is_remote(path):
-        import io
-
         import fsspec
-
-        from cellfm.data.plate import redact
 
         try:
             with fsspec.open(path, "rb", **(storage_options or {})) as src:
@@ -257,8 +235,6 @@ def manifest_problems(df: pd.DataFrame, storage_options=None, where: str = "mani
                 if str(array.dtype) != row.dtype:
                     problems.append(f"{at}: manifest says dtype {row.dtype}, plate stores {array.dtype}")
             except Exception as exc:  # noqa: BLE001 - reported, not raised
-                from cellfm.data.plate import redact
-
                 problems.append(f"{at}: cannot open field array: {redact(f'{type(exc).__name__}: {exc}', storage_options)}")
     return problems
 

@@ -11,14 +11,13 @@ The report dict: run-level settings (`cellfm.evaluate.protocols.evaluation_setti
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from cellfm.evaluate.protocols import PER_LABEL_PROTOCOLS
+from cellfm.storage import replacing, write_file
 
 # Fixed colours for the baselines so they read the same in every chart; models get tab10 colours.
 BASELINE_COLOURS = {"random_init": "#9e9e9e", "intensity_stats": "#c9a66b"}
@@ -27,13 +26,6 @@ DOCS = "docs/evaluation.md"
 READOUT_TEXT = {"pooled": "each encoder's one embedding of all channels (CLS + mean patch token)",
                 "per_channel": "per channel (each channel embedded alone, CLS + mean patch token, concatenated in "
                                "channel order), for every encoder"}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def _pyplot():
@@ -46,12 +38,11 @@ def _pyplot():
 
 
 def _save_figure(fig, path: Path) -> None:
-    plt = _pyplot()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    finally:
+        _pyplot().close(fig)
 
 
 def _file_name(name: str) -> str:
@@ -264,8 +255,8 @@ def write_report(report: dict, output_dir: str | Path) -> dict[str, Path]:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "markdown": out / "report.md"}
-    _atomic_write(paths["json"], json.dumps(report, indent=1))
-    _atomic_write(paths["markdown"], markdown_report(report))
+    write_file(paths["json"], json.dumps(report, indent=1))
+    write_file(paths["markdown"], markdown_report(report))
     for name, block in report["results"].items():
         paths[f"map_{name}"] = out / f"map_{_file_name(name)}.png"
         plot_embedding_map(block, name, paths[f"map_{name}"])

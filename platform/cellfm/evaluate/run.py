@@ -24,7 +24,7 @@ from cellfm.evaluate.wells import OPTIONAL_COLUMNS
 from cellfm.features.embed import METADATA_COLUMNS, EncoderSpec, embed_manifest
 from cellfm.runtime import init_ray, resource_need
 from cellfm.train.checkpoint import load_inference_backbone
-from cellfm.train.storage import is_remote
+from cellfm.storage import is_remote
 
 BASELINES = ("random_init", "intensity_stats")
 # The name a lone checkpoint is reported under.

@@ -21,7 +21,7 @@ from cellfm.config import Config, PreflightError
 from cellfm.data.content_version import plate_content_version
 from cellfm.evaluate.wells import OPTIONAL_COLUMNS, REQUIRED_COLUMNS
 from cellfm.features.aggregate import WELL_KEYS
-from cellfm.features.refresh import resolve_feature_key
+from cellfm.features.identity import resolve_feature_key
 from cellfm.features.store import FeatureStore, read_features
 
 REFILL = "run `cellfm refresh` (or `cellfm embed`) with this config first"

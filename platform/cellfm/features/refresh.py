@@ -1,18 +1,12 @@
 """Incremental, idempotent, crash-safe feature refresh: embed every plate of `features.manifests` that the
 store lacks for the current checkpoint, and nothing else.
 
-Work is keyed by (plate content version, feature key):
-
-- plate content version: sha256 (16 hex) over the plate store's listing (every object's path relative to
-  the plate, size, and its S3 ETag, or locally its modification time) plus the plate's manifest rows
-  (every column but store_uri). Computing it lists the plate once and reads no pixel; any rewritten
-  chunk, shard or metadata document, or any changed manifest annotation gives a new version.
-- checkpoint hash: sha256 over the inference weights file (backbone.safetensors) and the model section
-  of the checkpoint's config.yaml.
-- feature key: ``<model name>-<12 hex>``, a hash of the checkpoint hash and the embedding recipe (the
-  channel readout, input normalization and sizes, features.image_size, model.channel_groups, aggregations,
-  normalization, and with data.crop_mode=cells the crop size and a digest of the cell locations table):
-  everything that changes the stored numbers apart from the pixels. A new checkpoint gets a new key.
+Work is keyed by (plate content version, feature key): the plate content version is sha256 (16 hex) over
+the plate store's listing (every object's path relative to the plate, size, and its S3 ETag, or locally its
+modification time) plus the plate's manifest rows (every column but store_uri), so computing it lists the
+plate once and reads no pixel, and any rewritten chunk, shard or metadata document, or any changed manifest
+annotation gives a new version; the feature key (`cellfm.features.identity`) hashes the checkpoint and the
+embedding recipe.
 
 Everything is decided before Ray starts (`plan_refresh`): manifests and plates validated, checkpoint
 resolved and hashed, the store listed once. With nothing to embed, `run_refresh` returns without
@@ -24,36 +18,27 @@ marker); a crash loses at most the plates in flight.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
-import json
-import subprocess
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from cellfm.config import Config, ConfigError, FeaturesConfig, saved_config_dict
-from cellfm.data.cells import (CELL_X, CELL_Y, CELLS_X, CELLS_Y, cells_per_field, locations_digest, read_cell_locations,
-                               with_cell_locations)
+from cellfm.data.cells import CELL_X, CELL_Y, CELLS_X, CELLS_Y, cells_per_field, with_cell_locations
 from cellfm.data.content_version import plate_content_version
 from cellfm.data.manifest import ManifestError
 from cellfm.data.plate import redact
-from cellfm.data.stores import filesystem
 from cellfm.features.aggregate import normalize_to_controls, well_aggregates
-from cellfm.features.store import FIELD_COORDS, FIELD_ONLY, FeatureStore, KeyState, PlateFeatures
-from cellfm.train.checkpoint import CONFIG_FILE, INFERENCE_WEIGHTS, CheckpointError
+from cellfm.features.entry import FIELD_COORDS, FIELD_ONLY, PlateFeatures
+from cellfm.features.identity import checkpoint_identity, code_version, embedding_recipe, feature_key, resolve_checkpoint
+from cellfm.features.store import FeatureStore, KeyState
 
 ENCODER = "checkpoint"  # the FieldEmbedder column is embedding_<ENCODER>
 ROW = "feature_row"  # a field's position in the plan's manifest, carried through Ray Data
-# The recipe's name of each features.channel_readout (pooled keeps the keys stores had before the option).
-FEATURE_RECIPES = {"pooled": "cls+mean_patch", "per_channel": "cls+mean_patch per channel, in channel order"}
 
 
 def _log(message: str) -> None:
@@ -63,92 +48,6 @@ def _log(message: str) -> None:
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-# ------------------------------------------------------------------------------------ identities
-
-
-def resolve_checkpoint(cfg: Config, checkpoint: str | None = None) -> str:
-    """`checkpoint` (or features.checkpoint): a folder or s3:// URI, or "latest" = the newest checkpoint of
-    train.storage_path/train.run_name."""
-    from cellfm.train.checkpoint import latest_checkpoint
-    from cellfm.train.storage import is_remote, run_directory
-
-    checkpoint = checkpoint or cfg.features.checkpoint
-    if checkpoint == "latest":
-        checkpoint = latest_checkpoint(run_directory(cfg), cfg.data.storage_options or None)
-    return str(checkpoint) if is_remote(checkpoint) else str(Path(checkpoint).expanduser().resolve())
-
-
-def checkpoint_identity(checkpoint: str, storage_options: dict | None = None) -> tuple[str, dict]:
-    """(checkpoint hash, the checkpoint's model config) from its inference weights and config.yaml."""
-    fs, root = filesystem(checkpoint, storage_options)
-    weights_sha = hashlib.sha256()
-    try:
-        with fs.open(f"{root.rstrip('/')}/{INFERENCE_WEIGHTS}", "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                weights_sha.update(block)
-        saved = yaml.safe_load(fs.cat_file(f"{root.rstrip('/')}/{CONFIG_FILE}"))
-    except FileNotFoundError as exc:
-        if not fs.exists(root):
-            raise CheckpointError(f"checkpoint {checkpoint} does not exist") from exc
-        raise CheckpointError(f"checkpoint {checkpoint} is missing {INFERENCE_WEIGHTS} or {CONFIG_FILE}") from exc
-    model = Config.from_dict(saved, source=f"{checkpoint}/{CONFIG_FILE}").to_dict()["model"]
-    return _sha256(f"weights {weights_sha.hexdigest()}\nmodel {json.dumps(model, sort_keys=True)}"), model
-
-
-def embedding_recipe(cfg: Config) -> dict:
-    """The settings besides the checkpoint that change the stored numbers."""
-    d, f = cfg.data, cfg.features
-    return {
-        "feature": FEATURE_RECIPES[f.channel_readout],
-        "input": {"normalization": d.normalization, "clip_low": d.clip_low, "clip_high": d.clip_high,
-                  "clahe_clip_limit": d.clahe_clip_limit, "clahe_tiles": d.clahe_tiles, "field_size": d.field_size,
-                  "field_resize": d.field_resize, "image_size": f.image_size},
-        "channel_groups": cfg.model.channel_groups,
-        "aggregations": sorted(f.aggregations),
-        "normalization": f.normalization,
-        "spherize_regularization": f.spherize_regularization,
-        # Only in cells mode: field keys stay those stores had before the option.
-        **({"crop": {"mode": "cells", "size": d.cell_crop_size, "locations": locations_digest(
-            read_cell_locations(d.cell_locations, d.storage_options or None))}} if d.crop_mode == "cells" else {}),
-    }
-
-
-def feature_key(model_name: str, checkpoint_hash: str, recipe: dict) -> str:
-    return f"{model_name}-{_sha256(json.dumps({'checkpoint': checkpoint_hash, 'recipe': recipe}, sort_keys=True))[:12]}"
-
-
-def resolve_feature_key(cfg: Config, checkpoint: str | None = None) -> str:
-    """The store key the features of `checkpoint` (default features.checkpoint) have under `cfg`: what
-    `cellfm.features.store.read_features` takes."""
-    resolved = resolve_checkpoint(cfg, checkpoint)
-    checkpoint_hash, model = checkpoint_identity(resolved, cfg.data.storage_options or None)
-    return feature_key(model["name"], checkpoint_hash, embedding_recipe(cfg))
-
-
-@functools.lru_cache(maxsize=1)
-def code_version() -> dict:
-    """cellfm's package version and, when the code runs from a git checkout, its revision."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        package = version("cellfm")
-    except PackageNotFoundError:
-        package = None
-    where = Path(__file__).resolve().parent
-    try:
-        revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
-                                  timeout=10, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
-                                    capture_output=True, text=True, timeout=10, check=True).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        revision, dirty = None, None
-    return {"cellfm": package, "git_revision": revision, "git_dirty": dirty}
 
 
 # ------------------------------------------------------------------------------------ planning

@@ -11,9 +11,9 @@ Layout (``<plate>`` is the plate name, percent-encoded)::
                          (``mean``, ``median``) and, with a normalization, ``<aggregation>_<normalization>``
         fields.parquet, wells_<variable>.parquet
                          the same as tables for pycytominer / copairs: ``Metadata_*`` columns and
-                         feature columns ``<model>_<i>``
+                         feature columns ``<model>_<i>`` (the contents: ``cellfm.features.entry``)
 
-``key`` names what determines the numbers apart from the pixels (``cellfm.features.refresh``):
+``key`` names what determines the numbers apart from the pixels (``cellfm.features.identity``):
 ``<model name>-<hash of the checkpoint hash and the embedding recipe>``. Coordinates along ``field``
 / ``well`` come from the manifest (plate, well, row, col, field, perturbation_id, moa, is_control,
 dose, cell_line, batch, source, channel_names and the optional columns present); the Datasets'
@@ -30,23 +30,21 @@ leaves at most an unmarked run folder, invisible to readers and deleted by a lat
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote, unquote
 
 import numpy as np
 import pandas as pd
 
 from cellfm.data.plate import redact
-from cellfm.data.stores import filesystem, modified_time
+from cellfm.features.entry import PlateFeatures, coordinates_frame, entry_datasets, entry_digest, write_run_files
+from cellfm.storage import create_exclusive, filesystem, modified_time, write_file
 
 # Entries keep Zarr v3 consolidated metadata (one read per entry on S3); zarr warns on every write and
 # read that the v3 spec lacks it (readers without it read each array's own metadata).
@@ -56,35 +54,10 @@ FORMAT = 1
 MARKER = "COMPLETE.json"
 INDEX = "index.json"
 LEVELS = ("field", "well")
-# Manifest columns kept as coordinates (and Parquet metadata) when present; per well, all but the field's own.
-# With data.crop_mode=cells the field level holds one row per cell, its centre in cell_y / cell_x.
-FIELD_COORDS = ("plate", "well", "row", "col", "field", "site", "cell_y", "cell_x", "perturbation_id", "moa",
-                "is_control", "dose", "cell_line", "batch", "source", "compound_split", "localization", "target",
-                "channel_names")
-FIELD_ONLY = ("field", "site", "cell_y", "cell_x")
-# Parquet column names pycytominer expects for the plate/well/field keys; the rest are Metadata_<column>.
-PARQUET_NAMES = {"plate": "Metadata_Plate", "well": "Metadata_Well", "field": "Metadata_Field"}
-PERT_TYPE = "Metadata_pert_type"  # "negcon" for negative controls, "trt" otherwise (JUMP's convention)
 
 
 class StoreError(ValueError):
     """The feature store cannot be read or written, or lacks what was asked for."""
-
-
-@dataclass
-class PlateFeatures:
-    """One plate's embeddings, ready to store: `meta` one row per field (manifest columns, sorted by
-    well and field), `embeddings` (n_fields, D) float32, `wells` the well metadata and `well_features`
-    one (n_wells, D) matrix per stored variable, `lineage` JSON-able."""
-
-    plate: str
-    plate_version: str
-    meta: pd.DataFrame
-    embeddings: np.ndarray
-    wells: pd.DataFrame
-    well_features: dict[str, np.ndarray]
-    feature_names: list[str]
-    lineage: dict
 
 
 def utc_now() -> str:
@@ -120,42 +93,12 @@ class FeatureStore:
                           f"{redact(f'{type(exc).__name__}: {exc}', self.storage_options)}")
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write a whole file so readers see the old or the new content, never a part: locally a temp
-        file renamed over it, on S3 one PUT."""
-        path = self.path(rel)
-        if not self.local:
-            self.fs.pipe_file(path, data)
-            return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write a whole file: readers see the old or the new content, never a part."""
+        write_file(self.url(rel), data, self.storage_options)
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         """Create a file whole unless it exists; True if this call created it."""
-        path = self.path(rel)
-        if not self.local:
-            try:
-                self.fs.pipe_file(path, data, mode="create")
-                return True
-            except FileExistsError:
-                return False
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.link(tmp, path)  # atomic, and fails if `path` exists
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        return create_exclusive(self.url(rel), data, self.storage_options)
 
     def read_json(self, rel: str) -> dict:
         return json.loads(self.fs.cat_file(self.path(rel)))
@@ -204,12 +147,12 @@ class FeatureStore:
             return False
         try:
             if self.local:
-                _write_run_files(Path(self.path(run_dir)), entry, fields_ds, wells_ds)
+                write_run_files(Path(self.path(run_dir)), entry, fields_ds, wells_ds)
             else:
                 # Staged locally, then uploaded in parallel: writing Zarr through the object store puts its
                 # small files one at a time.
                 with tempfile.TemporaryDirectory(prefix="cellfm-entry-") as staging:
-                    _write_run_files(Path(staging), entry, fields_ds, wells_ds)
+                    write_run_files(Path(staging), entry, fields_ds, wells_ds)
                     files = sorted(str(f) for f in Path(staging).rglob("*") if f.is_file())
                     self.fs.put(files, [self.path(run_dir, str(Path(f).relative_to(staging))) for f in files])
             created = self.create_exclusive(f"{entry_dir}/{MARKER}", json.dumps(marker, indent=1, sort_keys=True).encode())
@@ -346,95 +289,6 @@ def _index_row(marker: dict) -> dict:
             "checkpoint": lineage["checkpoint"]["uri"]}
 
 
-# -------------------------------------------------------------------------------- datasets and tables
-
-
-def _coordinate_values(values: pd.Series) -> np.ndarray:
-    """A manifest column as a coordinate: strings as variable-length (object) arrays, lists joined by ","."""
-    if values.dtype == object or pd.api.types.is_string_dtype(values):
-        return np.array([",".join(v) if isinstance(v, (list, tuple, np.ndarray)) else str(v) for v in values],
-                        dtype=object)
-    return values.to_numpy()
-
-
-def entry_datasets(key: str, entry: PlateFeatures):
-    """(fields Dataset, wells Dataset) of an entry, as stored."""
-    import xarray as xr
-
-    features = np.array(entry.feature_names, dtype=object)
-    attrs = {"cellfm": entry.lineage, "key": key, "plate": entry.plate, "plate_version": entry.plate_version}
-    field_coords = {c: ("field", _coordinate_values(entry.meta[c])) for c in FIELD_COORDS
-                    if c in entry.meta.columns and c != "field"}
-    fields = xr.Dataset({"embedding": (("field", "feature"), entry.embeddings.astype(np.float32))},
-                        coords={"field": entry.meta["field"].to_numpy(), "feature": features, **field_coords}, attrs=attrs)
-    well_coords = {c: ("well", _coordinate_values(entry.wells[c])) for c in FIELD_COORDS
-                   if c in entry.wells.columns and c not in FIELD_ONLY and c != "well"}
-    well_variables = {name: (("well", "feature"), matrix.astype(np.float32)) for name, matrix in entry.well_features.items()}
-    wells = xr.Dataset(well_variables,
-                       coords={"well": _coordinate_values(entry.wells["well"]), "feature": features, **well_coords},
-                       attrs=attrs)
-    return fields, wells
-
-
-def entry_digest(fields, wells) -> str:
-    """sha256 of an entry's contents (every variable and coordinate: name, dtype, shape, values), the
-    same for the same features whatever run wrote them."""
-    digest = hashlib.sha256()
-    for prefix, ds in (("fields", fields), ("wells", wells)):
-        for name in sorted(map(str, ds.variables)):
-            values = np.asarray(ds[name].values)
-            digest.update(f"{prefix}/{name}/{values.shape}/{values.dtype.kind}\n".encode())
-            if values.dtype == object or values.dtype.kind in "UT":
-                digest.update("\0".join(map(str, values.ravel())).encode())
-            else:
-                digest.update(np.ascontiguousarray(values).tobytes())
-    return digest.hexdigest()
-
-
-def metadata_columns(meta: pd.DataFrame, level: str) -> pd.DataFrame:
-    """Manifest metadata as pycytominer/copairs columns: Metadata_Plate/Well/Field, Metadata_<column>
-    for the rest, and Metadata_pert_type (negcon | trt)."""
-    columns = [c for c in FIELD_COORDS if c in meta.columns and (level == "field" or c not in FIELD_ONLY)]
-    out = pd.DataFrame({PARQUET_NAMES.get(c, f"Metadata_{c}"): _coordinate_values(meta[c]) for c in columns})
-    out[PERT_TYPE] = np.where(meta["is_control"].to_numpy(dtype=bool), "negcon", "trt")
-    return out
-
-
-def write_parquet(path: Path, meta: pd.DataFrame, features: np.ndarray, feature_names: list[str], lineage: str,
-                  level: str) -> None:
-    """The pycytominer/copairs table: metadata_columns + one float32 column per feature, lineage in the
-    schema metadata."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.Table.from_pandas(metadata_columns(meta, level), preserve_index=False)
-    for i, name in enumerate(feature_names):
-        table = table.append_column(name, pa.array(features[:, i].astype(np.float32)))
-    pq.write_table(table.replace_schema_metadata({b"cellfm": lineage.encode()}), path)
-
-
-def _write_run_files(folder: Path, entry: PlateFeatures, fields_ds, wells_ds) -> None:
-    """An entry's files in a local folder: the two Zarr Datasets and the Parquet exports."""
-    import zarr.storage
-
-    fields_ds.to_zarr(zarr.storage.LocalStore(folder / "fields.zarr"), mode="w", zarr_format=3, consolidated=True)
-    wells_ds.to_zarr(zarr.storage.LocalStore(folder / "wells.zarr"), mode="w", zarr_format=3, consolidated=True)
-    lineage = json.dumps(entry.lineage, sort_keys=True)
-    write_parquet(folder / "fields.parquet", entry.meta, entry.embeddings, entry.feature_names, lineage, level="field")
-    for name, matrix in entry.well_features.items():
-        write_parquet(folder / f"wells_{name}.parquet", entry.wells, matrix, entry.feature_names, lineage, level="well")
-
-
-def _frame(ds, dim: str) -> pd.DataFrame:
-    """The coordinates along `dim` as a DataFrame with the manifest's column names."""
-    columns = {}
-    for name in FIELD_COORDS:
-        if name in ds.coords and ds[name].dims == (dim,):
-            values = ds[name].values
-            columns[name] = values.astype(object) if values.dtype.kind in "UT" else values
-    return pd.DataFrame(columns)
-
-
 # -------------------------------------------------------------------------------- the one-call reader
 
 
@@ -460,7 +314,7 @@ def read_features(store_uri: str, checkpoint_key: str, level: str = "well", vari
         if name not in ds.data_vars:
             raise StoreError(f"feature store {store.uri}: key {checkpoint_key} plate {marker['plate']} has no well "
                              f"variable {variable!r}; stored: {sorted(map(str, ds.data_vars))}")
-        metas.append(_frame(ds, level))
+        metas.append(coordinates_frame(ds, level))
         matrices.append(ds[name].values.astype(np.float32))
     return pd.concat(metas, ignore_index=True), np.concatenate(matrices)
 

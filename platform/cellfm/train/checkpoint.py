@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cellfm.config import Config, save_config
-from cellfm.train import storage
+from cellfm import storage
 
 INFERENCE_WEIGHTS = "backbone.safetensors"
 CONFIG_FILE = "config.yaml"

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from cellfm.config import Config, ConfigError
-from cellfm.train import storage
+from cellfm import storage
 from cellfm.train.checkpoint import STATE_FILE, latest_checkpoint, load_checkpoint_config
 
 # The config keys that shape the student's parameters, in the order a mismatch is reported.

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cellfm.train import storage
+from cellfm import storage
 
 # Dense bf16 tensor-core peak per GPU (TFLOP/s, no sparsity), from NVIDIA's data sheets. Matched as a
 # substring of torch.cuda.get_device_name(); the first match wins, so specific variants come first.

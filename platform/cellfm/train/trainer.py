@@ -17,12 +17,12 @@ from cellfm.data.pipeline.cache import fill_field_cache
 from cellfm.data.pipeline.dataset import load_manifests
 from cellfm.data.pipeline.monitor import create_monitor
 from cellfm.runtime import init_ray, resource_need
-from cellfm.train import storage
+from cellfm import storage
 from cellfm.train.init_from import resolve_init_from
 from cellfm.train.inputs import record_channel_metadata, training_input_problems
 from cellfm.train.loop import train_loop_per_worker
 from cellfm.train.meta_arch import check_training_config
-from cellfm.train.storage import run_directory
+from cellfm.storage import run_directory
 
 
 def stopped_by_first_sigint(trainer_cls):

@@ -39,7 +39,7 @@ def run_sweep(plan: SweepPlan, resources: TrialResources) -> SweepOutcome:
     from ray import tune
 
     from cellfm.runtime import init_ray
-    from cellfm.train.storage import filesystem_of, is_remote
+    from cellfm.storage import filesystem_of, is_remote
     from cellfm.tune.objective import read_held_out
     from cellfm.tune.results import TrialRecord, results_table, tidy_stopped_runs, write_outputs
     from cellfm.tune.search import param_space, scheduler, search_algorithm
@@ -93,11 +93,11 @@ def run_sweep(plan: SweepPlan, resources: TrialResources) -> SweepOutcome:
 def record_sweep(plan: SweepPlan) -> None:
     """Record what the sweep is (`sweep.json`, its fingerprint) in its folder, unless it is there already
     (`cellfm.tune.preflight.recorded_sweep_problems` refuses a changed sweep before this runs)."""
-    from cellfm.train.storage import filesystem_of, write_file
+    from cellfm.storage import join, write_file
 
-    fs, path = filesystem_of(f"{plan.sweep_dir}/{SWEEP_RECORD}", plan.base.data.storage_options)
     if recorded_fingerprint(plan) is None:
-        write_file(fs, path, json.dumps(plan.fingerprint(), indent=2, default=str).encode())
+        write_file(join(plan.sweep_dir, SWEEP_RECORD), json.dumps(plan.fingerprint(), indent=2, default=str),
+                   plan.base.data.storage_options)
 
 
 def _trial_of(result) -> str:

@@ -193,7 +193,7 @@ def spec_problems(plan: SweepPlan) -> list[str]:
 
 def recorded_fingerprint(plan: SweepPlan) -> dict | None:
     """The fingerprint recorded in the sweep's folder by an earlier run (None on a first run)."""
-    from cellfm.train.storage import filesystem_of
+    from cellfm.storage import filesystem_of
 
     fs, path = filesystem_of(f"{plan.sweep_dir}/{SWEEP_RECORD}", plan.base.data.storage_options)
     try:

@@ -87,7 +87,7 @@ def best_row(table: pd.DataFrame, metric: str) -> pd.Series | None:
 
 def write_outputs(plan: SweepPlan, table: pd.DataFrame, records: list[TrialRecord]) -> dict[str, str]:
     """Write the outputs (module docstring) into the sweep's folder, each file whole; returns name -> path."""
-    from cellfm.train.storage import filesystem_of, write_file
+    from cellfm.storage import join, write_file
 
     metric = plan.spec.objective.metric
     best = best_row(table, metric) if len(table) else None
@@ -110,10 +110,9 @@ def write_outputs(plan: SweepPlan, table: pd.DataFrame, records: list[TrialRecor
     files["objective_vs_dimensions.png"] = plot_dimensions(plan, table)
     files["objective_vs_flops.png"] = plot_flops(plan, table)
     files["results.md"] = markdown_results(plan, table, best, best_values).encode()
-    fs, root = filesystem_of(plan.sweep_dir, plan.base.data.storage_options)
     for name, data in files.items():
-        write_file(fs, f"{root}/{name}", data)
-    return {name: f"{plan.sweep_dir}/{name}" for name in files}
+        write_file(join(plan.sweep_dir, name), data, plan.base.data.storage_options)
+    return {name: join(plan.sweep_dir, name) for name in files}
 
 
 def mark_stopped(plan: SweepPlan, trial: str, epochs_done: int, value: Any) -> None:
@@ -121,19 +120,20 @@ def mark_stopped(plan: SweepPlan, trial: str, epochs_done: int, value: Any) -> N
     trial ASHA stopped. The sweep's driver does it as soon as the trial stops: a sweep restored from a state
     Tune saved before the stop then reports the trial as it was instead of training it on
     (`cellfm.tune.trial.last_report_if_done`)."""
-    from cellfm.train.storage import filesystem_of, write_file
+    from cellfm.storage import filesystem_of, join, write_file
 
-    fs, run = filesystem_of(f"{plan.runs_dir}/{trial}", plan.base.data.storage_options)
-    if _exists(fs, run):
-        write_file(fs, f"{run}/{STOPPED_MARKER}", json.dumps({
+    run = join(plan.runs_dir, trial)
+    fs, path = filesystem_of(run, plan.base.data.storage_options)
+    if _exists(fs, path):
+        write_file(join(run, STOPPED_MARKER), json.dumps({
             "stopped_by": "ASHA", "epochs_done": int(epochs_done), "epochs": plan.epochs,
-            plan.spec.objective.metric: _json_number(value)}, indent=2).encode())
+            plan.spec.objective.metric: _json_number(value)}, indent=2), plan.base.data.storage_options)
 
 
 def tidy_stopped_runs(plan: SweepPlan, table: pd.DataFrame) -> pd.DataFrame:
     """Mark (STOPPED_EARLY.json) or remove the run folders of the trials ASHA stopped; returns the table
     with the checkpoints of removed runs cleared."""
-    from cellfm.train.storage import filesystem_of
+    from cellfm.storage import filesystem_of
 
     fs, runs = filesystem_of(plan.runs_dir, plan.base.data.storage_options)
     table = table.copy()

@@ -69,8 +69,7 @@ def last_report_if_done(cfg: Config) -> dict | None:
     import pyarrow.fs
     from ray.train import Result
 
-    from cellfm.train.storage import filesystem_of
-    from cellfm.train.storage import run_directory
+    from cellfm.storage import filesystem_of, run_directory
     from cellfm.tune.results import STOPPED_MARKER
 
     fs, path = filesystem_of(run_directory(cfg), cfg.data.storage_options)

@@ -13,7 +13,7 @@ import pandas as pd
 from cellfm.data.ingest.images import Plane
 from cellfm.data.ingest.metadata import join_well_metadata, perturbation_meta, read_table, well_lookup
 from cellfm.data.ingest.plan import IngestError, IngestPlan, build_plan, check_plate_name, default_groups, split_well
-from cellfm.data.stores import join
+from cellfm.storage import join
 
 # load_data channel suffix -> stain name: the default channel mapping of a CPG screen.
 CPG_CHANNEL_MAP: dict[str, str | None] = {

@@ -10,7 +10,7 @@ from pathlib import Path
 from cellfm.data.ingest.images import Plane
 from cellfm.data.ingest.metadata import join_well_metadata, perturbation_meta, read_table, well_lookup
 from cellfm.data.ingest.plan import IngestError, IngestPlan, build_plan, check_plate_name, default_groups, split_well
-from cellfm.data.stores import filesystem
+from cellfm.storage import filesystem
 
 
 def plan_generic(pattern: str, regex: str, channel_map: Mapping[str, str | None] | None = None,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellfm.data.stores import filesystem
+from cellfm.storage import filesystem
 
 
 @dataclass(frozen=True)

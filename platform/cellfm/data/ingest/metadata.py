@@ -14,7 +14,7 @@ import pandas as pd
 
 from cellfm.data.ingest.plan import IngestError, split_well
 from cellfm.data.plate import redact
-from cellfm.data.stores import filesystem
+from cellfm.storage import filesystem
 
 
 def read_table(path: str | Path) -> pd.DataFrame:

@@ -21,7 +21,7 @@ from cellfm.data.ingest.images import load_plane
 from cellfm.data.ingest.plan import FieldSpec, IngestError, IngestPlan, PlatePlan, in_plate_order
 from cellfm.data.manifest import write_manifest
 from cellfm.data.plate import PlateError, create_plate, read_field, redact, write_field
-from cellfm.data.stores import filesystem, join
+from cellfm.storage import filesystem, join, write_file
 from cellfm.progress import eta_seconds, format_duration
 
 STATE_DIR = "_ingest_state"
@@ -57,8 +57,7 @@ def _ingest_fields(specs: list[FieldSpec], plans: dict[str, PlatePlan], plate_ur
                 time.sleep(field_delay_s)
             write_field(plate_uris[spec.plate], spec.row, spec.col, spec.field, image, storage_options)
             marker = {"sha256": _digest(image), "sources": [p.uri for p in spec.planes]}
-            fs, path = filesystem(join(state_dirs[spec.plate], f"{spec.key}.json"), storage_options)
-            fs.pipe_file(path, json.dumps(marker).encode())
+            write_file(join(state_dirs[spec.plate], f"{spec.key}.json"), json.dumps(marker), storage_options)
             results.append((spec.plate, spec.key, ""))
         except (IngestError, PlateError) as exc:
             results.append((spec.plate, spec.key, str(exc)))
@@ -95,7 +94,7 @@ def _prepare_plate(plan: PlatePlan, plate_uri: str, state_dir: str, storage_opti
         fs_state.rm(state_path, recursive=True)
     create_plate(plate_uri, plan.name, plan.wells, plan.n_fields, plan.channel_names, plan.shape,
                  dtype=plan.dtype, storage_options=storage_options)
-    fs.pipe_file(plan_path, plan.fingerprint().encode())  # only after the plate exists
+    write_file(join(state_dir, "plan.json"), plan.fingerprint(), storage_options)  # only after the plate exists
     return False
 
 

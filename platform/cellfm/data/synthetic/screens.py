@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from cellfm.data import stores
+from cellfm.storage import join
 from cellfm.data.manifest import MANIFEST_COLUMNS, OPTIONAL_COLUMNS, read_manifest, write_manifest
 from cellfm.data.plate import create_plate, write_field
 from cellfm.data.synthetic.catalog import (CELL_LINE, CONTROL, CONTROL_PHENOTYPE, CP5_CHANNELS, FAMILY_CONFIGS,
@@ -182,7 +182,7 @@ def _write_screen(out: str, plates: list[_Plate], manifests: dict[str, str], col
     records: dict[str, list[dict]] = {split: [] for split in manifests}
     for index, plate in enumerate(plates):
         started = time.perf_counter()
-        records[plate.split] += _write_plate(stores.join(out, "plates", f"{plate.name}.zarr"), plate, layout, seed,
+        records[plate.split] += _write_plate(join(out, "plates", f"{plate.name}.zarr"), plate, layout, seed,
                                              difficulty, storage_options)
         log.info("plate %d/%d %s (%d channels) written in %.1f s", index + 1, len(plates), plate.name,
                  len(plate.channels), time.perf_counter() - started)
@@ -207,7 +207,7 @@ def generate_screen(out_dir: str | Path, layout: str | ScreenLayout = "demo", se
     perturbations(difficulty)  # fails early on an unknown difficulty
     layout = screen_layout(layout)
     out = str(Path(out_dir).absolute())  # manifests must resolve from any working directory (Ray workers)
-    manifests = {split: stores.join(out, f"{split}.parquet") for split in ("train", "heldout", "unseen")}
+    manifests = {split: join(out, f"{split}.parquet") for split in ("train", "heldout", "unseen")}
     if all(Path(path).is_file() for path in manifests.values()):
         log.info("synthetic screen already complete in %s", out)
         return {split: Path(path) for split, path in manifests.items()}
@@ -246,7 +246,7 @@ def generate_family_screen(out_dir: str | Path, config: str = "hpa4", layout: st
     layout = screen_layout(layout)
     remote = "://" in str(out_dir)
     out = str(out_dir) if remote else str(Path(out_dir).absolute())
-    manifests = {split: stores.join(out, f"{split}.parquet") for split in ("train", "heldout")}
+    manifests = {split: join(out, f"{split}.parquet") for split in ("train", "heldout")}
     returned = {split: (path if remote else Path(path)) for split, path in manifests.items()}
     try:
         for path in manifests.values():
