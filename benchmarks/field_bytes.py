@@ -36,7 +36,8 @@ def main() -> None:
         parser.error(f"--size must be >= 16 and --fields >= 1, got {args.size}, {args.fields}")
     import numpy as np
 
-    from cellfm.data.plate import DEFAULT_TILE_SIZE, read_field
+    from cellfm.data.plate import read_field
+    from cellfm.data.plate_writer import DEFAULT_TILE_SIZE
     from cellfm.storage import write_file
 
     work = Path(tempfile.mkdtemp(prefix="cellfm-field-bytes-"))

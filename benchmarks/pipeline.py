@@ -76,7 +76,7 @@ def _base_fields(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 def _write_plate(args) -> None:
     uri, name, wells, n_fields, size, seed = args
-    from cellfm.data.plate import create_plate, write_field
+    from cellfm.data.plate_writer import create_plate, write_field
 
     create_plate(uri, name, wells, n_fields, CHANNELS, (size, size))
     rng = np.random.default_rng(seed)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cellfm.data.plate import create_plate, read_field, use_zarrs, write_field
+from cellfm.data.plate import read_field, use_zarrs
+from cellfm.data.plate_writer import create_plate, write_field
 from cellfm.data.synthetic.catalog import CP5_CHANNELS, FAMILY_CONFIGS, PERTURBATIONS, PROTEINS
 from cellfm.data.synthetic.optics import BatchEffect, render_family_field, render_field
 

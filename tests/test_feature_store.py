@@ -18,7 +18,8 @@ import torch
 from cellfm.config import ConfigError, load_config
 from cellfm.data.content_version import plate_content_version
 from cellfm.data.pipeline.dataset import load_manifests
-from cellfm.data.plate import read_field, write_field
+from cellfm.data.plate import read_field
+from cellfm.data.plate_writer import write_field
 from cellfm.features.aggregate import normalize_to_controls
 from cellfm.features.identity import checkpoint_identity, embedding_recipe, feature_key
 from cellfm.features.refresh import build_plate_features

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 import zarr
 
-from cellfm.data.plate import PlateError, create_plate, plate_channel_names, read_field, write_field
+from cellfm.data.plate import PlateError, plate_channel_names, read_field
+from cellfm.data.plate_writer import create_plate, write_field
 from cellfm.data.validate import open_plate, plate_problems, validate_target
 from tests.conftest import write_control_manifest
 

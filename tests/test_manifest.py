@@ -18,7 +18,8 @@ from cellfm.data.manifest import (
     read_manifest,
     write_manifest,
 )
-from cellfm.data.plate import PlateError, create_plate
+from cellfm.data.plate import PlateError
+from cellfm.data.plate_writer import create_plate
 
 CHANNELS = ["DNA", "ER", "RNA", "AGP", "Mito"]
 

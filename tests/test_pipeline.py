@@ -72,7 +72,7 @@ from cellfm.data.batch import FieldBatch  # noqa: E402
 from cellfm.data.pipeline.batches import iter_training_batches  # noqa: E402
 from cellfm.data.pipeline.dataset import build_field_pipeline  # noqa: E402
 from cellfm.data.pipeline.monitor import BadFieldError  # noqa: E402
-from cellfm.data.plate import create_plate, write_field  # noqa: E402
+from cellfm.data.plate_writer import create_plate, write_field  # noqa: E402
 
 _FAST = dict(progress_interval_s=0.0, read_batch_size=4, shuffle_buffer=8)
 

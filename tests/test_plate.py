@@ -14,14 +14,8 @@ from ome_zarr_models import open_ome_zarr
 from ome_zarr_models.v05.hcs import HCS
 from ome_zarr_models.v05.image import Image
 
-from cellfm.data.plate import (
-    PlateError,
-    create_plate,
-    open_store,
-    plate_channel_names,
-    read_field,
-    write_field,
-)
+from cellfm.data.plate import PlateError, open_store, plate_channel_names, read_field
+from cellfm.data.plate_writer import create_plate, write_field
 
 CHANNELS = ["DNA", "ER", "RNA", "AGP", "Mito"]
 WELLS = [("B", "03"), ("C", "11"), ("B", "11")]

@@ -14,7 +14,8 @@ import tifffile
 from cellfm.data.ingest.generic import plan_generic
 from cellfm.data.ingest.writer import run_ingestion
 from cellfm.data.manifest import ManifestError, manifest_problems, read_manifest, write_manifest
-from cellfm.data.plate import PlateError, create_plate, plate_channel_names, read_field, write_field
+from cellfm.data.plate import PlateError, plate_channel_names, read_field
+from cellfm.data.plate_writer import create_plate, write_field
 from cellfm.data.validate import open_plate, plate_problems
 
 CHANNELS = ["DNA", "ER", "Mito"]

@@ -15,7 +15,8 @@ import zarr
 from ome_zarr_models.v05.hcs import HCS
 
 from cellfm.data.manifest import write_manifest
-from cellfm.data.plate import PlateError, create_plate, read_field, write_field
+from cellfm.data.plate import PlateError, read_field
+from cellfm.data.plate_writer import create_plate, write_field
 from cellfm.data.validate import open_plate, plate_problems, validate_target
 from cellfm.cli import main as cellfm_main
 from tests.conftest import write_control_manifest

@@ -20,18 +20,8 @@ import pandas as pd
 import zarr
 
 from cellfm.data.manifest import ManifestError, manifest_problems, read_manifest
-from cellfm.data.plate import (
-    _SUPPORTED_DTYPES,
-    NO_CHANNEL_LABELS,
-    READ_VERSIONS,
-    PlateError,
-    _where,
-    axis_names,
-    ome_attrs,
-    open_group,
-    open_store,
-    redact,
-)
+from cellfm.data.plate import (NO_CHANNEL_LABELS, READ_VERSIONS, SUPPORTED_DTYPES, PlateError, axis_names, ome_attrs,
+                               open_group, open_store, plate_location, redact)
 
 
 @dataclass(frozen=True)
@@ -55,7 +45,7 @@ def _field_problems(uri: str, root, row: str, col: str, field_path: str, deep: b
                     seen: dict, labels_given: bool = False) -> list[str]:
     """Problems of one field image; records its (channels, shape, dtype) in ``seen``. ``labels_given``:
     a manifest names the channels (``channel_labels``), so missing omero labels are no problem."""
-    where = _where(uri, row, col, field_path)
+    where = plate_location(uri, row, col, field_path)
     try:
         group = root[f"{row}/{col}/{field_path}"]
         ome = ome_attrs(group)
@@ -101,8 +91,8 @@ def _field_problems(uri: str, root, row: str, col: str, field_path: str, deep: b
     if any(not label for label in labels) or len(set(labels)) != len(labels):
         problems.append(f"{where}: channel labels must be non-empty and unique, got {labels}")
     dtype = str(array.dtype)
-    if dtype not in _SUPPORTED_DTYPES:
-        problems.append(f"{where}: dtype {dtype} not supported (use one of {_SUPPORTED_DTYPES})")
+    if dtype not in SUPPORTED_DTYPES:
+        problems.append(f"{where}: dtype {dtype} not supported (use one of {SUPPORTED_DTYPES})")
     shape = (int(array.shape[axes.index("y")]), int(array.shape[axes.index("x")]))
     signature = (tuple(labels), shape, dtype)
     if "first" not in seen:
@@ -133,36 +123,36 @@ def plate_problems(uri: str, storage_options: dict | None = None, deep: bool = T
         root = open_group(open_store(uri, "r", storage_options))
         ome = ome_attrs(root)
     except Exception as exc:  # noqa: BLE001
-        return [f"{_where(uri)}: cannot open plate: {_err(exc, storage_options)}"]
+        return [f"{plate_location(uri)}: cannot open plate: {_err(exc, storage_options)}"]
     if not isinstance(ome, dict) or "plate" not in ome:
-        return [f"{_where(uri)}: no OME 'plate' metadata (not an OME-Zarr HCS plate)"]
+        return [f"{plate_location(uri)}: no OME 'plate' metadata (not an OME-Zarr HCS plate)"]
     problems = []
     if ome.get("version") not in READ_VERSIONS:
-        problems.append(f"{_where(uri)}: OME version {ome.get('version')!r}, expected one of {READ_VERSIONS}")
+        problems.append(f"{plate_location(uri)}: OME version {ome.get('version')!r}, expected one of {READ_VERSIONS}")
     plate = ome["plate"]
     try:
         rows = [r["name"] for r in plate["rows"]]
         cols = [c["name"] for c in plate["columns"]]
         wells = plate["wells"]
     except (KeyError, TypeError) as exc:
-        return problems + [f"{_where(uri)}: malformed plate metadata ({type(exc).__name__}: {exc})"]
+        return problems + [f"{plate_location(uri)}: malformed plate metadata ({type(exc).__name__}: {exc})"]
     for kind, names in (("row", rows), ("column", cols)):
         dupes = sorted(n for n, k in Counter(names).items() if k > 1)
         if dupes:
-            problems.append(f"{_where(uri)}: duplicate {kind} names {dupes}")
+            problems.append(f"{plate_location(uri)}: duplicate {kind} names {dupes}")
     paths = [w.get("path", "") for w in wells]
     for path, count in Counter(paths).items():
         if count > 1:
             row, _, col = path.partition("/")
-            problems.append(f"{_where(uri, row, col)}: duplicate well (listed {count} times in the plate metadata)")
+            problems.append(f"{plate_location(uri, row, col)}: duplicate well (listed {count} times in the plate metadata)")
     field_count = plate.get("field_count")
     seen: dict = {}
     for well in wells:
         path = well.get("path", "")
         row, _, col = path.partition("/")
-        where = _where(uri, row, col)
+        where = plate_location(uri, row, col)
         if not row or not col or "/" in col:
-            problems.append(f"{_where(uri)}: well path {path!r} is not 'row/column'")
+            problems.append(f"{plate_location(uri)}: well path {path!r} is not 'row/column'")
             continue
         ri, ci = well.get("rowIndex"), well.get("columnIndex")
         if not (isinstance(ri, int) and 0 <= ri < len(rows) and rows[ri] == row
@@ -176,7 +166,7 @@ def plate_problems(uri: str, storage_options: dict | None = None, deep: bool = T
             continue
         for image_path, count in Counter(images).items():
             if count > 1:
-                problems.append(f"{_where(uri, row, col, image_path)}: duplicate field (listed {count} times)")
+                problems.append(f"{plate_location(uri, row, col, image_path)}: duplicate field (listed {count} times)")
         if field_count is not None and len(images) > int(field_count):
             problems.append(f"{where}: {len(images)} fields but the plate's field_count is {field_count}")
         for image_path in dict.fromkeys(images):
@@ -195,7 +185,7 @@ def open_plate(uri: str, storage_options: dict | None = None, manifest: pd.DataF
     if problems:
         shown = "\n  ".join(problems[:50])
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        raise PlateError(f"{_where(uri)}: {len(problems)} problem(s):\n  {shown}{more}")
+        raise PlateError(f"{plate_location(uri)}: {len(problems)} problem(s):\n  {shown}{more}")
     root = open_group(open_store(uri, "r", storage_options))
     plate = ome_attrs(root)["plate"]
     wells = [w["path"] for w in plate["wells"]]

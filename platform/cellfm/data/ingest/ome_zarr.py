@@ -25,7 +25,7 @@ from cellfm.data.ingest.metadata import (
 )
 from cellfm.data.ingest.plan import IngestError, check_plate_name, default_groups, in_plate_order
 from cellfm.data.manifest import MANIFEST_COLUMNS, manifest_unchanged, write_manifest
-from cellfm.data.plate import _SUPPORTED_DTYPES, axis_names, ome_attrs, open_group, open_store, redact
+from cellfm.data.plate import SUPPORTED_DTYPES, axis_names, ome_attrs, open_group, open_store, redact
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,8 @@ def _field_info(root, uri: str, row: str, col: str, image: dict) -> _FieldInfo:
     sizes = dict(zip(axes, (int(s) for s in array.shape)))
     if sizes.get("t", 1) != 1:
         raise IngestError(f"{where}: {sizes['t']} time points; a time series is not a field")
-    if str(array.dtype) not in _SUPPORTED_DTYPES:
-        raise IngestError(f"{where}: dtype {array.dtype} not supported (use one of {_SUPPORTED_DTYPES})")
+    if str(array.dtype) not in SUPPORTED_DTYPES:
+        raise IngestError(f"{where}: dtype {array.dtype} not supported (use one of {SUPPORTED_DTYPES})")
     channels = ome.get("omero", {}).get("channels") or []
     labels = [str(ch.get("label", "")) for ch in channels] or None
     acquisition = "" if image.get("acquisition") is None else str(image["acquisition"])

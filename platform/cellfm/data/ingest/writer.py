@@ -20,7 +20,8 @@ import pandas as pd
 from cellfm.data.ingest.images import load_plane
 from cellfm.data.ingest.plan import FieldSpec, IngestError, IngestPlan, PlatePlan, in_plate_order
 from cellfm.data.manifest import write_manifest
-from cellfm.data.plate import PlateError, create_plate, read_field, redact, write_field
+from cellfm.data.plate import PlateError, read_field, redact
+from cellfm.data.plate_writer import create_plate, write_field
 from cellfm.storage import filesystem, join, write_file
 from cellfm.progress import eta_seconds, format_duration
 

@@ -25,7 +25,7 @@ import pandas as pd
 
 from cellfm.storage import join
 from cellfm.data.manifest import MANIFEST_COLUMNS, OPTIONAL_COLUMNS, read_manifest, write_manifest
-from cellfm.data.plate import create_plate, write_field
+from cellfm.data.plate_writer import create_plate, write_field
 from cellfm.data.synthetic.catalog import (CELL_LINE, CONTROL, CONTROL_PHENOTYPE, CP5_CHANNELS, FAMILY_CONFIGS,
                                            HELDOUT_COMPOUNDS, HELDOUT_PROTEINS, PIXEL_SIZE_UM, PROTEINS, SOURCE,
                                            STAINS, UNSEEN4_CHANNELS, Perturbation, Phenotype, Protein,
