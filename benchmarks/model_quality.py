@@ -555,10 +555,11 @@ def plot(results: dict, path: Path) -> None:
 
     rows = results["summary"]["rows"]
     names = [name for name in rows if "random init" not in name]  # the .md has them; the plot stays readable
-    fig, ax = plt.subplots(figsize=(12, 4.8))
+    fig, ax = plt.subplots(figsize=(14, 7.5))
     width = 0.8 / len(names)
+    palette = plt.get_cmap("tab20").colors  # 20 distinct colours: every row its own up to 20 rows
     for i, name in enumerate(names):
-        colour = "0.7" if name == "intensity statistics" else f"C{i % 10}"
+        colour = "0.7" if name == "intensity statistics" else palette[i % len(palette)]
         for j, e in enumerate(EVALUATIONS):
             x = j + (i - (len(names) - 1) / 2) * width
             cell = rows[name][e.config]["lopo"]
@@ -574,9 +575,11 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xticks(range(len(EVALUATIONS)), [e.title.replace(", ", "\n", 1) for e in EVALUATIONS], fontsize=8)
     ax.set_ylabel("leave-one-plate-out top-1 (± standard error)")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=6, ncol=3, loc="upper right")
-    ax.set_title(f"{results['difficulty']} screen: trained on cp5, one budget; {results['n_heldout_plates']} held-out "
-                 "plates per configuration (hatched: ceilings and the CellProfiler-style baseline)")
+    # Below the axes: with a dozen rows a legend inside would cover the bars.
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
+    ax.set_title(f"{results['difficulty']} screen: trained on cp5 (*_mixed: cp5 + hpa4 + brightfield1), one budget; "
+                 f"{results['n_heldout_plates']} held-out plates per configuration (hatched: ceilings and the "
+                 "CellProfiler-style baseline)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
