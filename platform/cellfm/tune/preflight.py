@@ -29,7 +29,8 @@ from cellfm.preflight import (
 )
 from cellfm.runtime import cluster_address, local_gpu_count
 from cellfm.train.inputs import training_input_problems
-from cellfm.tune.sweep_config import LISTED_KINDS, SEARCH_ALGORITHMS, SWEEP_RECORD, SweepPlan, describe_trial
+from cellfm.tune.dimensions import LISTED_KINDS
+from cellfm.tune.sweep_config import SEARCH_ALGORITHMS, SWEEP_RECORD, SweepPlan, describe_trial
 
 # A trial's Tune driver builds and fits its TorchTrainer; Tune rejects 0 CPUs, a sliver works.
 TRIAL_DRIVER_CPUS = 0.01

@@ -12,7 +12,8 @@ from __future__ import annotations
 import itertools
 from typing import Any, Callable
 
-from cellfm.tune.sweep_config import LISTED_KINDS, Dimension, SweepPlan, optuna_can_hold
+from cellfm.tune.dimensions import LISTED_KINDS, Dimension, optuna_can_hold
+from cellfm.tune.sweep_config import SweepPlan
 
 # The reported metric ASHA counts time in: epochs trained (a resumed Train run continues the count).
 TIME_ATTR = "epochs_done"
