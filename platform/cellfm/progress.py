@@ -1,6 +1,15 @@
-"""Durations and ETAs for the progress lines of long work (training, ingestion, embedding)."""
+"""Progress lines of long work (training, ingestion, embedding, sweeps): the line itself, durations and ETAs."""
 
 from __future__ import annotations
+
+import sys
+
+
+def log_line(message: str) -> None:
+    """One `[cellfm] ...` line to stdout, flushed. Not `print` (inside Ray Train V2 workers print is patched to
+    also log, so every line would show up twice) and not logging (Ray forwards a worker's stdout to the driver)."""
+    sys.stdout.write(f"[cellfm] {message}\n")
+    sys.stdout.flush()
 
 
 def eta_seconds(done: int, total: int, elapsed_s: float) -> float:

@@ -36,18 +36,12 @@ from cellfm.features.aggregate import normalize_to_controls, well_aggregates
 from cellfm.features.entry import FIELD_COORDS, FIELD_ONLY, PlateFeatures
 from cellfm.features.identity import checkpoint_identity, code_version, embedding_recipe, feature_key, resolve_checkpoint
 from cellfm.features.store import FeatureStore, KeyState
+from cellfm.progress import format_duration, log_line
 
 ENCODER = "checkpoint"  # the FieldEmbedder column is embedding_<ENCODER>
 ROW = "feature_row"  # a field's position in the plan's manifest, carried through Ray Data
 
 
-def _log(message: str) -> None:
-    print(f"[cellfm] {message}", flush=True)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
 # ------------------------------------------------------------------------------------ planning
@@ -293,9 +287,9 @@ class _PlateWriter:
         eta = (total - self.fields_done) / max(rate, 1e-9)
         how = "stored" if won else "already stored by another refresh (identical; this copy discarded)"
         extra = f", {len(skipped)} bad field(s) skipped" if len(skipped) else ""
-        _log(f"features: plate {self.plates_done}/{len(self.expected)} {plate} {how} ({len(entry.meta)} {unit}, "
+        log_line(f"features: plate {self.plates_done}/{len(self.expected)} {plate} {how} ({len(entry.meta)} {unit}, "
              f"{len(entry.wells)} wells{extra}); {self.fields_done}/{total} {unit}, {rate:.1f} {unit}/s, "
-             f"ETA {_duration(eta)}")
+             f"ETA {format_duration(eta)}")
 
 
 def new_run_id() -> str:
@@ -307,13 +301,13 @@ def run_refresh(plan: RefreshPlan, dry_run: bool = False) -> RefreshSummary:
     run folders; bring the key's index up to date. Prints progress lines with an ETA and a summary."""
     cfg, store = plan.cfg, plan.store
     t0 = plan.started
-    _log(f"features: key {plan.key} (checkpoint {redact(plan.checkpoint, cfg.data.storage_options)}); "
+    log_line(f"features: key {plan.key} (checkpoint {redact(plan.checkpoint, cfg.data.storage_options)}); "
          f"{len(plan.versions)} plate(s) in {len(plan.sources)} manifest(s): "
          f"{len(plan.up_to_date)} up to date, {len(plan.todo)} to embed")
     summary = RefreshSummary(plan.key, store.uri, [], [], list(plan.up_to_date), [], 0, 0.0, False)
     if dry_run:
         for plate in plan.todo:
-            _log(f"features: would embed {plate} (version {plan.versions[plate]}, "
+            log_line(f"features: would embed {plate} (version {plan.versions[plate]}, "
                  f"{int((plan.manifest['plate'] == plate).sum())} fields)")
         summary.seconds = time.monotonic() - t0
         return summary
@@ -330,12 +324,12 @@ def run_refresh(plan: RefreshPlan, dry_run: bool = False) -> RefreshSummary:
         store.update_index(plan.key, plan.state)
     summary.seconds = time.monotonic() - t0
     if not plan.todo:
-        _log(f"features: nothing to do: all {len(plan.up_to_date)} plate(s) are stored for key {plan.key} "
+        log_line(f"features: nothing to do: all {len(plan.up_to_date)} plate(s) are stored for key {plan.key} "
              f"({summary.seconds:.1f} s, no embedding)")
     else:
         unit = "cells" if cfg.data.crop_mode == "cells" else "fields"
-        _log(f"features: embedded {len(summary.embedded)} plate(s) ({summary.fields} {unit}) in "
-             f"{_duration(summary.seconds)} ({summary.fields / max(summary.seconds, 1e-9):.1f} {unit}/s; first "
+        log_line(f"features: embedded {len(summary.embedded)} plate(s) ({summary.fields} {unit}) in "
+             f"{format_duration(summary.seconds)} ({summary.fields / max(summary.seconds, 1e-9):.1f} {unit}/s; first "
              f"embeddings after {summary.startup_s:.0f} s, then {summary.sustained_fields_per_s:.1f} {unit}/s); "
              f"{len(summary.written_by_other)} stored first by a concurrent refresh; {len(plan.up_to_date)} up to date; "
              f"{len(summary.removed_runs)} stale run folder(s) removed; store {store.uri}, key {plan.key}")
@@ -354,7 +348,7 @@ def _embed(plan: RefreshPlan) -> _PlateWriter:
     init_ray(cfg.ray, need=resource_need(cfg, "features"))
     use_gpu = cfg.train.use_gpu if f.use_gpu is None else f.use_gpu
     actors = f.actors or inference_actors(use_gpu, f.gpus_per_actor, f.cpus_per_actor)
-    _log(f"features: {len(rows)} fields of {len(plan.todo)} plate(s) through {actors} inference actor(s) "
+    log_line(f"features: {len(rows)} fields of {len(plan.todo)} plate(s) through {actors} inference actor(s) "
          f"({'GPU' if use_gpu else f'{f.torch_threads} thread(s)'} each"
          f"{', sized from the cluster' if not f.actors else ''})")
     spec = EncoderSpec(ENCODER, checkpoint_dir=plan.checkpoint, channel_groups=cfg.model.channel_groups or None,

@@ -7,7 +7,6 @@ progress lines) is `cellfm.train.telemetry.TrainingTelemetry`, and each epoch en
 from __future__ import annotations
 
 import logging
-import sys
 import tempfile
 from pathlib import Path
 
@@ -18,17 +17,12 @@ from cellfm.data.pipeline.batches import iter_training_batches
 from cellfm.data.pipeline.cache import FieldCache
 from cellfm.data.pipeline.dataset import build_field_pipeline, epoch_shard, samples_per_rank
 from cellfm.data.pipeline.monitor import DataMonitor
+from cellfm.progress import log_line
 from cellfm.seeding import Stream, derive_seed
 from cellfm.train.meta_arch import SSLMetaArch
 from cellfm.train.self_distillation import supcon_label
 from cellfm.train.telemetry import TrainingTelemetry
 
-
-def log_progress(message: str) -> None:
-    """One line to the worker's stdout (forwarded to the driver). Not `print`: Ray Train V2
-    patches print inside workers to also log, so every line would show up twice."""
-    sys.stdout.write(f"[cellfm] {message}\n")
-    sys.stdout.flush()
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -78,10 +72,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state = meta_arch.load(Path(ckpt_dir))
         start_epoch, step = state["epoch"] + 1, state["step"]
         if rank == 0:
-            log_progress(f"resumed from epoch {state['epoch']} step {step}")
+            log_line(f"resumed from epoch {state['epoch']} step {step}")
 
     telemetry = TrainingTelemetry(cfg, rank=rank, world_size=world, device=device, steps_per_epoch=steps_per_epoch,
-                                  first_step=step, tensorboard_dir=tensorboard_dir, log=log_progress)
+                                  first_step=step, tensorboard_dir=tensorboard_dir, log=log_line)
     label = supcon_label(cfg)
     for epoch in range(start_epoch, cfg.optim.epochs):
         # This rank's fields of the epoch in a fixed order, each with its seeded channel order (data.pipeline).

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 
 from ray.tune import Callback
 
-from cellfm.progress import eta_seconds, format_duration
+from cellfm.progress import eta_seconds, format_duration, log_line
 from cellfm.tune.preflight import TRIAL_DRIVER_CPUS, TrialResources, recorded_fingerprint
 from cellfm.tune.search import TIME_ATTR
 from cellfm.tune.sweep_config import SWEEP_RECORD, SweepPlan, describe_trial
@@ -54,7 +53,7 @@ def run_sweep(plan: SweepPlan, resources: TrialResources) -> SweepOutcome:
     # No pending watch: Ray Tune's queued trials wait for placement groups by design (the sweep's
     # preflight fits max_concurrent_trials to the cluster).
     init_ray(plan.base.ray, dashboard=True, watch_pending=False)
-    _log(f"sweep {plan.spec.name}: reading the held-out sets {', '.join(plan.objective_manifests())}")
+    log_line(f"sweep {plan.spec.name}: reading the held-out sets {', '.join(plan.objective_manifests())}")
     held_out = read_held_out(plan.base, plan.objective_manifests(), plan.spec.objective.label)
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan, held_out=ray.put(held_out)),
                                     {"cpu": TRIAL_DRIVER_CPUS})
@@ -64,7 +63,7 @@ def run_sweep(plan: SweepPlan, resources: TrialResources) -> SweepOutcome:
     experiment = f"{storage_path}/{plan.spec.name}"
     restored = tune.Tuner.can_restore(experiment, storage_filesystem=tune_fs)
     if restored:
-        _log(f"sweep {plan.spec.name}: restoring {plan.sweep_dir} (finished trials are kept, unfinished ones resume)")
+        log_line(f"sweep {plan.spec.name}: restoring {plan.sweep_dir} (finished trials are kept, unfinished ones resume)")
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=tune_fs)
     else:
@@ -79,7 +78,7 @@ def run_sweep(plan: SweepPlan, resources: TrialResources) -> SweepOutcome:
             run_config=tune.RunConfig(name=plan.spec.name, storage_path=storage_path, storage_filesystem=tune_fs,
                                       callbacks=[SweepProgress(plan)], verbose=0),
         )
-    _log(f"sweep {plan.spec.name}: {plan.grid_size()} trials, up to {resources.concurrent} at once "
+    log_line(f"sweep {plan.spec.name}: {plan.grid_size()} trials, up to {resources.concurrent} at once "
          f"({resources.cpus:g} CPUs{f', {resources.gpus:g} GPUs' if resources.gpus else ''} each, "
          f"{resources.data_cpus:g} left to Ray Data), {plan.epochs} epochs each, folder {plan.sweep_dir}")
     grid = tuner.fit()
@@ -104,10 +103,6 @@ def _trial_of(result) -> str:
     return str(result.path).rstrip("/").rsplit("/", 1)[-1]
 
 
-def _log(message: str) -> None:
-    sys.stdout.write(f"[cellfm] {message}\n")
-    sys.stdout.flush()
-
 
 def stopped_early_count(trials, epochs: int) -> int:
     """Trials that ended before `epochs` without an error (ASHA stopped them), read from each trial's last
@@ -131,7 +126,7 @@ class SweepProgress(Callback):
         self.best: tuple[float, str] | None = None
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        _log(f"sweep {self.plan.spec.name}: {trial_name(trial.trial_id)} started ({self._describe(trial)})")
+        log_line(f"sweep {self.plan.spec.name}: {trial_name(trial.trial_id)} started ({self._describe(trial)})")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         done = int(result.get(TIME_ATTR, 0))
@@ -141,7 +136,7 @@ class SweepProgress(Callback):
         value = result.get(o.metric)
         if isinstance(value, (int, float)) and (self.best is None or (value > self.best[0]) == (o.mode == "max")):
             self.best = (float(value), trial_name(trial.trial_id))
-        _log(f"sweep {self.plan.spec.name}: {trial_name(trial.trial_id)} epoch {done}/{self.plan.epochs} "
+        log_line(f"sweep {self.plan.spec.name}: {trial_name(trial.trial_id)} epoch {done}/{self.plan.epochs} "
              f"{o.metric} {_number(value)} (loss {_number(result.get('loss'))}, "
              f"{_number(result.get('images_per_s'))} images/s) | {self._status(trials)}")
 
@@ -153,10 +148,10 @@ class SweepProgress(Callback):
         if done < self.plan.epochs:
             mark_stopped(self.plan, trial_name(trial.trial_id), done, (trial.last_result or {}).get(
                 self.plan.spec.objective.metric))
-        _log(f"sweep {self.plan.spec.name}: {trial_name(trial.trial_id)} {status} | {self._status(trials)}")
+        log_line(f"sweep {self.plan.spec.name}: {trial_name(trial.trial_id)} {status} | {self._status(trials)}")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        _log(f"sweep {self.plan.spec.name}: {trial_name(trial.trial_id)} failed (see its error in results.md) | "
+        log_line(f"sweep {self.plan.spec.name}: {trial_name(trial.trial_id)} failed (see its error in results.md) | "
              f"{self._status(trials)}")
 
     def _describe(self, trial) -> str:

@@ -15,8 +15,9 @@ from cellfm.config import DataConfig
 from cellfm.data.pipeline.layout import (CHANNEL_SEPARATOR, FIELD_INDEX, MB, PAD_CHANNEL_NAME, check_pipeline_config,
                                          field_table, read_blocks, stream_layout)
 from cellfm.data.pipeline.loader import FieldLoader
-from cellfm.data.pipeline.monitor import DataMonitor, log_line
+from cellfm.data.pipeline.monitor import DataMonitor
 from cellfm.data.plate import PlateError
+from cellfm.progress import log_line
 
 @dataclass(frozen=True)
 class FieldCache:

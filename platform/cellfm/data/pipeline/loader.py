@@ -15,8 +15,9 @@ from cellfm.data.cells import cell_crop_batch
 from cellfm.data.normalize import normalize_field, quantize_unit
 from cellfm.data.pipeline.layout import (CHANNEL_SEPARATOR, FIELD_INDEX, LABELS_COLUMN, PAD_CHANNEL_NAME, READ_COLUMNS,
                                          StreamLayout)
-from cellfm.data.pipeline.monitor import BadFieldError, log_line, too_many_bad_message
+from cellfm.data.pipeline.monitor import BadFieldError, too_many_bad_message
 from cellfm.data.plate import PlateError, read_field
+from cellfm.progress import log_line
 from cellfm.seeding import Stream, numpy_rng
 
 if TYPE_CHECKING:

@@ -4,7 +4,6 @@ field raises."""
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
@@ -13,16 +12,12 @@ import numpy as np
 from cellfm.config import DataConfig
 from cellfm.data.pipeline.layout import MB
 from cellfm.data.plate import PlateError
+from cellfm.progress import log_line
 
 
 class BadFieldError(PlateError):
     """A field could not be read (policy ``fail``), or too many fields were bad (policy ``skip``)."""
 
-
-def log_line(message: str) -> None:
-    # Not print/logging: one plain line to stdout, forwarded to the driver by Ray (log_to_driver).
-    sys.stdout.write(f"[cellfm] {message}\n")
-    sys.stdout.flush()
 
 
 class PipelineMonitor:
