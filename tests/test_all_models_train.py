@@ -32,7 +32,7 @@ from cellfm.data.pipeline.dataset import epoch_shard, load_manifests
 from cellfm.evaluate.run import run_evaluation
 from cellfm.seeding import Stream, torch_generator
 from cellfm.train.checkpoint import latest_checkpoint, load_inference_backbone, save_inference_checkpoint
-from cellfm.train.in_memory import load_normalized_fields
+from cellfm.train.in_memory import load_normalized_fields, pad_field_sets
 from cellfm.train.meta_arch import SSLMetaArch
 from cellfm.storage import run_directory
 from cellfm.train.trainer import run_pretraining
@@ -75,15 +75,12 @@ def padded_fields(mixed_parts) -> tuple[torch.Tensor, torch.Tensor, list[list[st
     pipeline does and padded to 5 channels as `data.mixed_channels=pad` pads them (real channels first,
     zeros and "" after): (images, channel mask, channel names, labels)."""
     cfg = load_config(SMOKE_CONFIG)
-    images, masks, names, labels = [], [], [], []
-    for part in (part.iloc[::2] for part in mixed_parts):
-        fields = load_normalized_fields(part, cfg.data)
-        n, c = fields.shape[:2]
-        images.append(torch.cat([fields, fields.new_zeros(n, 5 - c, *fields.shape[2:])], dim=1))
-        masks.append(torch.arange(5).expand(n, 5) < c)
-        names += [list(row) + [""] * (5 - c) for row in part["channel_names"]]
-        labels += [str(v) for v in part["perturbation_id"]]
-    return torch.cat(images), torch.cat(masks), names, labels
+    parts = [part.iloc[::2] for part in mixed_parts]
+    images, names = pad_field_sets([(load_normalized_fields(part, cfg.data), list(part["channel_names"].iloc[0]))
+                                    for part in parts])
+    masks = torch.tensor([[name != "" for name in row] for row in names])
+    labels = [str(v) for part in parts for v in part["perturbation_id"]]
+    return images, masks, names, labels
 
 
 def mixed_batches(fields, epoch: int, batch_size: int) -> list[FieldBatch]:

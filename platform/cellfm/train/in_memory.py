@@ -29,6 +29,7 @@ import torch
 from cellfm.config import Config, ConfigError, DataConfig
 from cellfm.data.cells import CELLS_X, CELLS_Y, crop_cells
 from cellfm.data.normalize import normalize_field
+from cellfm.data.pipeline.layout import PAD_CHANNEL_NAME
 from cellfm.data.batch import FieldBatch
 from cellfm.data.plate import read_field
 from cellfm.seeding import Stream, numpy_rng, torch_generator
@@ -75,11 +76,14 @@ def pad_field_sets(sets: list[tuple[torch.Tensor, list[str]]]) -> tuple[torch.Te
     if len(sizes) != 1:
         raise ValueError(f"field sets must share one field size, got {sorted(sizes)}")
     for fields, names in sets:
-        if fields.shape[1] != len(names) or "" in names:
+        if fields.shape[1] != len(names) or PAD_CHANNEL_NAME in names:
             raise ValueError(f"a set of {fields.shape[1]}-channel fields has channel names {names}")
     channels = max(fields.shape[1] for fields, _ in sets)
+    names = [[*set_names, *[PAD_CHANNEL_NAME] * (channels - len(set_names))]
+             for fields, set_names in sets for _ in range(len(fields))]
+    if len(sets) == 1:  # nothing to pad or join: no copy of the fields
+        return sets[0][0], names
     padded = torch.cat([torch.nn.functional.pad(fields, (0, 0, 0, 0, 0, channels - fields.shape[1])) for fields, _ in sets])
-    names = [[*set_names, *[""] * (channels - len(set_names))] for fields, set_names in sets for _ in range(len(fields))]
     return padded, names
 
 
@@ -107,13 +111,13 @@ def epoch_batches(cfg: Config, fields: torch.Tensor, channel_names: ChannelNames
         index = order[start:start + batch_size].tolist()
         perms = []
         for i in index:
-            n_real = sum(1 for name in names_per_field[i] if name)
+            n_real = sum(1 for name in names_per_field[i] if name != PAD_CHANNEL_NAME)
             real = (numpy_rng(cfg.train.seed, Stream.CHANNEL_PERMUTATION, epoch, i).permutation(n_real)
                     if cfg.data.channel_permutation else np.arange(n_real))
             perms.append(np.concatenate([real, np.arange(n_real, fields.shape[1])]))
         images = torch.stack([fields[i][torch.from_numpy(p)] for i, p in zip(index, perms)])
         names = [[names_per_field[i][j] for j in p] for i, p in zip(index, perms)]
-        mask = torch.tensor([[bool(name) for name in row] for row in names])
+        mask = torch.tensor([[name != PAD_CHANNEL_NAME for name in row] for row in names])
         batches.append(FieldBatch(images, names, None if bool(mask.all()) else mask))
     return batches
 
