@@ -37,7 +37,8 @@ embedding for a stain it never saw), the cell is "n/a" with the reason.
 Readouts (`eval.channel_readout`): every model pooled (its one embedding of all channels); the models that pool
 over channels (CellRep, C3R, single_channel) also per channel (each channel embedded alone, the embeddings
 concatenated in channel order), since pooling hides which stain a feature came from. Beside each trained
-encoder, its architecture at random init (same seed) read out the same way; per-channel intensity statistics;
+encoder, its architecture at random init (same seed) read out the same way (a finetuned or mixed row shares its
+source model's, scored once); per-channel intensity statistics;
 and (`--ceilings`) the oracle (the generator's per-cell parameters per well, `cellfm.evaluate.ceilings`), a
 supervised CNN trained on each configuration's own training plates (`cellfm.evaluate.supervised_cnn`,
 --cnn-epochs) and the CellProfiler-style baseline (cp-measure on the generator's masks,
@@ -108,14 +109,13 @@ MODELS = {
     "cellrep_axial": ["model.name=cellrep", "ssl.objective=dino", "model.channel_mixer=axial"],
     "cellrep_attention_pool": ["model.name=cellrep", "ssl.objective=dino", "model.channel_pooling=attention"],
     "c3r_attention_pool": ["model.name=c3r", *IBOT, "ssl.mcd=true", "model.channel_pooling=attention"],
-    "cellrep_mixed": ["model.name=cellrep", "ssl.objective=dino"],
-    "c3r_mixed": ["model.name=c3r", *IBOT, "ssl.mcd=true"],
 }
 # Pre-training on a mix of configurations (imaging-modality diversity, as CHAMMI-75 recommends): the training
 # plates of these configurations in one padded stream (`pad_field_sets`; 5-, 4- and 1-channel fields in each
 # batch with a channel mask), for the same number of optimizer steps as cp5 alone. novel4 stays unseen: its
 # Golgi never appears in training (its Tubulin does, as hpa4's "Microtubules" — another name, the same stain).
-MIXES = {"cellrep_mixed": ("cp5", "hpa4", "brightfield1"), "c3r_mixed": ("cp5", "hpa4", "brightfield1")}
+MIXES = {f"{model}_mixed": ("cp5", "hpa4", "brightfield1") for model in ("cellrep", "c3r")}
+MODELS |= {name: MODELS[name.removesuffix("_mixed")] for name in MIXES}  # the same model and objective
 # The CellRep paper's "DINOv2 Finetuned" row: a model pre-trained on cp5 (the same seed's run of FINETUNED[m][0]),
 # then continued (`train.init_from`: its student, teacher and centers; a fresh optimizer and schedules) for the
 # same number of epochs on the training plates of FINETUNED[m][1], which the evaluation's held-out plates are not.
@@ -721,9 +721,10 @@ def main(argv: list[str] | None = None) -> dict:
         for index, (seed, model) in enumerate(planned):
             run_started = time.perf_counter()
             torch.manual_seed(seed)
-            # A finetuned model's random init is its source's, already scored in that model's rows.
-            random_init = None if model in FINETUNED else build_backbone(
-                model_config(model, seed, screens, extra, training_configs(model)).model).eval()
+            # A finetuned or mixed model's random init is its source model's (same architecture, same seed), already
+            # scored in that model's rows.
+            random_init = None if model in FINETUNED or model in MIXES else build_backbone(
+                model_config(model, seed, screens, extra).model).eval()
             cfg, trained, last_loss = train_run(model, seed, screens, extra, checkpoints, sources)
             train_s = time.perf_counter() - run_started
             run = {"model": model, "seed": seed, "threads": args.threads, "train_seconds": round(train_s, 1),
