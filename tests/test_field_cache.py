@@ -33,7 +33,8 @@ def test_cached_epochs_equal_plate_reads_bit_for_bit_without_reading_a_plate(ray
     screen = generate_screen(tmp_path / "screen", layout="tiny", seed=0)  # its own plates: this test deletes them
     # 5-channel training and 4-channel unseen plates: padding (pad) or regrouping (group) is exercised.
     manifest = load_manifests([screen["train"], screen["unseen"]])
-    cfg = DataConfig(mixed_channels=mode, read_batch_size=3, shuffle_buffer=8, progress_interval_s=0)
+    # Two read tasks at a time: still out of order in time, and no more worker processes than 2 cores run.
+    cfg = DataConfig(mixed_channels=mode, read_batch_size=3, shuffle_buffer=8, progress_interval_s=0, read_concurrency=2)
     expected = {(epoch, rank): _epoch_batches(manifest, cfg, epoch, rank) for epoch in (0, 1) for rank in range(WORKERS)}
 
     cache = fill_field_cache(manifest, cfg)

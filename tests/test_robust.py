@@ -162,8 +162,8 @@ def test_ctrl_c_stops_a_run_waiting_for_resources_within_seconds(smoke_overrides
     log = tmp_path / "log.txt"
     run = _pending_pretrain(smoke_overrides, log, "ray.pending_timeout_s=0")
     try:
-        _wait_for(log, "Started a local Ray instance", run, timeout=120)
-        time.sleep(8)  # the controller is up and waiting for its workers' placement group
+        # The controller is up and waiting for its workers' placement group.
+        _wait_for(log, "Attempting to start training worker group of size 10", run, timeout=120)
         assert run.poll() is None, log.read_text()[-3000:]
         run.send_signal(signal.SIGINT)
         assert run.wait(timeout=30) == 130, log.read_text()[-3000:]
