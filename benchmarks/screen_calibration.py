@@ -17,9 +17,10 @@ out; docs/screens.md). On the held-out plates' wells:
   well (cellfm.features.morphology);
 * intensity: per channel mean, std and percentiles of the normalized field (cellfm.features.embed.IntensityStatistics).
 
-Probe (`lopo_probe`): each held-out plate in turn is the test plate; features are standardized per plate
-(each plate's own mean and sd), a logistic regression is trained on the other held-out plates' wells and
-predicts the test plate's; every well is predicted once; accuracy +- binomial standard error over all wells.
+Probe: the leave-one-plate-out probe of `cellfm evaluate` (cellfm.evaluate.plate_probes.lopo_probe_scores):
+each held-out plate in turn is the test plate; features are standardized per plate (each plate's own mean
+and sd), a logistic regression is trained on the other held-out plates' wells and predicts the test plate's;
+every well is predicted once; top-1 +- binomial standard error over all wells.
 The calibration bars of the clear screen: oracle >= 0.9, cnn >= 0.8, intensity <= chance + 0.15 (chance =
 the most frequent label's share).
 
@@ -40,7 +41,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.linear_model import LogisticRegression
 
 from cellfm.config import DataConfig
 from cellfm.data.manifest import read_manifest
@@ -48,34 +48,15 @@ from cellfm.data.synthetic.catalog import FAMILY_CONFIGS, ScreenLayout, revealed
 from cellfm.data.synthetic.screens import generate_family_screen
 from cellfm.data.manifest import WELL_KEYS, well_meta
 from cellfm.evaluate.ceilings import oracle_features
+from cellfm.evaluate.plate_probes import lopo_probe_scores
 from cellfm.evaluate.supervised_cnn import CNNSettings, cnn_well_features, train_supervised_cnn
 from cellfm.features.embed import IntensityStatistics
 from cellfm.features.morphology import well_morphology
+from cellfm.storage import write_file
 from cellfm.train.in_memory import load_normalized_fields
 
 RESULTS = Path(__file__).parent / "results" / "screen_calibration.json"
 BARS = {"oracle": ("min", 0.9), "cnn": ("min", 0.8), "intensity": ("max_over_chance", 0.15)}
-
-
-def lopo_probe(meta: pd.DataFrame, features: np.ndarray, label: str = "moa", C: float = 1.0) -> dict:
-    """Leave-one-plate-out logistic probe: every well predicted once by a model trained on the other
-    plates; features standardized per plate. Returns accuracy, its binomial standard error, wells, plates."""
-    plates = meta["plate"].to_numpy()
-    z = np.empty_like(features, dtype=np.float64)
-    for plate in np.unique(plates):
-        rows = plates == plate
-        sd = features[rows].std(axis=0)
-        z[rows] = (features[rows] - features[rows].mean(axis=0)) / np.where(sd > 0, sd, 1.0)
-    y = meta[label].to_numpy()
-    predicted = np.empty(len(y), dtype=object)
-    for plate in np.unique(plates):
-        test = plates == plate
-        model = LogisticRegression(C=C, max_iter=3000).fit(z[~test], y[~test])
-        predicted[test] = model.predict(z[test])
-    accuracy = float((predicted == y).mean())
-    recall = {str(c): float((predicted[y == c] == c).mean()) for c in np.unique(y)}
-    return {"accuracy": accuracy, "se": float(np.sqrt(accuracy * (1 - accuracy) / len(y))),
-            "wells": int(len(y)), "plates": int(len(np.unique(plates))), "recall": recall}
 
 
 def intensity_well_features(fields: torch.Tensor, manifest: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
@@ -105,8 +86,8 @@ def calibrate(config: str, difficulty: str, layout: ScreenLayout, root: Path, cn
         t = time.perf_counter()
         meta, features = fn()
         timings[f"{name}_s"] = round(time.perf_counter() - t, 1)
-        rows[name] = lopo_probe(meta, features)
-        print(f"  {config}/{difficulty} {name}: {rows[name]['accuracy']:.3f} +- {rows[name]['se']:.3f} "
+        rows[name] = lopo_probe_scores(features, meta["moa"].to_numpy(), meta["plate"].to_numpy())
+        print(f"  {config}/{difficulty} {name}: {rows[name]['top1']:.3f} +- {rows[name]['top1_se']:.3f} "
               f"({timings[f'{name}_s']} s)", flush=True)
 
     features = {
@@ -120,7 +101,7 @@ def calibrate(config: str, difficulty: str, layout: ScreenLayout, root: Path, cn
         timed(name, features[name])
     wells = well_meta(heldout)
     chance = float(wells["moa"].value_counts(normalize=True).max())
-    bars = {name: (rows[name]["accuracy"] <= chance + bar if rule == "max_over_chance" else rows[name]["accuracy"] >= bar)
+    bars = {name: (rows[name]["top1"] <= chance + bar if rule == "max_over_chance" else rows[name]["top1"] >= bar)
             for name, (rule, bar) in BARS.items() if name in rows}
     return {"labels": labels, "chance": chance, "scores": rows, "bars_met": bars, "timings": timings}
 
@@ -143,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
                           replicates_per_plate=args.replicates, controls_per_plate=args.controls,
                           fields_per_well=args.fields, field_size=args.field_size)
     cnn = CNNSettings(epochs=args.cnn_epochs)
-    settings = {"layout": layout.__dict__, "cnn": cnn.__dict__, "seed": 0}
+    # The probe is part of the settings: cells scored by another probe are not merged with these.
+    settings = {"layout": layout.__dict__, "cnn": cnn.__dict__, "seed": 0, "probe": "lopo_probe_scores"}
     with tempfile.TemporaryDirectory() as tmp:
         for config in args.configs:
             for difficulty in args.difficulties:
@@ -156,8 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
                 results["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
                 results["machine"] = {"platform": platform.platform(), "python": sys.version.split()[0],
                                       "torch_threads": torch.get_num_threads()}
-                args.output.parent.mkdir(parents=True, exist_ok=True)
-                args.output.write_text(json.dumps(results, indent=2) + "\n")
+                write_file(args.output, json.dumps(results, indent=2) + "\n")
     return results
 
 
