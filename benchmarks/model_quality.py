@@ -74,7 +74,7 @@ import torch
 
 from cellfm.config import Config, ModelConfig, load_config
 from cellfm.data.manifest import read_manifest
-from cellfm.data.synthetic.catalog import DIFFICULTIES, FAMILY_CONFIGS, ScreenLayout, revealed_labels
+from cellfm.data.synthetic.catalog import DIFFICULTIES, FAMILY_CONFIGS, ScreenLayout, revealed_labels, screen_difficulty
 from cellfm.data.synthetic.screens import generate_family_screen
 from cellfm.evaluate.ceilings import oracle_features
 from cellfm.evaluate.metrics import compare_scores
@@ -493,7 +493,8 @@ def markdown(results: dict) -> str:
                   + "." if incomplete else "")
     threads = "/".join(str(t) for t in sorted({r.get("threads", results["threads"]) for r in results["runs"]}))
     lines = [
-        f"# Model quality on one budget, {results['difficulty']} screen (benchmarks/model_quality.py)", "",
+        f"# Model quality on one budget, {results['difficulty']} screen, revision {results.get('screen_revision', 1)} "
+        "(benchmarks/model_quality.py)", "",
         f"Written by `python benchmarks/model_quality.py --difficulty {results['difficulty']}` on {results['date']} ({results['machine']}, torch threads "
         f"{threads or results['threads']}, {results['runtime_s'] / 60:.1f} min). MoA top-1 (hpa4: localization) of a "
         f"well-level logistic regression on {results['n_heldout_plates']} held-out plates per configuration, over "
@@ -672,6 +673,7 @@ def main(argv: list[str] | None = None) -> dict:
         cnn = CNNSettings(epochs=args.cnn_epochs)
         results = {
             "benchmark": "cellfm model quality on one budget", "format": FORMAT, "difficulty": args.difficulty,
+            "screen_revision": screen_difficulty(args.difficulty).revision,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()}, python {sys.version.split()[0]}, torch {torch.__version__}",
             "threads": args.threads, "config": str(CONFIG.relative_to(REPO)), "models": {m: MODELS[m] for m in args.models},
@@ -696,11 +698,12 @@ def main(argv: list[str] | None = None) -> dict:
             previous = json.loads(output.read_text())
             same = (previous.get("format") == FORMAT and previous["budget"] == results["budget"]
                     and previous["difficulty"] == args.difficulty and previous["n_heldout_plates"] == args.heldout_plates
+                    and previous.get("screen_revision", 1) == results["screen_revision"]
                     and previous["cnn"] == results["cnn"]
                     and all(previous["models"].get(m, o) == o for m, o in results["models"].items()))
             if not same:
-                parser.error(f"--resume: {output} was written with another format, budget, screen, plates or "
-                             "objectives; remove it")
+                parser.error(f"--resume: {output} was written with another format, budget, screen (or revision of it), "
+                             "plates or objectives; remove it")
             # Every earlier run stays (with its model's overrides); --models / --seeds say what to add.
             results["runs"] = [{"threads": previous["threads"], **r} for r in previous["runs"]]
             results["models"] = {**previous["models"], **results["models"]}

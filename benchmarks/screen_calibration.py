@@ -44,7 +44,7 @@ import torch
 
 from cellfm.config import DataConfig
 from cellfm.data.manifest import read_manifest
-from cellfm.data.synthetic.catalog import FAMILY_CONFIGS, ScreenLayout, revealed_labels
+from cellfm.data.synthetic.catalog import FAMILY_CONFIGS, ScreenLayout, revealed_labels, screen_difficulty
 from cellfm.data.synthetic.screens import generate_family_screen
 from cellfm.data.manifest import WELL_KEYS, well_meta
 from cellfm.evaluate.ceilings import oracle_features
@@ -103,7 +103,8 @@ def calibrate(config: str, difficulty: str, layout: ScreenLayout, root: Path, cn
     chance = float(wells["moa"].value_counts(normalize=True).max())
     bars = {name: (rows[name]["top1"] <= chance + bar if rule == "max_over_chance" else rows[name]["top1"] >= bar)
             for name, (rule, bar) in BARS.items() if name in rows}
-    return {"labels": labels, "chance": chance, "scores": rows, "bars_met": bars, "timings": timings}
+    return {"labels": labels, "chance": chance, "scores": rows, "bars_met": bars, "timings": timings,
+            "screen_revision": screen_difficulty(difficulty).revision}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -134,6 +135,10 @@ def main(argv: list[str] | None = None) -> dict:
                 results = json.loads(args.output.read_text()) if args.output.is_file() else {}
                 if results.get("settings") != settings:
                     results = {"settings": settings, "cells": {}}
+                # Cells of an older revision of their screen are dropped (cells from before revisions: revision 1).
+                results["cells"] = {c: kept for c, cells in results["cells"].items()
+                                    if (kept := {d: cell for d, cell in cells.items()
+                                                 if cell.get("screen_revision", 1) == screen_difficulty(d).revision})}
                 results["cells"].setdefault(config, {})[difficulty] = cell
                 results["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
                 results["machine"] = {"platform": platform.platform(), "python": sys.version.split()[0],

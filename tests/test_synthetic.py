@@ -154,7 +154,7 @@ def test_moas_change_the_intended_morphology():
     assert _morphology("CMP-04")["mito_objects_per_nucleus"] > 1.15 * control["mito_objects_per_nucleus"]
     nucleolar_stress = _morphology("CMP-11")  # fewer, larger nucleoli
     assert nucleolar_stress["nucleoli_per_nucleus"] < 0.85 * control["nucleoli_per_nucleus"]
-    # The bright area of a stain is mapped onto the control's (`_in_focus_signal`), so thresholded
+    # The bright area of a stain is mapped onto the control's (`_optical_signal`), so thresholded
     # nucleoli grow less than their Gaussian width does.
     assert nucleolar_stress["nucleolus_area"] > 1.2 * control["nucleolus_area"]
     assert _morphology("CMP-09")["actin_over_nuclei"] > 1.15 * control["actin_over_nuclei"]
@@ -176,7 +176,7 @@ def test_stain_histograms_inside_compartments_do_not_depend_on_phenotype():
     """Each stain's in-focus values inside its compartment keep their order and mean but take the
     control cells' distribution, whatever the MoA; outside the compartment nothing changes."""
     from cellfm.data.synthetic.catalog import STAINS
-    from cellfm.data.synthetic.optics import _HISTOGRAM_COMPARTMENTS, _in_focus_signal, _psf
+    from cellfm.data.synthetic.optics import _HISTOGRAM_COMPARTMENTS, _optical_signal, _psf
     from cellfm.data.synthetic.stains import render_stains
 
     levels = (5, 25, 50, 75, 95, 99)
@@ -184,7 +184,7 @@ def test_stain_histograms_inside_compartments_do_not_depend_on_phenotype():
     for pid in ("DMSO", "CMP-01", "CMP-04", "CMP-06", "CMP-09", "CMP-11"):
         context: dict = {}
         raw = dict(zip(STAINS, render_stains(np.random.default_rng([13, 0]), BY_ID[pid].phenotype, 128, context)))
-        matched = _in_focus_signal(raw, STAINS, context)
+        matched = _optical_signal(np.random.default_rng(0), raw, STAINS, context, 0.0, imaged_histograms=False)
         for k, stain in enumerate(STAINS):
             mask = context[_HISTOGRAM_COMPARTMENTS[stain]]
             before, after = _psf(raw[stain]), matched[k]
@@ -200,6 +200,66 @@ def test_stain_histograms_inside_compartments_do_not_depend_on_phenotype():
     # stress fibres and big nucleoli have other percentiles than the control's.
     for pid, stain in (("CMP-04", "Mito"), ("CMP-09", "AGP"), ("CMP-11", "RNA")):
         assert np.abs(shapes[pid, stain][0] - shapes["DMSO", stain][0]).max() > 0.1, (pid, stain)  # x mean
+
+
+def test_clear_screen_fixes_histograms_after_defocus_and_the_protein_for_every_localization():
+    """Fixed in focus (subtle), a 2-px defocus narrows fine textures' histograms more than coarse ones', so each
+    MoA's percentiles move away from the control's; fixed after blur (clear) they equal the control's. The Protein
+    channel's whole-field histogram is then one for every localization."""
+    from cellfm.data.synthetic.catalog import CONTROL_PHENOTYPE, LOCALIZATIONS, PROTEINS, STAINS, screen_difficulty
+    from cellfm.data.synthetic.optics import _HISTOGRAM_COMPARTMENTS, _optical_signal
+    from cellfm.data.synthetic.stains import family_signals, render_stains
+
+    assert not screen_difficulty("subtle").imaged_histograms and screen_difficulty("clear").imaged_histograms
+    clear = {p.perturbation_id: p for p in screen_difficulty("clear").perturbations}
+    levels = (5, 25, 50, 75, 95, 99)
+
+    def shape(values: np.ndarray) -> np.ndarray:
+        return np.percentile(values, levels) / values.mean()
+
+    moved = {}
+    for imaged in (False, True):
+        shapes = {}
+        for pid in ("DMSO", "CMP-01", "CMP-04", "CMP-06", "CMP-09", "CMP-11"):
+            context: dict = {}
+            raw = dict(zip(STAINS, render_stains(np.random.default_rng([13, 0]), clear[pid].phenotype, 128, context)))
+            out = _optical_signal(np.random.default_rng(1), raw, STAINS, context, 2.0, imaged_histograms=imaged)
+            for k, stain in enumerate(STAINS):
+                shapes[pid, stain] = shape(out[k][context[_HISTOGRAM_COMPARTMENTS[stain]]])
+        moved[imaged] = {(pid, stain): np.abs(shapes[pid, stain] - shapes["DMSO", stain]).max()
+                         for pid, stain in shapes if pid != "DMSO"}
+    assert max(moved[True].values()) < 0.01
+    for pid, stain in (("CMP-04", "Mito"), ("CMP-06", "ER"), ("CMP-09", "AGP"), ("CMP-11", "RNA")):
+        assert moved[False][pid, stain] > 0.2, (pid, stain)
+
+    protein_shapes = {}
+    for imaged in (False, True):
+        for localization in LOCALIZATIONS:
+            protein = next(p for p in PROTEINS if p.localization == localization)
+            rng, context = np.random.default_rng([17, 0]), {}
+            render_stains(rng, CONTROL_PHENOTYPE, 128, context=context)
+            signals = family_signals(rng, context, 128, protein)
+            out = _optical_signal(np.random.default_rng(2), signals, ["Protein"], context, 1.0, imaged_histograms=imaged)
+            protein_shapes[localization, imaged] = shape(out[0])
+    for imaged, bound in ((True, 0.01), (False, 0.5)):
+        spread = max(np.abs(protein_shapes[loc, imaged] - protein_shapes["cytosol", imaged]).max() for loc in LOCALIZATIONS)
+        assert (spread < bound) if imaged else (spread > bound), (imaged, spread)
+
+
+def test_rank_map_takes_the_template_keeps_order_and_mean_and_breaks_ties_at_random():
+    from cellfm.data.synthetic.optics import _rank_map
+
+    template = np.linspace(0.0, 2.0, 64).astype(np.float32)
+    values = np.r_[np.zeros(900), np.linspace(1.0, 5.0, 100)].astype(np.float32)  # a protein absent from 90 %
+    by_position = _rank_map(values, template, None)
+    at_random = _rank_map(values, template, np.random.default_rng(0))
+    for matched in (by_position, at_random):
+        assert matched.mean() == pytest.approx(values.mean(), rel=1e-5)
+        assert np.all(np.diff(matched[900:]) >= 0) and matched[900:].min() >= matched[:900].max()  # order kept
+        np.testing.assert_allclose(np.sort(matched), np.sort(by_position), rtol=1e-6)  # one histogram
+    # Ties ranked by position become a ramp; at random they carry no trace of where they are.
+    assert np.all(np.diff(by_position[:900]) >= 0)
+    assert abs(np.corrcoef(np.arange(900), at_random[:900])[0, 1]) < 0.1
 
 
 def _well_features(df: pd.DataFrame, kind: str) -> pd.DataFrame:

@@ -133,18 +133,41 @@ def _clear_compound(pid: str, moa: str, dose: float, ec50: float, secondary: dic
     return Perturbation(pid, moa, dose, Phenotype(**values))
 
 
-# Screen difficulty -> its treatments. "subtle" is the original screen (its pixels are pinned).
-DIFFICULTIES: dict[str, tuple[Perturbation, ...]] = {
-    "subtle": PERTURBATIONS,
-    "clear": (CONTROL, *(_clear_compound(*spec) for spec in _COMPOUNDS)),
+@dataclass(frozen=True)
+class Difficulty:
+    """How a screen of one difficulty is drawn: its treatments and how its stains' histograms are fixed."""
+
+    perturbations: tuple[Perturbation, ...]  # DMSO first
+    # False: each stain's in-compartment histogram is fixed in focus, so defocus then narrows it more for fine
+    # textures (puncta, reticulum) than for coarse ones, and the Protein keeps its localization's histogram.
+    # True: fixed after all optical blur, the Protein's to one template for every localization, ties broken at
+    # random: a field's histogram no longer depends on its label.
+    imaged_histograms: bool
+    # Bumped whenever the difficulty's pixels change; results record it, so none measured on an older screen
+    # is merged with newer ones.
+    revision: int
+
+
+# Screen difficulty -> how it is drawn. "subtle" is the original screen (its pixels are pinned).
+DIFFICULTIES: dict[str, Difficulty] = {
+    "subtle": Difficulty(PERTURBATIONS, imaged_histograms=False, revision=1),
+    # Revision 1 fixed histograms in focus: with 4 training plates a probe read 0.53 (cp5) and 0.64 (hpa4)
+    # from intensity statistics (docs/screens.md).
+    "clear": Difficulty((CONTROL, *(_clear_compound(*spec) for spec in _COMPOUNDS)), imaged_histograms=True,
+                        revision=2),
 }
+
+
+def screen_difficulty(difficulty: str) -> Difficulty:
+    """How a screen of this difficulty is drawn (`DIFFICULTIES`)."""
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"unknown difficulty {difficulty!r}; choose one of {sorted(DIFFICULTIES)}")
+    return DIFFICULTIES[difficulty]
 
 
 def perturbations(difficulty: str) -> tuple[Perturbation, ...]:
     """The treatments (DMSO first) of a screen of this difficulty."""
-    if difficulty not in DIFFICULTIES:
-        raise ValueError(f"unknown difficulty {difficulty!r}; choose one of {sorted(DIFFICULTIES)}")
-    return DIFFICULTIES[difficulty]
+    return screen_difficulty(difficulty).perturbations
 
 
 @dataclass(frozen=True)

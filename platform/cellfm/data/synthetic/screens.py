@@ -29,7 +29,7 @@ from cellfm.data.plate_writer import create_plate, write_field
 from cellfm.data.synthetic.catalog import (CELL_LINE, CONTROL, CONTROL_PHENOTYPE, CP5_CHANNELS, FAMILY_CONFIGS,
                                            HELDOUT_COMPOUNDS, HELDOUT_PROTEINS, PIXEL_SIZE_UM, PROTEINS, SOURCE,
                                            STAINS, UNSEEN4_CHANNELS, Perturbation, Phenotype, Protein,
-                                           ScreenLayout, perturbations, screen_layout)
+                                           ScreenLayout, screen_difficulty, screen_layout)
 from cellfm.data.synthetic.optics import BatchEffect, render_family_field, render_field
 from cellfm.data.truth import field_truth, write_plate_truth
 
@@ -109,7 +109,7 @@ def _treatments(label: str, layout: ScreenLayout, difficulty: str) -> list[Pertu
     if label == "localization":
         return [p for p in PROTEINS for _ in range(layout.replicates_per_plate)]
     return [CONTROL] * layout.controls_per_plate + [
-        p for p in perturbations(difficulty) if not p.is_control for _ in range(layout.replicates_per_plate)]
+        p for p in screen_difficulty(difficulty).perturbations if not p.is_control for _ in range(layout.replicates_per_plate)]
 
 
 def _treatment_columns(treatment: Perturbation | Protein) -> dict:
@@ -149,6 +149,7 @@ def _write_plate(uri: str, plate: _Plate, layout: ScreenLayout, seed: int, diffi
     create_plate(uri, plate.name, wells, layout.fields_per_well, names, (size, size), dtype="uint16",
                  pixel_size_um=PIXEL_SIZE_UM, storage_options=storage_options)
     conditions = _plate_conditions(rng, stains)
+    imaged_histograms = screen_difficulty(difficulty).imaged_histograms
     records, tables, labels = [], [], {}
     for well_index, ((row, col), treatment) in enumerate(zip(wells, treatments)):
         well_rng = np.random.default_rng([seed, plate.stream, well_index])
@@ -161,9 +162,10 @@ def _write_plate(uri: str, plate: _Plate, layout: ScreenLayout, seed: int, diffi
             effect = _field_effect(well_rng, conditions, well_gain, stains)
             context: dict = {}
             if plate.family:
-                image = render_family_field(well_rng, names, phenotype, size, effect, protein, context)
+                image = render_family_field(well_rng, names, phenotype, size, effect, protein, context,
+                                            imaged_histograms)
             else:
-                image = render_field(well_rng, names, phenotype, size, effect, context)
+                image = render_field(well_rng, names, phenotype, size, effect, context, imaged_histograms)
             write_field(uri, row, col, f, image, storage_options)
             tables.append(_truth(context, plate.name, row, col, f, phenotype, labels, protein))
             records.append({
@@ -204,7 +206,7 @@ def generate_screen(out_dir: str | Path, layout: str | ScreenLayout = "demo", se
     ``layout``/``seed`` are asked for; a run that died half-way is regenerated from scratch.
     ``difficulty``: ``subtle`` (the original screen) or ``clear`` (`DIFFICULTIES`).
     """
-    perturbations(difficulty)  # fails early on an unknown difficulty
+    screen_difficulty(difficulty)  # fails early on an unknown difficulty
     layout = screen_layout(layout)
     out = str(Path(out_dir).absolute())  # manifests must resolve from any working directory (Ray workers)
     manifests = {split: join(out, f"{split}.parquet") for split in ("train", "heldout", "unseen")}
@@ -242,7 +244,7 @@ def generate_family_screen(out_dir: str | Path, config: str = "hpa4", layout: st
     if config not in FAMILY_CONFIGS:
         raise ValueError(f"unknown family config {config!r}; choose one of {sorted(FAMILY_CONFIGS)}")
     cfg = FAMILY_CONFIGS[config]
-    perturbations(difficulty)
+    screen_difficulty(difficulty)
     layout = screen_layout(layout)
     remote = "://" in str(out_dir)
     out = str(out_dir) if remote else str(Path(out_dir).absolute())
