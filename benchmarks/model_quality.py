@@ -2,15 +2,16 @@
 budget and scored with one protocol on seen and unseen channel configurations of the synthetic family, beside
 the known ceilings of each configuration.
 
-    python benchmarks/model_quality.py                      # clear screen: 8 rows x 3 seeds, ceilings, 5 held-out plates
+    python benchmarks/model_quality.py                      # clear screen: every model x 3 seeds, ceilings, 5 held-out plates
     python benchmarks/model_quality.py --difficulty subtle  # the original screen -> model_quality_subtle.{json,md,png}
     python benchmarks/model_quality.py --models cellrep vit_rgb --seeds 0 --epochs 2    # a quick look
     python benchmarks/model_quality.py --models cellrep --seeds 0 --epochs 1 --heldout-plates 2 --ceilings  # smoke
     python benchmarks/model_quality.py --resume --models cellrep ...   # add runs to an existing result
 
-Screen (`--difficulty`, default `clear`: the calibrated one of docs/screens.md): per configuration 3 training
-plates and --heldout-plates (default 5) held-out plates of 56 wells (8 controls + 12 compounds x 4; hpa4: 24
-proteins x 4), 4 fields of 96 px a well, wells restricted to the labels the configuration's stains can reveal.
+Screen (`--difficulty`, default `clear`: the calibrated one of docs/screens.md; results record its revision): per
+configuration 3 training plates and --heldout-plates (default 5) held-out plates of 56 wells (8 controls + 12
+compounds x 4; hpa4: 24 proteins x 4), 4 fields of 96 px a well, wells restricted to the labels the
+configuration's stains can reveal.
 
 Training: every model gets configs/model_quality.yaml (same optimizer steps, batch, crops, image size,
 schedules) plus its own objective (MODELS: CellRep DINO; C3R iBOT + Masked Context Distillation; ChannelViT
@@ -595,6 +596,17 @@ def write(results: dict, output: Path) -> None:
         plot(results, png)
 
 
+def resumable(previous: dict, current: dict) -> bool:
+    """Whether `current`'s runs may join `previous`'s results: the same format, budget, screen (difficulty and its
+    revision; results from before revisions are revision 1), held-out plates, CNN settings and objectives."""
+    return (previous.get("format") == FORMAT and previous["budget"] == current["budget"]
+            and previous["difficulty"] == current["difficulty"]
+            and previous["n_heldout_plates"] == current["n_heldout_plates"]
+            and previous.get("screen_revision", 1) == current["screen_revision"]
+            and previous["cnn"] == current["cnn"]
+            and all(previous["models"].get(m, o) == o for m, o in current["models"].items()))
+
+
 def default_output(difficulty: str) -> Path:
     return RESULTS / ("model_quality.json" if difficulty == DIFFICULTY else f"model_quality_{difficulty}.json")
 
@@ -696,12 +708,7 @@ def main(argv: list[str] | None = None) -> dict:
         previous_s = 0.0
         if args.resume and output.exists():
             previous = json.loads(output.read_text())
-            same = (previous.get("format") == FORMAT and previous["budget"] == results["budget"]
-                    and previous["difficulty"] == args.difficulty and previous["n_heldout_plates"] == args.heldout_plates
-                    and previous.get("screen_revision", 1) == results["screen_revision"]
-                    and previous["cnn"] == results["cnn"]
-                    and all(previous["models"].get(m, o) == o for m, o in results["models"].items()))
-            if not same:
+            if not resumable(previous, results):
                 parser.error(f"--resume: {output} was written with another format, budget, screen (or revision of it), "
                              "plates or objectives; remove it")
             # Every earlier run stays (with its model's overrides); --models / --seeds say what to add.

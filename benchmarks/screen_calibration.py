@@ -107,6 +107,14 @@ def calibrate(config: str, difficulty: str, layout: ScreenLayout, root: Path, cn
             "screen_revision": screen_difficulty(difficulty).revision}
 
 
+def current_cells(cells: dict) -> dict:
+    """{config: {difficulty: cell}} less the cells measured on an older revision of their screen (cells from
+    before revisions: revision 1)."""
+    return {config: kept for config, by_difficulty in cells.items()
+            if (kept := {d: cell for d, cell in by_difficulty.items()
+                         if cell.get("screen_revision", 1) == screen_difficulty(d).revision})}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(FAMILY_CONFIGS), choices=list(FAMILY_CONFIGS))
@@ -135,10 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
                 results = json.loads(args.output.read_text()) if args.output.is_file() else {}
                 if results.get("settings") != settings:
                     results = {"settings": settings, "cells": {}}
-                # Cells of an older revision of their screen are dropped (cells from before revisions: revision 1).
-                results["cells"] = {c: kept for c, cells in results["cells"].items()
-                                    if (kept := {d: cell for d, cell in cells.items()
-                                                 if cell.get("screen_revision", 1) == screen_difficulty(d).revision})}
+                results["cells"] = current_cells(results["cells"])
                 results["cells"].setdefault(config, {})[difficulty] = cell
                 results["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
                 results["machine"] = {"platform": platform.platform(), "python": sys.version.split()[0],

@@ -21,6 +21,7 @@ from benchmarks.model_quality import (
     markdown,
     over_seeds,
     readouts,
+    resumable,
     score_extra_rows,
     score_features,
     summarize,
@@ -195,3 +196,31 @@ def test_calibration_bars_are_checked_under_the_benchmarks_protocol():
     text = markdown(results)
     assert "| intensity statistics | at most chance + 0.15 | 0.300 vs 0.350 | 0.300 vs 0.350 | 0.300 vs 0.350 | " \
            "0.300 vs 0.250 **not met** |" in text
+
+
+def test_resume_joins_only_results_of_the_same_screen_revision():
+    """A run may join earlier results only if they were measured on the same screen revision (results from before
+    revisions count as revision 1), besides the same budget, plates, CNN and objectives; another model is fine."""
+    from benchmarks.model_quality import FORMAT
+
+    current = {"format": FORMAT, "budget": "b", "difficulty": "clear", "n_heldout_plates": 5, "screen_revision": 2,
+               "cnn": {"epochs": 30}, "models": {"cellrep": ["ssl.objective=dino"]}}
+    assert resumable(dict(current, models={"vit_rgb": ["ssl.objective=ibot"]}), current)
+    before_revisions = {k: v for k, v in current.items() if k != "screen_revision"}
+    assert not resumable(before_revisions, current)
+    assert resumable(before_revisions, dict(current, screen_revision=1))
+    for key, other in (("difficulty", "subtle"), ("n_heldout_plates", 3), ("cnn", {"epochs": 50}),
+                       ("models", {"cellrep": ["ssl.objective=ibot"]}), ("budget", "c")):
+        assert not resumable(dict(current, **{key: other}), current), key
+
+
+def test_calibration_keeps_only_cells_of_each_screens_current_revision():
+    from benchmarks.screen_calibration import current_cells
+    from cellfm.data.synthetic.catalog import screen_difficulty
+
+    clear = screen_difficulty("clear").revision
+    cells = {"cp5": {"subtle": {"top1": 1}, "clear": {"top1": 2}},  # from before revisions: revision 1
+             "hpa4": {"clear": {"top1": 3, "screen_revision": clear}},
+             "novel4": {"clear": {"top1": 4, "screen_revision": clear - 1}}}
+    assert clear > 1 and screen_difficulty("subtle").revision == 1
+    assert current_cells(cells) == {"cp5": {"subtle": {"top1": 1}}, "hpa4": {"clear": {"top1": 3, "screen_revision": clear}}}

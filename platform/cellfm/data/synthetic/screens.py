@@ -204,7 +204,8 @@ def generate_screen(out_dir: str | Path, layout: str | ScreenLayout = "demo", se
     seeded random positions. Deterministic given ``seed``. Manifests are written last (atomically):
     if all three exist the screen is considered complete and returned as is, whatever
     ``layout``/``seed`` are asked for; a run that died half-way is regenerated from scratch.
-    ``difficulty``: ``subtle`` (the original screen) or ``clear`` (`DIFFICULTIES`).
+    ``difficulty``: ``subtle`` (the original screen) or ``clear`` (`DIFFICULTIES`: its treatments, how
+    its stains' histograms are fixed, its revision).
     """
     screen_difficulty(difficulty)  # fails early on an unknown difficulty
     layout = screen_layout(layout)
@@ -238,7 +239,8 @@ def generate_family_screen(out_dir: str | Path, config: str = "hpa4", layout: st
     marks the held-out compounds (``HELDOUT_COMPOUNDS``, one per MoA) / proteins (``HELDOUT_PROTEINS``,
     one per class) for evaluation on treatments unseen by the probe. ``out_dir`` may be ``s3://``.
     Complete screens (both manifests present) are returned as is. ``difficulty``: as in
-    `generate_screen` (the proteins of ``hpa4`` are the same at both). Ground truth goes to
+    `generate_screen` (the proteins of ``hpa4`` are the same at both; the clear screen fixes the Protein
+    channel's histogram, `Difficulty.imaged_histograms`). Ground truth goes to
     ``out_dir/truth/`` (`cellfm.data.truth`).
     """
     if config not in FAMILY_CONFIGS:
