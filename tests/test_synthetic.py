@@ -172,6 +172,16 @@ def test_per_cell_stain_amounts_do_not_depend_on_phenotype():
         np.testing.assert_allclose(channel_means(pid), control, rtol=0.08)
 
 
+# The control and one compound of each MoA, and the percentiles a histogram's shape is read at.
+_CONTROL_AND_MOAS = ("DMSO", "CMP-01", "CMP-04", "CMP-06", "CMP-09", "CMP-11")
+_SHAPE_LEVELS = (5, 25, 50, 75, 95, 99)
+
+
+def _histogram_shape(values: np.ndarray) -> np.ndarray:
+    """Percentiles over the mean: a histogram's shape, whatever its scale."""
+    return np.percentile(values, _SHAPE_LEVELS) / values.mean()
+
+
 def test_stain_histograms_inside_compartments_do_not_depend_on_phenotype():
     """Each stain's in-focus values inside its compartment keep their order and mean but take the
     control cells' distribution, whatever the MoA; outside the compartment nothing changes."""
@@ -179,9 +189,8 @@ def test_stain_histograms_inside_compartments_do_not_depend_on_phenotype():
     from cellfm.data.synthetic.optics import _HISTOGRAM_COMPARTMENTS, _optical_signal, _psf
     from cellfm.data.synthetic.stains import render_stains
 
-    levels = (5, 25, 50, 75, 95, 99)
     shapes = {}
-    for pid in ("DMSO", "CMP-01", "CMP-04", "CMP-06", "CMP-09", "CMP-11"):
+    for pid in _CONTROL_AND_MOAS:
         context: dict = {}
         raw = dict(zip(STAINS, render_stains(np.random.default_rng([13, 0]), BY_ID[pid].phenotype, 128, context)))
         matched = _optical_signal(np.random.default_rng(0), raw, STAINS, context, 0.0, imaged_histograms=False)
@@ -191,8 +200,7 @@ def test_stain_histograms_inside_compartments_do_not_depend_on_phenotype():
             np.testing.assert_array_equal(after[~mask], before[~mask])
             np.testing.assert_allclose(after[mask].mean(), before[mask].mean(), rtol=1e-3)
             assert np.all(np.diff(after[mask][np.argsort(before[mask], kind="stable")]) >= 0)  # same order
-            shapes[pid, stain] = (np.percentile(before[mask], levels) / before[mask].mean(),
-                                  np.percentile(after[mask], levels) / after[mask].mean())
+            shapes[pid, stain] = (_histogram_shape(before[mask]), _histogram_shape(after[mask]))
     for stain in STAINS:
         for pid in ("CMP-01", "CMP-04", "CMP-06", "CMP-09", "CMP-11"):
             np.testing.assert_allclose(shapes[pid, stain][1], shapes["DMSO", stain][1], rtol=0.03, atol=0.01)
@@ -212,20 +220,15 @@ def test_clear_screen_fixes_histograms_after_defocus_and_the_protein_for_every_l
 
     assert not screen_difficulty("subtle").imaged_histograms and screen_difficulty("clear").imaged_histograms
     clear = {p.perturbation_id: p for p in screen_difficulty("clear").perturbations}
-    levels = (5, 25, 50, 75, 95, 99)
-
-    def shape(values: np.ndarray) -> np.ndarray:
-        return np.percentile(values, levels) / values.mean()
-
     moved = {}
     for imaged in (False, True):
         shapes = {}
-        for pid in ("DMSO", "CMP-01", "CMP-04", "CMP-06", "CMP-09", "CMP-11"):
+        for pid in _CONTROL_AND_MOAS:
             context: dict = {}
             raw = dict(zip(STAINS, render_stains(np.random.default_rng([13, 0]), clear[pid].phenotype, 128, context)))
             out = _optical_signal(np.random.default_rng(1), raw, STAINS, context, 2.0, imaged_histograms=imaged)
             for k, stain in enumerate(STAINS):
-                shapes[pid, stain] = shape(out[k][context[_HISTOGRAM_COMPARTMENTS[stain]]])
+                shapes[pid, stain] = _histogram_shape(out[k][context[_HISTOGRAM_COMPARTMENTS[stain]]])
         moved[imaged] = {(pid, stain): np.abs(shapes[pid, stain] - shapes["DMSO", stain]).max()
                          for pid, stain in shapes if pid != "DMSO"}
     assert max(moved[True].values()) < 0.01
@@ -240,7 +243,7 @@ def test_clear_screen_fixes_histograms_after_defocus_and_the_protein_for_every_l
             render_stains(rng, CONTROL_PHENOTYPE, 128, context=context)
             signals = family_signals(rng, context, 128, protein)
             out = _optical_signal(np.random.default_rng(2), signals, ["Protein"], context, 1.0, imaged_histograms=imaged)
-            protein_shapes[localization, imaged] = shape(out[0])
+            protein_shapes[localization, imaged] = _histogram_shape(out[0])
     for imaged, bound in ((True, 0.01), (False, 0.5)):
         spread = max(np.abs(protein_shapes[loc, imaged] - protein_shapes["cytosol", imaged]).max() for loc in LOCALIZATIONS)
         assert (spread < bound) if imaged else (spread > bound), (imaged, spread)
