@@ -144,6 +144,24 @@ def test_cp_measure_features_of_a_disc_cell_are_its_known_area_and_intensity():
     assert profile["Count", "Cells"] == 1 and profile["Cells", "Area"] == cell.sum()
 
 
+def test_well_morphology_averages_field_profiles_per_well_and_reports_progress(screens, capsys):
+    from cellfm.features.morphology import well_morphology
+
+    wells = sorted(set(zip(screens["cp5"]["plate"], screens["cp5"]["well"])))[:2]
+    fields = screens["cp5"][screens["cp5"][["plate", "well"]].apply(tuple, axis=1).isin(wells)]
+    assert len(fields) == 4  # two wells of two fields
+    meta, features = well_morphology(fields, progress_interval_s=0)
+    assert list(zip(meta["plate"], meta["well"])) == wells and features.shape[0] == 2
+    lines = [line for line in capsys.readouterr().out.splitlines() if "cp-measure:" in line]
+    assert [line.split("cp-measure: ")[1].split(" fields")[0] for line in lines] == ["1/4", "2/4", "3/4", "4/4"]
+    assert lines[-1].endswith("ETA 0s")
+    # Its first feature is the object count: each well's mean over its fields of the cells in the label image.
+    for (plate, well), count in zip(wells, features[:, 0]):
+        mine = fields[(fields["plate"] == plate) & (fields["well"] == well)]
+        cells = [len(np.unique(read_labels(r.store_uri, r.row, r.col, r.field)[1])) - 1 for r in mine.itertuples()]
+        assert count == pytest.approx(np.mean(cells)) and min(cells) > 0
+
+
 def test_supervised_cnn_is_deterministic_learns_a_texture_label_and_averages_wells():
     import torch
 
