@@ -64,7 +64,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
@@ -75,7 +75,8 @@ import torch
 
 from cellfm.config import Config, ModelConfig, load_config
 from cellfm.data.manifest import read_manifest
-from cellfm.data.synthetic.catalog import DIFFICULTIES, FAMILY_CONFIGS, ScreenLayout, revealed_labels, screen_difficulty
+from cellfm.data.synthetic.catalog import (DIFFICULTIES, FAMILY_CONFIGS, LAYOUTS, ScreenLayout, revealed_labels,
+                                          screen_difficulty)
 from cellfm.data.synthetic.screens import generate_family_screen
 from cellfm.evaluate.ceilings import oracle_features
 from cellfm.evaluate.metrics import compare_scores
@@ -150,13 +151,13 @@ EVALUATIONS = (
 # ceiling and the finetuned row) + the held-out plates the probes score. Per plate 8 control wells + 12 compounds
 # x 4 wells (hpa4: 24 proteins x 4 wells), 4 fields of 96 px a well; wells restricted to the labels the
 # configuration's stains can reveal (`revealed_labels`: brightfield shows no ER or mitochondria).
-N_HELDOUT_PLATES = 5
+N_HELDOUT_PLATES = LAYOUTS["benchmark"].n_heldout_plates
 DIFFICULTY = "clear"  # the calibrated screen (docs/screens.md); "subtle" is the original one
 
 
 def layout(n_heldout_plates: int = N_HELDOUT_PLATES) -> ScreenLayout:
-    return ScreenLayout(n_train_plates=3, n_heldout_plates=n_heldout_plates, n_unseen_plates=0, replicates_per_plate=4,
-                        controls_per_plate=8, fields_per_well=4, field_size=96)
+    """The family's `benchmark` layout (the paper-dimensions sweep's screens) with this many held-out plates."""
+    return replace(LAYOUTS["benchmark"], n_heldout_plates=n_heldout_plates)
 
 
 def training(config: str) -> str:

@@ -66,8 +66,14 @@ def test_input_errors_are_one_line_each_and_exit_2(tmp_path, capsys):
     assert capsys.readouterr().err.splitlines() == [
         "error: --channel-map is not valid JSON: Expecting property name enclosed in double quotes at character 1"]
     assert main(["synth", str(tmp_path / "s"), "--layout", "huge"]) == 2
-    assert capsys.readouterr().err.splitlines() == ["error: --layout='huge' is not one of ['demo', 'tiny']"]
+    assert capsys.readouterr().err.splitlines() == ["error: --layout='huge' is not one of ['benchmark', 'demo', 'tiny']"]
     assert not (tmp_path / "s").exists()
+    # the family's benchmark layout has no unseen plates for the demo's second held-out set
+    assert main(["demo", "data.synthetic_layout=benchmark", f"data.screen_dir={tmp_path / 'd'}"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: data.synthetic_layout='benchmark' is not one of ['demo', 'tiny'] (the layouts with held-out and unseen "
+        "plates)"]
+    assert not (tmp_path / "d").exists()
 
 
 def test_a_bug_is_not_disguised_as_bad_input(monkeypatch):

@@ -59,6 +59,30 @@ def test_cached_epochs_equal_plate_reads_bit_for_bit_without_reading_a_plate(ray
         _epoch_batches(manifest, cfg, 2, 0)  # the plates are gone: only the cache can deliver
 
 
+@pytest.mark.integration
+def test_the_cache_fills_inside_a_placement_group_that_captures_its_tasks(ray_session, tiny_screen):
+    # A sweep trial's driver runs in a 0.01-CPU placement group that captures child tasks (Tune's); the cache's
+    # read tasks (data.read_cpus each) must run outside it, on the CPUs kept free for Ray Data.
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    ray = ray_session
+    manifest = load_manifests([tiny_screen["train"]]).head(6)
+    cfg = DataConfig(read_batch_size=3, read_cpus=0.5, progress_interval_s=0)
+    group = placement_group([{"CPU": 0.01}])
+    ray.get(group.ready())
+
+    @ray.remote(num_cpus=0.01)
+    def fill() -> list[int]:
+        return sorted(fill_field_cache(manifest, cfg).where)
+
+    inside = PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
+    try:
+        assert ray.get(fill.options(scheduling_strategy=inside).remote(), timeout=600) == list(range(len(manifest)))
+    finally:
+        remove_placement_group(group)
+
+
 def test_read_blocks_never_span_plates():
     plates = ["P1"] * 5 + ["P2"] * 7 + ["P3"] * 2
     table = pd.DataFrame({"plate": plates, "channel_names": [["DNA"]] * len(plates)})

@@ -55,11 +55,23 @@ def test_smoke_sweep_passes_preflight_and_covers_the_three_dimensions(screen_ove
 
 
 def test_paper_sweep_runs_every_setting_with_two_seeds_and_passes_preflight(tmp_path, family_screen):
+    from cellfm.data.manifest import read_manifest, write_manifest
+
     cp5, novel4 = family_screen("cp5"), family_screen("novel4", seed=1)
     overrides = [f"data.train_manifest={cp5['train']}",
                  f"eval.manifests={{cp5: {cp5['heldout']}, novel4: {novel4['heldout']}}}"]
     plan = load_sweep(str(PAPER_SWEEP), overrides=overrides, storage=str(tmp_path / "sweeps"))
+    # Its leave-one-plate-out objective refuses the tiny screens' one held-out plate per configuration ...
+    assert [p.split(": ", 1)[1].split(" needs")[0] for p in sweep_problems(plan, FOUR_CPUS)[0]] == [
+        "objective.protocol=lopo_probe"] * 2
+    # ... and takes two (the tiny screen's training and held-out plates as a stand-in for the benchmark's five).
+    two_plates = {name: write_manifest(pd.concat([read_manifest(screen["train"]), read_manifest(screen["heldout"])],
+                                                 ignore_index=True), tmp_path / f"{name}.parquet")
+                  for name, screen in (("cp5", cp5), ("novel4", novel4))}
+    overrides[1] = f"eval.manifests={{cp5: {two_plates['cp5']}, novel4: {two_plates['novel4']}}}"
+    plan = load_sweep(str(PAPER_SWEEP), overrides=overrides, storage=str(tmp_path / "sweeps"))
     check_sweep(plan, FOUR_CPUS)
+    assert plan.spec.objective.protocol == "lopo_probe" and plan.base.model.img_size == 32  # the benchmark's budget
     from cellfm.tune.search import param_space
 
     points = param_space(plan)["grid"]["grid_search"]
@@ -390,6 +402,27 @@ def test_outputs_best_config_is_ready_to_run_with_credentials_redacted(screen_ov
     assert json.loads((sweep / "best.json").read_text())["checkpoint"] == "/x/c"
     for png in ("objective_vs_dimensions.png", "objective_vs_flops.png"):
         assert (sweep / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_outputs_of_a_sweep_with_one_named_arm(screen_overrides, tmp_path):
+    # One arm: the table has no arm column, and the plots colour that arm's trials as its own.
+    from cellfm.tune.results import results_table, write_outputs
+
+    path = write_sweep(tmp_path, """
+        name: one_arm
+        base: BASE
+        arms:
+          cellrep:
+            space: {model.pooling_ratio: {grid: [1, 2]}}
+        """)
+    plan = load_sweep(str(path), overrides=screen_overrides, storage=str(tmp_path / "sweeps"))
+    assert [a.name for a in plan.arms] == ["cellrep"]
+    mine = [r for r in records(plan) if r.config["grid"]["arm"] == "cellrep"]
+    table = results_table(plan, mine)
+    assert "arm" not in table and list(table["trial"]) == ["trial-b", "trial-a"]
+    outputs = write_outputs(plan, table, mine)
+    for png in ("objective_vs_dimensions.png", "objective_vs_flops.png"):
+        assert Path(outputs[png]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_remove_deletes_stopped_runs(screen_overrides, tmp_path):

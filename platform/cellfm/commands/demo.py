@@ -33,8 +33,10 @@ def run(args: argparse.Namespace) -> int:
     from cellfm.preflight import preflight
 
     cfg = config_from_args(args, check_rules=False)
-    if cfg.data.synthetic_layout not in LAYOUTS:
-        raise ConfigError(f"data.synthetic_layout={cfg.data.synthetic_layout!r} is not one of {sorted(LAYOUTS)}")
+    demo_layouts = sorted(name for name, layout in LAYOUTS.items() if layout.n_heldout_plates and layout.n_unseen_plates)
+    if cfg.data.synthetic_layout not in demo_layouts:
+        raise ConfigError(f"data.synthetic_layout={cfg.data.synthetic_layout!r} is not one of {demo_layouts} "
+                          "(the layouts with held-out and unseen plates)")
     checked_config(args, cfg)  # the config alone, before minutes of screen generation
     _log_to_console(logging.getLogger("cellfm.data.synthetic.screens"))
     t0 = time.perf_counter()

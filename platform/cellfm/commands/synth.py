@@ -10,7 +10,8 @@ EXAMPLES = """examples:
   cellfm synth screens/hpa4 --family hpa4 --layout tiny          # one configuration of the synthetic family
   cellfm synth screens/cp5-clear --family cp5 --difficulty clear  # the calibrated screen (docs/screens.md)
 
---layout: tiny | demo (cellfm.data.synthetic.catalog.LAYOUTS); --family: cp5 | novel4 | hpa4 | brightfield1;
+--layout: tiny | demo | benchmark (cellfm.data.synthetic.catalog.LAYOUTS; benchmark: 3 training and 5 held-out plates
+of 96 px, no unseen ones, as benchmarks/model_quality.py scores each configuration); --family: cp5 | novel4 | hpa4 | brightfield1;
 --difficulty: subtle | clear. Ground truth (cell tables, nucleus/cell labels) goes to OUT_DIR/truth/."""
 
 

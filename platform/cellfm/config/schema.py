@@ -23,7 +23,7 @@ class DataConfig:
 
     # Where `cellfm demo` generates the synthetic demo screen (skipped when its manifests exist).
     screen_dir: str = "demo_output/screen"
-    # Layout of the generated demo screen (cellfm.data.synthetic.catalog.LAYOUTS: tiny | demo).
+    # Layout of the generated demo screen: one of cellfm.data.synthetic.catalog.LAYOUTS with unseen plates (tiny | demo).
     synthetic_layout: str = "demo"
     # Seed of the generated demo screen.
     synthetic_seed: int = 0

@@ -193,7 +193,7 @@ def plot_dimensions(plan: SweepPlan, table: pd.DataFrame) -> bytes:
     for ax, key in zip(axes[0], keys):
         rows = table[table[key].map(_present) & table[metric].notna()] if len(table) else table
         labels = sorted({_fmt(v) for v in rows[key]}, key=_natural) if len(rows) else []
-        for arm, group in _by_arm(rows):
+        for arm, group in _by_arm(plan, rows):
             x = np.asarray([labels.index(_fmt(v)) for v in group[key]])
             _scatter(ax, plan, arm, x, group, metric)
         ax.set_xticks(range(len(labels)), labels, rotation=30 if any(len(s) > 6 for s in labels) else 0)
@@ -215,7 +215,7 @@ def plot_flops(plan: SweepPlan, table: pd.DataFrame) -> bytes:
     metric = plan.spec.objective.metric
     fig, ax = plt.subplots(figsize=(5.4, 3.8))
     rows = table[table[metric].notna() & table["gflops_per_image"].notna()] if len(table) else table
-    for arm, group in _by_arm(rows):
+    for arm, group in _by_arm(plan, rows):
         _scatter(ax, plan, arm, group["gflops_per_image"].to_numpy(), group, metric)
     if len(rows) and rows["gflops_per_image"].max() > 10 * rows["gflops_per_image"].min() > 0:
         ax.set_xscale("log")
@@ -227,8 +227,9 @@ def plot_flops(plan: SweepPlan, table: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
-def _by_arm(rows: pd.DataFrame):
-    return rows.groupby("arm") if "arm" in rows else [("", rows)]
+def _by_arm(plan: SweepPlan, rows: pd.DataFrame):
+    """(arm, its rows): the table has an arm column only when the sweep has several arms."""
+    return rows.groupby("arm") if "arm" in rows else [(plan.arms[0].name, rows)]
 
 
 def _scatter(ax, plan: SweepPlan, arm: str, x: np.ndarray, group: pd.DataFrame, metric: str) -> None:

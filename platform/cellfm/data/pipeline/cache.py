@@ -92,7 +92,9 @@ def fill_field_cache(manifest: pd.DataFrame, cfg: DataConfig, *, monitor: DataMo
                          layout=check_pipeline_config(manifest, cache_cfg),
                          monitor=monitor.actor if monitor else None, max_bad=monitor.max_bad if monitor else 0,
                          total=monitor.total if monitor else len(table))
-    read = ray.remote(num_cpus=cfg.read_cpus, num_returns=2)(_load_block)
+    # "DEFAULT": never inside the caller's placement group. A sweep trial's driver runs in one of 0.01 CPU that
+    # captures its child tasks, where a read task could not fit; reads use the CPUs kept free for Ray Data.
+    read = ray.remote(num_cpus=cfg.read_cpus, num_returns=2, scheduling_strategy="DEFAULT")(_load_block)
     started = time.monotonic()
     refs = [read.remote(loader, {c: block[c].to_numpy() for c in block.columns}) for block in read_blocks(table, cfg)]
     indices = ray.get([index for index, _ in refs])

@@ -188,6 +188,11 @@ LAYOUTS = {
                          controls_per_plate=2, fields_per_well=2, field_size=64),
     "demo": ScreenLayout(n_train_plates=3, n_heldout_plates=2, n_unseen_plates=2, replicates_per_plate=4,
                          controls_per_plate=8, fields_per_well=4, field_size=128),
+    # One configuration of the synthetic family as benchmarks/model_quality.py and the paper-dimensions sweep
+    # score it: 5 held-out plates, so the leave-one-plate-out probe trains on 224 wells and tests 280 (a family
+    # screen has no unseen split: another configuration is the unseen one).
+    "benchmark": ScreenLayout(n_train_plates=3, n_heldout_plates=5, n_unseen_plates=0, replicates_per_plate=4,
+                              controls_per_plate=8, fields_per_well=4, field_size=96),
 }
 
 
