@@ -72,6 +72,7 @@ def test_paper_sweep_runs_every_setting_with_two_seeds_and_passes_preflight(tmp_
     plan = load_sweep(str(PAPER_SWEEP), overrides=overrides, storage=str(tmp_path / "sweeps"))
     check_sweep(plan, FOUR_CPUS)
     assert plan.spec.objective.protocol == "lopo_probe" and plan.base.model.img_size == 32  # the benchmark's budget
+    assert plan.spec.objective.evaluate == "last_epoch"  # no ASHA: the objective once per trial
     from cellfm.tune.search import param_space
 
     points = param_space(plan)["grid"]["grid_search"]
@@ -133,6 +134,12 @@ BAD_SWEEPS = [
     ("an unknown probe protocol",
      "objective: {protocol: lopo}",
      "objective.protocol='lopo' is not one of ['probe', 'per_plate_probe', 'lopo_probe']"),
+    ("an unknown time for the objective",
+     "objective: {evaluate: end}",
+     "objective.evaluate='end' is not one of ['every_epoch', 'last_epoch']"),
+    ("the objective at the last epoch only under ASHA",
+     "objective: {evaluate: last_epoch}",
+     "objective.evaluate=last_epoch needs asha.enabled=false: ASHA compares trials by the objective at its rungs"),
     ("leave one plate out on a one-plate held-out set",
      "objective: {protocol: lopo_probe, manifests: [seen]}",
      "objective.protocol=lopo_probe needs two or more plates (a standard error over plates, or plates to leave out), "
@@ -470,7 +477,7 @@ def test_held_out_objective_scores_the_wells_and_counts_forward_flops():
     torch.manual_seed(0)
     backbone = build_backbone(cfg.model).train()
     sets = {"easy": held_out_set("easy", True, 0), "shuffled": held_out_set("shuffled", False, 1)}
-    metrics = HeldOutObjective(sets, cfg, label="moa", score="top1")(backbone)
+    metrics = HeldOutObjective(sets, cfg, label="moa", score="top1")(backbone, epoch=0)
     # Brightness separates the classes even through a random-init encoder; shuffled labels cannot be learned.
     assert metrics["objective/easy"] == 1.0
     assert metrics["objective/shuffled"] < 0.7
@@ -479,6 +486,35 @@ def test_held_out_objective_scores_the_wells_and_counts_forward_flops():
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         backbone(torch.rand(1, 3, 16, 16), channel_names=[["DNA", "ER", "Mito"]])
     assert metrics["forward_flops_per_image"] == counter.get_total_flops() > 0
+
+
+def test_objective_at_the_last_epoch_only_skips_and_is_not_forwarded_before_it():
+    import queue
+
+    import torch
+
+    from cellfm.models.registry import build_backbone
+    from cellfm.tune.objective import HeldOutObjective
+    from cellfm.tune.search import TIME_ATTR
+    from cellfm.tune.trial import SweepReportCallback
+
+    cfg = load_config(None, ["model.size=tiny", "model.img_size=16", "model.patch_size=8", "optim.epochs=3",
+                             "eval.well_normalization=none", "eval.n_splits=3", "eval.batch_size=5"])
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg.model).eval()
+    sets = {"easy": held_out_set("easy", True, 0)}
+    last = HeldOutObjective(sets, cfg, label="moa", score="top1", evaluate="last_epoch")
+    every = HeldOutObjective(sets, cfg, label="moa", score="top1")
+    assert [last(backbone, epoch) for epoch in (0, 1)] == [{}, {}]
+    assert last(backbone, 2)["objective"] == every(backbone, 0)["objective"] == every(backbone, 1)["objective"] == 1.0
+    # The callback (Ray's, less its Tune-session constructor) forwards the reports that hold the objective.
+    for objective, forwarded in ((last, [2]), (every, [0, 1, 2])):
+        callback = SweepReportCallback.__new__(SweepReportCallback)
+        callback.objective, callback._training_actor_item_queue = objective, queue.Queue()
+        for epoch in range(3):
+            callback.after_report(None, [{"epoch": epoch, "loss": 1.0}], None)
+        sent = [callback._training_actor_item_queue.get_nowait() for _ in range(callback._training_actor_item_queue.qsize())]
+        assert [m["epoch"] for m in sent] == forwarded and [m[TIME_ATTR] for m in sent] == [e + 1 for e in forwarded]
 
 
 def test_held_out_objective_can_leave_one_plate_out():
@@ -498,7 +534,7 @@ def test_held_out_objective_can_leave_one_plate_out():
                                np.concatenate([a.channel_mask, b.channel_mask]),
                                pd.concat([a.fields, b.fields.assign(plate="Q")], ignore_index=True))
     objective = HeldOutObjective({"two": two_plates}, cfg, label="moa", score="top1", protocol="lopo_probe")
-    metrics = objective(backbone)
+    metrics = objective(backbone, epoch=0)
     profiles = well_profiles(two_plates.fields, objective._embed(backbone, two_plates), "none", ["moa"])
     expected = lopo_probe_scores(profiles.features, profiles.meta["moa"].to_numpy(), profiles.meta["plate"].to_numpy())
     assert metrics["objective"] == metrics["objective/two"] == expected["top1"]

@@ -114,7 +114,7 @@ def report_epoch(meta_arch: SSLMetaArch, telemetry: TrainingTelemetry, *, epoch:
     import ray.train
 
     metrics = telemetry.epoch_metrics(epoch=epoch, step=step)
-    evaluated = epoch_evaluator(meta_arch.teacher.backbone) if epoch_evaluator is not None and rank == 0 else {}
+    evaluated = epoch_evaluator(meta_arch.teacher.backbone, epoch) if epoch_evaluator is not None and rank == 0 else {}
     metrics.update(evaluated)
     telemetry.end_epoch(metrics, evaluated)
     with tempfile.TemporaryDirectory() as tmp:

@@ -49,8 +49,9 @@ def run_pretraining(cfg: Config, *, manifest: pd.DataFrame | None = None, callba
     """Train and return the Ray Train `Result` (its `.checkpoint` is the latest epoch's). `manifest`: the training
     manifest with its plates checked, as preflight loaded it (default: loaded here), so a CLI run reads each
     plate's metadata once. `callbacks`: Ray Train callbacks of the run (a sweep's trial forwards its reports to
-    Tune); `epoch_evaluator`: called by rank 0 with the teacher's backbone at every epoch report, its metrics
-    reported with the epoch's (a sweep's objective, `cellfm.tune.objective.HeldOutObjective`)."""
+    Tune); `epoch_evaluator(backbone, epoch)`: called by rank 0 with the teacher's backbone at every epoch report,
+    its metrics (none at an epoch it skips) reported with the epoch's (a sweep's objective,
+    `cellfm.tune.objective.HeldOutObjective`)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 

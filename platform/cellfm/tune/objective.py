@@ -1,5 +1,6 @@
-"""A sweep's objective, computed inside each trial at every epoch report: the well-level probe on held-out
-plates (by default including a channel configuration training never saw), not the SSL loss.
+"""A sweep's objective, computed inside each trial at every epoch report (or, `objective.evaluate: last_epoch`,
+at the last one only): the well-level probe on held-out plates (by default including a channel configuration
+training never saw), not the SSL loss.
 
 The sweep's driver reads the held-out fields once (`read_held_out`, through the same Ray Data read and
 normalization as evaluation) and puts them in Ray's object store. Each trial's training loop calls a
@@ -71,20 +72,28 @@ class HeldOutObjective:
     """The per-epoch evaluator of a trial (see the module's docstring). `held_out`: the driver's
     `read_held_out` result, or an ObjectRef of it (fetched on first use, on rank 0 only); `cfg`: the trial's
     config (eval.* sets the probe: well_normalization, test_fraction, split_seed, n_splits, batch_size,
-    image_size, channel_readout)."""
+    image_size, channel_readout; optim.epochs the last epoch); `evaluate`: every_epoch or last_epoch."""
 
-    def __init__(self, held_out, cfg: Config, label: str, score: str, protocol: str = "probe"):
+    def __init__(self, held_out, cfg: Config, label: str, score: str, protocol: str = "probe",
+                 evaluate: str = "every_epoch"):
         self.held_out = held_out
         self.cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, labels=[label]))
         self.label = label
         self.score = score
         self.protocol = protocol
+        self.evaluate = evaluate
         self.flops_per_image: float | None = None
 
-    def __call__(self, backbone) -> dict[str, float]:
+    def evaluates(self, epoch: int) -> bool:
+        """Whether the objective is computed after this (0-based) epoch."""
+        return self.evaluate == "every_epoch" or epoch + 1 >= self.cfg.optim.epochs
+
+    def __call__(self, backbone, epoch: int) -> dict[str, float]:
         from cellfm.evaluate.protocols import PROBE_PROTOCOLS
         from cellfm.evaluate.wells import well_profiles
 
+        if not self.evaluates(epoch):
+            return {}
         started = time.perf_counter()
         sets = self._sets()
         was_training = backbone.training

@@ -36,6 +36,7 @@ from cellfm.tune.sweep_config import SEARCH_ALGORITHMS, SWEEP_RECORD, SweepPlan,
 TRIAL_DRIVER_CPUS = 0.01
 SCORES = ("top1", "weighted_precision")
 OBJECTIVE_PROTOCOLS = ("probe", "per_plate_probe", "lopo_probe")
+OBJECTIVE_EPOCHS = ("every_epoch", "last_epoch")
 
 # Config keys (or whole sections) that cannot vary between the trials of one sweep, and why.
 _HELD_OUT = "the held-out fields are read once for the whole sweep with the base config's data settings"
@@ -180,6 +181,11 @@ def spec_problems(plan: SweepPlan) -> list[str]:
         problems.append(f"{at} objective.score={o.score!r} is not one of {list(SCORES)}")
     if o.protocol not in OBJECTIVE_PROTOCOLS:
         problems.append(f"{at} objective.protocol={o.protocol!r} is not one of {list(OBJECTIVE_PROTOCOLS)}")
+    if o.evaluate not in OBJECTIVE_EPOCHS:
+        problems.append(f"{at} objective.evaluate={o.evaluate!r} is not one of {list(OBJECTIVE_EPOCHS)}")
+    elif o.evaluate == "last_epoch" and a.enabled:
+        problems.append(f"{at} objective.evaluate=last_epoch needs asha.enabled=false: ASHA compares trials by the "
+                        "objective at its rungs")
     if not o.label:
         problems.append(f"{at} objective.label is empty; name the manifest column the probe predicts (e.g. moa)")
     unknown = [n for n in o.manifests if n not in plan.base.eval.manifests]

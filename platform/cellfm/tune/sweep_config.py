@@ -115,6 +115,9 @@ class ObjectiveConfig:
     # out, features z-scored per plate; every well tested once). The last two need held-out manifests of
     # two or more plates, and resolve far smaller differences than one plate's fixed splits.
     protocol: str = "probe"
+    # When a trial computes it: every_epoch (ASHA compares trials by it at its rungs) or last_epoch (once, after
+    # the last epoch: a sweep without ASHA then spends its time training, not embedding held-out fields).
+    evaluate: str = "every_epoch"
     # Names of eval.manifests the objective averages over (empty: all; include one with channels training never saw).
     manifests: list[str] = field(default_factory=list)
 

@@ -31,10 +31,18 @@ def trial_dirname(trial) -> str:
 
 
 class SweepReportCallback(TuneReportCallback):
-    """Forwards rank 0's metrics of every epoch report to Tune (with the checkpoint path), adding
-    `epochs_done` (ASHA's time: epochs trained, counting those of earlier attempts of a resumed run)."""
+    """Forwards rank 0's metrics of each epoch report that holds the objective to Tune (with the checkpoint path),
+    adding `epochs_done` (ASHA's time: epochs trained, counting those of earlier attempts of a resumed run). An
+    epoch the objective skipped (`objective.evaluate: last_epoch`) is not forwarded: Tune refuses a result without
+    the metric it optimizes, and the Train run keeps that epoch's checkpoint for a resume anyway."""
+
+    def __init__(self, objective: HeldOutObjective):
+        super().__init__()
+        self.objective = objective
 
     def after_report(self, run_context, metrics, checkpoint):
+        if not self.objective.evaluates(metrics[0]["epoch"]):
+            return
         first = {**metrics[0], TIME_ATTR: metrics[0]["epoch"] + 1}
         super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
@@ -57,9 +65,9 @@ def run_trial(tune_config: dict, plan: SweepPlan, held_out) -> None:
         tune.report(done)
         return
     o = plan.spec.objective
-    run_pretraining(cfg, callbacks=[SweepReportCallback()],
-                    epoch_evaluator=HeldOutObjective(held_out, cfg, label=o.label, score=o.score,
-                                                                     protocol=o.protocol))
+    objective = HeldOutObjective(held_out, cfg, label=o.label, score=o.score, protocol=o.protocol,
+                                 evaluate=o.evaluate)
+    run_pretraining(cfg, callbacks=[SweepReportCallback(objective)], epoch_evaluator=objective)
 
 
 def last_report_if_done(cfg: Config) -> dict | None:
