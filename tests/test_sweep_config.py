@@ -418,6 +418,7 @@ def test_outputs_of_a_sweep_with_one_named_arm(screen_overrides, tmp_path):
     path = write_sweep(tmp_path, """
         name: one_arm
         base: BASE
+        objective: {protocol: lopo_probe}
         arms:
           cellrep:
             space: {model.pooling_ratio: {grid: [1, 2]}}
@@ -430,6 +431,7 @@ def test_outputs_of_a_sweep_with_one_named_arm(screen_overrides, tmp_path):
     outputs = write_outputs(plan, table, mine)
     for png in ("objective_vs_dimensions.png", "objective_vs_flops.png"):
         assert Path(outputs[png]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "top1 of `moa` (leave one plate out, every well tested once)" in Path(outputs["results.md"]).read_text()
 
 
 def test_remove_deletes_stopped_runs(screen_overrides, tmp_path):

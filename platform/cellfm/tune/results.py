@@ -152,10 +152,13 @@ def markdown_results(plan: SweepPlan, table: pd.DataFrame, best: pd.Series | Non
     o = plan.spec.objective
     sets = ", ".join(plan.objective_manifests())
     counts = table["status"].value_counts().to_dict() if len(table) else {}
+    probe = {"probe": f"mean over {plan.base.eval.n_splits} fixed splits of the wells",
+             "per_plate_probe": "the probe within each plate, mean over plates",
+             "lopo_probe": "leave one plate out, every well tested once"}[o.protocol]
     lines = [f"# Sweep `{plan.spec.name}`", "",
              f"Objective: `{o.metric}` ({o.mode}); `objective` = mean over the held-out sets ({sets}) of the "
-             f"well-level logistic-regression {o.score} of `{o.label}` (mean over {plan.base.eval.n_splits} fixed "
-             f"splits), of each trial's teacher after its last epoch.", "",
+             f"well-level logistic-regression {o.score} of `{o.label}` ({probe}), of each trial's teacher after its "
+             "last epoch.", "",
              f"{len(table)} trials: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + "; "
              f"{plan.epochs} epochs each unless stopped early; search {plan.spec.search.algorithm}, "
              f"ASHA {'on' if plan.spec.asha.enabled else 'off'}.", ""]
