@@ -497,7 +497,7 @@ def test_objective_at_the_last_epoch_only_skips_and_is_not_forwarded_before_it()
 
     from cellfm.models.registry import build_backbone
     from cellfm.tune.objective import HeldOutObjective
-    from cellfm.tune.search import TIME_ATTR
+    from cellfm.tune.search import LAUNCH_EPOCHS_ATTR, TIME_ATTR
     from cellfm.tune.trial import SweepReportCallback
 
     cfg = load_config(None, ["model.size=tiny", "model.img_size=16", "model.patch_size=8", "optim.epochs=3",
@@ -513,10 +513,13 @@ def test_objective_at_the_last_epoch_only_skips_and_is_not_forwarded_before_it()
     for objective, forwarded in ((last, [2]), (every, [0, 1, 2])):
         callback = SweepReportCallback.__new__(SweepReportCallback)
         callback.objective, callback._training_actor_item_queue = objective, queue.Queue()
+        callback.epochs_this_launch = 0
         for epoch in range(3):
             callback.after_report(None, [{"epoch": epoch, "loss": 1.0}], None)
         sent = [callback._training_actor_item_queue.get_nowait() for _ in range(callback._training_actor_item_queue.qsize())]
         assert [m["epoch"] for m in sent] == forwarded and [m[TIME_ATTR] for m in sent] == [e + 1 for e in forwarded]
+        # Every epoch trained counts towards the sweep's ETA, forwarded or not.
+        assert [m[LAUNCH_EPOCHS_ATTR] for m in sent] == [e + 1 for e in forwarded]
 
 
 def test_held_out_objective_can_leave_one_plate_out():
@@ -588,3 +591,30 @@ def test_a_restored_sweeps_progress_counts_the_trials_stopped_in_an_earlier_sess
     assert stopped_early_count(trials, epochs) == 2
     line = SweepProgress(plan)._status(trials)  # a fresh callback, as after a restore
     assert "4/" in line and "(2 stopped early)" in line, line
+
+
+def test_sweep_eta_counts_every_epoch_a_last_epoch_report_stands_for(screen_overrides, tmp_path):
+    """With objective.evaluate=last_epoch a trial reports once, after its whole budget: the ETA counts all of
+    those epochs (it once counted one, and promised 10 h for a 90-minute sweep); a trial a resumed sweep only
+    re-reports (no epochs trained now) counts none."""
+    import time
+    from types import SimpleNamespace
+
+    from cellfm.progress import format_duration
+    from cellfm.tune.driver import SweepProgress
+    from cellfm.tune.search import LAUNCH_EPOCHS_ATTR, TIME_ATTR
+
+    plan = load_sweep(str(SMOKE_SWEEP), overrides=screen_overrides, storage=str(tmp_path))
+    epochs, total = plan.epochs, plan.grid_size()
+    assert total > 3
+    progress = SweepProgress(plan)
+    trials = [SimpleNamespace(status="PENDING", trial_id=f"t{i}", last_result=None, config={}) for i in range(total)]
+    progress._describe = lambda trial: ""
+    for trial, launched in ((trials[0], epochs), (trials[1], epochs), (trials[2], None)):
+        trial.status, trial.last_result = "TERMINATED", {TIME_ATTR: epochs}
+        report = trial.last_result if launched is None else {**trial.last_result, LAUNCH_EPOCHS_ATTR: launched}
+        progress.on_trial_result(0, trials, trial, report)
+    assert progress.epochs_this_session == 2 * epochs
+    progress.started = time.monotonic() - 100.0   # 2 budgets in 100 s; total - 3 budgets left
+    line = progress._status(trials)
+    assert f"ETA {format_duration((total - 3) * 50.0)}" in line, line

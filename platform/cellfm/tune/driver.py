@@ -20,7 +20,7 @@ from ray.tune import Callback
 
 from cellfm.progress import eta_seconds, format_duration, log_line
 from cellfm.tune.preflight import TRIAL_DRIVER_CPUS, TrialResources, recorded_fingerprint
-from cellfm.tune.search import TIME_ATTR
+from cellfm.tune.search import LAUNCH_EPOCHS_ATTR, TIME_ATTR
 from cellfm.tune.sweep_config import SWEEP_RECORD, SweepPlan, describe_trial
 from cellfm.tune.trial import trial_name
 
@@ -122,6 +122,7 @@ class SweepProgress(Callback):
     def setup(self, *args, **kwargs) -> None:
         self.started = time.monotonic()
         self.epochs_done: dict[str, int] = {}     # trial id -> epochs trained (as reported)
+        self.epochs_launched: dict[str, int] = {}  # trial id -> epochs trained since this session started it
         self.epochs_this_session = 0
         self.best: tuple[float, str] | None = None
 
@@ -130,7 +131,11 @@ class SweepProgress(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         done = int(result.get(TIME_ATTR, 0))
-        self.epochs_this_session += max(0, done - self.epochs_done.get(trial.trial_id, done - 1))
+        # Counted from the trial's own tally: with objective.evaluate=last_epoch one report stands for every
+        # epoch of the budget, and a trial a resumed sweep only re-reports trained none now.
+        launched = int(result.get(LAUNCH_EPOCHS_ATTR, 0))
+        self.epochs_this_session += max(0, launched - self.epochs_launched.get(trial.trial_id, 0))
+        self.epochs_launched[trial.trial_id] = launched
         self.epochs_done[trial.trial_id] = done
         o = self.plan.spec.objective
         value = result.get(o.metric)

@@ -17,6 +17,8 @@ from cellfm.tune.sweep_config import SweepPlan
 
 # The reported metric ASHA counts time in: epochs trained (a resumed Train run continues the count).
 TIME_ATTR = "epochs_done"
+# Epochs a trial trained since the sweep (re)started it: 0 for a trial a resumed sweep only re-reports.
+LAUNCH_EPOCHS_ATTR = "epochs_this_launch"
 
 
 def tune_domain(dim: Dimension):

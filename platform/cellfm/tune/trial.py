@@ -14,7 +14,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from cellfm.config import Config
 from cellfm.tune.objective import HeldOutObjective
-from cellfm.tune.search import TIME_ATTR
+from cellfm.tune.search import LAUNCH_EPOCHS_ATTR, TIME_ATTR
 from cellfm.tune.sweep_config import SweepPlan
 
 TRIAL_PREFIX = "trial-"
@@ -32,18 +32,21 @@ def trial_dirname(trial) -> str:
 
 class SweepReportCallback(TuneReportCallback):
     """Forwards rank 0's metrics of each epoch report that holds the objective to Tune (with the checkpoint path),
-    adding `epochs_done` (ASHA's time: epochs trained, counting those of earlier attempts of a resumed run). An
-    epoch the objective skipped (`objective.evaluate: last_epoch`) is not forwarded: Tune refuses a result without
-    the metric it optimizes, and the Train run keeps that epoch's checkpoint for a resume anyway."""
+    adding `epochs_done` (ASHA's time: epochs trained, counting those of earlier attempts of a resumed run) and
+    `epochs_this_launch` (epochs this trainable trained, every report counted: the sweep's ETA). An epoch the
+    objective skipped (`objective.evaluate: last_epoch`) is not forwarded: Tune refuses a result without the
+    metric it optimizes, and the Train run keeps that epoch's checkpoint for a resume anyway."""
 
     def __init__(self, objective: HeldOutObjective):
         super().__init__()
         self.objective = objective
+        self.epochs_this_launch = 0
 
     def after_report(self, run_context, metrics, checkpoint):
+        self.epochs_this_launch += 1
         if not self.objective.evaluates(metrics[0]["epoch"]):
             return
-        first = {**metrics[0], TIME_ATTR: metrics[0]["epoch"] + 1}
+        first = {**metrics[0], TIME_ATTR: metrics[0]["epoch"] + 1, LAUNCH_EPOCHS_ATTR: self.epochs_this_launch}
         super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
 
