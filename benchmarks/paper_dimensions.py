@@ -2,7 +2,7 @@
 the model-quality instrument, beside what each paper reports.
 
     python benchmarks/paper_dimensions.py                   # synthesize the two screens if missing, run (or resume)
-                                                            # the sweep, then summarize it (about 90 min quiet)
+                                                            # the sweep, then summarize it (88 min quiet)
     python benchmarks/paper_dimensions.py --summarize-only  # summarize the sweep folder as it is (a partial run too)
 
 The sweep: CellRep's pooling ratio k {1, 2, 4}; at k = 1 the channel mixer {full, axial} x the channel pooling
@@ -106,7 +106,8 @@ QUESTIONS = (
         "ICLR 2026 submission reads its depth figure as best at 2. In its component ablation (CVPR 2026, Table 5, "
         "ViT-B, as a published paper note reports it) adding the branch encoders raises JUMP-Ret mAP .344 -> .358 "
         "and HPA-Loc mAP .529 -> .531.",
-        ((_level("c3r", n_pre=2), _level("c3r", n_pre=0)), (_level("c3r", n_pre=4), _level("c3r", n_pre=0)))),
+        ((_level("c3r", n_pre=2), _level("c3r", n_pre=0)), (_level("c3r", n_pre=4), _level("c3r", n_pre=0)),
+         (_level("c3r", n_pre=4), _level("c3r", n_pre=2)))),
     Question(
         "C3R: MCD keep-counts (context channels the student keeps; [5] = all, no MCD; [] = k ~ U{1..5})",
         "C3R: MCD with k ~ U{1..C1} against none: CHAMMI CPS 0.338 -> 0.543 (ViT-S), HPA-Loc .531 -> .548, "
@@ -173,9 +174,10 @@ def cell(rows: list[dict], level: Level, sets: Sequence[str]) -> dict | None:
 
 
 def settings(rows: list[dict]) -> list[Level]:
-    """Every setting the trials ran (arm + swept values less the seed), in trial order."""
+    """Every setting the trials ran (arm + swept values less the seed), in the order Tune generated them (trial
+    ids count up through the grid: the sweep file's arms and values)."""
     return list(dict.fromkeys(Level(r["arm"], tuple((k, v) for k, v in r["values"].items() if k != SEED_KEY))
-                              for r in rows))
+                              for r in sorted(rows, key=lambda r: r["trial"])))
 
 
 def answer(rows: list[dict], sets: Sequence[str]) -> list[dict]:
@@ -250,12 +252,12 @@ def run_sweep(plan) -> None:
     """Synthesize the held-out and training screens the sweep file names (if missing), then run or resume it."""
     from cellfm.cli import main as cellfm
 
-    for name, manifest in {**plan.objective_manifests(), "train": plan.base.data.train_manifest}.items():
+    # Each manifest lies in its screen's folder, named after its family (the sweep file's header).
+    for manifest in [*plan.objective_manifests().values(), plan.base.data.train_manifest]:
         screen = Path(manifest).parent
         if not Path(manifest).exists():
-            family = screen.name
-            if cellfm(["synth", str(screen), "--family", family, "--layout", "benchmark", "--difficulty", "clear",
-                       "--seed", "0"]) != 0:
+            if cellfm(["synth", str(screen), "--family", screen.name, "--layout", "benchmark", "--difficulty",
+                       "clear", "--seed", "0"]) != 0:
                 raise SystemExit(f"cellfm synth {screen} failed")
     if cellfm(["sweep", "--config", str(SWEEP_FILE)]) != 0:
         raise SystemExit("cellfm sweep failed (rerun this command to resume it)")

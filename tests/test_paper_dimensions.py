@@ -31,14 +31,14 @@ def results_table(tmp_path: Path) -> pd.DataFrame:
                 "objective": (cp5 + novel4) / 2, "objective/cp5": cp5, "objective/novel4": novel4, "loss": 1.0,
                 "images_per_s": 10.0, "gflops_per_image": gflops, "epochs": 8, "status": status}
 
-    rows = [row("t0", "cellrep", 0, 0.50, 0.40, k=1), row("t1", "cellrep", 1, 0.60, 0.40, k=1),
-            row("t2", "cellrep", 0, 0.80, 0.42, k=2, gflops=2.0), row("t3", "cellrep", 1, 0.80, 0.38, k=2, gflops=2.0),
-            row("t4", "cellrep", 0, 0.10, 0.10, k=4, status="stopped early")]
+    rows = [row("a0", "cellrep", 0, 0.50, 0.40, k=1), row("a1", "cellrep", 1, 0.60, 0.40, k=1),
+            row("a2", "cellrep", 0, 0.80, 0.42, k=2, gflops=2.0), row("a3", "cellrep", 1, 0.80, 0.38, k=2, gflops=2.0),
+            row("a4", "cellrep", 0, 0.10, 0.10, k=4, status="stopped early")]
     for i, (n_pre, keep) in enumerate([(0, [5]), (0, []), (2, [5]), (2, [])]):
         for seed in (0, 1):
             rows.append(row(f"c{i}{seed}", "c3r", seed, 0.5 + 0.1 * (keep == []), 0.4, n_pre=n_pre, keep=keep))
     path = tmp_path / "results.parquet"
-    pd.DataFrame(rows).to_parquet(path)
+    pd.DataFrame(rows).sort_values("objective", ascending=False, kind="stable").to_parquet(path)  # best first
     return pd.read_parquet(path)
 
 
@@ -49,12 +49,13 @@ def binomial(p: float, n: int) -> float:
 def test_trial_and_setting_standard_errors_and_the_questions(tmp_path):
     summary = summarize(results_table(tmp_path), WELLS, SWEPT, n_trials=36)
     assert summary["trials_completed"] == 12 and summary["trials"] == 36
-    t0 = next(r for r in summary["per_trial"] if r["trial"] == "t0")
+    t0 = next(r for r in summary["per_trial"] if r["trial"] == "a0")
     assert t0["scores"]["cp5"]["top1_se"] == pytest.approx(binomial(0.5, 280))
     assert t0["scores"][OBJECTIVE]["top1_se"] == pytest.approx(math.hypot(binomial(0.5, 280), binomial(0.4, 200)) / 2)
     assert t0["values"] == {"train.seed": 0, "model.pooling_ratio": 1}   # the C3R keys are NaN for CellRep
 
     settings = {s["setting"]: s for s in summary["settings"]}
+    # In trial order (the results table is sorted by the objective; the table below puts k = 2 first).
     assert list(settings) == ["cellrep, pooling_ratio=1", "cellrep, pooling_ratio=2",
                               "c3r, n_pre=0, mcd_keep_counts=[5]", "c3r, n_pre=0, mcd_keep_counts=[]",
                               "c3r, n_pre=2, mcd_keep_counts=[5]", "c3r, n_pre=2, mcd_keep_counts=[]"]
