@@ -46,12 +46,12 @@ from cellfm.evaluate.metrics import compare_scores  # noqa: E402
 from cellfm.evaluate.plate_probes import binomial_standard_error  # noqa: E402
 from cellfm.features.aggregate import WELL_KEYS  # noqa: E402
 from cellfm.storage import write_file  # noqa: E402
+from cellfm.tune.results import COMPLETED  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 SWEEP_FILE = REPO / "configs" / "sweeps" / "paper_dimensions.yaml"
 SEED_KEY = "train.seed"
 OBJECTIVE = "objective"
-COMPLETED = "completed"
 
 
 @dataclass(frozen=True)
