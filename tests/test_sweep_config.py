@@ -279,6 +279,9 @@ ARMS = """
         overrides: {model.name: c3r, ssl.objective: ibot, ssl.mcd: true}
         space: {model.n_pre: {grid: [0, 2]}, ssl.mcd_keep_counts: {choice: [[5], [], [1]]}}
 """
+# ARMS as Optuna can search it: every dimension drawn (Optuna proposes values; it enumerates no grid).
+OPTUNA_ARMS = ARMS.replace("train.seed: {grid: [0, 1]}", "train.seed: {choice: [0, 1]}").replace(
+    "{grid: [0, 2]}", "{randint: [0, 5]}")
 
 
 def test_random_search_enumerates_the_grid_per_arm_and_draws_the_rest(screen_overrides, tmp_path):
@@ -316,14 +319,12 @@ def test_grid_search_enumerates_choices_too(screen_overrides, tmp_path):
 def test_optuna_suggests_the_arm_then_only_its_dimensions(screen_overrides, tmp_path):
     import optuna
 
-    from cellfm.tune.search import optuna_define_by_run
+    from cellfm.tune.search import OptunaSpace
 
-    text = ARMS.replace("train.seed: {grid: [0, 1]}", "train.seed: {choice: [0, 1]}").replace(
-        "{grid: [0, 2]}", "{randint: [0, 5]}")
-    plan = load_sweep(str(write_sweep(tmp_path, text + "    search: {algorithm: optuna, num_samples: 30}\n")),
+    plan = load_sweep(str(write_sweep(tmp_path, OPTUNA_ARMS + "    search: {algorithm: optuna, num_samples: 30}\n")),
                       overrides=screen_overrides)
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0), direction="maximize")
-    define = optuna_define_by_run(plan)
+    define = OptunaSpace(plan)
     seen = set()
     for _ in range(30):
         trial = study.ask()
@@ -339,6 +340,24 @@ def test_optuna_suggests_the_arm_then_only_its_dimensions(screen_overrides, tmp_
             assert values["ssl.mcd_keep_counts"] in ([5], [], [1]) and 0 <= values["model.n_pre"] <= 4
         study.tell(trial, float(values["train.seed"]))
     assert seen == {"cellrep", "c3r"}
+
+
+
+def test_optuna_searcher_survives_tunes_experiment_checkpoint(screen_overrides, tmp_path):
+    # Tune pickles the searcher, its define-by-run space included, into every experiment checkpoint; a space
+    # that cannot be pickled stopped the first Optuna sweep a minute in. The restored searcher goes on proposing.
+    from cellfm.tune.search import search_algorithm
+
+    plan = load_sweep(str(write_sweep(tmp_path, OPTUNA_ARMS + "    search: {algorithm: optuna, num_samples: 4}\n")),
+                      overrides=screen_overrides)
+    searcher = search_algorithm(plan, concurrent=2)
+    first = searcher.suggest("trial-1")
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    restored = search_algorithm(plan, concurrent=2)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    arm, values = plan.values_of(restored.suggest("trial-2"))
+    assert plan.values_of(first)[0] in ("cellrep", "c3r") and arm in ("cellrep", "c3r")
+    assert 1e-4 <= values["optim.base_lr"] <= 1e-2 and values["train.seed"] in (0, 1)
 
 
 # ------------------------------------------------------------------------------------- results

@@ -10,7 +10,7 @@ then only that arm's dimensions. `SweepPlan.values_of` reads either layout back.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable
+from typing import Any
 
 from cellfm.tune.dimensions import LISTED_KINDS, Dimension, optuna_can_hold
 from cellfm.tune.sweep_config import SweepPlan
@@ -50,17 +50,22 @@ def param_space(plan: SweepPlan) -> dict[str, Any]:
     return space
 
 
-def optuna_define_by_run(plan: SweepPlan) -> Callable:
+class OptunaSpace:
     """Optuna's define-by-run space: the arm (when there are several), then that arm's dimensions. A choice
-    of values Optuna cannot hold (lists, mappings) is suggested by index."""
+    of values Optuna cannot hold (lists, mappings) is suggested by index. A class, not a closure: Tune pickles
+    the searcher, this space included, into every experiment checkpoint."""
 
-    def define(trial) -> dict | None:
-        if len(plan.arms) > 1:
-            arm = plan.arm(trial.suggest_categorical("arm", [a.name for a in plan.arms]))
+    def __init__(self, plan: SweepPlan):
+        self.arms = {arm.name: arm for arm in plan.arms}
+        self.shared_keys = plan.shared_keys
+
+    def __call__(self, trial) -> dict | None:
+        if len(self.arms) > 1:
+            arm = self.arms[trial.suggest_categorical("arm", list(self.arms))]
         else:
-            arm = plan.arms[0]
+            arm = next(iter(self.arms.values()))
         for dim in arm.dimensions:
-            name = arm.param_name(dim, dim.key in plan.shared_keys)
+            name = arm.param_name(dim, dim.key in self.shared_keys)
             low_high = dim.values
             if dim.kind == "choice":
                 values = list(dim.values) if optuna_can_hold(dim.values) else list(range(len(dim.values)))
@@ -71,9 +76,7 @@ def optuna_define_by_run(plan: SweepPlan) -> Callable:
                 trial.suggest_float(name, *low_high, log=True)
             elif dim.kind == "randint":
                 trial.suggest_int(name, low_high[0], low_high[1] - 1)
-        return None if len(plan.arms) > 1 else {"arm": arm.name}
-
-    return define
+        return None if len(self.arms) > 1 else {"arm": arm.name}
 
 
 def search_algorithm(plan: SweepPlan, concurrent: int):
@@ -85,7 +88,7 @@ def search_algorithm(plan: SweepPlan, concurrent: int):
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(space=optuna_define_by_run(plan), metric=o.metric, mode=o.mode,
+        return OptunaSearch(space=OptunaSpace(plan), metric=o.metric, mode=o.mode,
                             sampler=optuna.samplers.TPESampler(seed=s.seed))
     from ray.tune.search import BasicVariantGenerator
 

@@ -220,6 +220,10 @@ class SweepPlan:
     def values_of(self, tune_config: dict) -> tuple[str, dict[str, Any]]:
         """(arm name, config key -> value) of a Tune trial config (`cellfm.tune.search` lays it out)."""
         flat = {**tune_config.get("grid", {}), **{k: v for k, v in tune_config.items() if k != "grid"}}
+        for arm in self.arms:
+            # Tune's Optuna searcher unflattens `<arm>/<key>` parameter names into {arm: {key: value}}.
+            if arm.name and isinstance(flat.get(arm.name), dict):
+                flat.update({f"{arm.name}/{key}": value for key, value in flat.pop(arm.name).items()})
         arm = self.arm(flat.get("arm", self.arms[0].name))
         values = {}
         for dim in arm.dimensions:
