@@ -123,11 +123,11 @@ def _text(value) -> str:
     return str(value)
 
 
-def _plain(value):
+def plain_value(value):
     """A results.parquet cell as a plain, hashable value: tuples for lists (Parquet gives arrays), ints for whole
     floats (a key only some arms have is a float column), None for NaN."""
     if isinstance(value, (np.ndarray, list, tuple)):
-        return tuple(_plain(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value))
+        return tuple(plain_value(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value))
     if isinstance(value, (float, np.floating)):
         return None if math.isnan(value) else (int(value) if float(value).is_integer() else float(value))
     if isinstance(value, np.integer):
@@ -151,7 +151,7 @@ def trial_rows(table: pd.DataFrame, wells: dict[str, int], swept_keys: Sequence[
                   for name, n in wells.items()}
         scores[OBJECTIVE] = {"top1": float(r[OBJECTIVE]),
                              "top1_se": math.sqrt(sum(s["top1_se"] ** 2 for s in scores.values())) / len(wells)}
-        values = {key: _plain(r[key]) for key in swept_keys if key in r and _plain(r[key]) is not None}
+        values = {key: plain_value(r[key]) for key in swept_keys if key in r and plain_value(r[key]) is not None}
         rows.append({"trial": r["trial"], "arm": r.get("arm", ""), "values": values, "scores": scores,
                      "gflops": float(r["gflops_per_image"]), "images_per_s": float(r["images_per_s"])})
     return rows
@@ -208,6 +208,11 @@ def summarize(table: pd.DataFrame, wells: dict[str, int], swept_keys: Sequence[s
     }
 
 
+def table_header(columns: Sequence[str]) -> list[str]:
+    """A markdown table's header and rule lines."""
+    return ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+
+
 def _difference_text(d: dict) -> str:
     return f"{d['difference']:+.3f} ± {d['standard_error']:.3f} ({d['direction']})"
 
@@ -225,8 +230,7 @@ def markdown(summary: dict, sweep_file: str) -> str:
         "",
         "## Every setting",
         "",
-        "| setting | objective | " + " | ".join(sets) + " | GFLOPs / image | images/s | seeds |",
-        "| --- | --- | " + " | ".join("---" for _ in sets) + " | --- | --- | --- |",
+        *table_header(["setting", "objective", *sets, "GFLOPs / image", "images/s", "seeds"]),
     ]
     for s in summary["settings"]:
         lines.append(f"| {s['setting']} | {cell_text(s[OBJECTIVE])} | "
@@ -235,8 +239,7 @@ def markdown(summary: dict, sweep_file: str) -> str:
     lines += ["", "## The questions, beside the papers", ""]
     for q in summary["questions"]:
         lines += [f"### {q['question']}", "", f"The paper: {q['paper']}", "",
-                  "| a vs b | objective | " + " | ".join(sets) + " | GFLOPs a / b |",
-                  "| --- | --- | " + " | ".join("---" for _ in sets) + " | --- |"]
+                  *table_header(["a vs b", "objective", *sets, "GFLOPs a / b"])]
         for c in q["comparisons"]:
             if "difference" not in c:
                 lines.append(f"| {c['a']} vs {c['b']} | not run | " + " | ".join("-" for _ in sets) + " | - |")
@@ -248,19 +251,33 @@ def markdown(summary: dict, sweep_file: str) -> str:
     return "\n".join(lines)
 
 
-def run_sweep(plan) -> None:
-    """Synthesize the held-out and training screens the sweep file names (if missing), then run or resume it."""
+def ensure_screens(plan) -> None:
+    """Synthesize the held-out and training screens a sweep of the calibrated screen names, if missing."""
     from cellfm.cli import main as cellfm
 
-    # Each manifest lies in its screen's folder, named after its family (the sweep file's header).
+    # Each manifest lies in its screen's folder, named after its family (the sweep files' headers).
     for manifest in [*plan.objective_manifests().values(), plan.base.data.train_manifest]:
         screen = Path(manifest).parent
         if not Path(manifest).exists():
             if cellfm(["synth", str(screen), "--family", screen.name, "--layout", "benchmark", "--difficulty",
                        "clear", "--seed", "0"]) != 0:
                 raise SystemExit(f"cellfm synth {screen} failed")
-    if cellfm(["sweep", "--config", str(SWEEP_FILE)]) != 0:
-        raise SystemExit("cellfm sweep failed (rerun this command to resume it)")
+
+
+def run_sweep(sweep_file: Path) -> None:
+    """Run or resume a sweep (`cellfm sweep --config`)."""
+    from cellfm.cli import main as cellfm
+
+    if cellfm(["sweep", "--config", str(sweep_file)]) != 0:
+        raise SystemExit(f"cellfm sweep --config {sweep_file} failed (rerun this command to resume it)")
+
+
+def write_results(output: Path, results: dict, text: str, sweep_dir: Path) -> None:
+    """The summary as `output` (JSON) and its .md, with the sweep's two plots copied beside them."""
+    write_file(str(output), json.dumps(results, indent=2).encode())
+    write_file(str(output.with_suffix(".md")), text.encode())
+    for plot in ("dimensions", "flops"):
+        shutil.copyfile(sweep_dir / f"objective_vs_{plot}.png", output.with_name(f"{output.stem}_vs_{plot}.png"))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -273,7 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     plan = load_sweep(str(SWEEP_FILE))
     if not args.summarize_only:
-        run_sweep(plan)
+        ensure_screens(plan)
+        run_sweep(SWEEP_FILE)
     sweep_dir = Path(plan.sweep_dir)
     table_path = sweep_dir / "results.parquet"
     if not table_path.exists():
@@ -285,10 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
                "format": 1, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "sweep_file": sweep_file, **summary}
     output = Path(args.output)
-    write_file(str(output), json.dumps(results, indent=2).encode())
-    write_file(str(output.with_suffix(".md")), markdown(summary, sweep_file).encode())
-    for plot in ("dimensions", "flops"):
-        shutil.copyfile(sweep_dir / f"objective_vs_{plot}.png", output.with_name(f"{output.stem}_vs_{plot}.png"))
+    write_results(output, results, markdown(summary, sweep_file), sweep_dir)
     print(f"[paper_dimensions] {summary['trials_completed']}/{summary['trials']} trials -> {output}, "
           f"{output.with_suffix('.md')}")
     return results

@@ -5,6 +5,7 @@ held-out objective on hand-made wells."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import textwrap
 from pathlib import Path
@@ -54,22 +55,31 @@ def test_smoke_sweep_passes_preflight_and_covers_the_three_dimensions(screen_ove
     assert (resources.cpus, resources.data_cpus, resources.concurrent) == (1.01, 1.0, 2)
 
 
-def test_paper_sweep_runs_every_setting_with_two_seeds_and_passes_preflight(tmp_path, family_screen):
+def benchmark_screen_overrides(tmp_path: Path, family_screen) -> list[str]:
+    """The tiny family screens as stand-ins for the benchmark's (cp5 training plates; cp5 and novel4 held-out sets
+    of two plates each: the tiny screen's training and held-out plates, as the leave-one-plate-out objective needs
+    two or more)."""
     from cellfm.data.manifest import read_manifest, write_manifest
 
     cp5, novel4 = family_screen("cp5"), family_screen("novel4", seed=1)
-    overrides = [f"data.train_manifest={cp5['train']}",
-                 f"eval.manifests={{cp5: {cp5['heldout']}, novel4: {novel4['heldout']}}}"]
-    plan = load_sweep(str(PAPER_SWEEP), overrides=overrides, storage=str(tmp_path / "sweeps"))
-    # Its leave-one-plate-out objective refuses the tiny screens' one held-out plate per configuration ...
-    assert [p.split(": ", 1)[1].split(" needs")[0] for p in sweep_problems(plan, FOUR_CPUS)[0]] == [
-        "objective.protocol=lopo_probe"] * 2
-    # ... and takes two (the tiny screen's training and held-out plates as a stand-in for the benchmark's five).
     two_plates = {name: write_manifest(pd.concat([read_manifest(screen["train"]), read_manifest(screen["heldout"])],
                                                  ignore_index=True), tmp_path / f"{name}.parquet")
                   for name, screen in (("cp5", cp5), ("novel4", novel4))}
-    overrides[1] = f"eval.manifests={{cp5: {two_plates['cp5']}, novel4: {two_plates['novel4']}}}"
-    plan = load_sweep(str(PAPER_SWEEP), overrides=overrides, storage=str(tmp_path / "sweeps"))
+    return [f"data.train_manifest={cp5['train']}",
+            f"eval.manifests={{cp5: {two_plates['cp5']}, novel4: {two_plates['novel4']}}}"]
+
+
+def test_paper_sweep_runs_every_setting_with_two_seeds_and_passes_preflight(tmp_path, family_screen):
+    cp5, novel4 = family_screen("cp5"), family_screen("novel4", seed=1)
+    one_plate = [f"data.train_manifest={cp5['train']}",
+                 f"eval.manifests={{cp5: {cp5['heldout']}, novel4: {novel4['heldout']}}}"]
+    plan = load_sweep(str(PAPER_SWEEP), overrides=one_plate, storage=str(tmp_path / "sweeps"))
+    # Its leave-one-plate-out objective refuses the tiny screens' one held-out plate per configuration ...
+    assert [p.split(": ", 1)[1].split(" needs")[0] for p in sweep_problems(plan, FOUR_CPUS)[0]] == [
+        "objective.protocol=lopo_probe"] * 2
+    # ... and takes two.
+    plan = load_sweep(str(PAPER_SWEEP), overrides=benchmark_screen_overrides(tmp_path, family_screen),
+                      storage=str(tmp_path / "sweeps"))
     check_sweep(plan, FOUR_CPUS)
     assert plan.spec.objective.protocol == "lopo_probe" and plan.base.model.img_size == 32  # the benchmark's budget
     assert plan.spec.objective.evaluate == "last_epoch"  # no ASHA: the objective once per trial
@@ -86,6 +96,42 @@ def test_paper_sweep_runs_every_setting_with_two_seeds_and_passes_preflight(tmp_
                        | {("cellrep_attention_pool", 1, "full", "attention", s) for s in (0, 1)})
     assert c3r == {(n, keep, s) for n in (0, 2, 4) for keep in ((5,), (), (1,), (2,)) for s in (0, 1)}
     assert not plan.spec.asha.enabled  # every setting trains its whole budget: the comparison is the point
+
+
+@pytest.mark.parametrize("model", ["cellrep", "c3r"])
+def test_recipe_sweeps_search_around_the_benchmark_recipe_and_pass_preflight(model, tmp_path, family_screen):
+    import optuna
+
+    from cellfm.config import student_channel_sampling, validate
+    from cellfm.tune.search import OptunaSpace
+
+    plan = load_sweep(str(REPO / "configs" / "sweeps" / f"recipe_{model}.yaml"),
+                      overrides=benchmark_screen_overrides(tmp_path, family_screen), storage=str(tmp_path / "sweeps"))
+    check_sweep(plan, FOUR_CPUS)
+    base = plan.base
+    assert (base.model.name, base.model.img_size, plan.epochs) == (model, 32, 8)  # the benchmark's budget
+    assert plan.spec.search.algorithm == "optuna" and plan.spec.objective.protocol == "lopo_probe"
+    assert (plan.spec.asha.grace_period, plan.spec.asha.reduction_factor) == (2, 3)  # rungs at epochs 2 and 6
+    # The base recipe is one point of the space, so the search can find it again.
+    (arm,) = plan.arms
+    for dim in arm.dimensions:
+        here = functools.reduce(getattr, dim.key.split("."), base)
+        if dim.key == "ssl.channel_sampling":
+            here = student_channel_sampling(base)  # "auto": none for CellRep
+        if dim.kind == "loguniform":
+            assert dim.values[0] <= here <= dim.values[1], dim.key
+        else:
+            assert here in [list(v) if isinstance(v, (list, tuple)) else v for v in dim.values], dim.key
+    # Every proposal is a valid training config of that model.
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0), direction="maximize")
+    space = OptunaSpace(plan)
+    for _ in range(12):
+        trial = study.ask()
+        space(trial)
+        cfg = plan.trial_config(*plan.values_of(dict(trial.params)), run_name="t")
+        validate(cfg)
+        assert cfg.model.name == model
+        study.tell(trial, cfg.optim.base_lr)
 
 
 # ------------------------------------------------------------------------------------- bad sweep files
