@@ -476,6 +476,27 @@ def test_outputs_best_config_is_ready_to_run_with_credentials_redacted(screen_ov
         assert (sweep / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_drawn_floats_are_plotted_on_a_numeric_axis_and_listed_values_one_tick_each(screen_overrides, tmp_path):
+    import matplotlib.pyplot as plt
+
+    from cellfm.tune.results import TrialRecord, dimensions_figure, results_table
+
+    plan = load_sweep(str(write_sweep(tmp_path, OPTUNA_ARMS + "    search: {algorithm: optuna}\n")),
+                      overrides=screen_overrides, storage=str(tmp_path / "sweeps"))
+    done = {"epochs_done": 2, "loss": 1.0, "images_per_s": 1.0, "forward_flops_per_image": 1e8}
+    lrs = [2e-4, 3e-3, 8e-3]
+    mine = [TrialRecord(f"trial-{i}", {"arm": "cellrep", "optim.base_lr": lr, "train.seed": 0,
+                                       "cellrep": {"model.pooling_ratio": k}}, {**done, "objective": 0.1 * i}, None)
+            for i, (lr, k) in enumerate(zip(lrs, (1, 4, 2)))]
+    fig = dimensions_figure(plan, results_table(plan, mine))
+    panels = {ax.get_xlabel(): ax for ax in fig.axes}
+    lr_panel, k_panel = panels["optim.base_lr"], panels["model.pooling_ratio"]
+    assert lr_panel.get_xscale() == "log"   # loguniform
+    assert sorted(x for c in lr_panel.collections for x, _ in c.get_offsets()) == pytest.approx(lrs)
+    assert [t.get_text() for t in k_panel.get_xticklabels()] == ["1", "2", "4"]   # one tick per listed value
+    plt.close(fig)
+
+
 def test_outputs_of_a_sweep_with_one_named_arm(screen_overrides, tmp_path):
     # One arm: the table has no arm column, and the plots colour that arm's trials as its own.
     from cellfm.tune.results import results_table, write_outputs

@@ -35,6 +35,7 @@ from cellfm.tune.sweep_config import SweepPlan, describe_trial
 
 COMPLETED, STOPPED, ERROR, NOT_STARTED = "completed", "stopped early", "error", "not started"
 STOPPED_MARKER = "STOPPED_EARLY.json"
+CONTINUOUS_KINDS = ("uniform", "loguniform")  # dimensions plotted on a numeric axis
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,11 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 
 def plot_dimensions(plan: SweepPlan, table: pd.DataFrame) -> bytes:
+    """The objective against each swept dimension, as a PNG (`dimensions_figure`)."""
+    return _png(dimensions_figure(plan, table))
+
+
+def dimensions_figure(plan: SweepPlan, table: pd.DataFrame):
     """The objective against each swept dimension, one panel each; a point per trial that has the
     dimension (filled: completed, hollow: stopped early), coloured by arm."""
     import matplotlib
@@ -193,19 +199,27 @@ def plot_dimensions(plan: SweepPlan, table: pd.DataFrame) -> bytes:
     keys = plan.swept_keys() or ["trial"]
     metric = plan.spec.objective.metric
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    kinds = {d.key: d.kind for arm in plan.arms for d in arm.dimensions}
     for ax, key in zip(axes[0], keys):
         rows = table[table[key].map(_present) & table[metric].notna()] if len(table) else table
-        labels = sorted({_fmt(v) for v in rows[key]}, key=_natural) if len(rows) else []
-        for arm, group in _by_arm(plan, rows):
-            x = np.asarray([labels.index(_fmt(v)) for v in group[key]])
-            _scatter(ax, plan, arm, x, group, metric)
-        ax.set_xticks(range(len(labels)), labels, rotation=30 if any(len(s) > 6 for s in labels) else 0)
+        if kinds.get(key) in CONTINUOUS_KINDS:
+            # Drawn floats on their own axis (log for loguniform), not one tick per distinct value.
+            for arm, group in _by_arm(plan, rows):
+                _scatter(ax, plan, arm, group[key].to_numpy(dtype=float), group, metric)
+            if kinds[key] == "loguniform":
+                ax.set_xscale("log")
+        else:
+            labels = sorted({_fmt(v) for v in rows[key]}, key=_natural) if len(rows) else []
+            for arm, group in _by_arm(plan, rows):
+                x = np.asarray([labels.index(_fmt(v)) for v in group[key]])
+                _scatter(ax, plan, arm, x, group, metric)
+            ax.set_xticks(range(len(labels)), labels, rotation=30 if any(len(s) > 6 for s in labels) else 0)
         ax.set_xlabel(key)
         ax.set_ylabel(metric)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.suptitle(f"sweep {plan.spec.name}: {metric} per trial (hollow: stopped early)", fontsize=10)
-    return _png(fig)
+    return fig
 
 
 def plot_flops(plan: SweepPlan, table: pd.DataFrame) -> bytes:
