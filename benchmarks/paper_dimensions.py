@@ -51,6 +51,7 @@ from cellfm.tune.results import COMPLETED  # noqa: E402
 RESULTS = REPO / "benchmarks" / "results"
 SWEEP_FILE = REPO / "configs" / "sweeps" / "paper_dimensions.yaml"
 SEED_KEY = "train.seed"
+STORAGE_HELP = "folder holding the sweeps (default: the sweep file's storage, demo_output/sweeps)"
 OBJECTIVE = "objective"
 
 
@@ -264,11 +265,11 @@ def ensure_screens(plan) -> None:
                 raise SystemExit(f"cellfm synth {screen} failed")
 
 
-def run_sweep(sweep_file: Path) -> None:
-    """Run or resume a sweep (`cellfm sweep --config`)."""
+def run_sweep(sweep_file: Path, storage: str | None = None) -> None:
+    """Run or resume a sweep (`cellfm sweep --config`), under `storage` instead of the file's if given."""
     from cellfm.cli import main as cellfm
 
-    if cellfm(["sweep", "--config", str(sweep_file)]) != 0:
+    if cellfm(["sweep", "--config", str(sweep_file), *(["--storage", storage] if storage else [])]) != 0:
         raise SystemExit(f"cellfm sweep --config {sweep_file} failed (rerun this command to resume it)")
 
 
@@ -287,11 +288,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--summarize-only", action="store_true",
                         help="summarize the sweep folder as it is; run nothing")
     parser.add_argument("--output", default=str(RESULTS / "paper_dimensions.json"))
+    parser.add_argument("--storage", help=STORAGE_HELP)
     args = parser.parse_args(argv)
-    plan = load_sweep(str(SWEEP_FILE))
+    plan = load_sweep(str(SWEEP_FILE), storage=args.storage)
     if not args.summarize_only:
         ensure_screens(plan)
-        run_sweep(SWEEP_FILE)
+        run_sweep(SWEEP_FILE, args.storage)
     sweep_dir = Path(plan.sweep_dir)
     table_path = sweep_dir / "results.parquet"
     if not table_path.exists():

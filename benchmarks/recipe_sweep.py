@@ -34,9 +34,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.model_quality import cell_text  # noqa: E402
-from benchmarks.paper_dimensions import (OBJECTIVE, SEED_KEY, Level, cell, ensure_screens, plain_value,  # noqa: E402
-                                         run_sweep, table_header, trial_rows, wells_per_set,
-                                         write_results)
+from benchmarks.paper_dimensions import (OBJECTIVE, SEED_KEY, STORAGE_HELP, Level, cell,  # noqa: E402
+                                         ensure_screens, plain_value, run_sweep, table_header, trial_rows,
+                                         wells_per_set, write_results)
 from cellfm.evaluate.metrics import compare_scores  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -50,14 +50,14 @@ BASELINES = {
 PAPER_SWEEP_RESULTS = RESULTS / "paper_dimensions.json"
 
 
-def confirm_sweep(search_file: Path, winner: dict, sweep_dir: Path) -> Path:
+def confirm_sweep(search_file: Path, winner: dict, sweep_dir: Path, storage: str | None = None) -> Path:
     """A grid sweep file (written into the search's folder) retraining the winner's recipe on CONFIRM_SEEDS for
     the whole budget, the objective once at the end: the search file's base and overrides plus the winner's
-    values, nothing searched."""
+    values, nothing searched; under `storage` if given, else the search file's."""
     spec = yaml.safe_load(search_file.read_text())
     overrides = {**spec.get("overrides", {}), **{key: value for key, value in winner.items() if key != SEED_KEY}}
     confirm = {
-        "name": f"{spec['name']}_confirm", "storage": spec["storage"],
+        "name": f"{spec['name']}_confirm", "storage": storage or spec["storage"],
         "base": str((search_file.parent / spec["base"]).resolve()), "overrides": overrides,
         "space": {SEED_KEY: {"grid": list(CONFIRM_SEEDS)}},
         "search": {"algorithm": "grid", "max_concurrent_trials": spec["search"]["max_concurrent_trials"]},
@@ -177,18 +177,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", choices=sorted(BASELINES), required=True)
     parser.add_argument("--summarize-only", action="store_true", help="summarize what has run; run nothing")
     parser.add_argument("--output", help="default: benchmarks/results/recipe_<model>.json")
+    parser.add_argument("--storage", help=STORAGE_HELP)
     args = parser.parse_args(argv)
     search_file = SWEEPS / f"recipe_{args.model}.yaml"
-    plan = load_sweep(str(search_file))
+    plan = load_sweep(str(search_file), storage=args.storage)
     sweep_dir = Path(plan.sweep_dir)
     if not args.summarize_only:
         ensure_screens(plan)
-        run_sweep(search_file)
+        run_sweep(search_file, args.storage)
     if not (sweep_dir / "best.json").exists():
         raise SystemExit(f"{sweep_dir}: no finished search yet (run `python benchmarks/recipe_sweep.py "
                          f"--model {args.model}`)")
     best = json.loads((sweep_dir / "best.json").read_text())
-    confirm_file = confirm_sweep(search_file, best["values"], sweep_dir)
+    confirm_file = confirm_sweep(search_file, best["values"], sweep_dir, args.storage)
     if not args.summarize_only:
         run_sweep(confirm_file)
     confirm_table = load_sweep(str(confirm_file)).sweep_dir + "/results.parquet"

@@ -109,3 +109,12 @@ def test_the_questions_name_levels_the_sweep_file_runs():
                     assert expected in [list(v) if isinstance(v, (list, tuple)) else v for v in arms[level.arm][key]], \
                         (level, key)
     assert plan.grid_size() == 36 and np.isfinite(plan.epochs)
+
+
+def test_a_summary_without_results_ends_in_one_line_naming_the_command(tmp_path):
+    from benchmarks.paper_dimensions import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--summarize-only", "--storage", str(tmp_path)])
+    assert str(stop.value) == (f"{tmp_path / 'paper_dimensions' / 'results.parquet'}: no results yet "
+                               "(run `python benchmarks/paper_dimensions.py`)")

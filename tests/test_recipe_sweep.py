@@ -93,3 +93,19 @@ def test_before_the_confirmation_runs_the_summary_says_so(tmp_path):
     assert summary["baseline"][OBJECTIVE]["n"] == 2
     assert "| winner | not confirmed yet |" in markdown("c3r", summary, "configs/sweeps/recipe_c3r.yaml")
 
+
+
+def test_a_summary_before_the_search_has_finished_ends_in_one_line_naming_the_command(tmp_path):
+    from benchmarks.recipe_sweep import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--model", "c3r", "--summarize-only", "--storage", str(tmp_path)])
+    assert str(stop.value) == (f"{tmp_path / 'recipe_c3r'}: no finished search yet "
+                               "(run `python benchmarks/recipe_sweep.py --model c3r`)")
+
+
+def test_the_confirmation_sweep_follows_the_storage_it_is_given(tmp_path):
+    from cellfm.tune.sweep_config import load_sweep
+
+    path = confirm_sweep(SWEEPS / "recipe_c3r.yaml", {"optim.base_lr": 0.01}, tmp_path, str(tmp_path / "sweeps"))
+    assert load_sweep(str(path)).sweep_dir == str(tmp_path / "sweeps" / "recipe_c3r_confirm")
