@@ -214,7 +214,7 @@ def table_header(columns: Sequence[str]) -> list[str]:
     return ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
 
 
-def _difference_text(d: dict) -> str:
+def difference_text(d: dict) -> str:
     return f"{d['difference']:+.3f} ± {d['standard_error']:.3f} ({d['direction']})"
 
 
@@ -246,8 +246,8 @@ def markdown(summary: dict, sweep_file: str) -> str:
                 lines.append(f"| {c['a']} vs {c['b']} | not run | " + " | ".join("-" for _ in sets) + " | - |")
                 continue
             d = c["difference"]
-            lines.append(f"| {c['a']} vs {c['b']} | {_difference_text(d[OBJECTIVE])} | "
-                         + " | ".join(_difference_text(d[name]) for name in sets) + f" | {c['gflops_ratio']:.2f} |")
+            lines.append(f"| {c['a']} vs {c['b']} | {difference_text(d[OBJECTIVE])} | "
+                         + " | ".join(difference_text(d[name]) for name in sets) + f" | {c['gflops_ratio']:.2f} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -34,12 +34,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.model_quality import cell_text  # noqa: E402
-from benchmarks.paper_dimensions import (OBJECTIVE, SEED_KEY, STORAGE_HELP, Level, cell,  # noqa: E402
-                                         ensure_screens, plain_value, run_sweep, table_header, trial_rows,
-                                         wells_per_set, write_results)
+from benchmarks.paper_dimensions import (OBJECTIVE, RESULTS, SEED_KEY, STORAGE_HELP, Level, cell,  # noqa: E402
+                                         difference_text, ensure_screens, plain_value, run_sweep, select,
+                                         table_header, trial_rows, wells_per_set, write_results)
 from cellfm.evaluate.metrics import compare_scores  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results"
 SWEEPS = REPO / "configs" / "sweeps"
 CONFIRM_SEEDS = (1, 2)
 # The base recipe's setting in the paper sweep: configs/model_quality.yaml as recipe_<model>.yaml starts from it.
@@ -76,7 +75,7 @@ def baseline_rows(model: str) -> list[dict]:
     for row in rows:
         row["values"] = {key: plain_value(value) for key, value in row["values"].items()}
     level = BASELINES[model]
-    chosen = [r for r in rows if r["arm"] == level.arm and all(r["values"].get(k) == v for k, v in level.values)]
+    chosen = select(rows, level)
     if not chosen:
         raise SystemExit(f"{PAPER_SWEEP_RESULTS}: no trial of {level.label()} (run benchmarks/paper_dimensions.py)")
     return chosen
@@ -99,9 +98,7 @@ def _score(value) -> float | None:
 def summarize(model: str, search: pd.DataFrame, best: dict, confirm: pd.DataFrame | None, wells: dict[str, int],
               swept_keys: list[str]) -> dict:
     sets = list(wells)
-    base = baseline_rows(model)
-    everything = Level("", ())  # trial_rows gives a one-arm sweep's rows the arm ""
-    base_cell = cell([{**r, "arm": ""} for r in base], everything, sets)
+    base_cell = cell(baseline_rows(model), BASELINES[model], sets)
     out = {"search": search_rows(search, swept_keys, sets), "winner": {"trial": best["trial"],
                                                                        "values": best["values"],
                                                                        "search_objective": best[OBJECTIVE]},
@@ -109,7 +106,7 @@ def summarize(model: str, search: pd.DataFrame, best: dict, confirm: pd.DataFram
                         **{name: base_cell[name] for name in (OBJECTIVE, *sets)}}}
     confirmed = trial_rows(confirm, wells, []) if confirm is not None else []
     if confirmed:
-        win_cell = cell(confirmed, everything, sets)
+        win_cell = cell(confirmed, Level("", ()), sets)  # trial_rows gives a one-arm sweep's rows the arm ""
         out["confirmed"] = {"seeds": list(CONFIRM_SEEDS), "trials": win_cell["trials"],
                             **{name: win_cell[name] for name in (OBJECTIVE, *sets)},
                             "images_per_s": win_cell["images_per_s"]}
@@ -154,9 +151,8 @@ def markdown(model: str, summary: dict, sweep_file: str) -> str:
         lines.append(f"| winner: {_values_text(summary['winner']['values'])} | {c[OBJECTIVE]['n']} "
                      f"(seeds {', '.join(map(str, c['seeds']))}) | {cell_text(c[OBJECTIVE])} | "
                      + " | ".join(cell_text(c[name]) for name in sets) + " |")
-        lines.append("| winner − base | | " + " | ".join(
-            f"{d[name]['difference']:+.3f} ± {d[name]['standard_error']:.3f} ({d[name]['direction']})"
-            for name in (OBJECTIVE, *sets)) + " |")
+        lines.append("| winner − base | | " + " | ".join(difference_text(d[name]) for name in (OBJECTIVE, *sets))
+                     + " |")
     else:
         lines.append("| winner | not confirmed yet | " + " | ".join("-" for _ in (OBJECTIVE, *sets)) + " |")
     lines += ["", f"The winner's own search trial (seed 0, the best of {len(summary['search'])}: biased upward): "
