@@ -70,7 +70,7 @@ import torch  # noqa: E402
 from cellfm.data.manifest import write_manifest  # noqa: E402
 from cellfm.data.batch import FieldBatch  # noqa: E402
 from cellfm.data.pipeline.batches import iter_training_batches  # noqa: E402
-from cellfm.data.pipeline.dataset import build_field_pipeline  # noqa: E402
+from cellfm.data.pipeline.dataset import build_field_pipeline, training_epoch_blocks  # noqa: E402
 from cellfm.data.pipeline.monitor import BadFieldError  # noqa: E402
 from cellfm.data.plate_writer import create_plate, write_field  # noqa: E402
 
@@ -108,7 +108,8 @@ def test_mixed_channel_counts_reach_the_trainer_padded_with_mask(ray_session, ti
     assert pipeline.channels == 5 and pipeline.field_shape == (64, 64)
     channel_sets = {frozenset(names) for names in manifest["channel_names"]}
     counts = []
-    for batch in iter_training_batches(pipeline.dataset.iterator(), cfg, batch_size=4, device="cpu"):
+    blocks = training_epoch_blocks(manifest, cfg, seed=0, epoch=0)
+    for batch in iter_training_batches(blocks, cfg, batch_size=4, device="cpu"):
         assert isinstance(batch, FieldBatch)
         assert batch.images.shape == (4, 5, 64, 64) and batch.images.dtype == torch.float32
         masks = batch.channel_mask  # None when no sample of the batch is padded
@@ -148,7 +149,8 @@ def test_family_plates_reach_the_trainer_with_names_in_both_modes(ray_session, f
     cfg = DataConfig(mixed_channels=mode, **_FAST)
     pipeline = build_field_pipeline(manifest, cfg, training=True, seed=0)
     assert pipeline.channels == 5
-    batches = list(iter_training_batches(pipeline.dataset.iterator(), cfg, batch_size=4, device="cpu"))
+    batches = list(iter_training_batches(training_epoch_blocks(manifest, cfg, seed=0, epoch=0), cfg, batch_size=4,
+                                         device="cpu"))
     assert len(batches) == len(manifest) // 4  # both modes: as many steps as samples allow
     counts = []
     for batch in batches:
@@ -272,8 +274,8 @@ def test_corrupt_chunk_is_named_in_fail_mode(ray_session, corrupt_manifest):
 def test_uint8_transfer_halves_bytes_and_decodes_to_unit_range(ray_session, tiny_screen):
     manifest = load_manifests([tiny_screen["train"]]).iloc[:8]
     cfg = DataConfig(transfer_dtype="uint8", channel_permutation=False, **_FAST)
-    ds = build_field_dataset(manifest, cfg, training=True)
-    batches = list(iter_training_batches(ds.iterator(), cfg, batch_size=4, device="cpu"))
+    batches = list(iter_training_batches(training_epoch_blocks(manifest, cfg, seed=0, epoch=0), cfg, batch_size=4,
+                                         device="cpu"))
     assert len(batches) == 2 and batches[0].channel_mask is None  # nothing padded: no mask
     images = torch.cat([b.images for b in batches])
     assert images.dtype == torch.float32 and 0 <= images.min() and images.max() <= 1

@@ -72,6 +72,7 @@ _POSITIVE = (
 _NON_NEGATIVE = (
     "data.synthetic_seed", "data.pad_channels_to", "data.field_size", "data.object_store_limit_mb",
     "data.read_concurrency", "data.read_actors", "data.progress_interval_s", "data.shuffle_buffer",
+    "data.prefetch_batches",
     "model.mixer_depth", "model.num_register_tokens", "model.n_pre",
     "ssl.ibot_loss_weight", "ssl.koleo_weight", "ssl.supcon_weight", "ssl.kl_uniform_weight",
     "ssl.token_orthogonality_weight", "ssl.mae_fourier_weight",

@@ -84,9 +84,13 @@ class DataConfig:
     read_batch_size: int = 8
     # Rows of the local shuffle buffer of each training worker (0 = no local shuffle).
     shuffle_buffer: int = 64
+    # Training batches a background thread of each worker assembles ahead of its step (0 = none). CPU workers
+    # with train.torch_threads > 1 take none: the thread would stall their intra-op threads.
+    prefetch_batches: int = 2
     # Training only: read and normalize every field once, before the first epoch, and keep them in Ray's
     # object store (cellfm.data.pipeline.cache.FieldCache); every epoch then takes its fields from memory
-    # instead of the plates. For screens that fit: the run refuses one above cache_max_mb.
+    # instead of the plates, in the training worker itself (no Ray Data execution per epoch). For screens that
+    # fit: the run refuses one above cache_max_mb.
     cache_fields: bool = False
     # Largest field cache (MB of normalized fields) data.cache_fields may build.
     cache_max_mb: int = 4096

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from cellfm.config import Config
-from cellfm.data.pipeline.batches import iter_training_batches
+from cellfm.data.pipeline.batches import iter_training_batches, prefetched
 from cellfm.data.pipeline.cache import FieldCache
-from cellfm.data.pipeline.dataset import build_field_pipeline, epoch_shard, samples_per_rank
+from cellfm.data.pipeline.dataset import epoch_shard, samples_per_rank, training_epoch_blocks
 from cellfm.data.pipeline.monitor import DataMonitor
 from cellfm.progress import log_line
 from cellfm.seeding import Stream, derive_seed
@@ -80,10 +80,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for epoch in range(start_epoch, cfg.optim.epochs):
         # This rank's fields of the epoch in a fixed order, each with its seeded channel order (data.pipeline).
         shard = epoch_shard(manifest, cfg.data, seed=cfg.train.seed, epoch=epoch, rank=rank, world_size=world)
-        stream = build_field_pipeline(shard, cfg.data, training=True, keep_columns=[label] if label else [],
-                                      seed=cfg.train.seed, epoch=epoch, monitor=monitor, cache=cache).dataset
+        blocks = training_epoch_blocks(shard, cfg.data, keep_columns=[label] if label else [], seed=cfg.train.seed,
+                                       epoch=epoch, monitor=monitor, cache=cache)
         shuffle_seed = derive_seed(cfg.train.seed, Stream.SHUFFLE_BUFFER, epoch, rank)
-        batches = iter_training_batches(stream, cfg.data, batch, device, label_column=label, shuffle_seed=shuffle_seed)
+        batches = prefetched(iter_training_batches(blocks, cfg.data, batch, device, label_column=label,
+                                                   shuffle_seed=shuffle_seed), prefetch_depth(cfg, device))
         telemetry.start_epoch()
         micro = 0
         for fields in telemetry.timed(batches):
@@ -104,6 +105,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             step += 1
         report_epoch(meta_arch, telemetry, epoch=epoch, step=step, epoch_evaluator=epoch_evaluator, rank=rank)
     telemetry.close()
+
+
+def prefetch_depth(cfg: Config, device: torch.device) -> int:
+    """Batches the worker's prefetch thread assembles ahead of the step: ``data.prefetch_batches``, except on a
+    CPU worker with several torch threads, where a third thread stalls the intra-op threads (one worker with
+    two threads lost a large share of its images/s to it)."""
+    if device.type == "cpu" and cfg.train.torch_threads > 1:
+        return 0
+    return cfg.data.prefetch_batches
 
 
 def report_epoch(meta_arch: SSLMetaArch, telemetry: TrainingTelemetry, *, epoch: int, step: int, epoch_evaluator,

@@ -24,7 +24,11 @@ channel count -> batches.
   ``skip`` drops the field, counts it in a ``PipelineMonitor`` actor (which also logs progress:
   fields/s and MB/s) and fails once more than ``data.max_bad_fraction`` of the fields are bad.
 
+- ``data.cache_fields``: the training fields are read once into Ray's object store; each worker then takes
+  its epoch share from there in its own process (the same ``FieldLoader`` over the same read blocks), with no
+  Ray Data execution per epoch, and the same rows.
+
 Modules: ``layout`` (columns, stream layout, read blocks), ``monitor`` (counting and bad fields),
-``loader`` (the read task), ``dataset`` (manifests, epoch shards, the Ray Dataset), ``cache`` (fields kept
-in the object store), ``batches`` (the consumer's FieldBatches).
+``loader`` (the read task), ``dataset`` (manifests, epoch shards, the Ray Dataset, a training epoch's blocks),
+``cache`` (fields kept in the object store), ``batches`` (the consumer's local shuffle, FieldBatches, prefetching).
 """

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -33,13 +33,25 @@ class FieldCache:
     blocks: tuple
     where: dict[int, tuple[int, int]]
     nbytes: int
+    # This process's blocks fetched so far (read-only views of the object store): a process that takes
+    # fields from the cache every epoch (a training worker) asks the object store for each block once.
+    _fetched: dict[int, dict[str, np.ndarray]] = field(default_factory=dict, compare=False, repr=False)
 
     def fetch(self, field_indices: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
         """The cached blocks holding these fields (zero-copy views of the object store), by block number."""
         import ray
 
         numbers = sorted({self.where[int(i)][0] for i in field_indices if int(i) in self.where})
-        return dict(zip(numbers, ray.get([self.blocks[b] for b in numbers])))
+        missing = [b for b in numbers if b not in self._fetched]
+        self._fetched.update(zip(missing, ray.get([self.blocks[b] for b in missing])))
+        return {b: self._fetched[b] for b in numbers}
+
+    def __getstate__(self) -> dict:
+        # Another process fetches for itself: views of this one's object store mappings do not travel.
+        return {**self.__dict__, "_fetched": {}}
+
+    def __setstate__(self, state: dict) -> None:
+        object.__setattr__(self, "__dict__", state)
 
     def field(self, field_index: int, blocks: dict[int, dict[str, np.ndarray]], row: dict) -> tuple[np.ndarray, list[str]]:
         """One field's cached (C_padded, H, W) image and channel names in manifest order, from ``fetch``ed

@@ -8,7 +8,7 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -106,6 +106,42 @@ def samples_per_rank(manifest: pd.DataFrame, cfg: DataConfig, *, seed: int, epoc
                for epoch in range(epochs) for rank in range(world_size))
 
 
+@dataclass
+class _FieldReads:
+    """What a field stream reads and how: the field table (one row per field, ``keep_columns`` and, with
+    ``data.crop_mode=cells``, each field's cell centres along), the ``FieldLoader``'s arguments and the output
+    shape."""
+
+    table: pd.DataFrame
+    loader_kwargs: dict[str, Any]
+    channels: int
+    field_shape: tuple[int, int]
+
+
+def _field_reads(manifest: pd.DataFrame, cfg: DataConfig, *, training: bool, keep_columns: Sequence[str], seed: int,
+                 epoch: int, monitor: DataMonitor | None, cache: FieldCache | None) -> _FieldReads:
+    if cache is not None and not training:
+        raise ValueError("a FieldCache holds training fields (training transfer dtype); evaluation reads the plates")
+    eval_cfg = cfg
+    if not training and cfg.transfer_dtype == "uint8":
+        # Evaluation consumers (batch inference) expect float images: keep float16 there.
+        import dataclasses
+
+        eval_cfg = dataclasses.replace(cfg, transfer_dtype="float16")
+    layout = check_pipeline_config(manifest, eval_cfg)
+    cells = cfg.crop_mode == "cells"
+    if cells:  # each field's centres travel with it to the read task that crops them
+        manifest = with_cell_locations(manifest, cfg)
+        keep_columns = [*keep_columns, CELLS_Y, CELLS_X]
+    table = field_table(manifest, keep_columns)
+    loader_kwargs = dict(cfg=eval_cfg, permute_channels=training and cfg.channel_permutation,
+                         keep_columns=keep_columns, layout=layout, monitor=monitor.actor if monitor else None,
+                         max_bad=monitor.max_bad if monitor else 0, total=monitor.total if monitor else len(table),
+                         seed=seed, epoch=epoch, cache=cache, cell_crop_size=cfg.cell_crop_size if cells else 0)
+    shape = (cfg.cell_crop_size, cfg.cell_crop_size) if cells else (layout.height, layout.width)
+    return _FieldReads(table, loader_kwargs, layout.channels, shape)
+
+
 def build_field_pipeline(
     manifest: pd.DataFrame,
     cfg: DataConfig,
@@ -127,42 +163,25 @@ def build_field_pipeline(
     ``monitor``: an existing monitor to report to (default: a new one, when one is needed). ``cache``: the
     training manifest's ``FieldCache`` (``data.cache_fields``) to take the fields from instead of the plates.
     """
-    import ray
     import ray.data
 
-    if cache is not None and not training:
-        raise ValueError("a FieldCache holds training fields (training transfer dtype); evaluation reads the plates")
-    eval_cfg = cfg
-    if not training and cfg.transfer_dtype == "uint8":
-        # Evaluation consumers (batch inference) expect float images: keep float16 there.
-        import dataclasses
-
-        eval_cfg = dataclasses.replace(cfg, transfer_dtype="float16")
-    layout = check_pipeline_config(manifest, eval_cfg)
-    cells = cfg.crop_mode == "cells"
-    if cells:  # each field's centres travel with it to the read task that crops them
-        manifest = with_cell_locations(manifest, cfg)
-        keep_columns = [*keep_columns, CELLS_Y, CELLS_X]
-    table = field_table(manifest, keep_columns)
     if monitor is None:
-        monitor = create_monitor(cfg, len(table), name)
+        monitor = create_monitor(cfg, len(manifest), name)
+    reads = _field_reads(manifest, cfg, training=training, keep_columns=keep_columns, seed=seed, epoch=epoch,
+                         monitor=monitor, cache=cache)
     # One block per few consecutive fields (same plate: read locality) so reads spread over tasks and
     # memory stays bounded. (Split here: Ray 2.60's own `override_num_blocks` split breaks on pandas 3 frames.)
     # Blocks never span two plates, so a plate's blocks are the same whatever else is read (batch
     # inference embeds a block as one batch: its numbers do not depend on the other plates of a run).
-    ds = ray.data.from_pandas(read_blocks(table, cfg))
-    loader_kwargs = dict(cfg=eval_cfg, permute_channels=training and cfg.channel_permutation,
-                         keep_columns=keep_columns, layout=layout, monitor=monitor.actor if monitor else None,
-                         max_bad=monitor.max_bad if monitor else 0, total=monitor.total if monitor else len(table),
-                         seed=seed, epoch=epoch, cache=cache, cell_crop_size=cfg.cell_crop_size if cells else 0)
+    ds = ray.data.from_pandas(read_blocks(reads.table, cfg))
     kwargs: dict[str, Any] = {}
     if cfg.read_actors > 0:
         # Two blocks queued per actor: the next block is already there when one finishes.
         kwargs.update(compute=ray.data.ActorPoolStrategy(size=cfg.read_actors, max_tasks_in_flight_per_actor=2),
-                      fn_constructor_kwargs=loader_kwargs)
+                      fn_constructor_kwargs=reads.loader_kwargs)
         loader = FieldLoader
     else:
-        loader = FieldLoader(**loader_kwargs)
+        loader = FieldLoader(**reads.loader_kwargs)
         if cfg.read_concurrency > 0:
             kwargs["compute"] = ray.data.TaskPoolStrategy(size=cfg.read_concurrency)
     # batch_size=None hands each block to the loader as it is: a batch of `read_batch_size` rows could
@@ -170,8 +189,39 @@ def build_field_pipeline(
     ds = ds.map_batches(loader, batch_size=None if cfg.mixed_channels == "group" else max(1, cfg.read_batch_size),
                         num_cpus=cfg.read_cpus, batch_format="numpy", **kwargs)
     ds.context.execution_options = _execution_options(cfg)
-    shape = (cfg.cell_crop_size, cfg.cell_crop_size) if cells else (layout.height, layout.width)
-    return FieldPipeline(ds, monitor, layout.channels, shape)
+    return FieldPipeline(ds, monitor, reads.channels, reads.field_shape)
+
+
+def training_epoch_blocks(shard: pd.DataFrame, cfg: DataConfig, *, keep_columns: Sequence[str] = (), seed: int,
+                          epoch: int, monitor: DataMonitor | None = None, cache: FieldCache | None = None
+                          ) -> Iterator[dict[str, np.ndarray]]:
+    """A rank's training fields of ``epoch`` (its ``epoch_shard``) as blocks of rows (numpy column dicts) in
+    the shard's order, for ``iter_training_batches``.
+
+    Read from the plates, they stream through ``build_field_pipeline``'s Ray Dataset. From a ``FieldCache``
+    (``data.cache_fields``), this process runs the same ``FieldLoader`` over the same read blocks: the cache
+    already holds the normalized fields, so what is left per field (its channel permutation, a copy) is cheaper
+    than a Ray Data execution per epoch, whose scheduling thread would share this training process's cores
+    and whose read tasks start worker processes (measured: benchmarks/train_throughput.py). The rows are the
+    same bit for bit either way."""
+    if cache is None:
+        stream = build_field_pipeline(shard, cfg, training=True, keep_columns=keep_columns, seed=seed, epoch=epoch,
+                                      monitor=monitor).dataset
+        # batch_size=None: the blocks as the read tasks made them; iter_training_batches shuffles and batches rows.
+        yield from stream.iter_batches(batch_size=None, batch_format="numpy")
+        return
+    # Fields the filling pass could not read were skipped and counted there (data.bad_field_policy=skip): what
+    # is left needs no monitor, and no call to its actor per block.
+    shard = shard[[int(i) in cache.where for i in shard.index]]
+    reads = _field_reads(shard, cfg, training=True, keep_columns=keep_columns, seed=seed, epoch=epoch, monitor=None,
+                         cache=cache)
+    loader = FieldLoader(**reads.loader_kwargs)
+    columns = {column: reads.table[column].to_numpy() for column in reads.table.columns}
+    start = 0
+    for block in read_blocks(reads.table, cfg):  # consecutive rows of the table
+        stop = start + len(block)
+        yield loader({column: values[start:stop] for column, values in columns.items()})
+        start = stop
 
 
 def build_field_dataset(
