@@ -92,6 +92,7 @@ def test_the_shipped_defaults_load_to_the_default_config():
         (["ssl.blur_sigma=[2.0, 1.0]"], r"ssl\.blur_sigma must be \[low, high\] pixels"),
         (["eval.n_splits=0"], r"eval\.n_splits must be > 0"),
         (["data.read_actors=-1"], r"data\.read_actors must be >= 0, got -1"),
+        (["data.prefetch_batches=-1"], r"data\.prefetch_batches must be >= 0, got -1"),
     ],
 )
 def test_engine_settings_are_validated(overrides, message):

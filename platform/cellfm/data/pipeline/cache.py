@@ -13,7 +13,7 @@ import pandas as pd
 
 from cellfm.config import DataConfig
 from cellfm.data.pipeline.layout import (CHANNEL_SEPARATOR, FIELD_INDEX, MB, PAD_CHANNEL_NAME, check_pipeline_config,
-                                         field_table, read_blocks, stream_layout)
+                                         field_table, read_block_columns, stream_layout)
 from cellfm.data.pipeline.loader import FieldLoader
 from cellfm.data.pipeline.monitor import DataMonitor
 from cellfm.data.plate import PlateError
@@ -108,7 +108,7 @@ def fill_field_cache(manifest: pd.DataFrame, cfg: DataConfig, *, monitor: DataMo
     # captures its child tasks, where a read task could not fit; reads use the CPUs kept free for Ray Data.
     read = ray.remote(num_cpus=cfg.read_cpus, num_returns=2, scheduling_strategy="DEFAULT")(_load_block)
     started = time.monotonic()
-    refs = [read.remote(loader, {c: block[c].to_numpy() for c in block.columns}) for block in read_blocks(table, cfg)]
+    refs = [read.remote(loader, block) for block in read_block_columns(table, cfg)]
     indices = ray.get([index for index, _ in refs])
     where = {int(i): (b, position) for b, block in enumerate(indices) for position, i in enumerate(block)}
     blocks = tuple(out for _, out in refs)

@@ -17,7 +17,7 @@ from cellfm.config import DataConfig
 from cellfm.data.cells import CELLS_X, CELLS_Y, cells_per_field, with_cell_locations
 from cellfm.data.manifest import check_manifest_against_plates, read_manifest
 from cellfm.data.pipeline.cache import FieldCache
-from cellfm.data.pipeline.layout import MB, check_pipeline_config, field_table, read_blocks
+from cellfm.data.pipeline.layout import MB, check_pipeline_config, field_table, read_block_columns, read_blocks
 from cellfm.data.pipeline.loader import FieldLoader
 from cellfm.data.pipeline.monitor import DataMonitor, create_monitor
 from cellfm.seeding import Stream, numpy_rng
@@ -120,8 +120,6 @@ class _FieldReads:
 
 def _field_reads(manifest: pd.DataFrame, cfg: DataConfig, *, training: bool, keep_columns: Sequence[str], seed: int,
                  epoch: int, monitor: DataMonitor | None, cache: FieldCache | None) -> _FieldReads:
-    if cache is not None and not training:
-        raise ValueError("a FieldCache holds training fields (training transfer dtype); evaluation reads the plates")
     eval_cfg = cfg
     if not training and cfg.transfer_dtype == "uint8":
         # Evaluation consumers (batch inference) expect float images: keep float16 there.
@@ -152,7 +150,6 @@ def build_field_pipeline(
     epoch: int = 0,
     name: str = "fields",
     monitor: DataMonitor | None = None,
-    cache: FieldCache | None = None,
 ) -> FieldPipeline:
     """A streaming Ray Dataset of normalized fields for the rows of ``manifest`` (one or several
     manifests concatenated by ``load_manifests``: several plates, sources, channel counts; or one rank's
@@ -160,15 +157,15 @@ def build_field_pipeline(
 
     training=True permutes channels per field (if ``data.channel_permutation``), seeded by (seed, epoch,
     the row's index label); evaluation keeps channel order and carries ``keep_columns`` along.
-    ``monitor``: an existing monitor to report to (default: a new one, when one is needed). ``cache``: the
-    training manifest's ``FieldCache`` (``data.cache_fields``) to take the fields from instead of the plates.
+    ``monitor``: an existing monitor to report to (default: a new one, when one is needed). Cached training
+    fields (``data.cache_fields``) go through ``training_epoch_blocks`` instead.
     """
     import ray.data
 
     if monitor is None:
         monitor = create_monitor(cfg, len(manifest), name)
     reads = _field_reads(manifest, cfg, training=training, keep_columns=keep_columns, seed=seed, epoch=epoch,
-                         monitor=monitor, cache=cache)
+                         monitor=monitor, cache=None)
     # One block per few consecutive fields (same plate: read locality) so reads spread over tasks and
     # memory stays bounded. (Split here: Ray 2.60's own `override_num_blocks` split breaks on pandas 3 frames.)
     # Blocks never span two plates, so a plate's blocks are the same whatever else is read (batch
@@ -216,12 +213,8 @@ def training_epoch_blocks(shard: pd.DataFrame, cfg: DataConfig, *, keep_columns:
     reads = _field_reads(shard, cfg, training=True, keep_columns=keep_columns, seed=seed, epoch=epoch, monitor=None,
                          cache=cache)
     loader = FieldLoader(**reads.loader_kwargs)
-    columns = {column: reads.table[column].to_numpy() for column in reads.table.columns}
-    start = 0
-    for block in read_blocks(reads.table, cfg):  # consecutive rows of the table
-        stop = start + len(block)
-        yield loader({column: values[start:stop] for column, values in columns.items()})
-        start = stop
+    for block in read_block_columns(reads.table, cfg):
+        yield loader(block)
 
 
 def build_field_dataset(

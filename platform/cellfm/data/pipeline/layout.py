@@ -5,7 +5,7 @@ cut into (never spanning two plates: read locality)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -63,10 +63,8 @@ def check_pipeline_config(manifest: pd.DataFrame, cfg: DataConfig) -> StreamLayo
     return stream_layout(manifest, cfg)
 
 
-def read_blocks(table: pd.DataFrame, cfg: DataConfig) -> list[pd.DataFrame]:
-    """Consecutive rows cut into read blocks of at most ``data.read_batch_size`` fields, cut where the
-    plate changes (read locality; a block never spans two plates) and, with ``mixed_channels=group``,
-    where the channel count changes, so every block has one image shape."""
+def _read_block_bounds(table: pd.DataFrame, cfg: DataConfig) -> list[tuple[int, int]]:
+    """(start, stop) rows of each read block (see read_blocks)."""
     step = max(1, cfg.read_batch_size)
     plates = table["plate"].astype(str).to_numpy()
     changes = plates[1:] != plates[:-1]
@@ -74,7 +72,21 @@ def read_blocks(table: pd.DataFrame, cfg: DataConfig) -> list[pd.DataFrame]:
         counts = table["channel_names"].map(len).to_numpy()
         changes |= counts[1:] != counts[:-1]
     cuts = [0, *np.flatnonzero(changes) + 1, len(table)]
-    return [table.iloc[i:min(i + step, b)] for a, b in zip(cuts[:-1], cuts[1:]) for i in range(a, b, step)]
+    return [(i, min(i + step, b)) for a, b in zip(cuts[:-1], cuts[1:]) for i in range(a, b, step)]
+
+
+def read_blocks(table: pd.DataFrame, cfg: DataConfig) -> list[pd.DataFrame]:
+    """Consecutive rows cut into read blocks of at most ``data.read_batch_size`` fields, cut where the
+    plate changes (read locality; a block never spans two plates) and, with ``mixed_channels=group``,
+    where the channel count changes, so every block has one image shape."""
+    return [table.iloc[start:stop] for start, stop in _read_block_bounds(table, cfg)]
+
+
+def read_block_columns(table: pd.DataFrame, cfg: DataConfig) -> Iterator[dict[str, np.ndarray]]:
+    """``read_blocks`` as the numpy column dicts a ``FieldLoader`` takes (each column converted once)."""
+    columns = {column: table[column].to_numpy() for column in table.columns}
+    for start, stop in _read_block_bounds(table, cfg):
+        yield {column: values[start:stop] for column, values in columns.items()}
 
 
 def field_table(manifest: pd.DataFrame, keep_columns: Sequence[str]) -> pd.DataFrame:
