@@ -210,7 +210,8 @@ def test_boxes_follow_random_resized_crop_scale_ratio_and_position():
     assert boxes.flip_x.float().mean().sub(0.5).abs() < 0.03
 
 
-def test_block_size_does_not_change_the_views(monkeypatch):
+def test_block_size_does_not_change_the_views(monkeypatch, resampler):
+    # Whole batch in one block vs one image per block, through either resampler.
     images, mask = _padded_batch()
     crop = MultiCrop(16, 8, n_local=3, intensity_jitter=0.3)
     monkeypatch.setattr(multicrop, "_CPU_BLOCK_BYTES_PER_THREAD", 1 << 30)

@@ -14,15 +14,16 @@ from cellfm.ssl.channel_sampling import spread_over_real_channels
 
 # Rejection-sampling attempts per box before falling back to the whole image (as torchvision does).
 _BOX_ATTEMPTS = 10
-# Bytes of input images, views and sampling grid handled at a time on CPU, per intra-op thread: a
-# few MB, so a block stays in cache from its input read through resampling and the intensity pass,
-# while each multithreaded op still gets enough work to amortize its fork-join (measured in
-# benchmarks/multicrop_ablation.py: 2-6 MB alike, 1 MB and 16 MB about 1.7-1.8x slower).
-_CPU_BLOCK_BYTES_PER_THREAD = 1 << 22
+# Bytes of input images, views and sampling grid handled at a time on CPU, per intra-op thread: enough
+# that the per-block calls and each multithreaded op's fork-join are paid rarely, while the temporaries
+# (grid, samples) of a large batch stay bounded (multicrop_ablation, block size section: 4 MB blocks
+# take about 1.2x the time of 32 MB ones, 16 MB up to 1.1x, 64 MB alike).
+_CPU_BLOCK_BYTES_PER_THREAD = 1 << 25
 # On CPU, views at least this size are resampled one F.interpolate per view instead of by batched
 # grid_sample: a separable resize of a box costs less per pixel than grid_sample's gathers, which
 # outweighs the per-call Python for large views (multicrop_ablation, resampler section: grid_sample
-# takes 0.94x the per-view time at 96 px, 1.15x at 128 px, 1.35x at 224 px).
+# takes about 0.9x the per-view time for 96-px locals from 512-px fields, 0.8x / 1.2x for 128-px
+# views from 256 / 512-px fields, 1.4x for 224-px globals).
 _PER_VIEW_MIN_SIZE = 128
 
 
@@ -57,7 +58,7 @@ class _ViewSet:
         b = stop - start
         grid = torch.empty((b, n_views * size, size, 2), dtype=self.grid_row.real.dtype, device=self.out.device)
         # As complex numbers x + iy, the grid's interleaved (x, y) pairs are one contiguous broadcast add:
-        # about 5x faster on CPU than one add per coordinate into the strided halves (multicrop_ablation).
+        # 3-5x faster on CPU than one add per coordinate into the strided halves (multicrop_ablation).
         torch.add(self.grid_column[start:stop], self.grid_row[start:stop],
                   out=torch.view_as_complex(grid).view(b, n_views, size, size))
         # Each image's views stacked along the grid height: one grid_sample call, no copies of the input.
@@ -67,27 +68,32 @@ class _ViewSet:
         slope = self.slope[:, start:stop, :, None, None]
         out = self.out[:, start:stop]
         # Jitter and mask: one multiply that also writes the (views, B, C) layout, then the per-channel
-        # offset. (Not one addcmul: on CPU it is about 3x slower than mul + add_ for these broadcasts.)
+        # offset. (Not one addcmul: on CPU it is slower than mul + add_ here, multicrop_ablation.)
         torch.mul(views, slope, out=out)
         if self.mean_weight is not None:
             mean = sampled.view(b, C, n_views, size * size).mean(dim=-1).permute(2, 0, 1)
             out.add_((self.mean_weight[:, start:stop] * mean)[..., None, None])
 
-    def resample_per_view(self, images: Tensor) -> None:
-        """Crop each box and resize it with F.interpolate, then flip and jitter it while it is in cache:
-        the same views as resample (up to float rounding), cheaper per pixel for large views on CPU."""
+    def resample_per_view(self, images: Tensor, start: int, stop: int) -> None:
+        """Crop each box of images start..stop and resize it with F.interpolate, then flip and jitter it
+        while it is in cache: the same views as resample (up to float rounding), cheaper per pixel for
+        large views on CPU."""
         n_views = self.out.shape[0]
         columns = (self.boxes.x0, self.boxes.y0, self.boxes.w, self.boxes.h, self.boxes.transpose,
                    self.boxes.flip_x, self.boxes.flip_y)
-        for n, (x0, y0, w, h, transpose, flip_x, flip_y) in enumerate(zip(*(c.tolist() for c in columns))):
+        rows = slice(start * n_views, stop * n_views)
+        for n, (x0, y0, w, h, transpose, flip_x, flip_y) in enumerate(zip(*(c[rows].tolist() for c in columns)),
+                                                                      start * n_views):
             b, v = divmod(n, n_views)
-            region = images[b, :, y0:y0 + h, x0:x0 + w]
-            if transpose:  # rows along x: the view's rows then sample x, its columns y
-                region, flip_x, flip_y = region.transpose(-1, -2), flip_y, flip_x
-            view = F.interpolate(region[None], size=self.out.shape[-2:], mode="bilinear", align_corners=False)[0]
+            region = images[b:b + 1, :, y0:y0 + h, x0:x0 + w]
+            view = F.interpolate(region, size=self.out.shape[-2:], mode="bilinear", align_corners=False)[0]
             flips = [dim for dim, flip in ((-2, flip_y), (-1, flip_x)) if flip]
             if flips:
                 view = view.flip(flips)
+            if transpose:
+                # Rows along x: the upright view transposed (views are square), not a resize of the
+                # transposed box, which F.interpolate reads across its rows (multicrop_ablation: "transposed").
+                view = view.transpose(-1, -2)
             out = self.out[v, b]
             torch.mul(view, self.slope[v, b, :, None, None], out=out)
             if self.mean_weight is not None:
@@ -139,7 +145,7 @@ class MultiCrop:
     by ALL channels of that image, cropped and resized bilinearly as F.interpolate does (align_corners=False,
     no antialiasing, edges clamped at the box), plus random h/v flip, rot90, and per-channel intensity
     jitter (brightness/contrast). One grid_sample call resamples all views of a block of images (the
-    whole batch on accelerators, a cache-sized block on CPU); on CPU, views of _PER_VIEW_MIN_SIZE pixels
+    whole batch on accelerators, a block of a few tens of MB on CPU); on CPU, views of _PER_VIEW_MIN_SIZE pixels
     or more are resized one F.interpolate per view instead. The views depend on neither choice.
 
     scale is the box area as a fraction of the image area, ratio its width/height (log-uniform), and the
@@ -212,16 +218,14 @@ class MultiCrop:
         sigmas = [self._blur_sigmas(view_set.out.shape[:2], gen=generator) for view_set in view_sets]
         gridded = [view_set for view_set in view_sets if view_set.grid_row is not None]
         block = self._images_per_block(images, gridded)
-        for start in range(0, B if gridded else 0, block):
-            if images.device.type == "cpu":
-                # A streaming read of the block first: grid_sample's gathers then hit cache instead of
-                # missing on cold input rows (measured: grid_sample about 1.4x faster, multicrop_ablation).
-                images[start:start + block].sum()
-            for view_set in gridded:
-                view_set.resample(images, start, min(B, start + block))
-        for view_set in view_sets:
-            if view_set.grid_row is None:
-                view_set.resample_per_view(images)
+        # One pass over blocks of images for both resamplers, each block's view sets in turn.
+        for start in range(0, B, block):
+            stop = min(B, start + block)
+            for view_set in view_sets:
+                if view_set.grid_row is None:
+                    view_set.resample_per_view(images, start, stop)
+                else:
+                    view_set.resample(images, start, stop)
         views = [view_set.out if sigma is None else gaussian_blur_views(view_set.out, sigma.to(images.device))
                  for view_set, sigma in zip(view_sets, sigmas)]
         return views[0], views[1] if self.n_local > 0 else None
@@ -234,10 +238,8 @@ class MultiCrop:
         return torch.where(blurred, self._uniform(tuple(shape), *self.blur_sigma, gen), 0.0)
 
     def _images_per_block(self, images: Tensor, view_sets: list[_ViewSet]) -> int:
-        """How many images to resample at a time. On CPU a few, so that a block's input, grid and samples
-        stay in cache from the input read to the intensity pass and their buffers are reused, instead
-        of batch-sized ones that go through memory (and page faults) on every call; on accelerators the
-        whole batch, one launch per op."""
+        """How many images to resample at a time: on CPU as many as _CPU_BLOCK_BYTES_PER_THREAD per thread
+        hold (input, grid, samples and views), on accelerators the whole batch, one launch per op."""
         B, C = images.shape[:2]
         if images.device.type != "cpu":
             return B
