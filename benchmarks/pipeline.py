@@ -22,12 +22,16 @@ the first output arrived: what a long training stream sees. Every pass also pays
 (worker start; Ray Data 2.60 runs one task at a time until its resource discovery reports the
 cluster, ~1 s), reported as ``first_output_s``, and whole-pass rates and ratios are reported too.
 
+and, in one process before Ray starts, the CPU time per field of (a)'s decode and of (b)'s and (c)'s
+read-task work (``FieldLoader``, no transfer): the c / a that a pipeline moving fields at no cost would
+reach, a ceiling for (c) / (a);
+
 plus peak memory (sum of RSS of the driver and all Ray processes, and Ray's object-store usage)
 streaming 1x and 10x the plates (10x = hard-linked copies under other plate names: same bytes on
 disk, 10x the fields through the pipeline), and crops/s of the batched MultiCrop against loops
 over images. Writes benchmarks/results/pipeline.json.
 
-    python benchmarks/pipeline.py                      # ~7.5 min on 2 cores; the first run also writes ~4 GB of plates + TIFFs
+    python benchmarks/pipeline.py                      # ~9.5 min on 2 cores; the first run also writes ~4 GB of plates + TIFFs
     python benchmarks/pipeline.py --quick              # smaller smoke run
     python benchmarks/pipeline.py --only multicrop     # rerun multi-crop only, update its part of the JSON
 """
@@ -215,6 +219,55 @@ def measure_ray(manifest: pd.DataFrame, cfg, batch_size: int = 16, training: boo
     else:
         ds = build_field_dataset(manifest, cfg, training=False)
     return measure_stream(len(batch["image"]) for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"))
+
+
+# ------------------------------------------------------------------------------------ in one process
+
+
+def measure_in_process(manifest: pd.DataFrame, read_batch_size: int, repeats: int) -> dict:
+    """CPU ms per field (all of the process's threads: zarrs decodes on its own) of the read task's work
+    in one process, no Ray: the decode alone (a's work) and ``FieldLoader`` over read blocks without and
+    with percentile clipping into float16 (b's and c's work, before any transfer). a / c here is the
+    c / a that a pipeline moving fields at no cost would reach."""
+    import dataclasses
+
+    import torch
+
+    from cellfm.config import DataConfig
+    from cellfm.data.pipeline.layout import field_table, read_block_columns, stream_layout
+    from cellfm.data.pipeline.loader import FieldLoader
+    from cellfm.data.plate import read_field, use_zarrs
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one read task's share of a core, as in Ray (OMP_NUM_THREADS=1 there)
+    use_zarrs(True)
+    base = DataConfig(read_batch_size=read_batch_size, use_zarrs=True)
+    rows = [(r.store_uri, r.row, r.col, int(r.field)) for r in manifest.itertuples()]
+
+    def decode():
+        for where in rows:
+            read_field(*where)
+
+    def loader(normalization: str):
+        cfg = dataclasses.replace(base, normalization=normalization)
+        load = FieldLoader(cfg, permute_channels=False, layout=stream_layout(manifest, cfg))
+        blocks = list(read_block_columns(field_table(manifest, []), cfg))
+        return lambda: [load(block) for block in blocks]
+
+    work = {"a_decode": decode, "b_loader_none": loader("none"), "c_loader_percentile": loader("percentile")}
+    for fn in work.values():
+        fn()  # warm-up: page cache, codec pipeline
+    times = {name: [] for name in work}
+    for _ in range(repeats):  # interleaved
+        for name, fn in work.items():
+            t0 = time.process_time()
+            fn()
+            times[name].append(time.process_time() - t0)
+    torch.set_num_threads(threads)
+    use_zarrs(False)
+    ms = {name: 1e3 * float(np.median(ts)) / len(rows) for name, ts in times.items()}
+    return {"fields": len(rows), "cpu_ms_per_field": ms, "repeats_interleaved": repeats,
+            "c_over_a": ms["a_decode"] / ms["c_loader_percentile"], "b_over_a": ms["a_decode"] / ms["b_loader_none"]}
 
 
 # ------------------------------------------------------------------------------------ (d) naive TIFF
@@ -448,6 +501,8 @@ def main() -> None:
     subset = manifest1.iloc[: args.measure_fields]
     field_mb = len(CHANNELS) * args.size * args.size * 2 / MB  # raw uint16 bytes per field
 
+    in_process = measure_in_process(subset.iloc[:32], args.read_batch_size, args.repeats)
+    print(f"in one process, no Ray: {in_process}", flush=True)
     # (a) and (d) workers start before Ray (spawn: no forked zarr/ray threads), one per core, kept warm.
     pool = mp.get_context("spawn").Pool(cores)
     warm_rows = [[(r.store_uri, r.row, r.col, int(r.field))] for r in subset.iloc[:cores].itertuples()]
@@ -529,6 +584,8 @@ def main() -> None:
                                           if memory_1x["peak_object_store_mb"] else None),
     })
     ratios.update(multicrop_ratios)
+    ratios["zarrs, in one process (no Ray): c_percentile_over_a_raw"] = in_process["c_over_a"]
+    ratios["zarrs, in one process (no Ray): b_ray_raw_over_a_raw"] = in_process["b_over_a"]
     targets = {}
     for pipeline in _PIPELINES:
         for bar, (key, name) in ((0.75, ("b_ray_raw", "c_percentile_over_b_ray_raw")),
@@ -554,6 +611,7 @@ def main() -> None:
                      "repeats_interleaved": args.repeats, "memory_object_store_limit_mb": 1024},
         "throughput": throughput,
         "memory": {"1x": memory_1x, "10x": memory_10x},
+        "in_process": in_process,
         "multicrop": multicrop,
         "ratios": ratios,
         "ratios_whole_pass": ratios_whole_pass,
