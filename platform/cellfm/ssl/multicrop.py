@@ -22,8 +22,8 @@ _CPU_BLOCK_BYTES_PER_THREAD = 1 << 25
 # On CPU, views at least this size are resampled one F.interpolate per view instead of by batched
 # grid_sample: a separable resize of a box costs less per pixel than grid_sample's gathers, which
 # outweighs the per-call Python for large views (multicrop_ablation, resampler section: grid_sample
-# takes about 0.9x the per-view time for 96-px locals from 512-px fields, 0.8x / 1.2x for 128-px
-# views from 256 / 512-px fields, 1.4x for 224-px globals).
+# takes about 0.9x the per-view time for 96-px locals from 512-px fields, 0.85x / 1.25x for 128-px
+# views from 256 / 512-px fields, 1.6x for 224-px globals).
 _PER_VIEW_MIN_SIZE = 128
 
 
