@@ -237,6 +237,7 @@ def measure_in_process(manifest: pd.DataFrame, read_batch_size: int, repeats: in
     from cellfm.data.pipeline.layout import field_table, read_block_columns, stream_layout
     from cellfm.data.pipeline.loader import FieldLoader
     from cellfm.data.plate import read_field, use_zarrs
+    from multicrop_ablation import interleaved_ms
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one read task's share of a core, as in Ray (OMP_NUM_THREADS=1 there)
@@ -255,17 +256,10 @@ def measure_in_process(manifest: pd.DataFrame, read_batch_size: int, repeats: in
         return lambda: [load(block) for block in blocks]
 
     work = {"a_decode": decode, "b_loader_none": loader("none"), "c_loader_percentile": loader("percentile")}
-    for fn in work.values():
-        fn()  # warm-up: page cache, codec pipeline
-    times = {name: [] for name in work}
-    for _ in range(repeats):  # interleaved
-        for name, fn in work.items():
-            t0 = time.process_time()
-            fn()
-            times[name].append(time.process_time() - t0)
+    # Warm-up (page cache, codec pipeline), then interleaved repeats, medians.
+    ms = {name: t / len(rows) for name, t in interleaved_ms(work, repeats, time.process_time).items()}
     torch.set_num_threads(threads)
     use_zarrs(False)
-    ms = {name: 1e3 * float(np.median(ts)) / len(rows) for name, ts in times.items()}
     return {"fields": len(rows), "cpu_ms_per_field": ms, "repeats_interleaved": repeats,
             "c_over_a": ms["a_decode"] / ms["c_loader_percentile"], "b_over_a": ms["a_decode"] / ms["b_loader_none"]}
 
